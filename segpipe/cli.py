@@ -1,0 +1,232 @@
+"""The ``segpipe`` command line: parse options, call the library, print results.
+
+Every user error prints one line ``error: <what>: <problem>`` and exits 2 (``--debug``
+shows the traceback). ``segment`` exits 0 only when every image succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from segpipe.errors import SegpipeError
+
+EXIT_FAILED_IMAGES = 1
+EXIT_USAGE = 2
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn SegpipeError (and pydantic validation errors) into one line; --debug re-raises."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except SegpipeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except ValueError as e:  # pydantic ValidationError is a ValueError
+            if debug:
+                raise
+            errors = getattr(e, "errors", None)
+            if callable(errors):
+                err = errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                click.echo(f"error: {where}: {err['msg']}", err=True)
+            else:
+                click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.version_option(package_name="segpipe")
+def main(debug: bool) -> None:
+    """segpipe: batch semantic segmentation of large images into Zarr masks."""
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if debug else logging.WARNING
+    for name in ("distributed", "segpipe"):  # distributed sets INFO on its own loggers
+        logging.getLogger(name).setLevel(level)
+
+
+# ----------------------------------------------------------------------------- segment
+
+class RichProgress:
+    """Progress bar: chunks done, megapixels/s, time left."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]segment"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+            TextColumn("{task.fields[mps]:.2f} MP/s"), TimeRemainingColumn(), console=_console(stderr=True),
+            transient=False,
+        )
+        self._task = self._progress.add_task("segment", total=None, mps=0.0)
+        self._mp = 0.0
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def plan(self, chunks: int, megapixels: float) -> None:
+        self._progress.update(self._task, total=chunks)
+
+    def advance(self, chunks: int, megapixels: float) -> None:
+        self._mp += megapixels
+        mps = self._mp / max(time.perf_counter() - self._t0, 1e-9)
+        self._progress.update(self._task, advance=chunks, mps=mps)
+
+
+def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``segment`` and the commands that run the segmentation engine."""
+    opts = [
+        click.option("--chunk-size", type=int, default=512, show_default=True, help="Output chunk side (pixels)."),
+        click.option("--halo", type=int, default=64, show_default=True, help="Context pixels on each side of a chunk."),
+        click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 2 CPU, 16 GPU]."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="auto = bf16 where the device runs it natively."),
+        click.option("--tta", is_flag=True, help="Flip test-time augmentation (4 passes)."),
+        click.option("--probabilities", is_flag=True, help="Also write class probabilities (uint8)."),
+        click.option("--bands", default=None, help="1-based bands to read, e.g. 1,2,3 [default: all]."),
+        click.option("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
+                   probabilities: bool, bands: str | None):
+    from segpipe.config import (
+        InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands,
+    )
+
+    try:
+        parsed = parse_bands(bands)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--bands") from None
+    return SegmentSettings(
+        tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
+        read=ReadSettings(bands=parsed),
+        inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
+                                    probabilities=probabilities),
+    )
+
+
+def print_summary(results: list) -> None:
+    from rich.table import Table
+
+    table = Table(title="segpipe segment", show_lines=False)
+    for col in ("image", "size", "chunks", "seconds", "MP/s", "status", "output"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        size = f"{r.width}×{r.height}" if r.height else "-"
+        status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
+        computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
+        table.add_row(r.source, size, computed, f"{r.seconds:.1f}", f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
+                      status, r.output or "-")
+    _console().print(table)
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--model", "model", required=True, help="Model folder, registry folder (its champion) or REGISTRY@vN.")
+@click.option("--out", "out", required=True, help="Output folder or bucket URL.")
+@segment_options
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@handle_errors
+def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None,
+            dask_address: str | None, no_progress: bool) -> None:
+    """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr."""
+    from segpipe.cluster import dask_client
+    from segpipe.config import ClusterSettings
+    from segpipe.pipeline import segment_many
+
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands)
+    with dask_client(ClusterSettings(address=dask_address)) as client:
+        if no_progress:
+            results = segment_many(list(sources), model, out, settings, client)
+        else:
+            with RichProgress() as progress:
+                results = segment_many(list(sources), model, out, settings, client, progress)
+    print_summary(results)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        click.echo(f"error: {r.error}", err=True)
+    if not results:
+        click.echo("error: no images found under " + ", ".join(sources), err=True)
+        sys.exit(EXIT_FAILED_IMAGES)
+    if failed:
+        sys.exit(EXIT_FAILED_IMAGES)
+
+
+# ----------------------------------------------------------------------------- model
+
+@main.group()
+def model() -> None:
+    """Create and inspect model artifacts."""
+
+
+@model.command("create")
+@click.option("--arch", default="Unet", show_default=True, help="smp architecture (Unet, FPN, DeepLabV3Plus, …).")
+@click.option("--encoder", default="resnet18", show_default=True, help="smp encoder (resnet18, resnet34, …).")
+@click.option("--classes", required=True, help="Comma-separated class names, index = class id.")
+@click.option("--in-channels", type=int, default=3, show_default=True)
+@click.option("--out", required=True, help="Artifact folder to write.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def model_create(arch: str, encoder: str, classes: str, in_channels: int, out: str, seed: int) -> None:
+    """Write a randomly initialised artifact (for smoke runs and benchmarks)."""
+    from segpipe.models import create_artifact
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    spec = create_artifact(out, arch, encoder, names, in_channels=in_channels, seed=seed)
+    click.echo(f"wrote {out}: {spec.architecture}/{spec.encoder}, {spec.in_channels} band(s), "
+               f"{spec.num_classes} classes")
+
+
+@model.command("info")
+@click.argument("path")
+@handle_errors
+def model_info(path: str) -> None:
+    """Print an artifact's spec, weights hash and parameter count."""
+    import json
+
+    from segpipe.models import load_artifact
+
+    art = load_artifact(path)
+    n_params = sum(int(t.numel()) for t in art.weights.values())
+    info = {"uri": art.uri, **art.spec.model_dump(), "weights_sha256": art.sha256, "parameters": n_params}
+    for key in ("training",):
+        if key in info and isinstance(info[key], dict):
+            info[key] = {k: v for k, v in info[key].items() if k != "history"}
+    click.echo(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

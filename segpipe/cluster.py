@@ -1,0 +1,98 @@
+"""Dask: an embedded cluster sized to the machine, or an existing scheduler.
+
+The default is a ``LocalCluster`` with one worker of three *threads* in this process:
+torch, GDAL and zstd release the GIL, so one thread computes while the others read
+the next windows and write finished chunks, and the process pays for one torch import
+and one model load. ``address="tcp://…"`` attaches to any running scheduler instead
+(dask-kubernetes, dask-jobqueue, Coiled, or ``dask scheduler`` + ``dask worker``), with
+no code change. With GPUs, dask-cuda's ``LocalCUDACluster`` (one worker per GPU) is used
+when installed; otherwise one worker gets a ``GPU`` resource per visible device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from segpipe.config import ClusterSettings
+from segpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger("segpipe.cluster")
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextlib.contextmanager
+def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
+    """A connected Dask client for the lifetime of the block; an embedded cluster is closed after it."""
+    from distributed import Client, LocalCluster
+
+    settings = settings or ClusterSettings()
+    if settings.address:
+        try:
+            client = Client(settings.address, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(settings.address, f"no Dask scheduler answers there ({e})") from None
+        log.info("using Dask scheduler %s (dashboard %s)", settings.address, client.dashboard_link)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+
+    gpus = _gpu_count()
+    cluster = None
+    if gpus and settings.processes:
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(threads_per_worker=settings.threads_per_worker or 3,
+                                       dashboard_address=None, resources={"GPU": 1})
+        except ImportError:
+            cluster = None
+    if cluster is None:
+        cluster = LocalCluster(
+            n_workers=settings.n_workers or 1,
+            threads_per_worker=settings.threads_per_worker or 3,
+            processes=settings.processes,
+            dashboard_address=None,
+            resources={"GPU": gpus} if gpus else None,
+            silence_logs=logging.WARNING,
+        )
+    client = Client(cluster)
+    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s", len(cluster.workers),
+             settings.threads_per_worker or 3, f", {gpus} GPU(s)" if gpus else "")
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def has_gpu_workers(client: Client) -> bool:
+    """True when some worker advertises a ``GPU`` resource (then inference tasks request one)."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
+
+
+def _accepts_n_workers(client: Client) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def is_in_process(client: Client) -> bool:
+    """True for the embedded threaded cluster (workers share this process's memory)."""
+    cluster = getattr(client, "cluster", None)
+    return cluster is not None and not getattr(cluster, "processes", True) and hasattr(cluster, "scheduler")

@@ -1,0 +1,140 @@
+"""Typed, validated settings: one small frozen model per pipeline stage.
+
+Each stage's function takes its own settings object, so every step can be called
+on its own (no god-config). Unknown keys are rejected (``extra="forbid"``) so a
+typo in a flow parameter or YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TilingSettings(_Settings):
+    """How an image is cut into chunks (tile cores) and model input windows."""
+
+    chunk_size: int = Field(
+        512, ge=16, le=16384,
+        description="Side of one output chunk in pixels; also the Zarr chunk shape (y, x).",
+    )
+    halo: int = Field(
+        64, ge=0, le=4096,
+        description="Context pixels added on each side of a chunk for the model and cropped after. "
+        "Choose it from the model's effective receptive field: see docs/halo.md.",
+    )
+    multiple_of: int = Field(
+        32, ge=1, le=1024,
+        description="Model input sides are padded up to a multiple of this (Unet/FPN need 32).",
+    )
+
+
+class ReadSettings(_Settings):
+    """What to read from a source image."""
+
+    bands: tuple[int, ...] | None = Field(
+        None, description="1-based band indices to feed the model, in order; None = all bands.",
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("bands must name at least one band")
+            if any(b < 1 for b in v):
+                raise ValueError(f"bands are 1-based, got {list(v)}")
+        return v
+
+
+class InferenceSettings(_Settings):
+    """How tiles go through the model."""
+
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (auto = CUDA when present).")
+    precision: Precision = Field(
+        "auto",
+        description="auto = bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with "
+        "AMX/AVX-512-BF16), fp32 elsewhere.",
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=1024, description="Tiles per forward pass; None picks 2 on CPU, 16 on CUDA.",
+    )
+    tta: bool = Field(False, description="Average softmax over horizontal/vertical flips (4 passes).")
+    probabilities: bool = Field(
+        False, description="Also write a (class, y, x) uint8 'probabilities' array (p × 255).",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+class OutputSettings(_Settings):
+    """Where and how masks are written."""
+
+    zstd_level: int = Field(9, ge=1, le=22, description="zstd level of the mask chunks.")
+    fill_class: int = Field(0, ge=0, description="Class written for chunks skipped as empty/nodata.")
+    pyramid: bool = Field(True, description="Write lower-resolution levels 1, 2, … after level 0.")
+
+
+class SegmentSettings(_Settings):
+    """Everything that decides the pixels of an output (and so its skip/resume key)."""
+
+    tiling: TilingSettings = Field(default_factory=TilingSettings)
+    read: ReadSettings = Field(default_factory=ReadSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    def output_key(self) -> str:
+        """Hash of the settings that change output pixels (device and batch size do not)."""
+        relevant = {
+            "tiling": self.tiling.model_dump(),
+            "bands": self.read.bands,
+            "tta": self.inference.tta,
+            "probabilities": self.inference.probabilities,
+            "fill_class": self.output.fill_class,
+        }
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ClusterSettings(_Settings):
+    """Which Dask cluster runs the chunk tasks."""
+
+    address: str | None = Field(
+        None, description="tcp://host:port of an existing scheduler; None starts an embedded LocalCluster.",
+    )
+    n_workers: int | None = Field(None, ge=1, description="Embedded cluster: worker count (default: 1, or one per GPU).")
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="Embedded cluster: threads per worker (default 3: read, compute, write overlap).",
+    )
+    processes: bool = Field(
+        False,
+        description="Embedded cluster: worker processes instead of threads in this process "
+        "(threads start faster and torch/GDAL/zstd release the GIL).",
+    )
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """Parse ``"1,2,3"`` into ``(1, 2, 3)``; ``None``/empty means all bands."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"--bands takes comma-separated 1-based integers, got {text!r}") from None

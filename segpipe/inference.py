@@ -1,0 +1,210 @@
+"""Batched inference: (tiles of raw pixels) → (class ids, optional probabilities).
+
+The predictor never sees storage: it maps a batch of window-shaped tiles to labels,
+and :mod:`segpipe.stitching` decides where they go (MONAI's splitter/merger seam).
+One predictor per (weights, device, precision, TTA) lives in each worker process
+(:func:`cached_predictor`); it is loaded from the artifact's URI on the worker, never
+shipped inside a task graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from segpipe.config import InferenceSettings
+
+if TYPE_CHECKING:
+    import torch
+
+    from segpipe.models import Artifact
+
+log = logging.getLogger("segpipe.inference")
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; checks that a named CUDA device exists."""
+    import torch
+
+    from segpipe.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}", "CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}", f"only {torch.cuda.device_count()} CUDA device(s) visible")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 where the device runs it natively, fp32 elsewhere."""
+    import torch
+
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            from segpipe.errors import ConfigError
+
+            raise ConfigError("--precision fp16", "fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 16 if device.type == "cuda" else 2
+
+
+class Predictor:
+    """A loaded network on one device, with its normalisation folded into a scale and bias."""
+
+    def __init__(self, artifact: Artifact, settings: InferenceSettings, threads: int | None = None) -> None:
+        import torch
+
+        self.spec = artifact.spec
+        self.sha256 = artifact.sha256
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self.precision = resolve_precision(settings.precision, self.device)
+        self.batch_size = settings.batch_size or default_batch_size(self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or available_cores())
+        net = artifact.network().to(self.device).to(memory_format=torch.channels_last)
+        self.net = net.eval()
+        # (pixel / s - mean) / std  ==  pixel * scale + bias
+        std = torch.tensor(self.spec.std, dtype=torch.float32)
+        mean = torch.tensor(self.spec.mean, dtype=torch.float32)
+        self._scale = (1.0 / (self.spec.input_scale * std)).view(1, -1, 1, 1).to(self.device)
+        self._bias = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        self.label_dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
+        # One forward at a time per device: worker threads overlap reading and writing with it.
+        self.lock = threading.Lock()
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def _to_input(self, tiles: np.ndarray) -> torch.Tensor:
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(tiles))
+        if t.dtype not in (torch.float32, torch.float64, torch.uint8, torch.int16, torch.int32):
+            t = t.to(torch.float32)  # uint16 and friends: torch can't move them to CUDA
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+        x = t.to(torch.float32).mul_(self._scale).add_(self._bias)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        dtype = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.net(x)
+
+    def predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
+
+        ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here.
+        """
+        import torch
+
+        want_probs = self.settings.probabilities
+        with self.lock, torch.inference_mode():
+            x = self._to_input(tiles)
+            if self.settings.tta:
+                # mirror TTA: average softmax over the 4 flips (undo each flip on the output)
+                probs = None
+                for dims in ((), (3,), (2,), (2, 3)):
+                    xi = torch.flip(x, dims) if dims else x
+                    p = torch.softmax(self._forward(xi).float(), dim=1)
+                    p = torch.flip(p, dims) if dims else p
+                    probs = p if probs is None else probs.add_(p)
+                probs = probs.mul_(0.25)
+                labels = probs.argmax(dim=1)
+            else:
+                logits = self._forward(x)
+                labels = logits.argmax(dim=1)
+                probs = torch.softmax(logits.float(), dim=1) if want_probs else None
+            labels_np = labels.to(torch.int32 if self.label_dtype == np.uint16 else torch.uint8).cpu().numpy()
+            probs_np = None
+            if want_probs:
+                probs_np = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
+        return labels_np.astype(self.label_dtype, copy=False), probs_np
+
+
+@dataclass(frozen=True)
+class PredictorKey:
+    model_uri: str
+    sha256: str
+    settings: InferenceSettings
+
+
+_cache: dict[PredictorKey, Predictor] = {}
+_cache_lock = threading.Lock()
+
+
+def cached_predictor(model_uri: str, sha256: str, settings: InferenceSettings) -> Predictor:
+    """The worker's predictor for this model: loaded on first use, then reused by every task.
+
+    Keyed by the weights' sha256 so a new champion is loaded, not served from a stale cache.
+    Older entries are dropped so a long-lived worker holds one model per device.
+    """
+    from segpipe.errors import ModelError
+    from segpipe.models import load_artifact
+
+    key = PredictorKey(model_uri, sha256, settings)
+    with _cache_lock:
+        pred = _cache.get(key)
+        if pred is None:
+            artifact = load_artifact(model_uri)
+            if artifact.sha256 != sha256:
+                raise ModelError(model_uri, "weights changed while the run was in progress")
+            for old in [k for k in _cache if k.settings.device == settings.device]:
+                del _cache[old]
+            pred = Predictor(artifact, settings)
+            _cache[key] = pred
+            log.info("loaded %s (%s/%s) on %s, %s", model_uri, artifact.spec.architecture,
+                     artifact.spec.encoder, pred.device, pred.precision)
+        return pred
+
+
+def prime_predictor(artifact: Artifact, settings: InferenceSettings) -> Predictor:
+    """Seed this process's cache with an already loaded artifact (embedded in-process cluster)."""
+    key = PredictorKey(artifact.uri, artifact.sha256, settings)
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = Predictor(artifact, settings)
+        return _cache[key]

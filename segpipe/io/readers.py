@@ -1,0 +1,230 @@
+"""Image readers behind one interface.
+
+A reader knows an image's size, bands, dtype and georeference, and reads any window
+of it — including windows that extend past the image, filled by reflection
+(:func:`segpipe.tiling.source_indices`). It never reads the whole image.
+
+Readers are opened by :func:`open_image`, which tries the registered openers in order
+(content sniffing, not only the extension). Dataset handles are not thread-safe, so
+workers use :func:`thread_reader`, which keeps one handle per thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from segpipe.errors import InputError
+from segpipe.io.storage import has_scheme, strip_file_scheme
+from segpipe.tiling import Window, source_indices
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the pipeline needs to know about a source image."""
+
+    uri: str
+    height: int
+    width: int
+    count: int  #: bands the reader returns (after band selection)
+    dtype: str
+    crs_wkt: str | None = None
+    #: affine transform as (a, b, c, d, e, f): x = a·col + b·row + c, y = d·col + e·row + f
+    transform: tuple[float, ...] | None = None
+    nodata: float | None = None
+    mpp: float | None = None  #: microns per pixel (slides)
+    driver: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def megapixels(self) -> float:
+        return self.height * self.width / 1e6
+
+
+class ImageReader(Protocol):
+    info: ImageInfo
+
+    def read(self, window: Window) -> np.ndarray:
+        """Pixels of ``window`` as (bands, h, w) in the source dtype; reflected outside the image."""
+
+    def close(self) -> None: ...
+
+
+def gdal_options() -> dict[str, str]:
+    """GDAL settings for S3-compatible endpoints, derived from the standard AWS variables.
+
+    s3fs/boto read ``AWS_ENDPOINT_URL``; GDAL's /vsis3/ needs ``AWS_S3_ENDPOINT`` (host:port),
+    ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
+    """
+    opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
+        scheme, _, hostport = endpoint.partition("://")
+        opts["AWS_S3_ENDPOINT"] = hostport.rstrip("/")
+        opts["AWS_HTTPS"] = "NO" if scheme == "http" else "YES"
+        opts["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    return opts
+
+
+def _gdal_path(uri: str) -> str:
+    uri = strip_file_scheme(uri)
+    if uri.startswith("s3://"):
+        return "/vsis3/" + uri[len("s3://"):]
+    if uri.startswith("gs://"):
+        return "/vsigs/" + uri[len("gs://"):]
+    if uri.startswith(("http://", "https://")):
+        return "/vsicurl/" + uri
+    return uri
+
+
+def _check_local_file(uri: str) -> None:
+    if has_scheme(uri):
+        return
+    path = strip_file_scheme(uri)
+    if not os.path.exists(path):
+        raise InputError(uri, "does not exist")
+    if os.path.isdir(path):
+        raise InputError(uri, "is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise InputError(uri, "is empty (0 bytes)")
+
+
+def _gdal_reason(exc: Exception) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "not recognized as" in msg or "not recognised as" in msg:
+        return "not an image that GDAL can read"
+    return msg
+
+
+def select_bands(available: int, bands: Sequence[int] | None, uri: str) -> list[int]:
+    """1-based band indexes to read; checks ``bands`` against the ``available`` count."""
+    if bands is None:
+        return list(range(1, available + 1))
+    bad = [b for b in bands if b > available]
+    if bad:
+        raise InputError(uri, f"has {available} band(s); --bands asks for band {bad[0]}")
+    return list(bands)
+
+
+class RasterioReader:
+    """GeoTIFF/COG, TIFF, PNG, JPEG and anything else GDAL reads, via rasterio windows."""
+
+    def __init__(self, uri: str, bands: Sequence[int] | None = None) -> None:
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        _check_local_file(uri)
+        self._env = rasterio.Env(**gdal_options())
+        self._env.__enter__()
+        try:
+            self._ds = rasterio.open(_gdal_path(uri))
+        except RasterioIOError as e:
+            self._env.__exit__(None, None, None)
+            raise InputError(uri, _gdal_reason(e)) from e
+        ds = self._ds
+        self._indexes = select_bands(ds.count, bands, uri)
+        crs = ds.crs.to_wkt() if ds.crs else None
+        t = ds.transform
+        georeferenced = crs is not None or not t.is_identity
+        self.info = ImageInfo(
+            uri=uri, height=ds.height, width=ds.width, count=len(self._indexes),
+            dtype=str(np.dtype(ds.dtypes[self._indexes[0] - 1])),
+            crs_wkt=crs,
+            transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
+            nodata=ds.nodata, driver=ds.driver,
+        )
+
+    def read(self, window: Window) -> np.ndarray:
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window as RWindow
+
+        info = self.info
+        try:
+            if window.inside(info.height, info.width):
+                return self._ds.read(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
+            ys, xs = source_indices(window, info.height, info.width)
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            block = self._ds.read(self._indexes, window=RWindow(x0, y0, x1 - x0, y1 - y0))
+        except RasterioError as e:
+            raise InputError(info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
+        return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
+
+    def read_mask(self, window: Window) -> np.ndarray | None:
+        """Valid-data mask (True = data) of an in-image window, or None when every pixel is valid."""
+        from rasterio.enums import MaskFlags
+        from rasterio.windows import Window as RWindow
+
+        flags = self._ds.mask_flag_enums[self._indexes[0] - 1]
+        if flags == [MaskFlags.all_valid]:
+            return None
+        m = self._ds.dataset_mask(window=RWindow(window.x0, window.y0, window.w, window.h))
+        return m > 0
+
+    def close(self) -> None:
+        if getattr(self, "_ds", None) is not None:
+            self._ds.close()
+            self._ds = None
+            self._env.__exit__(None, None, None)
+
+    def __enter__(self) -> RasterioReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+#: openers tried in order by open_image; each returns a reader or None ("not mine").
+#: Whole-slide readers register themselves in front of rasterio (see segpipe.io.slide).
+Opener = Callable[[str, Sequence[int] | None], "ImageReader | None"]
+OPENERS: list[Opener] = []
+
+
+def _register_default_openers() -> None:
+    if OPENERS:
+        return
+    try:
+        from segpipe.io import slide  # noqa: F401  (registers its openers)
+    except ImportError:  # openslide/tifffile missing: rasterio only
+        pass
+    OPENERS.append(lambda uri, bands: RasterioReader(uri, bands))
+
+
+def open_image(uri: str, bands: Sequence[int] | None = None) -> ImageReader:
+    """Open ``uri`` with the first reader that accepts its content."""
+    _register_default_openers()
+    _check_local_file(uri)
+    for opener in OPENERS:
+        reader = opener(uri, bands)
+        if reader is not None:
+            return reader
+    raise InputError(uri, "no reader accepts this file")
+
+
+_local = threading.local()
+_MAX_HANDLES_PER_THREAD = 4
+
+
+def thread_reader(uri: str, bands: Sequence[int] | None = None) -> ImageReader:
+    """A reader for this thread, opened once and reused (an LRU of a few handles per thread).
+
+    Reusing the handle means a remote COG's header is read once per thread, not once per chunk.
+    """
+    cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
+    _local.readers = cache
+    key = (uri, tuple(bands) if bands else None)
+    reader = cache.get(key)
+    if reader is None:
+        reader = open_image(uri, bands)
+        cache[key] = reader
+        while len(cache) > _MAX_HANDLES_PER_THREAD:
+            _, old = cache.popitem(last=False)
+            old.close()
+    else:
+        cache.move_to_end(key)
+    return reader

@@ -1,0 +1,140 @@
+"""Storage helpers over fsspec: list images under a source, fingerprint them, name outputs.
+
+A *source* is a local file, a local folder (searched recursively), a glob, or any fsspec
+URL (``s3://bucket/prefix/``, ``gs://…``, ``memory://…``). S3-compatible endpoints are
+configured the standard way: ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) plus the
+usual AWS credential variables or profiles.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import fsspec
+
+from segpipe.errors import InputError, OutputError
+
+#: extensions searched for when a source is a folder or prefix
+IMAGE_EXTENSIONS = (
+    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2", ".vrt", ".img",
+    ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide",
+)
+
+_SCHEME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def has_scheme(uri: str) -> bool:
+    return bool(_SCHEME_RE.match(uri)) and not uri.startswith("file://")
+
+
+def strip_file_scheme(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and the path within it."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts with '/', keeping a URL scheme intact."""
+    base = base.rstrip("/") if base not in ("/",) else base
+    return "/".join([base, *[p.strip("/") for p in parts if p]])
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image found under a source: its URI, its path relative to the source root, and a fingerprint."""
+
+    uri: str
+    relative: str
+    fingerprint: str
+    size: int
+
+
+def _fingerprint(info: dict) -> str:
+    size = info.get("size")
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return f"{size}:{str(info[key]).strip(chr(34))}"
+    return f"{size}"
+
+
+def _protocol_prefix(fs: fsspec.AbstractFileSystem, uri: str) -> str:
+    if not has_scheme(uri):
+        return ""
+    return uri.split("://", 1)[0] + "://"
+
+
+def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[SourceImage]:
+    """List the images under ``source`` (file, folder, glob or fsspec URL), sorted by relative path.
+
+    A single file gives ``relative`` = its file name; a folder gives paths relative to it;
+    a glob gives paths relative to the part before the first wildcard.
+    """
+    source = strip_file_scheme(source)
+    fs, path = filesystem(source)
+    prefix = _protocol_prefix(fs, source)
+    found: list[SourceImage] = []
+    if any(c in path for c in "*?["):
+        root = path[: min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+        infos = fs.glob(path, detail=True)
+        for p, info in sorted(infos.items()):
+            if info.get("type") == "directory":
+                continue
+            rel = posixpath.relpath(p, root) if root else p
+            found.append(SourceImage(prefix + p, rel, _fingerprint(info), int(info.get("size") or 0)))
+        if not found:
+            raise InputError(source, "the glob matches no file")
+        return found
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise InputError(source, "does not exist") from None
+    except PermissionError as e:
+        raise InputError(source, f"cannot be read ({e})") from None
+    if info.get("type") == "directory":
+        for p, finfo in sorted(fs.find(path, detail=True).items()):
+            if finfo.get("type") == "directory" or not p.lower().endswith(extensions):
+                continue
+            if "/." in p[len(path):] or ".zarr/" in p:  # hidden files and Zarr stores are never inputs
+                continue
+            rel = posixpath.relpath(p, path.rstrip("/"))
+            found.append(SourceImage(prefix + p, rel, _fingerprint(finfo), int(finfo.get("size") or 0)))
+        return found
+    return [SourceImage(source if prefix else path, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
+
+
+def safe_relative(relative: str) -> str:
+    """Sanitise a relative name from a bucket key or path: no absolute paths, no '..', no empty parts."""
+    parts = [p for p in PurePosixPath(relative.replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
+    if not parts:
+        raise InputError(relative, "cannot derive an output name from this path")
+    return "/".join(parts)
+
+
+def output_uri(out: str, relative: str, suffix: str = ".zarr") -> str:
+    """``OUT/<relative path with its extension replaced by .zarr>`` (sanitised)."""
+    rel = safe_relative(relative)
+    stem, _ = posixpath.splitext(rel)
+    return join(strip_file_scheme(out), stem + suffix)
+
+
+def ensure_writable(out: str) -> None:
+    """Create ``out`` if needed and prove it can be written (fails early with one clear line)."""
+    out = strip_file_scheme(out)
+    fs, path = filesystem(out)
+    probe = join(path, f".segpipe-write-test-{os.getpid()}")
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except (OSError, PermissionError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise OutputError(out, f"cannot be written ({reason})") from None

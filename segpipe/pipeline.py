@@ -1,0 +1,307 @@
+"""One image end to end: read → tile → infer → write, as chunk tasks on Dask.
+
+The driver (a Prefect task, the CLI, or library code) only handles small values:
+URIs, chunk indices and counters. Each Dask task reads its own windows, runs the
+worker's cached predictor and writes its own Zarr chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from segpipe import __version__
+from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+from segpipe.errors import InputError, SegpipeError
+from segpipe.io.readers import ImageInfo, open_image, thread_reader
+from segpipe.io.storage import SourceImage, list_images, output_uri
+from segpipe.models import Artifact, ModelSpec, load_artifact
+from segpipe.stitching import (
+    OutputTarget, done_chunks, finalize, now_iso, ome_attrs, prepare_output, read_attrs, write_chunk,
+)
+from segpipe.tiling import ChunkGrid, batches, core_in_window, input_window
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger("segpipe.pipeline")
+
+class Progress(Protocol):
+    """Receives totals once (``plan``) and increments as chunk tasks finish (``advance``)."""
+
+    def plan(self, chunks: int, megapixels: float) -> None: ...
+
+    def advance(self, chunks: int, megapixels: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What chunk tasks need to load the model on a worker: where it is and which weights."""
+
+    uri: str
+    sha256: str
+    spec: ModelSpec
+
+
+def check_model(model: str) -> tuple[ModelRef, Artifact]:
+    """Resolve and load an artifact and build its network once, so a bad model fails before any image."""
+    artifact = load_artifact(model)
+    artifact.network()  # validates every tensor's name and shape
+    return ModelRef(artifact.uri, artifact.sha256, artifact.spec), artifact
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a chunk task needs, all small and picklable."""
+
+    source: str
+    bands: tuple[int, ...] | None
+    model: ModelRef
+    inference: InferenceSettings
+    tiling: TilingSettings
+    target: OutputTarget
+
+
+def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """Dask task: predict and write a batch of chunks. Returns counters only."""
+    from segpipe.inference import cached_predictor
+
+    t = job.tiling
+    grid = ChunkGrid(job.target.height, job.target.width, t.chunk_size)
+    chunks = [grid.chunk(iy, ix) for iy, ix in keys]
+    reader = thread_reader(job.source, job.bands)
+    tiles = np.stack([reader.read(input_window(c, t.chunk_size, t.halo, t.multiple_of)) for c in chunks])
+    predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
+    labels, probs = predictor.predict(tiles)
+    del tiles
+    for i, c in enumerate(chunks):
+        ys, xs = core_in_window(c, t.halo)
+        write_chunk(job.target, c, labels[i, ys, xs], None if probs is None else probs[i, :, ys, xs])
+    return {"chunks": len(chunks), "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
+
+
+@dataclass
+class ImageResult:
+    """The outcome of one image (a row of the run summary)."""
+
+    source: str
+    output: str
+    status: str = "pending"  #: done | skipped | failed
+    height: int = 0
+    width: int = 0
+    chunks: int = 0
+    chunks_computed: int = 0
+    chunks_resumed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def megapixels(self) -> float:
+        return self.height * self.width / 1e6
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 and self.status == "done" else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["megapixels"] = round(self.megapixels, 3)
+        d["mp_per_s"] = round(self.mp_per_s, 3)
+        return d
+
+
+def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: SegmentSettings,
+               run_id: str) -> dict[str, Any]:
+    """The ``segpipe`` root attributes written when an output is created."""
+    t = settings.tiling
+    return {
+        "format": "segpipe-output/1",
+        "version": __version__,
+        "source": image.uri,
+        "source_fingerprint": image.fingerprint,
+        "height": info.height,
+        "width": info.width,
+        "bands": list(settings.read.bands) if settings.read.bands else None,
+        "chunk_size": t.chunk_size,
+        "halo": t.halo,
+        "multiple_of": t.multiple_of,
+        "settings_key": settings.output_key(),
+        "tta": settings.inference.tta,
+        "model": {**model.spec.core(), "uri": model.uri, "weights_sha256": model.sha256},
+        "classes": model.spec.classes,
+        "class_colors": model.spec.model_extra.get("class_colors") if model.spec.model_extra else None,
+        "crs_wkt": info.crs_wkt,
+        "transform": list(info.transform) if info.transform else None,
+        "mpp": info.mpp,
+        "reader": {"driver": info.driver, **info.extra},
+        "run_id": run_id,
+        "started": now_iso(),
+        "status": "running",
+    }
+
+
+def _same_output(attrs: dict[str, Any] | None, image: SourceImage, model: ModelRef, settings: SegmentSettings) -> bool:
+    seg = (attrs or {}).get("segpipe", {})
+    return (seg.get("source_fingerprint") == image.fingerprint
+            and seg.get("model", {}).get("weights_sha256") == model.sha256
+            and seg.get("settings_key") == settings.output_key())
+
+
+def _batch_size(settings: InferenceSettings, client: Client) -> int:
+    if settings.batch_size:
+        return settings.batch_size
+    from segpipe.cluster import has_gpu_workers
+
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and has_gpu_workers(client))
+    return 16 if gpu else 2
+
+
+def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
+                  progress: Progress | None = None) -> ImageResult:
+    """Segment one image into ``OUT/<relative>.zarr``; skips a complete identical output, resumes a partial one.
+
+    Never raises for bad input: the result says ``failed`` with one line in ``error``
+    (the other images of a run go on). Bugs still raise.
+    """
+    t0 = time.perf_counter()
+    target_uri = output_uri(out, image.relative)
+    result = ImageResult(source=image.uri, output=target_uri)
+    try:
+        reader = open_image(image.uri, settings.read.bands)
+        try:
+            info = reader.info
+        finally:
+            reader.close()
+        result.height, result.width = info.height, info.width
+        if info.count != model.spec.in_channels:
+            raise InputError(image.uri, f"has {info.count} band(s) but model expects {model.spec.in_channels} "
+                             f"(choose bands with --bands)")
+        grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
+        result.chunks = len(grid)
+        attrs = read_attrs(target_uri)
+        same = _same_output(attrs, image, model, settings)
+        if same and attrs["segpipe"].get("status") == "complete":
+            result.status = "skipped"
+            result.seconds = time.perf_counter() - t0
+            return result
+        if same:
+            run_id = attrs["segpipe"]["run_id"]
+            done = done_chunks(target_uri)
+        else:
+            run_id = uuid.uuid4().hex
+            done = set()
+        target = OutputTarget(target_uri, info.height, info.width, settings.tiling.chunk_size,
+                              model.spec.num_classes, settings.inference.probabilities, run_id,
+                              settings.output.zstd_level)
+        if not same:
+            name = image.relative.rsplit(".", 1)[0]
+            prepare_output(target, {
+                "ome": ome_attrs(name, model.spec.classes, (model.spec.model_extra or {}).get("class_colors"), info.mpp),
+                "segpipe": provenance(image, info, model, settings, run_id),
+            })
+        result.chunks_resumed = len(done)
+        if progress and done:
+            progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
+        todo = [c.key for c in grid if c.key not in done]
+        job = ChunkJob(image.uri, settings.read.bands, model, settings.inference, settings.tiling, target)
+        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, client)), result, progress)
+        if settings.output.pyramid:
+            _build_pyramid(target, client)
+        finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
+                                          "seconds": round(time.perf_counter() - t0, 3)}})
+        result.status = "done"
+    except SegpipeError as e:
+        result.status = "failed"
+        result.error = str(e) if image.uri in str(e) or target_uri in str(e) else f"{image.uri}: {e}"
+        log.debug("image failed", exc_info=True)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, int]]], result: ImageResult,
+               progress: Progress | None) -> None:
+    from distributed import as_completed
+
+    from segpipe.cluster import has_gpu_workers
+
+    if not key_batches:
+        return
+    resources = {"GPU": 1} if job.inference.device != "cpu" and has_gpu_workers(client) else None
+    futures = client.map(run_chunks, [job] * len(key_batches), key_batches, pure=False, resources=resources,
+                         key=[f"segpipe-chunks-{job.target.run_id[:8]}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}"
+                              for b in key_batches])
+    try:
+        for fut in as_completed(futures):
+            if fut.status == "error":
+                exc = fut.exception()
+                if isinstance(exc, SegpipeError):
+                    raise exc
+                raise exc.with_traceback(fut.traceback())
+            counters = fut.result()
+            result.chunks_computed += int(counters["chunks"])
+            if progress:
+                progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
+            fut.release()
+    finally:
+        for f in futures:
+            if not f.done():
+                f.cancel()
+
+
+def _build_pyramid(target: OutputTarget, client: Client) -> None:
+    try:
+        from segpipe.pyramid import build_pyramid
+    except ImportError:
+        return
+    build_pyramid(target.uri, num_classes=target.num_classes, client=client)
+
+
+def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int, float]:
+    """Total chunks and megapixels of a run, from image headers only (for progress and ETA)."""
+    chunks, mp = 0, 0.0
+    for image in images:
+        try:
+            reader = open_image(image.uri, settings.read.bands)
+        except SegpipeError:
+            continue  # reported when the image itself runs
+        info = reader.info
+        reader.close()
+        chunks += len(ChunkGrid(info.height, info.width, settings.tiling.chunk_size))
+        mp += info.megapixels
+    return chunks, mp
+
+
+def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
+                 progress: Progress | None = None) -> list[ImageResult]:
+    """List every source, check the model once, then segment the images one after another.
+
+    Listing errors and failed images become ``failed`` results; the other images still run.
+    Model errors raise (nothing can run without a model).
+    """
+    from segpipe.cluster import is_in_process
+    from segpipe.inference import prime_predictor
+    from segpipe.io.storage import ensure_writable
+
+    images: list[SourceImage] = []
+    results: list[ImageResult] = []
+    for s in sources:
+        try:
+            images.extend(list_images(s))
+        except SegpipeError as e:
+            results.append(ImageResult(source=s, output="", status="failed", error=str(e)))
+    ref, artifact = check_model(model)
+    ensure_writable(out)
+    if is_in_process(client):
+        prime_predictor(artifact, settings.inference)
+    if progress:
+        progress.plan(*_plan(images, settings))
+    for image in images:
+        results.append(segment_image(image, ref, out, settings, client, progress))
+    return results

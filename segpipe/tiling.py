@@ -1,0 +1,157 @@
+"""Tiling geometry: pure functions over small frozen values, no I/O.
+
+Glossary (the same words are used everywhere in segpipe):
+
+* **chunk** – one cell of the output grid, ``chunk_size`` × ``chunk_size`` pixels
+  (smaller at the right/bottom edges). A chunk's pixels are its **core**, and one chunk
+  is exactly one Zarr chunk, written once by one writer.
+* **halo** – context pixels added on every side of a core before inference and cropped
+  afterwards, so predictions near chunk borders see their neighbours.
+* **window** – the model input region for a chunk, in image coordinates. It always has
+  the same size ``T = ceil((chunk_size + 2·halo) / m)·m`` (``m`` = ``multiple_of``), so
+  tiles batch together::
+
+      window.y0 = core.y0 - halo        window.h = T
+      window.x0 = core.x0 - halo        window.w = T
+
+  The core sits at ``[halo, halo + core.h)`` inside the window. Pixels of the window
+  outside the image are filled by **reflection** about the image edge, exactly as
+  ``numpy.pad(image, mode="reflect")`` would (period ``2·(size-1)``; a 1-pixel axis
+  repeats its only pixel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One output chunk: grid index (iy, ix) and its core in image pixels."""
+
+    iy: int
+    ix: int
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.iy, self.ix)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A rectangle in image pixels; may extend past the image on any side."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+    @property
+    def y1(self) -> int:
+        return self.y0 + self.h
+
+    @property
+    def x1(self) -> int:
+        return self.x0 + self.w
+
+    def inside(self, height: int, width: int) -> bool:
+        """True when the window lies entirely within a ``height`` × ``width`` image."""
+        return self.y0 >= 0 and self.x0 >= 0 and self.y1 <= height and self.x1 <= width
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def tile_side(chunk_size: int, halo: int, multiple_of: int = 32) -> int:
+    """Model input side ``T = ceil((chunk_size + 2·halo) / multiple_of) · multiple_of``."""
+    return ceil_div(chunk_size + 2 * halo, multiple_of) * multiple_of
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """The output chunk grid of a ``height`` × ``width`` image."""
+
+    height: int
+    width: int
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image must be at least 1×1 pixels, got {self.height}×{self.width}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+
+    @property
+    def rows(self) -> int:
+        return ceil_div(self.height, self.chunk_size)
+
+    @property
+    def cols(self) -> int:
+        return ceil_div(self.width, self.chunk_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def chunk(self, iy: int, ix: int) -> Chunk:
+        if not (0 <= iy < self.rows and 0 <= ix < self.cols):
+            raise IndexError(f"chunk ({iy}, {ix}) outside grid {self.rows}×{self.cols}")
+        y0, x0 = iy * self.chunk_size, ix * self.chunk_size
+        return Chunk(iy, ix, y0, x0, min(self.chunk_size, self.height - y0), min(self.chunk_size, self.width - x0))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for iy in range(self.rows):
+            for ix in range(self.cols):
+                yield self.chunk(iy, ix)
+
+
+def input_window(chunk: Chunk, chunk_size: int, halo: int, multiple_of: int = 32) -> Window:
+    """The model input window of ``chunk`` (see the module docstring for the formula)."""
+    side = tile_side(chunk_size, halo, multiple_of)
+    return Window(chunk.y0 - halo, chunk.x0 - halo, side, side)
+
+
+def core_in_window(chunk: Chunk, halo: int) -> tuple[slice, slice]:
+    """Slices that crop a chunk's core out of its window-shaped prediction."""
+    return slice(halo, halo + chunk.h), slice(halo, halo + chunk.w)
+
+
+def reflect_index(coords: np.ndarray, size: int) -> np.ndarray:
+    """Map pixel coordinates (possibly outside ``[0, size)``) to source pixels by reflection.
+
+    ``reflect(i) = p - |(i mod 2p) - p|`` with period ``2p``, ``p = size - 1``: the same
+    pixels ``numpy.pad(a, n, mode="reflect")`` uses for any ``n``; a 1-pixel axis maps to 0.
+    """
+    coords = np.asarray(coords, dtype=np.int64)
+    if size < 1:
+        raise ValueError("size must be positive")
+    if size == 1:
+        return np.zeros_like(coords)
+    period = 2 * (size - 1)
+    m = np.mod(coords, period)
+    return (size - 1) - np.abs(m - (size - 1))
+
+
+def source_indices(window: Window, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image rows and columns that fill each row/column of ``window`` (reflection outside)."""
+    ys = reflect_index(np.arange(window.y0, window.y1), height)
+    xs = reflect_index(np.arange(window.x0, window.x1), width)
+    return ys, xs
+
+
+def batches(items: list, size: int) -> list[list]:
+    """Split ``items`` into consecutive lists of at most ``size`` (the last may be shorter)."""
+    if size < 1:
+        raise ValueError("batch size must be positive")
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -107,8 +108,8 @@ class Predictor:
         self._scale = (1.0 / (self.spec.input_scale * std)).view(1, -1, 1, 1).to(self.device)
         self._bias = (-mean / std).view(1, -1, 1, 1).to(self.device)
         self.label_dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
-        # One forward at a time per device: worker threads overlap reading and writing with it.
-        self.lock = threading.Lock()
+        # One forward at a time per device, always on the same thread (see predict).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segpipe-compute")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -138,11 +139,17 @@ class Predictor:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
         ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here.
+        Every forward runs on the predictor's one compute thread: the calling threads (Dask's)
+        read and write meanwhile, and the allocator's memory stays in one arena instead of
+        growing one per calling thread.
         """
+        return self._executor.submit(self._predict, tiles).result()
+
+    def _predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         want_probs = self.settings.probabilities
-        with self.lock, torch.inference_mode():
+        with torch.inference_mode():
             x = self._to_input(tiles)
             if self.settings.tta:
                 # mirror TTA: average softmax over the 4 flips (undo each flip on the output)

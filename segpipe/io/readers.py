@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +124,9 @@ class RasterioReader:
         self._env = rasterio.Env(**gdal_options())
         self._env.__enter__()
         try:
-            self._ds = rasterio.open(_gdal_path(uri))
+            with warnings.catch_warnings():  # plain photos have no georeference, and that is fine
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(_gdal_path(uri))
         except RasterioIOError as e:
             self._env.__exit__(None, None, None)
             raise InputError(uri, _gdal_reason(e)) from e

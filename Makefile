@@ -1,0 +1,36 @@
+# segpipe: the two commands a new user needs.
+#   make demo   – create the virtual environment, then run the demo on generated sample data
+#   make test   – create the virtual environment, then run the whole test suite (all but GPU tests)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch from plain pip: on this kind of machine it resolves torch 2.14.1/torchvision 0.29.1 from local wheels.
+TORCH := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.segpipe-installed
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# one pip call, so the resolver agrees on s3fs/aiobotocore and moto/boto3 pins
+	$(VENV)/bin/pip install --quiet $(TORCH) -e '.[dev]'
+	$(VENV)/bin/pip check
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/segpipe demo --out demo-output
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -m "not gpu" -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not gpu and not slow and not e2e" -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/engine.py --megapixels 50 --precision bf16 --json docs/bench-engine.json
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

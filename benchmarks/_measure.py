@@ -1,0 +1,46 @@
+"""Run a command as a whole process and measure wall time and peak RSS of its process tree."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_mb: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> Measured:
+    """Wall time and the peak of the summed RSS over the process and all its children (sampled)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ps = psutil.Process(p.pid)
+    peak = 0
+    while p.poll() is None:
+        peak = max(peak, _tree_rss(ps))
+        time.sleep(interval)
+    out, err = p.communicate()
+    seconds = time.perf_counter() - t0
+    return Measured(seconds, peak / 2**20, p.returncode, out, err)

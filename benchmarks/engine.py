@@ -1,0 +1,209 @@
+"""Engine benchmark: the pipeline vs the raw model forward vs MONAI's sliding_window_inference.
+
+Everything runs side by side in one invocation, each as a whole process the way a user
+runs it, on the same scene, model, device and precision:
+
+    python benchmarks/engine.py --megapixels 50 --device cpu --precision bf16
+
+Reports wall time, megapixels/s and peak RSS (summed over the process tree), the raw
+forward on the same number and shape of tiles, the steady-state ratio, the fixed cost
+(a one-chunk image), and the memory of a run on 1/16 of the pixels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import measure  # noqa: E402
+
+PY = sys.executable
+CLASSES = "background,building,road,water"
+
+
+def make_scene(path: Path, side: int) -> None:
+    """A mosaic of scikit-image's real sample photographs as a tiled GeoTIFF, written strip by strip."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from skimage import data, transform
+
+    photos = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field(),
+              data.immunohistochemistry(), data.retina()[..., :3] if data.retina().ndim == 3 else data.astronaut()]
+    tiles = [(transform.resize(p, (512, 512), preserve_range=True, anti_aliasing=True)).astype(np.uint8)
+             for p in photos]
+    rng = np.random.default_rng(0)
+    profile = dict(driver="GTiff", height=side, width=side, count=3, dtype="uint8", crs="EPSG:32633",
+                   transform=from_origin(500000, 4100000, 0.5, 0.5), tiled=True, blockxsize=512, blockysize=512,
+                   compress="deflate")
+    with rasterio.open(path, "w", **profile) as ds:
+        for y0 in range(0, side, 512):
+            h = min(512, side - y0)
+            strip = np.concatenate([tiles[rng.integers(len(tiles))] for _ in range(math.ceil(side / 512))], axis=1)
+            ds.write(strip[:h, :side].transpose(2, 0, 1), window=rasterio.windows.Window(0, y0, side, h))
+
+
+def raw_forward(args: argparse.Namespace) -> None:
+    """The limit: N forwards of (batch, 3, T, T) through the same network, no I/O."""
+    import torch
+
+    from segpipe.inference import resolve_device
+    from segpipe.models import load_artifact
+
+    device = resolve_device(args.device)
+    net = load_artifact(args.model).network().to(device).to(memory_format=torch.channels_last).eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    x = torch.randn(args.batch, 3, args.side, args.side, device=device).contiguous(memory_format=torch.channels_last)
+    n_batches = math.ceil(args.tiles / args.batch)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        net(x)  # warm-up (kernel selection), excluded
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "batches": n_batches}))
+
+
+def monai_run(args: argparse.Namespace) -> None:
+    """What a MONAI user writes: load the image with rasterio, sliding_window_inference, argmax, save."""
+    import rasterio
+    import torch
+    import zarr
+    from monai.inferers import sliding_window_inference
+
+    from segpipe.inference import resolve_device
+    from segpipe.models import load_artifact
+
+    device = resolve_device(args.device)
+    art = load_artifact(args.model)
+    net = art.network().to(device).eval()
+    with rasterio.open(args.scene) as ds:
+        img = ds.read()
+    x = torch.from_numpy(img).float()[None] / art.spec.input_scale
+    mean = torch.tensor(art.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(art.spec.std).view(1, -1, 1, 1)
+    x = ((x - mean) / std).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        out = sliding_window_inference(x, roi_size=(args.side, args.side), sw_batch_size=args.batch,
+                                       predictor=net, overlap=args.overlap, mode="constant",
+                                       padding_mode="reflect")
+    labels = out.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    zarr.create_array(args.out, data=labels, chunks=(512, 512), overwrite=True)
+    print(json.dumps({"windows_hint": args.overlap}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--megapixels", type=float, default=50.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--chunk-size", type=int, default=512)
+    ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workdir", default=None, help="Keep scenes and outputs here (default: a temp folder).")
+    ap.add_argument("--skip-monai", action="store_true")
+    ap.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    sub = ap.add_subparsers(dest="cmd")
+    r = sub.add_parser("raw")
+    m = sub.add_parser("monai")
+    for p in (r, m):
+        p.add_argument("--model", required=True)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--precision", default="bf16")
+        p.add_argument("--side", type=int, default=640)
+        p.add_argument("--batch", type=int, default=2)
+    r.add_argument("--tiles", type=int, required=True)
+    m.add_argument("--scene", required=True)
+    m.add_argument("--overlap", type=float, required=True)
+    m.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if args.cmd == "raw":
+        return raw_forward(args)
+    if args.cmd == "monai":
+        return monai_run(args)
+    run_all(args)
+
+
+def run_all(args: argparse.Namespace) -> None:
+    from segpipe.tiling import ChunkGrid, tile_side
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    side = int(round(math.sqrt(args.megapixels * 1e6)))
+    small_side = side // 4  # 1/16 of the pixels
+    scene, small, one = work / f"scene-{side}.tif", work / f"scene-{small_side}.tif", work / "one-chunk.tif"
+    for path, s in ((scene, side), (small, small_side), (one, args.chunk_size)):
+        if not path.exists():
+            make_scene(path, s)
+    model = work / "model"
+    if not model.exists():
+        from segpipe.models import create_artifact
+
+        create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
+    batch = args.batch_size or (16 if args.device.startswith("cuda") else 2)
+    T = tile_side(args.chunk_size, args.halo)
+    tiles = len(ChunkGrid(side, side, args.chunk_size))
+    segpipe = [PY, "-m", "segpipe.cli", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
+               "--halo", str(args.halo), "--device", args.device, "--precision", args.precision,
+               "--batch-size", str(batch), "--no-progress"]
+    env = {**os.environ}
+    results: dict = {"scene": f"{side}x{side}", "megapixels": side * side / 1e6, "tiles": tiles, "tile_side": T,
+                     "batch_size": batch, "device": args.device, "precision": args.precision}
+
+    def seg(src: Path, name: str) -> dict:
+        out = work / f"out-{name}"
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        m = measure([*segpipe, str(src), "--out", str(out)], env=env)
+        if m.returncode != 0:
+            raise SystemExit(f"segpipe failed on {src}:\n{m.stderr[-3000:]}")
+        return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb)}
+
+    results["fixed_cost"] = seg(one, "one")
+    results["pipeline"] = seg(scene, "scene")
+    results["pipeline_small"] = seg(small, "small")
+    raw = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision", args.precision,
+                   "--side", str(T), "--batch", str(batch), "--tiles", str(tiles)], env=env)
+    if raw.returncode != 0:
+        raise SystemExit(raw.stderr[-3000:])
+    results["raw_forward"] = {"seconds": round(json.loads(raw.stdout.strip().splitlines()[-1])["seconds"], 2)}
+    if not args.skip_monai:
+        overlap = 1 - args.chunk_size / T  # same window count: stride = chunk size
+        mo = measure([PY, __file__, "monai", "--model", str(model), "--device", args.device, "--precision",
+                      args.precision, "--side", str(T), "--batch", str(batch), "--scene", str(scene), "--overlap",
+                      str(overlap), "--out", str(work / "out-monai.zarr")], env=env)
+        if mo.returncode != 0:
+            raise SystemExit(mo.stderr[-3000:])
+        results["monai"] = {"seconds": round(mo.seconds, 2), "peak_rss_mb": round(mo.peak_rss_mb)}
+    p, f, rf = results["pipeline"], results["fixed_cost"], results["raw_forward"]
+    steady = p["seconds"] - f["seconds"]
+    results["steady_state_seconds"] = round(steady, 2)
+    results["pipeline_mp_per_s"] = round(results["megapixels"] / p["seconds"], 3)
+    results["steady_state_mp_per_s"] = round(results["megapixels"] / steady, 3)
+    results["raw_forward_mp_per_s"] = round(results["megapixels"] / rf["seconds"], 3)
+    results["ratio_steady_vs_raw"] = round(rf["seconds"] / steady, 3)
+    results["rss_ratio_16x_pixels"] = round(p["peak_rss_mb"] / results["pipeline_small"]["peak_rss_mb"], 3)
+    if "monai" in results:
+        results["speedup_vs_monai"] = round(results["monai"]["seconds"] / p["seconds"], 2)
+        results["rss_vs_monai"] = round(p["peak_rss_mb"] / results["monai"]["peak_rss_mb"], 3)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The command line as users run it: one clear line per problem, no traceback, honest exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from segpipe.cli import main
+from tests.helpers import write_geotiff
+
+
+def run(*args):
+    return CliRunner().invoke(main, [*args])
+
+
+def test_model_create_and_info(tmp_path):
+    r = run("model", "create", "--arch", "FPN", "--encoder", "resnet18", "--classes", "a,b,c", "--out",
+            str(tmp_path / "m"), "--seed", "2")
+    assert r.exit_code == 0, r.output
+    r = run("model", "info", str(tmp_path / "m"))
+    info = json.loads(r.output)
+    assert info["architecture"] == "FPN" and info["classes"] == ["a", "b", "c"] and len(info["weights_sha256"]) == 64
+
+
+def test_unknown_architecture_is_one_line(tmp_path):
+    r = run("model", "create", "--arch", "Unett", "--classes", "a,b", "--out", str(tmp_path / "m"))
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: Unett: unknown architecture; valid: ") and "Traceback" not in r.output
+
+
+def test_segment_folder_reports_each_bad_image(tmp_path, photo, model_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_geotiff(src / "ok.tif", photo[:, :150, :140])
+    (src / "zero.tif").write_bytes(b"")
+    r = run("segment", str(src), "--model", model_dir, "--out", str(tmp_path / "out"), "--chunk-size", "64",
+            "--halo", "16", "--no-progress", "--precision", "fp32")
+    assert r.exit_code == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {src}/zero.tif: is empty (0 bytes)"]
+    assert "Traceback" not in r.output
+    assert (tmp_path / "out" / "ok.zarr" / "zarr.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["segment", "{tmp}/missing.tif", "--model", "{model}", "--out", "{tmp}/o"], "missing.tif: does not exist"),
+        (["segment", "{scene}", "--model", "{tmp}/nomodel", "--out", "{tmp}/o"], "nomodel: model folder does not exist"),
+        (["segment", "{scene}", "--model", "{model}", "--out", "/proc/segpipe-out"], "/proc/segpipe-out: cannot be written"),
+        (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--bands", "1,x"], "--bands takes comma"),
+        (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--bands", "1,2,5"], "has 3 band(s); --bands asks for band 5"),
+        (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--device", "gpu"], "device must be auto, cpu, cuda"),
+    ],
+)
+def test_bad_inputs_one_line(tmp_path, scene_tif, model_dir, args, expected):
+    args = [a.format(tmp=tmp_path, model=model_dir, scene=scene_tif) for a in args]
+    r = run(*args, "--no-progress")
+    assert r.exit_code in (1, 2)
+    assert expected in r.stderr, r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_subprocess_debug_shows_traceback(tmp_path):
+    base = [sys.executable, "-m", "segpipe.cli"]
+    plain = subprocess.run([*base, "model", "info", str(tmp_path / "x")], capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [f"error: {tmp_path}/x: model folder does not exist"]
+    debug = subprocess.run([*base, "--debug", "model", "info", str(tmp_path / "x")], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -158,10 +158,12 @@ def print_summary(results: list) -> None:
 @click.option("--out", "out", required=True, help="Output folder or bucket URL.")
 @segment_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--report-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None,
-            dask_address: str | None, no_progress: bool) -> None:
+            dask_address: str | None, no_progress: bool, report_json: str | None) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr."""
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
@@ -175,6 +177,13 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
             with RichProgress() as progress:
                 results = segment_many(list(sources), model, out, settings, client, progress)
     print_summary(results)
+    if report_json:
+        import json
+
+        from segpipe.pipeline import summary_rows
+
+        with open(report_json, "w") as f:
+            json.dump(summary_rows(results), f, indent=2)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         click.echo(f"error: {r.error}", err=True)

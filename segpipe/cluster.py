@@ -51,6 +51,8 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
             client.close()
         return
 
+    # the embedded cluster's scheduler/worker chatter at INFO drowns the run's own logs
+    logging.getLogger("distributed").setLevel(max(logging.getLogger("distributed").level, logging.WARNING))
     gpus = _gpu_count()
     cluster = None
     if gpus and settings.processes:
@@ -96,3 +98,20 @@ def is_in_process(client: Client) -> bool:
     """True for the embedded threaded cluster (workers share this process's memory)."""
     cluster = getattr(client, "cluster", None)
     return cluster is not None and not getattr(cluster, "processes", True) and hasattr(cluster, "scheduler")
+
+
+def client_for(address: str) -> Client:
+    """A client for ``address``: the one already connected in this process when there is one.
+
+    Prefect tasks run in threads of the flow's process; they reuse the flow's client
+    (which also works for the embedded cluster's in-process address) instead of opening one each.
+    """
+    from distributed import Client, default_client
+
+    try:
+        client = default_client()
+        if client.scheduler.address == address:
+            return client
+    except ValueError:
+        pass
+    return Client(address, set_as_default=False)

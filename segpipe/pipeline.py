@@ -305,3 +305,19 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     for image in images:
         results.append(segment_image(image, ref, out, settings, client, progress))
     return results
+
+
+def summary_rows(results: Sequence[ImageResult]) -> list[dict[str, Any]]:
+    """One row per image for run summaries (CLI table, Prefect table artifact, JSON report)."""
+    return [{
+        "image": r.source,
+        "size": f"{r.width}x{r.height}" if r.height else "",
+        "chunks": r.chunks,
+        "computed": r.chunks_computed,
+        "resumed": r.chunks_resumed,
+        "seconds": round(r.seconds, 2),
+        "mp_per_s": round(r.mp_per_s, 3),
+        "status": r.status,
+        "output": r.output,
+        "error": r.error or "",
+    } for r in results]

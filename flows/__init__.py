@@ -1,0 +1,1 @@
+"""Thin Prefect flows over the segpipe library (no numerics here)."""

@@ -1,0 +1,133 @@
+"""Real services for end-to-end tests, on 127.0.0.1, each stopped by its PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} not ready after {timeout} s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return 200 <= r.status < 300
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 15) -> None:
+    """Stop a process (SIGINT first: Prefect workers ignore SIGTERM), then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig) if _own_group(proc) else proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL) if _own_group(proc) else proc.kill()
+        proc.wait(10)
+
+
+def _own_group(proc: subprocess.Popen) -> bool:
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    """Start a service in its own process group (so its children are stopped with it)."""
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """``prefect server start`` with its own PREFECT_HOME; yields the environment that points at it."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+    proc = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                 home / "server.log")
+    try:
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), 90, "prefect server", proc)
+        yield env
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def dask_processes(n_workers: int, log_dir: Path, nthreads: int = 1) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """A real ``dask scheduler`` and ``n_workers`` ``dask worker`` processes on 127.0.0.1."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sched = start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                  env, log_dir / "scheduler.log")
+    workers: list[subprocess.Popen] = []
+    try:
+        wait_for(lambda: port_open(port), 60, "dask scheduler", sched)
+        for i in range(n_workers):
+            workers.append(start([str(BIN / "dask"), "worker", address, "--nthreads", str(nthreads), "--nworkers", "1",
+                                  "--no-dashboard", "--name", f"w{i}", "--host", "127.0.0.1"], env,
+                                 log_dir / f"worker{i}.log"))
+        from distributed import Client
+
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(n_workers, timeout=90)
+        yield address, workers
+    finally:
+        for w in workers:
+            stop(w, signal.SIGTERM)
+        stop(sched, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def s3_server(log_dir: Path) -> Iterator[dict[str, str]]:
+    """moto's S3 API server on loopback; yields the standard AWS variables that point at it."""
+    port = free_port()
+    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ),
+                 log_dir / "moto.log")
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    try:
+        wait_for(lambda: port_open(port), 60, "moto_server", proc)
+        yield env
+    finally:
+        stop(proc, signal.SIGTERM)

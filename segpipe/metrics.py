@@ -1,0 +1,295 @@
+"""Segmentation metrics from one mergeable confusion matrix.
+
+Counts first, scores once (the segmentation-models-pytorch ``metrics/functional.py`` way):
+every worker turns its chunks into a K×K confusion matrix (:func:`confusion_matrix`,
+:class:`ConfusionMatrix`), matrices add up exactly across chunks and workers, and
+:func:`scores` derives every number of ``metrics.json`` from the final matrix in one place.
+Averaging per-chunk IoUs instead would weight a nearly empty chunk like a full one.
+
+Conventions (the ``metrics.json`` contract, see ARCHITECTURE.md):
+
+* rows are the true class, columns the predicted class;
+* pixels whose truth equals ``ignore_index`` are not counted at all;
+* for class *c*: ``tp`` = M[c, c], ``fp`` = column sum − tp, ``fn`` = row sum − tp, ``support`` = row sum;
+  ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``, ``recall = tp / (tp + fn)``,
+  ``f1 = 2·tp / (2·tp + fp + fn)``.
+
+Degenerate cases, decided once here:
+
+* a class absent from both truth and prediction has no score: iou, precision, recall and f1
+  are ``None`` (``null`` in JSON) and the class is left out of ``mean_iou``;
+* any other zero division counts as 0: a class present in the truth but never predicted has
+  precision 0 (and recall, iou, f1 0); a class predicted but absent from the truth has recall 0
+  (and precision, iou, f1 0) — its predictions are all wrong;
+* nothing counted (all pixels ignored, or no pixels): ``pixel_accuracy``, ``mean_iou`` and
+  ``frequency_weighted_iou`` are ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from segpipe.errors import DatasetError, InputError, OutputError
+from segpipe.io.storage import filesystem, strip_file_scheme
+
+#: keys every metrics.json holds (the public contract)
+METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequency_weighted_iou", "pixel_accuracy")
+#: per-class keys
+CLASS_KEYS = ("iou", "precision", "recall", "f1", "support")
+
+
+def _check_ids(values: np.ndarray, num_classes: int, what: str, ignore_index: int | None) -> None:
+    if values.size == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    bad = hi if hi >= num_classes else lo if lo < 0 else None
+    if bad is not None:
+        ignore = f", ignore {ignore_index}" if ignore_index is not None else ""
+        raise DatasetError(what, f"class id {bad} is out of range for {num_classes} classes "
+                                 f"(valid 0..{num_classes - 1}{ignore})")
+
+
+def _as_labels(a: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype == bool:
+        return a.astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise DatasetError(what, f"class ids must be integers, got dtype {a.dtype}")
+    return a
+
+
+def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
+                     ignore_index: int | None = 255) -> np.ndarray:
+    """K×K int64 counts: ``M[t, p]`` = pixels of true class *t* predicted as *p*.
+
+    Pixels whose truth is ``ignore_index`` are skipped (their prediction is not checked).
+    Every other truth and prediction id must lie in ``0..num_classes-1``; otherwise a
+    :class:`~segpipe.errors.DatasetError` names the first offending value — a silently
+    dropped id would make the scores look better than they are.
+    One ``np.bincount`` over ``truth·K + pred`` does the counting.
+    """
+    if num_classes < 1:
+        raise DatasetError("num_classes", f"must be at least 1, got {num_classes}")
+    t = _as_labels(truth, "truth")
+    p = _as_labels(pred, "prediction")
+    if t.shape != p.shape:
+        raise DatasetError("prediction", f"shape {p.shape} differs from the truth's {t.shape}")
+    t, p = t.ravel(), p.ravel()
+    if ignore_index is not None:
+        keep = t != ignore_index
+        if not keep.all():
+            t, p = t[keep], p[keep]
+    _check_ids(t, num_classes, "truth", ignore_index)
+    _check_ids(p, num_classes, "prediction", ignore_index)
+    k = num_classes
+    # int64 before multiplying: uint8 ids times K would wrap around
+    flat = t.astype(np.int64) * k + p.astype(np.int64)
+    return np.bincount(flat, minlength=k * k).reshape(k, k).astype(np.int64, copy=False)
+
+
+class ConfusionMatrix:
+    """Accumulated counts for ``num_classes`` classes; merge results of chunks and workers with ``+``.
+
+    Usage: ``cm = ConfusionMatrix(5)``; ``cm.update(truth_chunk, pred_chunk)`` per chunk;
+    ``total = sum(per_worker_matrices)``; ``total.scores(class_names)``.
+    """
+
+    def __init__(self, num_classes: int, matrix: np.ndarray | None = None, ignore_index: int | None = 255) -> None:
+        if num_classes < 1:
+            raise DatasetError("num_classes", f"must be at least 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        if matrix is None:
+            self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        else:
+            m = np.asarray(matrix)
+            if m.shape != (num_classes, num_classes):
+                raise DatasetError("confusion matrix", f"shape {m.shape} does not fit {num_classes} classes")
+            if not np.issubdtype(m.dtype, np.integer) or (m.size and m.min() < 0):
+                raise DatasetError("confusion matrix", "must hold non-negative integer counts")
+            self.matrix = m.astype(np.int64, copy=True)
+
+    def update(self, truth: np.ndarray, pred: np.ndarray) -> ConfusionMatrix:
+        """Add the counts of one chunk (in place); returns ``self`` for chaining."""
+        self.matrix += confusion_matrix(truth, pred, self.num_classes, self.ignore_index)
+        return self
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """A new matrix holding the counts of both (order does not matter)."""
+        if other.num_classes != self.num_classes:
+            raise DatasetError("confusion matrix", f"cannot merge {other.num_classes} classes "
+                                                   f"into {self.num_classes}")
+        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.ignore_index)
+
+    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        if not isinstance(other, ConfusionMatrix):
+            return NotImplemented
+        return self.merge(other)
+
+    def __radd__(self, other: object) -> ConfusionMatrix:
+        # lets sum([cm_a, cm_b, ...]) work (sum starts from 0)
+        if other == 0:
+            return ConfusionMatrix(self.num_classes, self.matrix, self.ignore_index)
+        return NotImplemented
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConfusionMatrix):
+            return NotImplemented
+        return self.num_classes == other.num_classes and bool(np.array_equal(self.matrix, other.matrix))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={self.total})"
+
+    @property
+    def total(self) -> int:
+        """Pixels counted so far."""
+        return int(self.matrix.sum())
+
+    def scores(self, class_names: Sequence[str]) -> dict[str, Any]:
+        """:func:`scores` of the accumulated counts."""
+        return scores(self.matrix, class_names)
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any]) -> ConfusionMatrix:
+        """The counts back from a ``metrics.json`` dict (to merge evaluations or re-derive scores)."""
+        m = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+        return cls(len(metrics["classes"]), m)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, undefined: np.ndarray) -> np.ndarray:
+    """num/den with 0/0 = 0, then NaN where the score is undefined."""
+    out = np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+    out[undefined] = np.nan
+    return out
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def scores(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Every score of ``metrics.json`` from one confusion matrix (rows truth, columns prediction).
+
+    Returns a JSON-ready dict (plain ints/floats, ``None`` for undefined values)::
+
+        {"classes": [...], "confusion_matrix": [[...]],
+         "per_class": {name: {"iou", "precision", "recall", "f1", "support"}},
+         "mean_iou", "frequency_weighted_iou", "pixel_accuracy"}
+
+    ``mean_iou`` is the mean over classes that have a score (present in truth or prediction);
+    ``frequency_weighted_iou`` = Σ_c support_c · iou_c / Σ support; ``pixel_accuracy`` = trace / total.
+    See the module docstring for the degenerate cases.
+    """
+    m = np.asarray(matrix)
+    k = len(class_names)
+    if m.shape != (k, k):
+        raise DatasetError("confusion matrix", f"shape {m.shape} does not fit {k} class names")
+    if len(set(class_names)) != k:
+        raise DatasetError("class names", "must be unique")
+    m = m.astype(np.int64)
+    tp = np.diag(m).astype(np.float64)
+    support = m.sum(axis=1).astype(np.float64)  # truth pixels per class
+    predicted = m.sum(axis=0).astype(np.float64)
+    fp = predicted - tp
+    fn = support - tp
+    absent = (support == 0) & (predicted == 0)
+
+    iou = _ratio(tp, tp + fp + fn, absent)
+    precision = _ratio(tp, tp + fp, absent)
+    recall = _ratio(tp, tp + fn, absent)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn, absent)
+
+    total = float(support.sum())
+    if total > 0:
+        pixel_accuracy: float | None = float(tp.sum() / total)
+        # classes with support > 0 always have a defined IoU
+        fw_iou: float | None = float(np.sum(support[support > 0] * iou[support > 0]) / total)
+    else:
+        pixel_accuracy = fw_iou = None
+    mean_iou = float(np.mean(iou[~absent])) if (~absent).any() else None
+
+    per_class = {
+        name: {
+            "iou": _none_if_nan(iou[i]),
+            "precision": _none_if_nan(precision[i]),
+            "recall": _none_if_nan(recall[i]),
+            "f1": _none_if_nan(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
+    return {
+        "classes": list(class_names),
+        "confusion_matrix": m.tolist(),
+        "per_class": per_class,
+        "mean_iou": mean_iou,
+        "frequency_weighted_iou": fw_iou,
+        "pixel_accuracy": pixel_accuracy,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays unwrapped, NaN and ±inf as None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def write_metrics_json(uri: str, metrics: dict[str, Any]) -> str:
+    """Write ``metrics`` as strict JSON (NaN → null) to a local path or fsspec URL; returns ``uri``."""
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:
+        raise DatasetError(uri, f"metrics lack key {missing[0]!r}")
+    text = json.dumps(_jsonable(metrics), indent=2, allow_nan=False) + "\n"
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
+    return uri
+
+
+def read_metrics_json(uri: str) -> dict[str, Any]:
+    """Read a ``metrics.json`` written by :func:`write_metrics_json` (strict JSON, contract keys checked)."""
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        with fs.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError(uri, "does not exist") from None
+    except OSError as e:
+        raise InputError(uri, f"cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        metrics = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise InputError(uri, f"is not valid strict JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise InputError(uri, "is not a metrics.json (not a JSON object)")
+    missing = [k for k in METRICS_KEYS if k not in metrics]
+    if missing:
+        raise InputError(uri, f"is not a metrics.json (missing key {missing[0]!r})")
+    return metrics

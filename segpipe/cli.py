@@ -237,5 +237,196 @@ def model_info(path: str) -> None:
     click.echo(json.dumps(info, indent=2))
 
 
+# ----------------------------------------------------------------------------- train / evaluate / retrain
+
+@main.command()
+@click.option("--data", required=True, help="Dataset root (images/, masks/, classes.json[, split.json]).")
+@click.option("--out", required=True, help="Artifact folder to write.")
+@click.option("--arch", default="Unet", show_default=True)
+@click.option("--encoder", default="resnet34", show_default=True)
+@click.option("--encoder-weights", default=None, help="e.g. imagenet (needs a network); default: from scratch.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--patches-per-epoch", type=int, default=None)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--class-balanced/--no-class-balanced", default=True, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoint/.")
+@handle_errors
+def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | None, epochs: int, batch_size: int,
+          patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
+          precision: str, seed: int, resume: bool) -> None:
+    """Train a model on a dataset and write an artifact."""
+    from segpipe.training import TrainSettings, train as run_train
+
+    settings = TrainSettings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
+                             batch_size=batch_size, patch_size=patch_size, lr=lr, class_balanced=class_balanced,
+                             device=device, precision=precision, seed=seed,
+                             **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    result = run_train(data, out, settings, resume=resume)
+    click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
+               f"val mean IoU {result.metrics.get('val_mean_iou')} ({result.stop_reason})")
+
+
+@main.command()
+@click.option("--model", "model", required=True, help="Model folder, registry folder or REGISTRY@vN.")
+@click.option("--data", required=True, help="Dataset root.")
+@click.option("--split", default="val", show_default=True, help="train | val | a split named in split.json.")
+@click.option("--out", required=True, help="Folder for metrics.json, report.html, report.md, predictions/.")
+@segment_options
+@handle_errors
+def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None,
+             dask_address: str | None) -> None:
+    """Predict a split with the production engine and write metrics and a report."""
+    from segpipe.cluster import dask_client
+    from segpipe.config import ClusterSettings
+    from segpipe.data import load_dataset
+    from segpipe.evaluation import evaluate as run_evaluate, write_evaluation_report
+
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands)
+    ds = load_dataset(data, split)
+    with dask_client(ClusterSettings(address=dask_address)) as client:
+        ev = run_evaluate(model, ds, out, settings, client, split=split)
+    html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}", class_colors=ds.colors)
+    from segpipe.reports import markdown_table
+
+    click.echo(markdown_table(ev.metrics))
+    click.echo(f"metrics: {out}/metrics.json\nreport:  {html}")
+
+
+@main.command()
+@click.option("--data", required=True, help="Dataset root.")
+@click.option("--registry", required=True, help="Registry folder or bucket URL.")
+@click.option("--arch", default="Unet", show_default=True)
+@click.option("--encoder", default="resnet18", show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--patches-per-epoch", type=int, default=None)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--margin", type=float, default=0.005, show_default=True,
+              help="Promote only when challenger mean IoU ≥ champion's + margin.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dask-address", default=None)
+@handle_errors
+def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
+            patches_per_epoch: int | None, lr: float, margin: float, device: str, precision: str, seed: int,
+            dask_address: str | None) -> None:
+    """Run the retrain flow locally: train a challenger, compare with the champion, promote if better."""
+    import json
+
+    from flows.retrain import retrain as retrain_flow
+
+    result = retrain_flow(data=data, registry=registry, architecture=arch, encoder=encoder, epochs=epochs,
+                            batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch,
+                            lr=lr, margin=margin, device=device, precision=precision, seed=seed,
+                            dask_address=dask_address)
+    click.echo(json.dumps(result, indent=2))
+
+
+# ----------------------------------------------------------------------------- models (registry)
+
+@main.group()
+def models() -> None:
+    """List, inspect and promote registered model versions."""
+
+
+@models.command("list")
+@click.argument("registry")
+@handle_errors
+def models_list(registry: str) -> None:
+    """List the versions of REGISTRY (the champion is starred)."""
+    from rich.table import Table
+
+    from segpipe.registry import list_versions
+
+    table = Table(title=registry)
+    for col in ("", "version", "created", "model", "val mean IoU", "weights"):
+        table.add_column(col)
+    for v in list_versions(registry):
+        miou = f"{v.val_mean_iou:.4f}" if v.val_mean_iou is not None else "-"
+        table.add_row("*" if v.is_champion else "", v.version, v.created or "-", f"{v.architecture}/{v.encoder}",
+                      miou, v.weights_sha256[:12])
+    _console().print(table)
+
+
+@models.command("show")
+@click.argument("model")
+@handle_errors
+def models_show(model: str) -> None:
+    """Show a version (REGISTRY@vN), a registry's champion (REGISTRY) or an artifact folder."""
+    import json
+
+    from segpipe.models import load_artifact
+
+    art = load_artifact(model)
+    info = {"uri": art.uri, "weights_sha256": art.sha256, **art.spec.model_dump()}
+    training = info.get("training")
+    if isinstance(training, dict):
+        info["training"] = {k: v for k, v in training.items() if k != "history"}
+    click.echo(json.dumps(info, indent=2, default=str))
+
+
+@models.command("promote")
+@click.argument("registry")
+@click.argument("version")
+@click.option("--reason", default="promoted by hand", show_default=True)
+@handle_errors
+def models_promote(registry: str, version: str, reason: str) -> None:
+    """Make VERSION the champion of REGISTRY (atomic pointer replace)."""
+    from segpipe.registry import promote
+
+    promote(registry, version, reason)
+    click.echo(f"{registry}: champion is now {version}")
+
+
+# ----------------------------------------------------------------------------- export
+
+@main.command()
+@click.argument("output")
+@click.option("--cog", default=None, help="Write a Cloud-Optimized GeoTIFF of the class ids here.")
+@click.option("--vector", default=None, help="Write polygons here (.gpkg or .geojson).")
+@click.option("--preview", default=None, help="Write a PNG preview here.")
+@click.option("--confidence", default=None, help="Write a max-probability COG here (needs --probabilities).")
+@click.option("--min-area", type=float, default=0.0, show_default=True, help="Drop polygons smaller than this.")
+@click.option("--sieve", type=int, default=0, show_default=True, help="Remove regions under N pixels first.")
+@handle_errors
+def export(output: str, cog: str | None, vector: str | None, preview: str | None, confidence: str | None,
+           min_area: float, sieve: int) -> None:
+    """Export a segpipe OUTPUT.zarr to COG, vectors, a preview or a confidence COG."""
+    from segpipe import export as ex
+
+    if not any((cog, vector, preview, confidence)):
+        raise click.UsageError("name at least one of --cog, --vector, --preview, --confidence")
+    if cog:
+        click.echo(f"cog: {ex.export_cog(output, cog)}")
+    if vector:
+        click.echo(f"vector: {ex.export_vectors(output, vector, min_area=min_area, sieve=sieve)}")
+    if preview:
+        click.echo(f"preview: {ex.export_preview(output, preview)}")
+    if confidence:
+        click.echo(f"confidence: {ex.export_confidence(output, confidence)}")
+
+
+# ----------------------------------------------------------------------------- demo
+
+@main.command()
+@click.option("--out", default="demo-output", show_default=True, help="Folder for everything the demo makes.")
+@click.option("--quick", is_flag=True, help="Tiny sizes (for tests and smoke runs): seconds, not minutes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def demo(out: str, quick: bool, seed: int) -> None:
+    """Generate data, retrain + register a model, segment a large scene, evaluate it, print where it all is."""
+    from segpipe.demo import run_demo
+
+    run_demo(out, quick=quick, seed=seed, echo=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,123 @@
+"""``segpipe demo``: the whole loop on generated data, in minutes, on a laptop.
+
+1. generate a synthetic aerial-like land-cover dataset (5 classes, exact masks, imbalance)
+2. run the ``retrain`` flow: train a challenger, evaluate, register, promote (no champion yet)
+3. generate a large scene (8,192 × 8,192 by default) with its true mask
+4. run the ``segment-images`` flow over it with the registry's champion → Zarr
+5. score the scene output against its mask, write a report and a preview
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from segpipe.io.storage import join
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    images: int
+    image_side: int
+    epochs: int
+    patches_per_epoch: int
+    patch_size: int
+    batch_size: int
+    scene_side: int
+    chunk_size: int
+    halo: int
+
+    @classmethod
+    def full(cls) -> DemoSizes:
+        return cls(images=16, image_side=512, epochs=8, patches_per_epoch=480, patch_size=256, batch_size=8,
+                   scene_side=8192, chunk_size=512, halo=64)
+
+    @classmethod
+    def quick(cls) -> DemoSizes:
+        return cls(images=4, image_side=160, epochs=1, patches_per_epoch=16, patch_size=64, batch_size=4,
+                   scene_side=700, chunk_size=128, halo=16)
+
+
+def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
+    """Run the demo into ``out``; returns the paths and figures it printed."""
+    import os
+
+    # the demo runs Prefect's in-process API; on an offline laptop telemetry only logs errors
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.retrain import retrain
+    from flows.segment import segment_images
+    from segpipe.evaluation import score_output
+    from segpipe.export import export_preview
+    from segpipe.metrics import write_metrics_json
+    from segpipe.reports import markdown_table, write_report
+    from segpipe.synthetic import CLASS_COLORS, CLASSES, write_dataset, write_scene
+
+    sizes = DemoSizes.quick() if quick else DemoSizes.full()
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def step(name: str, t: float) -> None:
+        times[name] = round(time.perf_counter() - t, 1)
+        echo(f"[{time.perf_counter() - t0:6.1f} s] {name} done in {times[name]} s")
+
+    t = time.perf_counter()
+    data = write_dataset(root / "data", sizes.images, sizes.image_side, seed)
+    step("dataset", t)
+
+    t = time.perf_counter()
+    registry = str(root / "registry")
+    retrained = retrain(
+        data=str(data), registry=registry, workdir=str(root / "runs"), architecture="Unet", encoder="resnet18",
+        epochs=sizes.epochs, batch_size=sizes.batch_size, patch_size=sizes.patch_size,
+        patches_per_epoch=sizes.patches_per_epoch, seed=seed, chunk_size=sizes.chunk_size, halo=sizes.halo,
+        margin=0.0,
+    )
+    step("retrain (train, evaluate, register, promote)", t)
+
+    t = time.perf_counter()
+    scene_dir, truth_dir = root / "scene", root / "scene-truth"
+    scene_dir.mkdir(exist_ok=True)
+    truth_dir.mkdir(exist_ok=True)
+    scene = write_scene(scene_dir / "scene.tif", sizes.scene_side, sizes.scene_side, seed + 1000,
+                        mask_path=truth_dir / "scene.tif")
+    step(f"scene {sizes.scene_side}×{sizes.scene_side}", t)
+
+    t = time.perf_counter()
+    masks = root / "masks"
+    rows = segment_images(source=str(scene_dir), model=registry, out=str(masks), chunk_size=sizes.chunk_size,
+                          halo=sizes.halo)
+    step("segment-images", t)
+
+    t = time.perf_counter()
+    output = join(str(masks), "scene.zarr")
+    metrics = score_output(output, str(truth_dir / "scene.tif"), len(CLASSES)).scores(list(CLASSES))
+    eval_dir = root / "scene-eval"
+    write_metrics_json(str(eval_dir / "metrics.json"), metrics)
+    write_report(eval_dir, metrics, title=f"demo scene {sizes.scene_side}×{sizes.scene_side}",
+                 model_info={"registry": registry, "champion": retrained["champion"]},
+                 class_colors=list(CLASS_COLORS))
+    preview = export_preview(output, str(root / "scene-preview.png"), source=str(scene))
+    step("evaluate scene", t)
+
+    summary = {
+        "seconds": round(time.perf_counter() - t0, 1), "steps": times,
+        "validation_mean_iou": retrained["challenger_mean_iou"], "scene_mean_iou": metrics["mean_iou"],
+        "scene_pixel_accuracy": metrics["pixel_accuracy"], "registry": registry,
+        "champion": retrained["champion"], "retrain_report": retrained["report"],
+        "scene_output": output, "scene_report": str(eval_dir / "report.html"), "preview": preview,
+        "segment_mp_per_s": rows[0]["mp_per_s"] if rows else None,
+    }
+    echo("")
+    echo(markdown_table(metrics))
+    echo("")
+    for key in ("validation_mean_iou", "scene_mean_iou", "seconds", "registry", "champion", "retrain_report",
+                "scene_output", "scene_report", "preview"):
+        echo(f"{key:>20}: {summary[key]}")
+    import json
+
+    (root / "demo-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

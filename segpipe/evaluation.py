@@ -1,0 +1,138 @@
+"""Evaluation: predict whole images with the production engine, score one confusion matrix.
+
+The predictions are made exactly as ``segment`` makes them (same chunk size, halo and
+chunk tasks on Dask) into ``OUT/predictions/<name>.zarr``; truth and prediction are then
+compared chunk by chunk, so evaluation images can be as large as production images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segpipe.config import SegmentSettings
+from segpipe.data import Dataset, load_dataset
+from segpipe.errors import DatasetError
+from segpipe.io.readers import open_image
+from segpipe.io.storage import SourceImage, join, list_images
+from segpipe.metrics import ConfusionMatrix, scores, write_metrics_json
+from segpipe.pipeline import ModelRef, check_model, segment_image
+from segpipe.stitching import open_labels
+from segpipe.tiling import ChunkGrid, Window
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from segpipe.reports import Sample
+
+log = logging.getLogger("segpipe.evaluation")
+
+SAMPLE_SIDE = 512
+
+
+@dataclass
+class Evaluation:
+    """Metrics of one model on one split, and where its files are."""
+
+    metrics: dict[str, Any]
+    out: str
+    model: ModelRef
+    samples: list[Sample]
+    images: int
+
+
+def _source(item_uri: str, name: str) -> SourceImage:
+    found = list_images(item_uri)[0]
+    ext = item_uri.rsplit(".", 1)[-1] if "." in item_uri.rsplit("/", 1)[-1] else "tif"
+    return SourceImage(found.uri, f"{name}.{ext}", found.fingerprint, found.size)
+
+
+def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> Sample:
+    """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
+    from segpipe.reports import Sample
+
+    step = max(1, -(-max(h, w) // SAMPLE_SIDE))
+    with open_image(image_uri) as r:
+        bands = min(3, r.info.count)
+        img = r.read(Window(0, 0, h, w))[:bands, ::step, ::step]
+    if img.dtype != np.uint8:  # stretch other dtypes to 0..255 for display
+        lo, hi = np.percentile(img, (1, 99))
+        img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+    if bands == 1:
+        img = np.repeat(img, 3, axis=0)
+    with open_image(mask_uri) as r:
+        truth = r.read(Window(0, 0, h, w))[0, ::step, ::step]
+    return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), truth.astype(np.int64),
+                  np.asarray(pred[::step, ::step]).astype(np.int64))
+
+
+def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionMatrix:
+    """Confusion matrix of a segpipe output against a mask, one output chunk at a time."""
+    pred = open_labels(output_uri)
+    height, width = pred.shape
+    with open_image(mask_uri) as masks:
+        if (masks.info.height, masks.info.width) != (height, width):
+            raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "
+                               f"{width}×{height}")
+        cm = ConfusionMatrix(num_classes)
+        for ch in ChunkGrid(height, width, pred.chunks[0]):
+            truth = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
+            cm.update(truth, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
+    return cm
+
+
+def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSettings, client: Client, *,
+             split: str | None = "val", n_samples: int = 4, model_ref: ModelRef | None = None) -> Evaluation:
+    """Predict every image of ``split`` with the tiled engine and write ``OUT/metrics.json``."""
+    ds = data if isinstance(data, Dataset) else load_dataset(data, split)
+    if not ds.items:
+        raise DatasetError(ds.root, f"the {split} split holds no images")
+    ref = model_ref or check_model(model)[0]
+    if ref.spec.num_classes != ds.num_classes:
+        raise DatasetError(ds.root, f"has {ds.num_classes} classes but model {ref.uri} predicts "
+                           f"{ref.spec.num_classes}")
+    cm = ConfusionMatrix(ds.num_classes)
+    samples: list[Sample] = []
+    preds_root = join(out, "predictions")
+    for item in ds.items:
+        result = segment_image(_source(item.image_uri, item.name), ref, preds_root, settings, client)
+        if result.status == "failed":
+            raise DatasetError(item.image_uri, result.error or "prediction failed")
+        cm = cm + score_output(result.output, item.mask_uri, ds.num_classes)
+        pred = open_labels(result.output)
+        if len(samples) < n_samples:
+            samples.append(_sample(item.name, item.image_uri, item.mask_uri, pred, item.height, item.width))
+    metrics = scores(cm.matrix, ds.classes)
+    metrics["model"] = {"uri": ref.uri, "weights_sha256": ref.sha256}
+    metrics["data"] = {"root": ds.root, "split": split, "images": len(ds.items), "pixels": ds.pixels}
+    write_metrics_json(join(out, "metrics.json"), metrics)
+    log.info("evaluated %s on %d image(s): mean IoU %s", ref.uri, len(ds.items), metrics["mean_iou"])
+    return Evaluation(metrics, out, ref, samples, len(ds.items))
+
+
+def model_info(ref: ModelRef) -> dict[str, Any]:
+    """The model facts shown at the top of a report."""
+    extra = ref.spec.model_extra or {}
+    training = extra.get("training") or {}
+    return {
+        "uri": ref.uri, "architecture": ref.spec.architecture, "encoder": ref.spec.encoder,
+        "classes": ", ".join(ref.spec.classes), "weights sha256": ref.sha256[:16],
+        **({"epochs": training.get("epochs_run"), "best epoch": training.get("best_epoch")} if training else {}),
+    }
+
+
+def write_evaluation_report(out_dir: str, ev: Evaluation, *, title: str, champion: Evaluation | None = None,
+                            class_colors: list[str] | None = None) -> tuple[str, str]:
+    """``out_dir/report.html`` + ``report.md`` for ``ev``; with ``champion``, the two side by side."""
+    from segpipe.reports import write_report
+
+    history = ((ev.model.spec.model_extra or {}).get("training") or {}).get("history")
+    html, md = write_report(
+        out_dir, champion.metrics if champion else ev.metrics, title=title, model_info=model_info(ev.model),
+        history=history, samples=ev.samples, challenger=ev.metrics if champion else None,
+        class_colors=class_colors,
+    )
+    return str(html), str(md)

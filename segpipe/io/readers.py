@@ -73,7 +73,8 @@ def gdal_options() -> dict[str, str]:
     return opts
 
 
-def _gdal_path(uri: str) -> str:
+def gdal_path(uri: str) -> str:
+    """The GDAL path of a URI (/vsis3/, /vsigs/, /vsicurl/ for remote ones)."""
     uri = strip_file_scheme(uri)
     if uri.startswith("s3://"):
         return "/vsis3/" + uri[len("s3://"):]
@@ -126,7 +127,7 @@ class RasterioReader:
         try:
             with warnings.catch_warnings():  # plain photos have no georeference, and that is fine
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                self._ds = rasterio.open(_gdal_path(uri))
+                self._ds = rasterio.open(gdal_path(uri))
         except RasterioIOError as e:
             self._env.__exit__(None, None, None)
             raise InputError(uri, _gdal_reason(e)) from e
@@ -186,16 +187,24 @@ class RasterioReader:
 #: Whole-slide readers register themselves in front of rasterio (see segpipe.io.slide).
 Opener = Callable[[str, Sequence[int] | None], "ImageReader | None"]
 OPENERS: list[Opener] = []
+_defaults_registered = False
+
+
+def rasterio_opener(uri: str, bands: Sequence[int] | None) -> RasterioReader:
+    return RasterioReader(uri, bands)
 
 
 def _register_default_openers() -> None:
-    if OPENERS:
+    global _defaults_registered
+    if _defaults_registered:
         return
     try:
-        from segpipe.io import slide  # noqa: F401  (registers its openers)
+        from segpipe.io import slide  # noqa: F401  (registers its openers in front)
     except ImportError:  # openslide/tifffile missing: rasterio only
         pass
-    OPENERS.append(lambda uri, bands: RasterioReader(uri, bands))
+    if rasterio_opener not in OPENERS:
+        OPENERS.append(rasterio_opener)
+    _defaults_registered = True
 
 
 def open_image(uri: str, bands: Sequence[int] | None = None) -> ImageReader:

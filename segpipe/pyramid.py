@@ -1,0 +1,285 @@
+"""Lower-resolution pyramid levels of an output, written chunk by chunk.
+
+Level ``L+1`` is level ``L`` halved (``ceil``) on both image axes. Each output chunk of
+level ``L+1`` depends only on the 2×2 block of level-``L`` chunks that covers it, so a
+level is written as independent chunk tasks (one writer per chunk, as for level 0) and
+nothing holds a whole level in memory. Levels are written one after the other.
+
+* class ids are reduced by the **mode** of each 2×2 block (:func:`downsample_mode`):
+  averaging class ids would invent classes;
+* probabilities are reduced by the **mean** of each 2×2 block (:func:`downsample_mean`).
+
+Odd sizes: the last row/column of blocks is partial (2×1, 1×2 or 1×1 pixels). Both
+reductions pad the array by repeating its last row/column (``numpy.pad(mode="edge")``):
+a partial block then holds each of its pixels the same number of times, so its mode,
+its ties and its mean are exactly those of the partial block itself.
+
+Metadata: the root ``ome.multiscales[0].datasets`` lists every level with
+``scale = s0·2^L`` and ``translation = t0 + s0·(2^L − 1)/2`` (``s0``/``t0`` are level 0's).
+The translation follows NGFF practice of placing pixel *centres*: level-``L`` pixel ``i``
+covers level-0 pixels ``[2^L·i, 2^L·(i+1))``, whose centre is ``2^L·i + (2^L − 1)/2``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+
+from segpipe.errors import ConfigError, OutputError
+from segpipe.io.storage import strip_file_scheme
+from segpipe.tiling import batches, ceil_div
+
+Reduction = Literal["mode", "mean"]
+
+#: output chunks per task: big enough to amortise opening the arrays, small enough to spread
+_CHUNKS_PER_TASK = 8
+
+
+# --------------------------------------------------------------------------- pure numerics
+
+
+def _pad_even(values: np.ndarray) -> np.ndarray:
+    """Pad the last two axes to even sizes by repeating the last row/column (see module doc)."""
+    h, w = values.shape[-2:]
+    if h % 2 == 0 and w % 2 == 0:
+        return values
+    pad = [(0, 0)] * (values.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    return np.pad(values, pad, mode="edge")
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 while class ids fit (≤ 256 classes), else uint16."""
+    if num_classes < 1:
+        raise ConfigError("num_classes", f"must be positive, got {num_classes}")
+    if num_classes > 65536:
+        raise ConfigError("num_classes", f"at most 65536 classes are supported, got {num_classes}")
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+def downsample_mode(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """2×2 mode of class ids over the last two axes; output is ``ceil(h/2) × ceil(w/2)``.
+
+    Ties go to the **lowest class id** (deterministic, and class 0 is usually background,
+    so a 2-2 split between background and an object leaves the background). Works on the
+    four pixels of each block pairwise — ``count(v) = Σ [v == u]`` over the block — so the
+    cost does not grow with ``num_classes``. Values must be ``< num_classes``; the result
+    has dtype uint8 for ≤ 256 classes, uint16 above.
+    """
+    dtype = label_dtype(num_classes)
+    if labels.ndim < 2:
+        raise ValueError(f"labels must have at least 2 axes, got shape {labels.shape}")
+    x = _pad_even(labels)
+    quad = (x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+    best = quad[0].astype(np.int32)
+    best_key = None
+    for i, v in enumerate(quad):
+        count = sum((v == u).astype(np.int32) for j, u in enumerate(quad) if j != i) + 1
+        # higher count wins; among equal counts the lower id wins: key = count·2^17 − id
+        key = count * (1 << 17) - v.astype(np.int32)
+        if best_key is None:
+            best_key = key
+            continue
+        better = key > best_key
+        best = np.where(better, v, best)
+        best_key = np.where(better, key, best_key)
+    return best.astype(dtype, copy=False)
+
+
+def downsample_mean(values: np.ndarray) -> np.ndarray:
+    """2×2 mean over the last two axes for uint8/uint16 data, rounded half up, same dtype."""
+    if values.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"mean downsampling expects uint8 or uint16, got {values.dtype}")
+    x = _pad_even(values).astype(np.uint32)
+    total = x[..., 0::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 0::2] + x[..., 1::2, 1::2]
+    return ((total + 2) // 4).astype(values.dtype)
+
+
+def level_shapes(height: int, width: int, min_size: int) -> list[tuple[int, int]]:
+    """Image shapes of levels 0, 1, …: each ``ceil(previous / 2)``, until both sides ≤ ``min_size``.
+
+    Level 0 is always listed; a level is added while the previous one has a side > ``min_size``.
+    """
+    if min_size < 1:
+        raise ValueError(f"min_size must be positive, got {min_size}")
+    shapes = [(height, width)]
+    while max(shapes[-1]) > min_size:
+        h, w = shapes[-1]
+        shapes.append((ceil_div(h, 2), ceil_div(w, 2)))
+    return shapes
+
+
+def level_path(array: str, level: int) -> str:
+    """Array path of pyramid ``level`` of ``array``: ``"0"`` → ``"1"``, ``"2"``…; others ``"<name>_<L>"``."""
+    if level == 0:
+        return array
+    if array.isdigit():
+        return str(int(array) + level)
+    return f"{array}_{level}"
+
+
+def level_transforms(scale0: Sequence[float], translation0: Sequence[float], level: int) -> list[dict]:
+    """NGFF coordinateTransformations of ``level`` given level 0's (see the module docstring)."""
+    f = 2**level
+    scale = [float(s) * f for s in scale0]
+    translation = [float(t) + float(s) * (f - 1) / 2 for s, t in zip(scale0, translation0)]
+    return [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
+
+
+# --------------------------------------------------------------------------- chunk tasks
+
+
+def _write_unit(arr: Any) -> tuple[int, ...]:
+    """The block one writer owns: the shard when the array is sharded, else the chunk."""
+    return tuple(arr.shards or arr.chunks)
+
+
+def _downsample_batch(
+    group_uri: str, src_path: str, dst_path: str, reduction: Reduction, num_classes: int,
+    keys: list[tuple[int, ...]],
+) -> int:
+    """Compute and write the destination chunks ``keys`` (chunk-grid indices); returns pixels written.
+
+    Runs on a worker: opens the arrays itself so only paths and indices travel.
+    """
+    import zarr
+
+    group = zarr.open_group(group_uri, mode="r+")
+    src, dst = group[src_path], group[dst_path]
+    unit = _write_unit(dst)
+    written = 0
+    for key in keys:
+        dst_sel, src_sel = [], []
+        for axis, (i, c) in enumerate(zip(key, unit)):
+            lo, hi = i * c, min((i + 1) * c, dst.shape[axis])
+            dst_sel.append(slice(lo, hi))
+            if axis < dst.ndim - 2:  # leading axes (classes) are not downsampled
+                src_sel.append(slice(lo, hi))
+            else:
+                src_sel.append(slice(2 * lo, min(2 * hi, src.shape[axis])))
+        block = src[tuple(src_sel)]
+        if reduction == "mode":
+            out = downsample_mode(block, num_classes)
+        else:
+            out = downsample_mean(block)
+        dst[tuple(dst_sel)] = out.astype(dst.dtype, copy=False)
+        written += int(np.prod(out.shape))
+    return written
+
+
+def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
+    """Run ``fn(args)`` for every item: on the Dask ``client`` when given, else in a thread pool.
+
+    Only the small counters come back through the scheduler.
+    """
+    if not task_args:
+        return []
+    if client is not None:
+        futures = client.map(fn, task_args, pure=False)
+        return list(client.gather(futures))
+    workers = max(1, min(len(task_args), os.cpu_count() or 1, 4))
+    if workers == 1:
+        return [fn(a) for a in task_args]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segpipe-pyramid") as pool:
+        return list(pool.map(fn, task_args))
+
+
+def _build_levels(
+    group_uri: str, array: str, reduction: Reduction, num_classes: int, min_size: int | None, client: Any,
+) -> list[tuple[str, int]]:
+    """Write levels 1, 2, … of ``array``; returns ``[(path, level), …]``."""
+    import zarr
+
+    group_uri = strip_file_scheme(group_uri)
+    try:
+        group = zarr.open_group(group_uri, mode="r+")
+    except (FileNotFoundError, ValueError) as e:
+        raise OutputError(group_uri, f"is not a Zarr group that can be updated ({e})") from None
+    if array not in group:
+        raise OutputError(group_uri, f"has no array {array!r} to build a pyramid from")
+    base = group[array]
+    if base.ndim < 2:
+        raise OutputError(group_uri, f"array {array!r} has {base.ndim} axes; a pyramid needs (…, y, x)")
+    unit = _write_unit(base)
+    height, width = base.shape[-2:]
+    shapes = level_shapes(height, width, min_size or max(unit[-2:]))
+    written: list[tuple[str, int]] = []
+    src = base
+    for level, (h, w) in enumerate(shapes[1:], start=1):
+        path = level_path(array, level)
+        dst = group.create_array(
+            name=path, shape=tuple(base.shape[:-2]) + (h, w), chunks=base.chunks, shards=base.shards,
+            dtype=base.dtype, compressors=base.compressors, filters=base.filters, serializer=base.serializer,
+            fill_value=base.fill_value, dimension_names=base.metadata.dimension_names, overwrite=True,
+        )
+        grid = [range(ceil_div(n, c)) for n, c in zip(dst.shape, unit)]
+        keys = [tuple(int(i) for i in k) for k in np.ndindex(*[len(r) for r in grid])]
+        # partial of a module-level function: picklable for Dask process workers
+        fn = partial(_downsample_batch, group_uri, src.path, dst.path, reduction, num_classes)
+        _run_tasks(fn, batches(keys, _CHUNKS_PER_TASK), client)
+        written.append((path, level))
+        src = dst
+    return written
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_pyramid(
+    group_uri: str, *, array: str = "0", num_classes: int, min_size: int | None = None, client: Any = None,
+) -> list[str]:
+    """Write mode-downsampled levels of the class-id ``array`` and list them in the NGFF metadata.
+
+    Levels go down until both sides are ≤ ``min_size`` (default: the chunk side). With a
+    Dask ``client`` one task per few output chunks is submitted with ``client.map`` and
+    only pixel counters are gathered; without one, a local thread pool writes the chunks.
+    When ``array`` is the first dataset of ``ome.multiscales[0]`` the datasets list is
+    rewritten to level 0 plus the new levels. Returns the new level paths.
+    """
+    import zarr
+
+    label_dtype(num_classes)  # validates num_classes
+    levels = _build_levels(group_uri, array, "mode", num_classes, min_size, client)
+    group = zarr.open_group(strip_file_scheme(group_uri), mode="r+")
+    ome = dict(group.attrs.get("ome") or {})
+    multiscales = list(ome.get("multiscales") or [])
+    if multiscales and multiscales[0].get("datasets") and multiscales[0]["datasets"][0].get("path") == array:
+        ms = dict(multiscales[0])
+        base = ms["datasets"][0]
+        ndim = len(ms.get("axes") or [None, None])
+        scale0, translation0 = [1.0] * ndim, [0.0] * ndim
+        for t in base.get("coordinateTransformations") or []:
+            if t.get("type") == "scale":
+                scale0 = list(t["scale"])
+            elif t.get("type") == "translation":
+                translation0 = list(t["translation"])
+        ms["datasets"] = [base] + [
+            {"path": path, "coordinateTransformations": level_transforms(scale0, translation0, level)}
+            for path, level in levels
+        ]
+        multiscales[0] = ms
+        ome["multiscales"] = multiscales
+        group.attrs["ome"] = ome
+    return [path for path, _ in levels]
+
+
+def build_probability_pyramid(
+    group_uri: str, *, array: str = "probabilities", min_size: int | None = None, client: Any = None,
+) -> list[str]:
+    """Write mean-downsampled levels ``<array>_1``, ``<array>_2``, … of the (class, y, x) probabilities.
+
+    Same chunk walk as :func:`build_pyramid`. The level paths are recorded in the root
+    ``segpipe.probability_levels`` attribute (the NGFF multiscales describe the labels only).
+    """
+    import zarr
+
+    levels = _build_levels(group_uri, array, "mean", 256, min_size, client)
+    group = zarr.open_group(strip_file_scheme(group_uri), mode="r+")
+    seg = dict(group.attrs.get("segpipe") or {})
+    seg["probability_levels"] = [array] + [path for path, _ in levels]
+    group.attrs["segpipe"] = seg
+    return [path for path, _ in levels]

@@ -1,0 +1,411 @@
+"""Exports: COG (valid, georeferenced, pixel-exact), vectors (exact areas, merged across seams), preview, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.features import rasterize
+from skimage.measure import label as connected_components
+from zarr.codecs import ZstdCodec
+
+from segpipe.errors import ConfigError, InputError
+from segpipe.export import (
+    export_cog,
+    export_confidence,
+    export_preview,
+    export_vectors,
+    preview_shape,
+    read_output_meta,
+    sieve_block,
+)
+from segpipe.pyramid import build_pyramid
+
+UTM33 = CRS.from_epsg(32633).to_wkt()
+TRANSFORM = (0.5, 0.0, 500000.0, 0.0, -0.5, 5000000.0)
+CLASSES = ["background", "building", "tree", "water"]
+COLORS = ["#000000", "#ff0000", "#00ff00", "#0000ff"]
+
+
+def scene(h: int = 1000, w: int = 1300, seed: int = 0) -> np.ndarray:
+    """Class ids with a large ring-shaped building across many chunks, trees crossing seams, water specks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    labels = np.zeros((h, w), np.uint8)
+    # one big building: a thick ring (hole in the middle) spanning chunk rows/cols 0..3
+    r = np.hypot(yy - 400, xx - 520)
+    labels[(r > 120) & (r < 330)] = 1
+    # trees: discs on a grid, many straddling the 256-pixel seams
+    for cy in range(30, h, 97):
+        for cx in range(40, w, 89):
+            if r[cy, cx] < 340:
+                continue
+            rad = rng.integers(4, 30)
+            labels[np.hypot(yy - cy, xx - cx) < rad] = 2
+    # water specks of 1–6 pixels
+    for _ in range(300):
+        y, x = rng.integers(0, h - 3), rng.integers(0, w - 3)
+        if 110 < r[y, x] < 340:  # keep the ring solid: its only hole is the middle
+            continue
+        labels[y : y + rng.integers(1, 3), x : x + rng.integers(1, 4)] = 3
+    # two buildings touching only at a corner where four chunks meet, (768, 1024): must stay 2 polygons
+    labels[740:800, 990:1060] = 0
+    labels[756:768, 1012:1024] = 1
+    labels[768:780, 1024:1036] = 1
+    return labels
+
+
+def make_output(path, labels: np.ndarray, *, chunk: int = 256, georef: bool = True, probabilities=None,
+                source: str | None = None) -> str:
+    group = zarr.open_group(str(path), mode="w")
+    arr = group.create_array("0", shape=labels.shape, chunks=(chunk, chunk), dtype="uint8",
+                             compressors=ZstdCodec(level=9), dimension_names=["y", "x"], fill_value=0)
+    arr[:] = labels
+    if probabilities is not None:
+        p = group.create_array("probabilities", shape=probabilities.shape, chunks=(1, chunk, chunk), dtype="uint8",
+                               compressors=ZstdCodec(level=9), dimension_names=["c", "y", "x"], fill_value=0)
+        p[:] = probabilities
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"name": "scene", "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                         "datasets": [{"path": "0",
+                                       "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}]}],
+        "image-label": {"colors": [{"label-value": i, "rgba": [9, 9, 9, 255]} for i in range(4)],
+                        "properties": [{"label-value": i, "class": c} for i, c in enumerate(CLASSES)]},
+    }
+    group.attrs["segpipe"] = {
+        "source": source or "scene.tif", "height": labels.shape[0], "width": labels.shape[1], "chunk_size": chunk,
+        "halo": 16, "classes": CLASSES, "class_colors": COLORS,
+        "crs_wkt": UTM33 if georef else None, "transform": list(TRANSFORM) if georef else None,
+        "mpp": None, "status": "complete",
+    }
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    return scene()
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory, labels) -> str:
+    return make_output(tmp_path_factory.mktemp("out") / "scene.zarr", labels)
+
+
+# ----------------------------------------------------------------------------- COG
+
+
+def assert_valid_cog(path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            assert ds.driver == "GTiff"
+            assert ds.profile["tiled"] and ds.profile["blockxsize"] == 512
+            assert ds.overviews(1), "a COG of this size needs overviews"
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+
+
+def test_cog_is_valid_georeferenced_and_pixel_exact(output, labels, tmp_path) -> None:
+    path = export_cog(output, str(tmp_path / "scene.tif"))
+    assert_valid_cog(path)
+    with rasterio.open(path) as ds:
+        assert ds.overviews(1) == [2, 4]
+        assert ds.crs == CRS.from_wkt(UTM33)
+        assert tuple(ds.transform)[:6] == TRANSFORM
+        np.testing.assert_array_equal(ds.read(1), labels)
+        assert ds.colormap(1)[1] == (255, 0, 0, 255)  # segpipe.class_colors win over image-label colours
+        assert json.loads(ds.tags()["CLASSES"]) == CLASSES
+        assert ds.tags(1)["CLASS_3"] == "water"
+        assert ds.descriptions == ("class_id",)
+        # overviews are class ids (mode), never averages
+        assert set(np.unique(ds.read(1, out_shape=(250, 325)))) <= {0, 1, 2, 3}
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_cog_of_a_pyramid_level_scales_the_transform(tmp_path, labels) -> None:
+    uri = make_output(tmp_path / "lvl.zarr", labels)
+    build_pyramid(uri, num_classes=4)
+    path = export_cog(uri, str(tmp_path / "lvl1.tif"), level="1")
+    with rasterio.open(path) as ds:
+        assert tuple(ds.transform)[:6] == (1.0, 0.0, 500000.0, 0.0, -1.0, 5000000.0)
+        np.testing.assert_array_equal(ds.read(1), zarr.open_group(uri)["1"][:])
+    with pytest.raises(InputError, match="no level '9'"):
+        export_cog(uri, str(tmp_path / "x.tif"), level="9")
+
+
+def test_cog_without_georeference(tmp_path, labels) -> None:
+    uri = make_output(tmp_path / "plain.zarr", labels, georef=False)
+    path = export_cog(uri, str(tmp_path / "plain.tif"))
+    assert_valid_cog(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            assert ds.crs is None
+            assert ds.transform.is_identity
+            np.testing.assert_array_equal(ds.read(1), labels)
+
+
+def test_confidence_cog_is_max_probability(tmp_path, labels) -> None:
+    rng = np.random.default_rng(1)
+    probs = rng.integers(0, 256, (3, 600, 700)).astype(np.uint8)
+    uri = make_output(tmp_path / "p.zarr", labels[:600, :700], probabilities=probs)
+    path = export_confidence(uri, str(tmp_path / "conf.tif"))
+    assert_valid_cog(path)
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(ds.read(1), probs.max(axis=0))
+        assert ds.scales == (pytest.approx(1 / 255),)
+        assert ds.crs == CRS.from_wkt(UTM33)
+    with pytest.raises(InputError, match="--probabilities"):
+        export_confidence(make_output(tmp_path / "np.zarr", labels), str(tmp_path / "c.tif"))
+
+
+def test_unfinished_output_is_refused(tmp_path, labels) -> None:
+    uri = make_output(tmp_path / "run.zarr", labels[:64, :64])
+    group = zarr.open_group(uri)
+    group.attrs["segpipe"] = {**group.attrs["segpipe"], "status": "running"}
+    with pytest.raises(InputError, match="not finished"):
+        export_cog(uri, str(tmp_path / "r.tif"))
+    with pytest.raises(InputError, match="not a segpipe output"):
+        read_output_meta(str(tmp_path / "missing.zarr"))
+
+
+# ----------------------------------------------------------------------------- vectors
+
+
+def read_vectors(path: str):
+    from pyogrio.raw import read
+
+    meta, _, wkb, fields = read(path)
+    import shapely
+
+    names = list(meta["fields"])
+    return meta, shapely.from_wkb(wkb), {n: fields[i] for i, n in enumerate(names)}
+
+
+def component_counts(labels: np.ndarray) -> dict[int, int]:
+    return {int(k): int(connected_components(labels == k, connectivity=1).max()) for k in np.unique(labels)}
+
+
+def test_vectors_are_exact_and_merged_across_chunks(output, labels, tmp_path) -> None:
+    path = str(tmp_path / "scene.gpkg")
+    n = export_vectors(output, path)
+    meta, geoms, fields = read_vectors(path)
+    assert len(geoms) == n
+    assert CRS.from_user_input(meta["crs"]) == CRS.from_epsg(32633)
+    assert list(meta["fields"]) == ["class_id", "class_name", "area"]
+    ids = fields["class_id"]
+    # one polygon per 4-connected region: nothing is cut at the 256-pixel chunk seams
+    assert {k: int((ids == k).sum()) for k in np.unique(ids)} == component_counts(labels)
+    assert (ids == 1).sum() == 3  # the ring (crossing 4×4 chunks) + the two corner-touching squares
+    ring = geoms[(ids == 1) & (fields["area"] > 1000)]
+    assert len(ring) == 1 and len(ring[0].interiors) == 1
+    # areas: pixel count × 0.25 m²
+    for k in range(4):
+        total = fields["area"][ids == k].sum()
+        assert total == pytest.approx((labels == k).sum() * 0.25, rel=1e-6)
+    assert set(fields["class_name"][ids == 2]) == {"tree"}
+    # burning the polygons back gives the raster exactly
+    burned = rasterize(zip(geoms, ids.tolist()), out_shape=labels.shape, transform=Affine(*TRANSFORM),
+                       fill=255, dtype="uint8")
+    np.testing.assert_array_equal(burned, labels)
+
+
+def test_vectors_tiled_equal_one_block(output, labels, tmp_path) -> None:
+    """The invariant: blocks of 256 (and uneven 300) give the same polygons as one whole-image block."""
+    import shapely
+
+    results = []
+    for block in (256, 300, 2048):
+        path = str(tmp_path / f"b{block}.gpkg")
+        export_vectors(output, path, block_size=block, classes=[1, 2])
+        _, geoms, fields = read_vectors(path)
+        bounds = shapely.bounds(geoms)
+        order = np.lexsort((bounds[:, 1], bounds[:, 0], fields["area"], fields["class_id"]))
+        results.append((fields["class_id"][order], shapely.normalize(geoms[order])))
+    ids0, geoms0 = results[-1]
+    for ids, geoms in results[:-1]:
+        np.testing.assert_array_equal(ids, ids0)
+        assert all(a.equals(b) for a, b in zip(geoms, geoms0))
+
+
+def test_vectors_pixel_coordinates_geojson_and_min_area(tmp_path, labels) -> None:
+    uri = make_output(tmp_path / "plain.zarr", labels, georef=False)
+    path = str(tmp_path / "plain.geojson")
+    export_vectors(uri, path, classes=[1, 2, 3])
+    meta, geoms, fields = read_vectors(path)
+    assert "EPSG:32633" not in str(meta["crs"])  # GDAL reports any crs-less GeoJSON as EPSG:4326
+    export_vectors(uri, str(tmp_path / "plain.gpkg"), classes=[1])
+    assert read_vectors(str(tmp_path / "plain.gpkg"))[0]["crs"] is None  # GeoPackage: undefined SRS
+    xmin, ymin, xmax, ymax = np.array([g.bounds for g in geoms]).T
+    assert xmin.min() >= 0 and ymin.min() >= 0 and xmax.max() <= 1300 and ymax.max() <= 1000
+    for k in (1, 2, 3):
+        assert fields["area"][fields["class_id"] == k].sum() == pytest.approx((labels == k).sum(), rel=1e-6)
+    assert 0 not in set(fields["class_id"])
+    # min_area in pixels² here: drops all specks (≤ 6 px) but keeps the trees (≥ 37 px)
+    export_vectors(uri, str(tmp_path / "big.geojson"), classes=[2, 3], min_area=10)
+    _, _, big = read_vectors(str(tmp_path / "big.geojson"))
+    assert set(big["class_id"]) == {2} and (big["area"] >= 10).all()
+    assert (big["class_id"] == 2).sum() == (fields["class_id"] == 2).sum()
+
+
+def test_vectors_bad_extension_and_empty_result(output, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="use .gpkg or .geojson"):
+        export_vectors(output, str(tmp_path / "x.shp"))
+    uri = make_output(tmp_path / "empty.zarr", np.zeros((100, 100), np.uint8))
+    assert export_vectors(uri, str(tmp_path / "e.gpkg"), classes=[1]) == 0
+    _, geoms, _ = read_vectors(str(tmp_path / "e.gpkg"))
+    assert len(geoms) == 0
+
+
+def test_sieve_per_block_removes_what_a_whole_image_sieve_removes(tmp_path) -> None:
+    from rasterio.features import sieve
+
+    rng = np.random.default_rng(3)
+    labels = np.zeros((300, 340), np.uint8)
+    labels[40:200, 30:250] = 1  # a large region across seams (64-pixel blocks)
+    for _ in range(80):  # specks of 1–4 pixels inside and outside it, some on seams
+        y, x = rng.integers(0, 298), rng.integers(0, 338)
+        labels[y : y + rng.integers(1, 3), x : x + rng.integers(1, 3)] = 2
+    whole = sieve(labels, size=5, connectivity=4)
+    read = lambda y0, x0, h, w: labels[y0 : y0 + h, x0 : x0 + w]  # noqa: E731
+    tiled = np.zeros_like(labels)
+    for y0 in range(0, 300, 64):
+        for x0 in range(0, 340, 64):
+            h, w = min(64, 300 - y0), min(64, 340 - x0)
+            tiled[y0 : y0 + h, x0 : x0 + w] = sieve_block(read, 300, 340, y0, x0, h, w, 5)
+    assert (labels == 2).any() and not (whole == 2).any()
+    np.testing.assert_array_equal(tiled, whole)  # single-neighbour specks: exact
+    uri = make_output(tmp_path / "s.zarr", labels, chunk=64)
+    export_vectors(uri, str(tmp_path / "s.gpkg"), sieve=5)
+    _, _, fields = read_vectors(str(tmp_path / "s.gpkg"))
+    assert 2 not in set(fields["class_id"])
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def test_preview_sizes_and_colours(output, labels, tmp_path) -> None:
+    from PIL import Image
+
+    assert preview_shape(1000, 1300, 1024) == (788, 1024)
+    assert preview_shape(100, 50, 1024) == (100, 50)
+    path = export_preview(output, str(tmp_path / "p.png"), max_size=400)  # source "scene.tif" is missing
+    image = np.asarray(Image.open(path))
+    assert image.shape == (308, 400, 3)
+    # no source: pure class colours; the ring centre-right is building red, the hole background black
+    assert tuple(image[int(400 * 0.308), int(520 * 0.308 + 70)]) == (255, 0, 0)
+    assert tuple(image[int(400 * 0.308), int(520 * 0.308)]) == (0, 0, 0)
+
+
+def test_preview_blends_over_the_source_and_uses_the_pyramid(tmp_path, labels) -> None:
+    from PIL import Image
+
+    src = str(tmp_path / "scene.tif")
+    with rasterio.open(src, "w", driver="GTiff", height=1000, width=1300, count=3, dtype="uint8",
+                       crs=UTM33, transform=Affine(*TRANSFORM), tiled=True) as ds:
+        ds.write(np.full((3, 1000, 1300), 200, np.uint8))
+    uri = make_output(tmp_path / "blend.zarr", labels, source=src)
+    build_pyramid(uri, num_classes=4)
+    zarr.open_group(uri)["0"][:] = 3  # spoil level 0: the preview must come from level 2 (250×325)
+    path = export_preview(uri, str(tmp_path / "b.png"), max_size=300, alpha=0.5)
+    image = np.asarray(Image.open(path)).astype(int)
+    assert image.shape == (231, 300, 3)
+    y, x = int(400 * 0.231), int(520 * 0.231 + 60)
+    assert np.abs(image[y, x] - (228, 100, 100)).max() <= 1  # 0.5·200 + 0.5·(255, 0, 0)
+    assert np.abs(image[y, int(520 * 0.231)] - (100, 100, 100)).max() <= 1  # over black background
+    with pytest.raises(ConfigError):
+        export_preview(uri, str(tmp_path / "c.png"), alpha=2.0)
+
+
+# ----------------------------------------------------------------------------- memory
+
+_MEMORY_CHILD = textwrap.dedent(
+    """
+    import gc, json, sys
+    from segpipe import export
+
+    def vm(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    warmup, uri, out = sys.argv[1:4]
+    # warm up on a small output so library initialisation (GDAL drivers, sqlite, PIL) is not counted
+    export.export_cog(warmup, out + "/w.tif")
+    export.export_vectors(warmup, out + "/w.gpkg", classes=[1, 2, 3])
+    export.export_preview(warmup, out + "/w.png")
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = vm("VmRSS:")
+    export.export_cog(uri, out + "/m.tif")
+    n = export.export_vectors(uri, out + "/m.gpkg", classes=[1, 2, 3])
+    export.export_preview(uri, out + "/m.png")
+    print(json.dumps({"growth_kb": vm("VmHWM:") - before, "features": n}))
+    """
+)
+
+
+def write_blobs(path, side: int, chunk: int = 512, period: int = 2048) -> str:
+    """A ``side``² output of jittered discs (classes 1–3, ~1 per 64² cell) repeating every ``period`` pixels."""
+    yy, xx = np.mgrid[0:period, 0:period]
+    pattern = np.zeros((period, period), np.uint8)
+    cell = 64
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            cy, cx = yy // cell + dy, xx // cell + dx
+            h = (cy * 73856093 ^ cx * 19349663) & 0xFFFF
+            centre_y = cy * cell + 32 + (h % 17) - 8
+            centre_x = cx * cell + 32 + (h // 17 % 17) - 8
+            inside = (yy - centre_y) ** 2 + (xx - centre_x) ** 2 < (12 + h % 30) ** 2
+            pattern[inside] = (1 + h % 3)[inside]
+    group = zarr.open_group(str(path), mode="w")
+    arr = group.create_array("0", shape=(side, side), chunks=(chunk, chunk), dtype="uint8",
+                             compressors=ZstdCodec(level=1), dimension_names=["y", "x"], fill_value=0)
+    for y0 in range(0, side, period):
+        for x0 in range(0, side, period):
+            arr[y0 : y0 + period, x0 : x0 + period] = pattern[: side - y0, : side - x0]
+    group.attrs["segpipe"] = {"source": None, "classes": ["bg", "a", "b", "c"], "crs_wkt": UTM33,
+                              "transform": list(TRANSFORM), "status": "complete"}
+    return str(path)
+
+
+def measure_export(tmp_path, side: int) -> dict:
+    warmup = tmp_path / "warmup.zarr"
+    if not warmup.exists():
+        write_blobs(warmup, 1024, period=1024)
+    uri = write_blobs(tmp_path / f"blobs{side}.zarr", side)
+    out = tmp_path / f"exp{side}"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(warmup), uri, str(out)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux peak-RSS reset")
+def test_export_memory_does_not_grow_with_the_raster(tmp_path) -> None:
+    """COG + vectors + preview of 8192² (64 MB of class ids) vs 4096² (16 MB), in a child process.
+
+    Peak RSS growth must stay well below the large raster itself and must not follow the
+    4× growth of the raster (measured here: ~30 MB for both sizes, most of it GDAL's
+    16 MB block cache and compression buffers).
+    """
+    small = measure_export(tmp_path, 4096)
+    large = measure_export(tmp_path, 8192)
+    print(f"peak RSS growth: 4096² {small}; 8192² {large}")
+    raster_kb = 8192 * 8192 // 1024
+    assert large["features"] > 3.5 * small["features"]  # the work really scaled 4×
+    assert large["growth_kb"] < 0.75 * raster_kb  # holding the raster once would already exceed this
+    assert large["growth_kb"] <= 1.5 * small["growth_kb"] + 8 * 1024

@@ -112,6 +112,10 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--tta", is_flag=True, help="Flip test-time augmentation (4 passes)."),
         click.option("--probabilities", is_flag=True, help="Also write class probabilities (uint8)."),
         click.option("--bands", default=None, help="1-based bands to read, e.g. 1,2,3 [default: all]."),
+        click.option("--level", type=int, default=None, help="Pyramid level to segment (slides, COG overviews)."),
+        click.option("--mpp", type=float, default=None, help="Microns per pixel to segment at (slides)."),
+        click.option("--skip-empty/--no-skip-empty", default=True, show_default=True,
+                     help="Skip chunks that are all nodata or slide background (written as class 0)."),
         click.option("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler."),
     ]
     for o in reversed(opts):
@@ -120,7 +124,8 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
-                   probabilities: bool, bands: str | None):
+                   probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
+                   skip_empty: bool = True):
     from segpipe.config import (
         InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands,
     )
@@ -131,7 +136,7 @@ def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: s
         raise click.BadParameter(str(e), param_hint="--bands") from None
     return SegmentSettings(
         tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
-        read=ReadSettings(bands=parsed),
+        read=ReadSettings(bands=parsed, level=level, mpp=mpp, skip_empty=skip_empty),
         inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
                                     probabilities=probabilities),
     )
@@ -141,13 +146,13 @@ def print_summary(results: list) -> None:
     from rich.table import Table
 
     table = Table(title="segpipe segment", show_lines=False)
-    for col in ("image", "size", "chunks", "seconds", "MP/s", "status", "output"):
+    for col in ("image", "size", "chunks", "skipped", "seconds", "MP/s", "status", "output"):
         table.add_column(col, overflow="fold")
     for r in results:
         size = f"{r.width}×{r.height}" if r.height else "-"
         status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
         computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
-        table.add_row(r.source, size, computed, f"{r.seconds:.1f}", f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
+        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}", f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
                       status, r.output or "-")
     _console().print(table)
 
@@ -162,14 +167,16 @@ def print_summary(results: list) -> None:
               help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
-            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None,
-            dask_address: str | None, no_progress: bool, report_json: str | None) -> None:
+            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+            mpp: float | None, skip_empty: bool, dask_address: str | None, no_progress: bool,
+            report_json: str | None) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr."""
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
     from segpipe.pipeline import segment_many
 
-    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands)
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
+                              skip_empty)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         if no_progress:
             results = segment_many(list(sources), model, out, settings, client)
@@ -279,15 +286,16 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 @segment_options
 @handle_errors
 def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
-             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None,
-             dask_address: str | None) -> None:
+             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+             mpp: float | None, skip_empty: bool, dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
     from segpipe.data import load_dataset
     from segpipe.evaluation import evaluate as run_evaluate, write_evaluation_report
 
-    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands)
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
+                              skip_empty)
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)

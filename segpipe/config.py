@@ -47,6 +47,16 @@ class ReadSettings(_Settings):
     bands: tuple[int, ...] | None = Field(
         None, description="1-based band indices to feed the model, in order; None = all bands.",
     )
+    level: int | None = Field(
+        None, ge=0, description="Pyramid level to segment (slides; GeoTIFF overviews: level N = overview N).",
+    )
+    mpp: float | None = Field(
+        None, gt=0, description="Microns per pixel to segment at (slides): nearest finer level, then resampled.",
+    )
+    skip_empty: bool = Field(
+        True, description="Do not run the model on chunks that are all nodata (raster nodata value or mask) "
+        "or, for slides, background outside the tissue mask; write the fill class there.",
+    )
 
     @field_validator("bands")
     @classmethod
@@ -105,6 +115,9 @@ class SegmentSettings(_Settings):
         relevant = {
             "tiling": self.tiling.model_dump(),
             "bands": self.read.bands,
+            "level": self.read.level,
+            "mpp": self.read.mpp,
+            "skip_empty": self.read.skip_empty,
             "tta": self.inference.tta,
             "probabilities": self.inference.probabilities,
             "fill_class": self.output.fill_class,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from segpipe import __version__
-from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
 from segpipe.errors import InputError, SegpipeError
 from segpipe.io.readers import ImageInfo, open_image, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
@@ -25,7 +25,7 @@ from segpipe.models import Artifact, ModelSpec, load_artifact
 from segpipe.stitching import (
     OutputTarget, done_chunks, finalize, now_iso, ome_attrs, prepare_output, read_attrs, write_chunk,
 )
-from segpipe.tiling import ChunkGrid, batches, core_in_window, input_window
+from segpipe.tiling import Chunk, ChunkGrid, Window, batches, core_in_window, input_window
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -61,29 +61,72 @@ class ChunkJob:
     """Everything a chunk task needs, all small and picklable."""
 
     source: str
-    bands: tuple[int, ...] | None
+    read: ReadSettings
     model: ModelRef
     inference: InferenceSettings
     tiling: TilingSettings
     target: OutputTarget
+    fill_class: int = 0
 
 
-def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]]) -> dict[str, float]:
-    """Dask task: predict and write a batch of chunks. Returns counters only."""
+def _write_fill(job: ChunkJob, chunk: Chunk) -> None:
+    """A chunk with no data: the fill class everywhere (probability 1 for it)."""
+    labels = np.full((chunk.h, chunk.w), job.fill_class, dtype=job.target.label_dtype)
+    probs = None
+    if job.target.probabilities:
+        probs = np.zeros((job.target.num_classes, chunk.h, chunk.w), np.uint8)
+        probs[job.fill_class] = 255
+    write_chunk(job.target, chunk, labels, probs)
+
+
+def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = False) -> dict[str, float]:
+    """Dask task: predict and write a batch of chunks (or write them as fill). Returns counters only.
+
+    With ``read.skip_empty``, chunks whose core is all nodata (the raster's nodata value, mask
+    band or alpha) skip the model; nodata pixels inside computed chunks get the fill class.
+    """
     from segpipe.inference import cached_predictor
 
     t = job.tiling
     grid = ChunkGrid(job.target.height, job.target.width, t.chunk_size)
     chunks = [grid.chunk(iy, ix) for iy, ix in keys]
-    reader = thread_reader(job.source, job.bands)
+    counters = {"chunks": len(chunks), "skipped": 0, "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
+    if fill:
+        for c in chunks:
+            _write_fill(job, c)
+        counters["skipped"] = len(chunks)
+        return counters
+    r = job.read
+    reader = thread_reader(job.source, r.bands, r.level, r.mpp)
+    valid: dict[tuple[int, int], np.ndarray | None] = {}
+    if r.skip_empty and getattr(reader, "has_mask", False):
+        for c in list(chunks):
+            v = reader.read_valid(Window(c.y0, c.x0, c.h, c.w))
+            if v is not None and not v.any():
+                _write_fill(job, c)
+                chunks.remove(c)
+                counters["skipped"] += 1
+            elif v is not None and not v.all():
+                valid[c.key] = v
+    if not chunks:
+        return counters
     tiles = np.stack([reader.read(input_window(c, t.chunk_size, t.halo, t.multiple_of)) for c in chunks])
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
     labels, probs = predictor.predict(tiles)
     del tiles
     for i, c in enumerate(chunks):
         ys, xs = core_in_window(c, t.halo)
-        write_chunk(job.target, c, labels[i, ys, xs], None if probs is None else probs[i, :, ys, xs])
-    return {"chunks": len(chunks), "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
+        lab = labels[i, ys, xs]
+        p = None if probs is None else probs[i, :, ys, xs]
+        v = valid.get(c.key)
+        if v is not None:  # nodata pixels take the fill class
+            lab = np.where(v, lab, job.fill_class).astype(lab.dtype)
+            if p is not None:
+                p = p.copy()
+                p[:, ~v] = 0
+                p[job.fill_class, ~v] = 255
+        write_chunk(job.target, c, lab, p)
+    return counters
 
 
 @dataclass
@@ -98,6 +141,7 @@ class ImageResult:
     chunks: int = 0
     chunks_computed: int = 0
     chunks_resumed: int = 0
+    chunks_skipped: int = 0  #: empty (nodata / background) chunks written as fill, no model run
     seconds: float = 0.0
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -173,10 +217,12 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     t0 = time.perf_counter()
     target_uri = output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
+    r = settings.read
     try:
-        reader = open_image(image.uri, settings.read.bands)
+        reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
         try:
             info = reader.info
+            background = _background_chunks(reader, settings) if r.skip_empty else set()
         finally:
             reader.close()
         result.height, result.width = info.height, info.width
@@ -209,12 +255,16 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.chunks_resumed = len(done)
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
-        todo = [c.key for c in grid if c.key not in done]
-        job = ChunkJob(image.uri, settings.read.bands, model, settings.inference, settings.tiling, target)
-        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, client)), result, progress)
+        todo = [c.key for c in grid if c.key not in done and c.key not in background]
+        fill = [c.key for c in grid if c.key not in done and c.key in background]
+        job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
+                       settings.output.fill_class)
+        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, client)), batches(fill, 256), result,
+                   progress)
         if settings.output.pyramid:
             _build_pyramid(target, client)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
+                                          "chunks_skipped": result.chunks_skipped,
                                           "seconds": round(time.perf_counter() - t0, 3)}})
         result.status = "done"
     except SegpipeError as e:
@@ -225,18 +275,32 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     return result
 
 
-def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, int]]], result: ImageResult,
-               progress: Progress | None) -> None:
+def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int, int]]:
+    """Chunks outside a slide's tissue mask (computed once at low resolution); empty for other readers."""
+    if not hasattr(reader, "thumbnail"):
+        return set()
+    from segpipe.io.slide import chunk_has_tissue, tissue_mask
+
+    tm = tissue_mask(reader)
+    grid = ChunkGrid(reader.info.height, reader.info.width, settings.tiling.chunk_size)
+    return {c.key for c in grid if not chunk_has_tissue(tm.mask, c, tm.scale)}
+
+
+def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, int]]],
+               fill_batches: list[list[tuple[int, int]]], result: ImageResult, progress: Progress | None) -> None:
     from distributed import as_completed
 
     from segpipe.cluster import has_gpu_workers
 
-    if not key_batches:
+    if not key_batches and not fill_batches:
         return
     resources = {"GPU": 1} if job.inference.device != "cpu" and has_gpu_workers(client) else None
+    run = job.target.run_id[:8]
     futures = client.map(run_chunks, [job] * len(key_batches), key_batches, pure=False, resources=resources,
-                         key=[f"segpipe-chunks-{job.target.run_id[:8]}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}"
-                              for b in key_batches])
+                         key=[f"segpipe-chunks-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}" for b in key_batches])
+    futures += client.map(run_chunks, [job] * len(fill_batches), fill_batches, [True] * len(fill_batches),
+                          pure=False, key=[f"segpipe-fill-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}"
+                                           for b in fill_batches])
     try:
         for fut in as_completed(futures):
             if fut.status == "error":
@@ -245,7 +309,8 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, 
                     raise exc
                 raise exc.with_traceback(fut.traceback())
             counters = fut.result()
-            result.chunks_computed += int(counters["chunks"])
+            result.chunks_computed += int(counters["chunks"] - counters["skipped"])
+            result.chunks_skipped += int(counters["skipped"])
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
             fut.release()
@@ -256,11 +321,11 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, 
 
 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
-    try:
-        from segpipe.pyramid import build_pyramid
-    except ImportError:
-        return
+    from segpipe.pyramid import build_probability_pyramid, build_pyramid
+
     build_pyramid(target.uri, num_classes=target.num_classes, client=client)
+    if target.probabilities:
+        build_probability_pyramid(target.uri, client=client)
 
 
 def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int, float]:
@@ -268,7 +333,7 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     chunks, mp = 0, 0.0
     for image in images:
         try:
-            reader = open_image(image.uri, settings.read.bands)
+            reader = open_image(image.uri, settings.read.bands, level=settings.read.level, mpp=settings.read.mpp)
         except SegpipeError:
             continue  # reported when the image itself runs
         info = reader.info
@@ -315,6 +380,7 @@ def summary_rows(results: Sequence[ImageResult]) -> list[dict[str, Any]]:
         "chunks": r.chunks,
         "computed": r.chunks_computed,
         "resumed": r.chunks_resumed,
+        "skipped": r.chunks_skipped,
         "seconds": round(r.seconds, 2),
         "mp_per_s": round(r.mp_per_s, 3),
         "status": r.status,

@@ -34,3 +34,31 @@ def client():
 
     with dask_client() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def harness():
+    """Prefect's test harness (a temporary API), once per session: it takes ~10 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def landcover(tmp_path_factory) -> str:
+    """A small synthetic land-cover dataset (train/val split, 5 classes)."""
+    from segpipe.synthetic import write_dataset
+
+    return str(write_dataset(tmp_path_factory.mktemp("landcover") / "data", 6, 192, seed=1))
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, landcover) -> str:
+    """A briefly trained Unet-resnet18 (about a minute on 2 cores): seams need a real model."""
+    from segpipe.training import TrainSettings, train
+
+    out = tmp_path_factory.mktemp("trained") / "model"
+    settings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=4, batch_size=8, patch_size=128,
+                             patches_per_epoch=160, lr=2e-3, seed=0, early_stopping_patience=None)
+    return train(landcover, str(out), settings, progress=False).uri

@@ -7,14 +7,6 @@ import zarr
 from tests.helpers import write_geotiff
 
 
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
 def test_segment_images_flow(harness, tmp_path, photo, model_dir):
     from prefect.client.orchestration import get_client

@@ -117,17 +117,19 @@ def select_bands(available: int, bands: Sequence[int] | None, uri: str) -> list[
 class RasterioReader:
     """GeoTIFF/COG, TIFF, PNG, JPEG and anything else GDAL reads, via rasterio windows."""
 
-    def __init__(self, uri: str, bands: Sequence[int] | None = None) -> None:
+    def __init__(self, uri: str, bands: Sequence[int] | None = None, level: int | None = None) -> None:
         import rasterio
         from rasterio.errors import RasterioIOError
 
         _check_local_file(uri)
         self._env = rasterio.Env(**gdal_options())
         self._env.__enter__()
+        # level N of a GeoTIFF/COG is its overview N (level 0 = full resolution)
+        opts = {"overview_level": level - 1} if level else {}
         try:
             with warnings.catch_warnings():  # plain photos have no georeference, and that is fine
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                self._ds = rasterio.open(gdal_path(uri))
+                self._ds = rasterio.open(gdal_path(uri), **opts)
         except RasterioIOError as e:
             self._env.__exit__(None, None, None)
             raise InputError(uri, _gdal_reason(e)) from e
@@ -141,7 +143,7 @@ class RasterioReader:
             dtype=str(np.dtype(ds.dtypes[self._indexes[0] - 1])),
             crs_wkt=crs,
             transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
-            nodata=ds.nodata, driver=ds.driver,
+            nodata=ds.nodata, driver=ds.driver, extra={"level": level or 0},
         )
 
     def read(self, window: Window) -> np.ndarray:
@@ -159,16 +161,24 @@ class RasterioReader:
             raise InputError(info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
         return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
 
-    def read_mask(self, window: Window) -> np.ndarray | None:
-        """Valid-data mask (True = data) of an in-image window, or None when every pixel is valid."""
+    @property
+    def has_mask(self) -> bool:
+        """True when the raster declares invalid pixels (a nodata value, a mask band or alpha)."""
         from rasterio.enums import MaskFlags
+
+        return any(f != [MaskFlags.all_valid] for f in (self._ds.mask_flag_enums[i - 1] for i in self._indexes))
+
+    def read_valid(self, window: Window) -> np.ndarray | None:
+        """Valid-data mask (True = data) of an in-image window, or None when every pixel is valid.
+
+        A pixel is valid when any selected band is valid (GDAL's dataset mask semantics).
+        """
         from rasterio.windows import Window as RWindow
 
-        flags = self._ds.mask_flag_enums[self._indexes[0] - 1]
-        if flags == [MaskFlags.all_valid]:
+        if not self.has_mask:
             return None
-        m = self._ds.dataset_mask(window=RWindow(window.x0, window.y0, window.w, window.h))
-        return m > 0
+        m = self._ds.read_masks(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
+        return (m > 0).any(axis=0)
 
     def close(self) -> None:
         if getattr(self, "_ds", None) is not None:
@@ -185,13 +195,15 @@ class RasterioReader:
 
 #: openers tried in order by open_image; each returns a reader or None ("not mine").
 #: Whole-slide readers register themselves in front of rasterio (see segpipe.io.slide).
-Opener = Callable[[str, Sequence[int] | None], "ImageReader | None"]
+#: called as opener(uri, bands, level=…, mpp=…)
+Opener = Callable[..., "ImageReader | None"]
 OPENERS: list[Opener] = []
 _defaults_registered = False
 
 
-def rasterio_opener(uri: str, bands: Sequence[int] | None) -> RasterioReader:
-    return RasterioReader(uri, bands)
+def rasterio_opener(uri: str, bands: Sequence[int] | None, level: int | None = None,
+                    mpp: float | None = None) -> RasterioReader:
+    return RasterioReader(uri, bands, level=level)
 
 
 def _register_default_openers() -> None:
@@ -207,12 +219,13 @@ def _register_default_openers() -> None:
     _defaults_registered = True
 
 
-def open_image(uri: str, bands: Sequence[int] | None = None) -> ImageReader:
-    """Open ``uri`` with the first reader that accepts its content."""
+def open_image(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
+               mpp: float | None = None) -> ImageReader:
+    """Open ``uri`` with the first reader that accepts its content (``level``/``mpp``: which resolution)."""
     _register_default_openers()
     _check_local_file(uri)
     for opener in OPENERS:
-        reader = opener(uri, bands)
+        reader = opener(uri, bands, level=level, mpp=mpp)
         if reader is not None:
             return reader
     raise InputError(uri, "no reader accepts this file")
@@ -222,17 +235,18 @@ _local = threading.local()
 _MAX_HANDLES_PER_THREAD = 4
 
 
-def thread_reader(uri: str, bands: Sequence[int] | None = None) -> ImageReader:
+def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
+                  mpp: float | None = None) -> ImageReader:
     """A reader for this thread, opened once and reused (an LRU of a few handles per thread).
 
     Reusing the handle means a remote COG's header is read once per thread, not once per chunk.
     """
     cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
     _local.readers = cache
-    key = (uri, tuple(bands) if bands else None)
+    key = (uri, tuple(bands) if bands else None, level, mpp)
     reader = cache.get(key)
     if reader is None:
-        reader = open_image(uri, bands)
+        reader = open_image(uri, bands, level=level, mpp=mpp)
         cache[key] = reader
         while len(cache) > _MAX_HANDLES_PER_THREAD:
             _, old = cache.popitem(last=False)

@@ -448,8 +448,9 @@ def open_slide(
     return reader
 
 
-def _slide_opener(uri: str, bands: Sequence[int] | None) -> OpenSlideReader | OmeTiffReader | None:
-    return open_slide(uri, bands)
+def _slide_opener(uri: str, bands: Sequence[int] | None, level: int | None = None,
+                  mpp: float | None = None) -> OpenSlideReader | OmeTiffReader | None:
+    return open_slide(uri, bands, level=level, mpp=mpp)
 
 
 def _register() -> None:

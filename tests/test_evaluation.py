@@ -1,0 +1,136 @@
+"""Evaluation with the production engine, promotion rules, the retrain flow, the demo."""
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+from segpipe.retraining import decide
+
+
+def seg_settings(chunk=64, halo=16):
+    return SegmentSettings(tiling=TilingSettings(chunk_size=chunk, halo=halo),
+                           inference=InferenceSettings(device="cpu", precision="fp32"))
+
+
+@pytest.mark.parametrize(
+    ("champion", "challenger", "margin", "promote"),
+    [
+        (None, {"mean_iou": 0.1}, 0.01, True),
+        ({"mean_iou": 0.80}, {"mean_iou": 0.82}, 0.01, True),
+        ({"mean_iou": 0.80}, {"mean_iou": 0.805}, 0.01, False),
+        ({"mean_iou": 0.80}, {"mean_iou": 0.79}, 0.0, False),
+        ({"mean_iou": 0.80}, {"mean_iou": None}, 0.0, False),
+        ({"mean_iou": None}, {"mean_iou": 0.3}, 0.0, True),
+    ],
+)
+def test_decide(champion, challenger, margin, promote):
+    d = decide(champion, challenger, margin)
+    assert d.promote is promote and d.reason
+
+
+@pytest.mark.slow
+def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, model_dir, client):
+    """metrics.json equals scikit-learn on the stitched predictions read back from Zarr."""
+    from sklearn.metrics import confusion_matrix as sk_cm
+
+    from segpipe.data import load_dataset
+    from segpipe.evaluation import evaluate
+    from segpipe.io.readers import open_image
+    from segpipe.models import create_artifact
+    from segpipe.tiling import Window
+
+    model = tmp_path / "m5"
+    create_artifact(str(model), "Unet", "resnet18", ["bare_soil", "water", "vegetation", "building", "road"], seed=4)
+    ds = load_dataset(landcover, "val")
+    ev = evaluate(str(model), ds, str(tmp_path / "ev"), seg_settings(), client, split="val")
+    truth, pred = [], []
+    for item in ds.items:
+        with open_image(item.mask_uri) as r:
+            truth.append(r.read(Window(0, 0, item.height, item.width))[0].ravel())
+        pred.append(zarr.open_array(str(tmp_path / "ev" / "predictions" / f"{item.name}.zarr" / "0"), mode="r")[:].ravel())
+    t, p = np.concatenate(truth), np.concatenate(pred)
+    keep = t != 255
+    ref = sk_cm(t[keep], p[keep], labels=range(5))
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    np.testing.assert_array_equal(np.array(saved["confusion_matrix"]), ref)
+    assert saved["pixel_accuracy"] == pytest.approx(np.trace(ref) / ref.sum(), abs=1e-12)
+    assert ev.images == len(ds.items)
+
+
+@pytest.mark.slow
+def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
+    """Tiled labels at the default halo agree with one whole-image forward pass on ≥ 99.9 % of pixels."""
+    import torch
+
+    from segpipe.io.readers import open_image
+    from segpipe.io.storage import list_images
+    from segpipe.models import load_artifact
+    from segpipe.pipeline import check_model, segment_image
+    from segpipe.synthetic import write_scene
+    from segpipe.tiling import Window
+
+    scene = write_scene(tmp_path / "scene.tif", 704, 640, seed=77)
+    art = load_artifact(trained_model)
+    net = art.network()
+    with open_image(str(scene)) as r:
+        img = r.read(Window(0, 0, 704, 640)).astype(np.float32)
+    mean = torch.tensor(art.spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(art.spec.std).view(1, -1, 1, 1)
+    # one forward pass over the whole image, reflect-padded like the tiled windows (so image borders
+    # see the same context in both and only seams can differ)
+    m = 64
+    padded = np.pad(img, ((0, 0), (m, m), (m, m)), mode="reflect")
+    with torch.inference_mode():
+        whole = net((torch.from_numpy(padded)[None] / art.spec.input_scale - mean) / std).argmax(1)[0].numpy()
+    whole = whole[m:-m, m:-m]
+    ref, _ = check_model(trained_model)
+    settings = SegmentSettings(tiling=TilingSettings(chunk_size=128), inference=InferenceSettings(precision="fp32"))
+    assert settings.tiling.halo == 64  # the default
+    res = segment_image(list_images(str(scene))[0], ref, str(tmp_path / "out"), settings, client)
+    tiled = zarr.open_array(res.output + "/0", mode="r")[:]
+    agreement = (tiled == whole).mean()
+    assert agreement >= 0.999, agreement
+    # and the model really segments (not one class everywhere)
+    assert len(np.unique(whole)) >= 4
+
+
+@pytest.mark.slow
+def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
+    from flows.retrain import retrain
+    from segpipe.registry import champion, list_versions, resolve
+
+    reg = str(tmp_path / "reg")
+    kw = dict(data=landcover, registry=reg, workdir=str(tmp_path / "runs"), epochs=1, batch_size=4, patch_size=64,
+              patches_per_epoch=16, chunk_size=64, halo=16, precision="fp32", device="cpu")
+    first = retrain(**kw)
+    assert first["promoted"] and first["version"] == "v1" and champion(reg) == "v1"
+    assert first["reason"] == "no champion yet"
+    # an impossible margin: the challenger is registered but not promoted
+    second = retrain(**kw, margin=1.0)
+    assert second["version"] == "v2" and not second["promoted"] and champion(reg) == "v1"
+    assert [v.version for v in list_versions(reg)] == ["v1", "v2"]
+    assert resolve(reg).endswith("v1") and resolve(reg + "@v2").endswith("v2")
+    html = (tmp_path / "runs").rglob("report.html")
+    assert any("champion" in p.read_text().lower() for p in html)
+
+
+@pytest.mark.slow
+def test_demo_quick(tmp_path):
+    """The demo end to end at reduced sizes, as a user runs it."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "segpipe.cli", "demo", "--quick", "--out", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((tmp_path / "d" / "demo-summary.json").read_text())
+    assert summary["champion"] == "v1"
+    g = zarr.open_group(summary["scene_output"], mode="r")
+    assert g.attrs["segpipe"]["status"] == "complete" and g["0"].shape == (700, 700)
+    for key in ("retrain_report", "scene_report", "preview"):
+        assert __import__("pathlib").Path(summary[key]).exists(), key
+    assert 0.0 <= summary["scene_mean_iou"] <= 1.0

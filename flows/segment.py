@@ -18,6 +18,7 @@ from segpipe.cluster import client_for, dask_client
 from segpipe.config import ClusterSettings, InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands
 from segpipe.errors import SegpipeError, TransientIOError
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
+from segpipe.export import Exports, write_exports
 from segpipe.pipeline import ImageResult, ModelRef, check_model, segment_image, summary_rows
 
 
@@ -60,15 +61,22 @@ def load_model(model: str, out: str) -> ModelRef:
 @task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 def segment_one(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings,
-                scheduler: str) -> ImageResult:
+                scheduler: str, exports: Exports) -> ImageResult:
     """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr."""
     logger = get_run_logger()
     result = segment_image(image, model, out, settings, client_for(scheduler))
     if result.status == "failed":
         logger.error("%s", result.error)
-    else:
-        logger.info("%s %s: %d/%d chunks computed in %.1f s (%.2f MP/s) → %s", result.status, image.relative,
-                    result.chunks_computed, result.chunks, result.seconds, result.mp_per_s, result.output)
+        return result
+    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, in %.1f s (%.2f MP/s) → %s", result.status,
+                image.relative, result.chunks_computed, result.chunks, result.chunks_skipped, result.seconds,
+                result.mp_per_s, result.output)
+    try:
+        result.extra["exports"] = write_exports(result.output, image.uri, exports,
+                                                recompute=result.status == "done")
+    except SegpipeError as e:
+        result.status, result.error = "failed", f"export of {result.output}: {e}"
+        logger.error("%s", result.error)
     return result
 
 
@@ -87,18 +95,28 @@ def segment_images(
     bands: str | None = None,
     dask_address: str | None = None,
     max_concurrent_images: int = 2,
+    level: int | None = None,
+    mpp: float | None = None,
+    skip_empty: bool = True,
+    cog: bool = False,
+    vector: Literal["gpkg", "geojson"] | None = None,
+    preview: bool = False,
+    min_area: float = 0.0,
 ) -> list[dict]:
     """Segment every image under ``source`` into ``out``; skip complete outputs, resume partial ones.
 
-    Fails (after every other image finished) when any image failed.
+    ``cog``/``vector``/``preview`` also write ``<output>.tif`` (COG), ``<output>.gpkg|.geojson``
+    and ``<output>.png`` next to each Zarr output. Fails (after every other image finished)
+    when any image failed.
     """
     logger = get_run_logger()
     settings = SegmentSettings(
         tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
-        read=ReadSettings(bands=parse_bands(bands)),
+        read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, skip_empty=skip_empty),
         inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
                                     probabilities=probabilities),
     )
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     images = ingest(source)
     ref = load_model(model, out)
     results: list[ImageResult] = []
@@ -108,7 +126,7 @@ def segment_images(
         scheduler = client.scheduler.address
         # a few images at a time keep the workers busy between one image's last chunks and the next one's first
         for i in range(0, len(images), max(1, max_concurrent_images)):
-            futures = [segment_one.submit(img, ref, out, settings, scheduler)
+            futures = [segment_one.submit(img, ref, out, settings, scheduler, exports)
                        for img in images[i:i + max_concurrent_images]]
             wait(futures)
             for img, fut in zip(images[i:i + max_concurrent_images], futures):

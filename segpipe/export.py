@@ -602,3 +602,38 @@ def export_preview(
     with _local_target(path, ".png") as local:
         Image.fromarray(image).save(local)
     return path
+
+
+@dataclass(frozen=True)
+class Exports:
+    """Which exports to write next to an output (``OUT/name.zarr`` → ``OUT/name.tif|.gpkg|.png``)."""
+
+    cog: bool = False
+    vector: str | None = None  #: "gpkg" or "geojson"
+    preview: bool = False
+    min_area: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.cog or self.vector or self.preview)
+
+
+def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recompute: bool = True) -> dict[str, str]:
+    """Write the requested exports next to a complete output; existing files are kept unless ``recompute``."""
+    if not exports:
+        return {}
+    stem = zarr_uri[: -len(".zarr")] if zarr_uri.endswith(".zarr") else zarr_uri
+    done: dict[str, str] = {}
+    jobs = []
+    if exports.cog:
+        jobs.append(("cog", stem + ".tif", lambda p: export_cog(zarr_uri, p)))
+    if exports.vector:
+        jobs.append(("vector", f"{stem}.{exports.vector}",
+                     lambda p: export_vectors(zarr_uri, p, min_area=exports.min_area)))
+    if exports.preview:
+        jobs.append(("preview", stem + ".png", lambda p: export_preview(zarr_uri, p, source=source)))
+    for name, path, fn in jobs:
+        fs, p = filesystem(strip_file_scheme(path))
+        if recompute or not fs.exists(p):
+            fn(path)
+        done[name] = path
+    return done

@@ -50,3 +50,21 @@ def test_segment_images_flow(harness, tmp_path, photo, model_dir):
     rows = segment_images(**kw)
     assert {r["source"].rsplit("/", 1)[-1]: r["status"] for r in rows} == {"one.tif": "skipped", "two.tif": "done"}
     assert not np.array_equal(zarr.open_array(str(out / "two.zarr" / "0"), mode="r")[:], before)
+
+
+@pytest.mark.slow
+def test_flow_exports(harness, tmp_path, photo, model_dir):
+    import rasterio
+
+    from flows.segment import segment_images
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_geotiff(src / "g.tif", photo[:, :160, :200])
+    rows = segment_images(source=str(src), model=model_dir, out=str(tmp_path / "out"), chunk_size=64, halo=16,
+                          precision="fp32", cog=True, vector="gpkg", preview=True)
+    assert rows[0]["status"] == "done"
+    out = tmp_path / "out"
+    with rasterio.open(out / "g.tif") as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.crs is not None
+    assert (out / "g.gpkg").stat().st_size > 0 and (out / "g.png").stat().st_size > 0

@@ -153,7 +153,9 @@ def run_all(args: argparse.Namespace) -> None:
         from segpipe.models import create_artifact
 
         create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
-    batch = args.batch_size or (16 if args.device.startswith("cuda") else 2)
+    from segpipe.inference import default_batch_size
+
+    batch = args.batch_size or default_batch_size("cuda" if args.device.startswith("cuda") else "cpu")
     T = tile_side(args.chunk_size, args.halo)
     tiles = len(ChunkGrid(side, side, args.chunk_size))
     segpipe = [PY, "-m", "segpipe.cli", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),

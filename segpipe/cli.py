@@ -105,7 +105,7 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--chunk-size", type=int, default=512, show_default=True, help="Output chunk side (pixels)."),
         click.option("--halo", type=int, default=64, show_default=True, help="Context pixels on each side of a chunk."),
-        click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 2 CPU, 16 GPU]."),
+        click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 1 CPU, 16 GPU]."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="auto = bf16 where the device runs it natively."),

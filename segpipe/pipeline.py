@@ -204,7 +204,9 @@ def _batch_size(settings: InferenceSettings, client: Client) -> int:
     from segpipe.cluster import has_gpu_workers
 
     gpu = settings.device.startswith("cuda") or (settings.device == "auto" and has_gpu_workers(client))
-    return 16 if gpu else 2
+    from segpipe.inference import default_batch_size
+
+    return default_batch_size("cuda" if gpu else "cpu")
 
 
 def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,

@@ -57,13 +57,17 @@ class ImageReader(Protocol):
     def close(self) -> None: ...
 
 
-def gdal_options() -> dict[str, str]:
+def gdal_options() -> dict[str, str | int]:
     """GDAL settings for S3-compatible endpoints, derived from the standard AWS variables.
 
     s3fs/boto read ``AWS_ENDPOINT_URL``; GDAL's /vsis3/ needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
     """
     opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    # GDAL's block cache defaults to 5 % of RAM and fills as a large image streams through; each
+    # window is read about once (halos re-read a strip of the neighbour), so a small cache suffices
+    # and memory stays flat whatever the image size.
+    opts["GDAL_CACHEMAX"] = os.environ.get("GDAL_CACHEMAX", 64)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
         scheme, _, hostport = endpoint.partition("://")

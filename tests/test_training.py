@@ -1,0 +1,197 @@
+"""Training: the loss goes down, artifacts load, seeds reproduce, a resume equals a straight run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from segpipe.data import load_dataset
+from segpipe.errors import ConfigError
+from segpipe.models import load_artifact
+from segpipe.synthetic import write_dataset
+from segpipe.training import TrainSettings, class_weights, evaluate_network, train
+
+#: tiny but real: Unet-resnet18 on 64² patches, 8 steps per epoch. On the CPU so that runs are
+#: bit-identical (CUDA kernels such as weighted nll_loss2d are not deterministic)
+TINY = TrainSettings(encoder="resnet18", epochs=2, batch_size=4, patch_size=64, patches_per_epoch=32, lr=3e-3,
+                     class_balanced=True, seed=7, device="cpu")
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    # 3 scenes of 96²: 2 train, 1 val (synthetic.write_dataset writes split.json)
+    return write_dataset(tmp_path_factory.mktemp("train") / "data", 3, 96, seed=0)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    return train(str(data), str(out), TINY, progress=False)
+
+
+def _last_weights(out: str) -> dict[str, torch.Tensor]:
+    ck = sorted(Path(out, "checkpoint").glob("epoch-*.safetensors"))[-1]
+    return {k: v for k, v in load_file(str(ck)).items() if k.startswith("model/")}
+
+
+@pytest.mark.slow
+def test_loss_goes_down_and_artifact_loads(straight, data):
+    h = straight.history
+    assert [e["epoch"] for e in h] == [1, 2] and straight.epochs_run == 2
+    assert h[1]["train_loss"] < 0.8 * h[0]["train_loss"]
+    assert all(e["patches_per_s"] > 0 for e in h)
+
+    art = load_artifact(straight.uri)
+    assert art.sha256 == straight.weights_sha256
+    spec = art.spec
+    assert (spec.architecture, spec.encoder, spec.in_channels) == ("Unet", "resnet18", 3)
+    assert spec.classes == load_dataset(str(data)).classes
+    assert spec.input_scale == 255.0 and all(0 < s < 1 for s in spec.std)
+    extra = spec.model_extra
+    tr = extra["training"]
+    assert tr["epochs_run"] == 2 and tr["best_epoch"] == straight.best_epoch
+    assert tr["settings"] == TINY.model_dump(mode="json") and tr["data"] == str(data)
+    assert len(tr["class_pixel_counts"]) == 5 and sum(tr["class_pixel_counts"]) == 2 * 96 * 96
+    assert len(tr["history"]) == 2 and tr["seconds"] > 0
+    assert extra["metrics"]["val_mean_iou"] == straight.metrics["val_mean_iou"]
+    assert 0 < straight.metrics["val_mean_iou"] <= 1 and 0 < straight.metrics["val_pixel_accuracy"] <= 1
+    metrics = json.loads(Path(straight.uri, "metrics.json").read_text())
+    assert metrics["mean_iou"] == straight.metrics["val_mean_iou"]
+    assert sum(map(sum, metrics["confusion_matrix"])) == 96 * 96
+
+    net = art.network()
+    with torch.inference_mode():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+
+
+@pytest.mark.slow
+def test_seeded_and_resume_equals_straight(straight, data, tmp_path):
+    """1 epoch, a crash, then resume: bit-identical to 2 straight epochs (and to a second straight run)."""
+    again = train(str(data), str(tmp_path / "again"), TINY, progress=False)
+    assert again.weights_sha256 == straight.weights_sha256
+    assert [e["train_loss"] for e in again.history] == [e["train_loss"] for e in straight.history]
+
+    out = str(tmp_path / "resumed")
+
+    def crash_after_first(entry):
+        if entry["epoch"] == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(str(data), out, TINY, progress=False, on_epoch=crash_after_first)
+    assert not Path(out, "model.json").exists()
+    assert [p.name for p in sorted(Path(out, "checkpoint").iterdir())] == ["epoch-0001.json",
+                                                                            "epoch-0001.safetensors"]
+    seen = []
+    resumed = train(str(data), out, TINY, resume=True, progress=False, on_epoch=seen.append)
+    assert [e["epoch"] for e in seen] == [2]  # only the missing epoch ran
+    assert [e["train_loss"] for e in resumed.history] == [e["train_loss"] for e in straight.history]
+    assert resumed.weights_sha256 == straight.weights_sha256
+    last_a, last_b = _last_weights(straight.uri), _last_weights(out)
+    assert last_a.keys() == last_b.keys()
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+    # resuming a finished run trains nothing and rewrites the same artifact
+    seen.clear()
+    assert train(str(data), out, TINY, resume=True, progress=False, on_epoch=seen.append).weights_sha256 \
+        == straight.weights_sha256
+    assert seen == []
+    # other settings than the checkpoint's: refused, with the differing setting named
+    with pytest.raises(ConfigError, match=r"cannot resume: setting 'lr' was 0\.003 in the checkpoint, now 0\.001"):
+        train(str(data), out, TINY.model_copy(update={"lr": 1e-3}), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_loader_workers_give_the_same_run(straight, data, tmp_path):
+    """Patches are a pure function of (seed, epoch, index): 2 worker processes train the same weights."""
+    r = train(str(data), str(tmp_path / "workers"), TINY.model_copy(update={"num_workers": 2}), progress=False)
+    assert r.weights_sha256 == straight.weights_sha256
+
+
+def test_damaged_checkpoint_is_skipped(data, tmp_path, caplog):
+    s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 4})
+    out = tmp_path / "run"
+    first = train(str(data), str(out), s, progress=False)
+    ck = out / "checkpoint" / "epoch-0001.safetensors"
+    ck.write_bytes(ck.read_bytes()[:-10])  # truncated: its hash no longer matches the JSON
+    with caplog.at_level(logging.WARNING, logger="segpipe.training"):
+        again = train(str(data), str(out), s, resume=True, progress=False)
+    assert "skipping damaged checkpoint epoch-0001" in caplog.text
+    assert again.weights_sha256 == first.weights_sha256  # started over, same seed
+
+
+def test_logs_each_epoch(data, tmp_path, caplog):
+    s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 4, "class_balanced": False})
+    with caplog.at_level(logging.INFO, logger="segpipe.training"):
+        r = train(str(data), str(tmp_path / "o"), s, progress=False)
+    assert "epoch 1/1: loss" in caplog.text and "val mIoU" in caplog.text
+    assert r.stop_reason == "completed"
+
+
+def test_settings_validation():
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        TrainSettings(epoch=3)
+    with pytest.raises(ValidationError, match="multiple of 32"):
+        TrainSettings(patch_size=100)
+    with pytest.raises(ValidationError, match=r"patches_per_epoch \(2\) must be at least batch_size \(8\)"):
+        TrainSettings(patches_per_epoch=2)
+    with pytest.raises(ValidationError, match="device must be"):
+        TrainSettings(device="gpu")
+    with pytest.raises(ValidationError):
+        TrainSettings(schedule="linear")
+    for name, f in TrainSettings.model_fields.items():
+        assert f.description, f"{name} has no description"
+
+
+def test_fp16_on_cpu_is_refused(data, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 training is for CUDA"):
+        train(str(data), str(tmp_path / "x"), TINY.model_copy(update={"device": "cpu", "precision": "fp16"}),
+              progress=False)
+
+
+def test_pretrained_weights_offline_is_a_config_error(data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # offline mode makes the hub fail at once instead of retrying for ~20 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    s = TINY.model_copy(update={"encoder_weights": "imagenet"})
+    with pytest.raises(ConfigError, match=r"resnet18 weights=imagenet: cannot download pretrained weights") as ei:
+        train(str(data), str(tmp_path / "x"), s, progress=False)
+    assert "\n" not in str(ei.value)
+
+
+def test_class_weights():
+    w = class_weights(np.array([900, 90, 9, 0]), power=1.0, max_weight=1000)
+    present = w[:3]
+    assert w[3] == 1.0
+    np.testing.assert_allclose(present.mean(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(present / present[0], [1, 10, 100], rtol=1e-5)
+    clipped = class_weights(np.array([900, 90, 9]), power=1.0, max_weight=5)
+    assert clipped.max() / clipped.min() <= 25 + 1e-4
+    np.testing.assert_allclose(clipped.mean(), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(class_weights(np.array([5, 1]), power=0.0), [1, 1])
+
+
+def test_validation_in_tiles_counts_every_pixel(data):
+    """A validation image larger than the tile is predicted chunk by chunk and every pixel is scored once."""
+    ds = load_dataset(str(data), "val")
+    torch.manual_seed(0)
+    from segpipe.models import build_network
+
+    net = build_network("Unet", "resnet18", 3, 5)
+    kw = dict(mean=[0.5] * 3, std=[0.25] * 3, input_scale=255.0, device=torch.device("cpu"))
+    tiled = evaluate_network(net, ds, tile=64, halo=16, **kw)
+    whole = evaluate_network(net, ds, tile=1024, **kw)
+    assert tiled.total == whole.total == 96 * 96
+    np.testing.assert_array_equal(tiled.matrix.sum(axis=1), whole.matrix.sum(axis=1))  # same truth

@@ -87,7 +87,8 @@ class TrainSettings(BaseModel):
         "rare classes more.",
     )
     class_weight_power: float = Field(
-        0.5, ge=0, le=2, description="Cross-entropy class weights w_c ∝ 1/freq_c^p (normalised to mean 1); 0 = unweighted.",
+        0.5, ge=0, le=2,
+        description="Cross-entropy class weights w_c ∝ 1/freq_c^p (normalised to mean 1); 0 = unweighted.",
     )
     class_weight_max: float = Field(10.0, ge=1, description="Class weights are clipped to [1/max, max].")
     dice_weight: float = Field(0.5, ge=0, description="Loss = cross-entropy + dice_weight × Dice loss.")
@@ -274,7 +275,9 @@ def _save_checkpoint(fs, ckdir: str, net, opt, sched, scaler, prog: _Progress, s
     tensors: dict[str, torch.Tensor] = {}
     for k, v in net.state_dict().items():
         tensors[f"model/{k}"] = v.detach().cpu().contiguous()
-    if prog.best_weights is not None:
+    # the best weights are stored only when they are not this epoch's (saves a model's size)
+    best_is_model = prog.best_weights is not None and prog.best_epoch == prog.epoch
+    if prog.best_weights is not None and not best_is_model:
         for k, v in prog.best_weights.items():
             tensors[f"best/{k}"] = v.contiguous()
     osd = opt.state_dict()
@@ -313,6 +316,7 @@ def _save_checkpoint(fs, ckdir: str, net, opt, sched, scaler, prog: _Progress, s
         "history": prog.history,
         "best_metric": prog.best_metric,
         "best_epoch": prog.best_epoch,
+        "best_is_model": best_is_model,
         "best_scores": prog.best_scores,
         "bad_validations": prog.bad_validations,
         "stop_reason": prog.stop_reason,
@@ -392,7 +396,10 @@ def _restore(meta: dict[str, Any], tensors: dict[str, torch.Tensor], net, opt, s
     sched.load_state_dict(meta["scheduler"])
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
-    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
+    if meta.get("best_is_model"):
+        best = {k[len("model/"):]: v.clone() for k, v in tensors.items() if k.startswith("model/")}
+    else:
+        best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
     # RNG states last: nothing may draw from them between here and the next epoch
     py = meta["rng"]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))

@@ -14,7 +14,7 @@ from segpipe.data import (
     load_dataset, resize_pair, seeded_split, split_dataset,
 )
 from segpipe.errors import DatasetError
-from tests.helpers import write_geotiff, write_png
+from tests.helpers import write_png
 
 CLASSES = {"classes": [{"name": "background", "color": "#000000"}, {"name": "water"}, {"name": "road",
                                                                                         "color": "#808080"}]}
@@ -30,7 +30,15 @@ def _write(path: Path, array: np.ndarray) -> Path:
 
         Image.fromarray(array[0]).save(path)
         return path
-    return write_geotiff(path, array, tiled=array.shape[1] >= 256 and array.shape[2] >= 256)
+    import rasterio
+    from affine import Affine
+
+    tiled = array.shape[1] >= 256 and array.shape[2] >= 256
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0],
+                       dtype=array.dtype.name, crs="EPSG:32633", transform=Affine(0.5, 0, 5e5, 0, -0.5, 41e5),
+                       tiled=tiled, compress="deflate") as ds:
+        ds.write(array)
+    return path
 
 
 def make_dataset(root: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], *, classes=CLASSES,

@@ -131,6 +131,40 @@ def test_damaged_checkpoint_is_skipped(data, tmp_path, caplog):
     assert again.weights_sha256 == first.weights_sha256  # started over, same seed
 
 
+def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
+    import segpipe.training as training
+    from segpipe.metrics import ConfusionMatrix
+
+    # validation scores by epoch: 0.5, 0.7, 0.6, 0.6 → best epoch 2, stop after 2 worse validations
+    scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
+
+    def fake_evaluate(net, dataset, **kw):
+        # 1000 pixels of class 0, tp of them right, the rest predicted as class 1:
+        # IoU 0 = tp/1000, IoU 1 = 0 → mean IoU = tp/2000
+        tp = round(next(scores) * 1000)
+        m = np.zeros((5, 5), dtype=np.int64)
+        m[0, 0], m[0, 1] = tp, 1000 - tp
+        return ConfusionMatrix(5, m)
+
+    monkeypatch.setattr(training, "evaluate_network", fake_evaluate)
+    s = TINY.model_copy(update={"epochs": 5, "patches_per_epoch": 4, "early_stopping_patience": 2})
+    r = train(str(data), str(tmp_path / "es"), s, progress=False)
+    assert r.epochs_run == 4 and r.best_epoch == 2
+    assert r.stop_reason == "early stopping: no better val mean IoU in 2 validations"
+    ious = [round(h["val_mean_iou"], 3) for h in r.history]
+    assert ious == [0.25, 0.35, 0.3, 0.3]
+    assert r.metrics["val_mean_iou"] == r.history[1]["val_mean_iou"]
+    # the artifact holds epoch 2's weights, which the checkpoint kept as "best"
+    from safetensors.torch import load_file
+
+    best = {k[5:]: v for k, v in load_file(str(tmp_path / "es/checkpoint/epoch-0004.safetensors")).items()
+            if k.startswith("best/")}
+    art = load_artifact(str(tmp_path / "es"))
+    assert all(torch.equal(art.weights[k], best[k]) for k in art.weights)
+    last = _last_weights(str(tmp_path / "es"))  # epoch 4's weights differ from the kept ones
+    assert not all(torch.equal(art.weights[k[len("model/"):]], v) for k, v in last.items())
+
+
 def test_logs_each_epoch(data, tmp_path, caplog):
     s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 4, "class_balanced": False})
     with caplog.at_level(logging.INFO, logger="segpipe.training"):

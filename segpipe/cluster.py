@@ -33,6 +33,16 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def default_threads(gpus: int) -> int:
+    """Worker threads: 3 on a CPU (one computes, two read and write); with a GPU, enough CPU threads
+    to read, normalise and write as fast as the GPU computes (reading is then the limit)."""
+    if not gpus:
+        return 3
+    from segpipe.inference import available_cores
+
+    return max(3, min(available_cores(), 12))
+
+
 @contextlib.contextmanager
 def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     """A connected Dask client for the lifetime of the block; an embedded cluster is closed after it."""
@@ -54,27 +64,27 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     # the embedded cluster's scheduler/worker chatter at INFO drowns the run's own logs
     logging.getLogger("distributed").setLevel(max(logging.getLogger("distributed").level, logging.WARNING))
     gpus = _gpu_count()
+    threads = settings.threads_per_worker or default_threads(gpus)
     cluster = None
     if gpus and settings.processes:
         try:
             from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(threads_per_worker=settings.threads_per_worker or 3,
-                                       dashboard_address=None, resources={"GPU": 1})
+            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=None, resources={"GPU": 1})
         except ImportError:
             cluster = None
     if cluster is None:
         cluster = LocalCluster(
             n_workers=settings.n_workers or 1,
-            threads_per_worker=settings.threads_per_worker or 3,
+            threads_per_worker=threads,
             processes=settings.processes,
             dashboard_address=None,
             resources={"GPU": gpus} if gpus else None,
             silence_logs=logging.WARNING,
         )
     client = Client(cluster)
-    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s", len(cluster.workers),
-             settings.threads_per_worker or 3, f", {gpus} GPU(s)" if gpus else "")
+    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s", len(cluster.workers), threads,
+             f", {gpus} GPU(s)" if gpus else "")
     try:
         yield client
     finally:

@@ -19,13 +19,13 @@ import numpy as np
 from segpipe import __version__
 from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
 from segpipe.errors import InputError, SegpipeError
-from segpipe.io.readers import ImageInfo, open_image, thread_reader
+from segpipe.io.readers import ImageInfo, open_image, shared_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.models import Artifact, ModelSpec, load_artifact
 from segpipe.stitching import (
     OutputTarget, done_chunks, finalize, now_iso, ome_attrs, prepare_output, read_attrs, write_chunk,
 )
-from segpipe.tiling import Chunk, ChunkGrid, Window, batches, core_in_window, input_window
+from segpipe.tiling import Chunk, ChunkGrid, Window, batches, core_in_window, input_window, strip_order
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -97,7 +97,7 @@ def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = Fals
         counters["skipped"] = len(chunks)
         return counters
     r = job.read
-    reader = thread_reader(job.source, r.bands, r.level, r.mpp)
+    reader = shared_reader(job.source, r.bands, r.level, r.mpp)
     valid: dict[tuple[int, int], np.ndarray | None] = {}
     if r.skip_empty and getattr(reader, "has_mask", False):
         for c in list(chunks):
@@ -257,7 +257,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.chunks_resumed = len(done)
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
-        todo = [c.key for c in grid if c.key not in done and c.key not in background]
+        todo = [k for k in strip_order(grid) if k not in done and k not in background]
         fill = [c.key for c in grid if c.key not in done and c.key in background]
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.fill_class)

@@ -150,6 +150,19 @@ def source_indices(window: Window, height: int, width: int) -> tuple[np.ndarray,
     return ys, xs
 
 
+def strip_order(grid: ChunkGrid, strip: int = 8) -> list[tuple[int, int]]:
+    """Chunk keys in column strips ``strip`` chunks wide, each strip top to bottom, row by row.
+
+    A window reaches into the blocks of the chunk rows above and below it; visiting a narrow
+    strip row by row means those blocks were decoded moments ago and are still in the reader's
+    bounded block cache, whatever the image width: sort key ``(ix // strip, iy, ix)``.
+    """
+    if strip < 1:
+        raise ValueError("strip must be positive")
+    keys = [(iy, ix) for iy in range(grid.rows) for ix in range(grid.cols)]
+    return sorted(keys, key=lambda k: (k[1] // strip, k[0], k[1]))
+
+
 def batches(items: list, size: int) -> list[list]:
     """Split ``items`` into consecutive lists of at most ``size`` (the last may be shorter)."""
     if size < 1:

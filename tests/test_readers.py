@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from segpipe.errors import InputError
-from segpipe.io.readers import open_image, thread_reader
+from segpipe.io.readers import open_image, shared_reader
 from segpipe.io.storage import list_images, output_uri, safe_relative
 from segpipe.tiling import Window
 from tests.helpers import sample_photo, write_geotiff, write_jpeg, write_png
@@ -41,9 +41,19 @@ def test_georeference_and_bands(tmp_path, img):
         assert r.info.crs_wkt is None and r.info.transform is None
 
 
-def test_thread_reader_reuses_handle(tmp_path, img):
-    path = str(write_geotiff(tmp_path / "g.tif", img))
-    assert thread_reader(path) is thread_reader(path)
+def test_shared_reader_is_one_handle_safe_across_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = sample_photo(1024, 1024)
+    path = str(write_geotiff(tmp_path / "g.tif", big))
+    r = shared_reader(path)
+    assert shared_reader(path) is r and shared_reader(path, bands=(1,)) is not r
+    wins = [Window(y, x, 160, 160) for y in range(-32, 1000, 96) for x in range(-32, 1000, 96)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(r.read, wins))
+    padded = np.pad(big, ((0, 0), (200, 200), (200, 200)), mode="reflect")
+    for w, g in zip(wins, got):
+        np.testing.assert_array_equal(g, padded[:, w.y0 + 200:w.y1 + 200, w.x0 + 200:w.x1 + 200])
 
 
 @pytest.mark.parametrize(

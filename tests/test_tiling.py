@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from segpipe.tiling import (
-    ChunkGrid, Window, batches, core_in_window, input_window, reflect_index, source_indices, tile_side,
+    ChunkGrid, Window, batches, core_in_window, input_window, reflect_index, source_indices, strip_order, tile_side,
 )
 
 
@@ -73,3 +73,11 @@ def test_batches_and_bad_grid():
         ChunkGrid(0, 10, 4)
     with pytest.raises(IndexError):
         ChunkGrid(10, 10, 4).chunk(3, 0)
+
+
+def test_strip_order():
+    g = ChunkGrid(3 * 10, 5 * 10, 10)  # 3 rows × 5 cols
+    assert strip_order(g, 2) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
+                                 (0, 2), (0, 3), (1, 2), (1, 3), (2, 2), (2, 3),
+                                 (0, 4), (1, 4), (2, 4)]
+    assert sorted(strip_order(g, 3)) == sorted(c.key for c in g)

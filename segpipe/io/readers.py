@@ -64,10 +64,14 @@ def gdal_options() -> dict[str, str | int]:
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
     """
     opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-    # GDAL's block cache defaults to 5 % of RAM and fills as a large image streams through; each
-    # window is read about once (halos re-read a strip of the neighbour), so a small cache suffices
-    # and memory stays flat whatever the image size.
-    opts["GDAL_CACHEMAX"] = os.environ.get("GDAL_CACHEMAX", 64)
+    # GDAL's block cache defaults to 5 % of RAM and would fill as a large image streams through.
+    # Windows overlap their neighbours' blocks (the halo), and chunks are visited in narrow
+    # column strips (see pipeline.chunk_order), so a bounded cache that holds a few block rows
+    # of one strip decodes each block about once while memory stays flat whatever the image size.
+    cache = os.environ.get("GDAL_CACHEMAX", "128")
+    opts["GDAL_CACHEMAX"] = int(cache) if cache.isdigit() else cache
+    # decode the blocks of one window read in parallel (GTiff)
+    opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
         scheme, _, hostport = endpoint.partition("://")
@@ -235,26 +239,63 @@ def open_image(uri: str, bands: Sequence[int] | None = None, level: int | None =
     raise InputError(uri, "no reader accepts this file")
 
 
-_local = threading.local()
-_MAX_HANDLES_PER_THREAD = 4
+class SharedReader:
+    """One reader per image and process, shared by the worker's threads (reads take turns).
 
-
-def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None) -> ImageReader:
-    """A reader for this thread, opened once and reused (an LRU of a few handles per thread).
-
-    Reusing the handle means a remote COG's header is read once per thread, not once per chunk.
+    A dataset handle is not thread-safe, and one handle per thread would decode every block
+    several times: a chunk's window overlaps eight neighbouring blocks by the halo, GDAL's block
+    cache is per handle, and consecutive chunks go to different threads. With one handle the
+    cache serves the overlap, so each block is decoded about once (GDAL decodes the blocks of
+    one read in parallel). Reading costs a fraction of the forward pass, so taking turns costs
+    nothing on a CPU; the header of a remote COG is read once per process, not per chunk.
     """
-    cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
-    _local.readers = cache
+
+    def __init__(self, reader: ImageReader) -> None:
+        self._reader = reader
+        self.info = reader.info
+        self._lock = threading.Lock()
+
+    def read(self, window: Window) -> np.ndarray:
+        with self._lock:
+            return self._reader.read(window)
+
+    def __getattr__(self, name: str) -> Any:  # has_mask, read_valid, thumbnail, …
+        attr = getattr(self._reader, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+    def close(self) -> None:
+        with self._lock:
+            self._reader.close()
+
+
+_shared: OrderedDict = OrderedDict()
+_shared_lock = threading.Lock()
+_MAX_SHARED = 8
+
+
+def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
+                  mpp: float | None = None) -> SharedReader:
+    """This process's reader for an image (opened once, kept in a small LRU)."""
     key = (uri, tuple(bands) if bands else None, level, mpp)
-    reader = cache.get(key)
-    if reader is None:
-        reader = open_image(uri, bands, level=level, mpp=mpp)
-        cache[key] = reader
-        while len(cache) > _MAX_HANDLES_PER_THREAD:
-            _, old = cache.popitem(last=False)
+    with _shared_lock:
+        reader = _shared.get(key)
+        if reader is not None:
+            _shared.move_to_end(key)
+            return reader
+    opened = SharedReader(open_image(uri, bands, level=level, mpp=mpp))
+    with _shared_lock:
+        reader = _shared.setdefault(key, opened)
+        _shared.move_to_end(key)
+        while len(_shared) > _MAX_SHARED:
+            _, old = _shared.popitem(last=False)
             old.close()
-    else:
-        cache.move_to_end(key)
+    if reader is not opened:
+        opened.close()
     return reader

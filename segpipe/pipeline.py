@@ -67,6 +67,7 @@ class ChunkJob:
     tiling: TilingSettings
     target: OutputTarget
     fill_class: int = 0
+    fingerprint: str = ""
 
 
 def _write_fill(job: ChunkJob, chunk: Chunk) -> None:
@@ -97,7 +98,7 @@ def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = Fals
         counters["skipped"] = len(chunks)
         return counters
     r = job.read
-    reader = shared_reader(job.source, r.bands, r.level, r.mpp)
+    reader = shared_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     valid: dict[tuple[int, int], np.ndarray | None] = {}
     if r.skip_empty and getattr(reader, "has_mask", False):
         for c in list(chunks):
@@ -260,7 +261,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         todo = [k for k in strip_order(grid) if k not in done and k not in background]
         fill = [c.key for c in grid if c.key not in done and c.key in background]
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.fill_class)
+                       settings.output.fill_class, image.fingerprint)
         _run_tasks(client, job, batches(todo, _batch_size(settings.inference, client)), batches(fill, 256), result,
                    progress)
         if settings.output.pyramid:

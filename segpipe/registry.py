@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from segpipe.errors import ModelError, OutputError
-from segpipe.io.storage import filesystem, join, strip_file_scheme
+from segpipe.io.storage import filesystem, is_local, join, strip_file_scheme, write_atomic
 
 FORMAT = "segpipe-registry/1"
 MARKER = "registry.json"
@@ -65,36 +64,6 @@ def _now() -> str:
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return filesystem(strip_file_scheme(uri))
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix.
-
-    Local: a hidden temporary file in the same folder, flushed and ``os.replace`` d over the
-    target. Other filesystems: one ``pipe_file`` call — a single-object PUT, atomic on
-    object stores.
-    """
-    if _is_local(fs):
-        folder, name = os.path.split(path)
-        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-    else:
-        fs.pipe_file(path, data)
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str, what: str) -> Any:
@@ -157,7 +126,7 @@ def _require_registry(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _claim(fs: fsspec.AbstractFileSystem, reg: str, n: int) -> bool:
     """Claim version ``n`` exclusively; False when someone else has it."""
     vpath = join(reg, f"v{n}")
-    if _is_local(fs):
+    if is_local(fs):
         try:
             os.mkdir(vpath)
             return True
@@ -248,7 +217,7 @@ def register(reg_uri: str, artifact_uri: str, *, metrics: dict[str, Any] | str |
               "architecture": spec.architecture, "encoder": spec.encoder}
     # written last: a version folder without it is an interrupted registration
     write_atomic(rfs, join(vpath, REGISTRATION), (json.dumps(record, indent=2) + "\n").encode())
-    if _is_local(rfs):  # make the immutability visible: the files are read-only
+    if is_local(rfs):  # make the immutability visible: the files are read-only
         for name in os.listdir(vpath):
             p = os.path.join(vpath, name)
             if os.path.isfile(p):
@@ -332,7 +301,7 @@ def promote(reg_uri: str, version: str, reason: str = "") -> dict[str, Any]:
 
 def _append_history(fs, path: str, entry: dict) -> None:
     line = (json.dumps(entry) + "\n").encode()
-    if _is_local(fs):
+    if is_local(fs):
         # O_APPEND: each small write lands whole at the end, even with concurrent promoters
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

@@ -42,7 +42,7 @@ from segpipe.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.metrics import ConfusionMatrix, write_metrics_json
 from segpipe.models import ModelSpec, build_network, save_artifact
-from segpipe.registry import write_atomic
+from segpipe.io.storage import write_atomic
 from segpipe.tiling import ChunkGrid, Window, core_in_window, input_window
 
 if TYPE_CHECKING:

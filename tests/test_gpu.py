@@ -33,7 +33,8 @@ def test_cuda_bf16_agrees_with_cpu_fp32(tmp_path, scene_tif, model_dir, client):
         r = segment_image(image, ref, str(tmp_path / name), s, client)
         assert r.status == "done", r.error
         out[name] = zarr.open_array(r.output + "/0", mode="r")[:]
-    assert (out["cuda32"] == out["cpu"]).mean() > 0.999
+    # fp32 on CUDA runs convolutions in TF32 (PyTorch's default), so labels near ties may differ
+    assert (out["cuda32"] == out["cpu"]).mean() > 0.99
     assert (out["cuda"] == out["cpu"]).mean() > 0.97
 
 

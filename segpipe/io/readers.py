@@ -281,9 +281,13 @@ _MAX_SHARED = 8
 
 
 def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None) -> SharedReader:
-    """This process's reader for an image (opened once, kept in a small LRU)."""
-    key = (uri, tuple(bands) if bands else None, level, mpp)
+                  mpp: float | None = None, fingerprint: str = "") -> SharedReader:
+    """This process's reader for an image (opened once, kept in a small LRU).
+
+    ``fingerprint`` (size + mtime/ETag) is part of the key: an image rewritten in place between
+    two runs must not be served from a handle (and block cache) of its old content.
+    """
+    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp)
     with _shared_lock:
         reader = _shared.get(key)
         if reader is not None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from segpipe.errors import InputError, OutputError
 
@@ -138,3 +140,34 @@ def ensure_writable(out: str) -> None:
     except (OSError, PermissionError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise OutputError(out, f"cannot be written ({reason})") from None
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local file system (where rename is atomic and files can be made read-only)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new content, never a mix.
+
+    Local: a hidden temporary file in the same folder, flushed and ``os.replace`` d over the
+    target. Other filesystems: one ``pipe_file`` call — a single-object PUT, atomic on
+    object stores.
+    """
+    if is_local(fs):
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+    else:
+        fs.pipe_file(path, data)

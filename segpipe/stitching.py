@@ -85,7 +85,7 @@ class OutputTarget:
     num_classes: int
     probabilities: bool
     run_id: str
-    zstd_level: int = 9
+    zstd_level: int = 3
 
     @property
     def label_dtype(self) -> str:

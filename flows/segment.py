@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Completed, Failed
 
-from segpipe.cluster import client_for, dask_client
+from segpipe.cluster import client_for, dashboard_link, dask_client
 from segpipe.config import ClusterSettings, InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands
 from segpipe.errors import SegpipeError, TransientIOError
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
@@ -121,8 +121,8 @@ def segment_images(
     ref = load_model(model, out)
     results: list[ImageResult] = []
     with dask_client(ClusterSettings(address=dask_address)) as client:
-        if client.dashboard_link:
-            logger.info("Dask dashboard: %s", client.dashboard_link)
+        if dashboard_link(client):
+            logger.info("Dask dashboard: %s", dashboard_link(client))
         scheduler = client.scheduler.address
         # a few images at a time keep the workers busy between one image's last chunks and the next one's first
         for i in range(0, len(images), max(1, max_concurrent_images)):

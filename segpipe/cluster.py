@@ -70,7 +70,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
         try:
             from dask_cuda import LocalCUDACluster
 
-            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=None, resources={"GPU": 1})
+            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", resources={"GPU": 1})
         except ImportError:
             cluster = None
     if cluster is None:
@@ -78,18 +78,27 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
             n_workers=settings.n_workers or 1,
             threads_per_worker=threads,
             processes=settings.processes,
-            dashboard_address=None,
+            dashboard_address=":0",
             resources={"GPU": gpus} if gpus else None,
             silence_logs=logging.WARNING,
         )
     client = Client(cluster)
-    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s", len(cluster.workers), threads,
-             f", {gpus} GPU(s)" if gpus else "")
+    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s; dashboard %s", len(cluster.workers), threads,
+             f", {gpus} GPU(s)" if gpus else "", dashboard_link(client) or "off (pip install bokeh)")
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+def dashboard_link(client: Client) -> str | None:
+    """The Dask dashboard's address, or None when it is not served (bokeh not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bokeh") is None:
+        return None
+    return client.dashboard_link
 
 
 def has_gpu_workers(client: Client) -> bool:

@@ -68,8 +68,9 @@ def gdal_options() -> dict[str, str | int]:
     # Windows overlap their neighbours' blocks (the halo), and chunks are visited in narrow
     # column strips (see pipeline.chunk_order), so a bounded cache that holds a few block rows
     # of one strip decodes each block about once while memory stays flat whatever the image size.
-    cache = os.environ.get("GDAL_CACHEMAX", "128")
-    opts["GDAL_CACHEMAX"] = int(cache) if cache.isdigit() else cache
+    # (rasterio passes an integer GDAL_CACHEMAX as bytes; a user's own setting is left alone)
+    if "GDAL_CACHEMAX" not in os.environ:
+        opts["GDAL_CACHEMAX"] = 64 * 2**20
     # decode the blocks of one window read in parallel (GTiff)
     opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -12,7 +12,9 @@ when installed; otherwise one worker gets a ``GPU`` resource per visible device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -134,3 +136,27 @@ def client_for(address: str) -> Client:
     except ValueError:
         pass
     return Client(address, set_as_default=False)
+
+
+def trim_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Tiles and label arrays are allocated by one thread and freed by another; glibc keeps the
+    freed pages in per-thread arenas, so without trimming the peak creeps up with the number
+    of chunks. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` for its worker processes for the
+    same reason; the embedded in-process cluster calls this instead.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -19,7 +19,7 @@ import numpy as np
 from segpipe import __version__
 from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
 from segpipe.errors import InputError, SegpipeError
-from segpipe.io.readers import ImageInfo, open_image, shared_reader
+from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.models import Artifact, ModelSpec, load_artifact
 from segpipe.stitching import (
@@ -80,6 +80,9 @@ def _write_fill(job: ChunkJob, chunk: Chunk) -> None:
     write_chunk(job.target, chunk, labels, probs)
 
 
+PARALLEL_READ_BATCH = 4
+
+
 def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = False) -> dict[str, float]:
     """Dask task: predict and write a batch of chunks (or write them as fill). Returns counters only.
 
@@ -98,7 +101,10 @@ def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = Fals
         counters["skipped"] = len(chunks)
         return counters
     r = job.read
-    reader = shared_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
+    # small batches (CPU): one shared handle, each block decoded once; large batches (GPU): a
+    # handle per thread so batches are read in parallel (overlaps within a batch stay cached)
+    open_reader = thread_reader if len(keys) >= PARALLEL_READ_BATCH else shared_reader
+    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     valid: dict[tuple[int, int], np.ndarray | None] = {}
     if r.skip_empty and getattr(reader, "has_mask", False):
         for c in list(chunks):
@@ -304,8 +310,13 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, 
     futures += client.map(run_chunks, [job] * len(fill_batches), fill_batches, [True] * len(fill_batches),
                           pure=False, key=[f"segpipe-fill-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}"
                                            for b in fill_batches])
+    from segpipe.cluster import is_in_process, trim_memory
+
+    trim = is_in_process(client)
     try:
-        for fut in as_completed(futures):
+        for i, fut in enumerate(as_completed(futures)):
+            if trim and i % 16 == 15:
+                trim_memory()
             if fut.status == "error":
                 exc = fut.exception()
                 if isinstance(exc, SegpipeError):
@@ -368,6 +379,7 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     ensure_writable(out)
     if is_in_process(client):
         prime_predictor(artifact, settings.inference)
+    del artifact  # the predictor holds the network; the raw weights need not stay in memory
     if progress:
         progress.plan(*_plan(images, settings))
     for image in images:

@@ -66,11 +66,11 @@ def gdal_options() -> dict[str, str | int]:
     opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
     # GDAL's block cache defaults to 5 % of RAM and would fill as a large image streams through.
     # Windows overlap their neighbours' blocks (the halo), and chunks are visited in narrow
-    # column strips (see pipeline.chunk_order), so a bounded cache that holds a few block rows
+    # column strips (see tiling.strip_order), so a bounded cache that holds a few block rows
     # of one strip decodes each block about once while memory stays flat whatever the image size.
     # (rasterio passes an integer GDAL_CACHEMAX as bytes; a user's own setting is left alone)
     if "GDAL_CACHEMAX" not in os.environ:
-        opts["GDAL_CACHEMAX"] = 64 * 2**20
+        opts["GDAL_CACHEMAX"] = 32 * 2**20
     # decode the blocks of one window read in parallel (GTiff)
     opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -303,4 +303,28 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | Non
             old.close()
     if reader is not opened:
         opened.close()
+    return reader
+
+
+_local = threading.local()
+
+
+def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
+                  mpp: float | None = None, fingerprint: str = "") -> ImageReader:
+    """This thread's own reader for an image (a few handles per thread, LRU).
+
+    For large batches (GPU workers): each thread reads its batch of neighbouring windows in
+    parallel with the others, and the block cache still serves the overlaps within a batch.
+    """
+    cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
+    _local.readers = cache
+    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp)
+    reader = cache.get(key)
+    if reader is None:
+        reader = open_image(uri, bands, level=level, mpp=mpp)
+        cache[key] = reader
+        while len(cache) > 4:
+            cache.popitem(last=False)[1].close()
+    else:
+        cache.move_to_end(key)
     return reader

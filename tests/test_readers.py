@@ -107,3 +107,11 @@ def test_output_names_are_sanitised():
     assert output_uri("s3://b/out", "x/y.tif") == "s3://b/out/x/y.zarr"
     assert output_uri("/o", "../../etc/passwd.tif") == "/o/etc/passwd.zarr"
     assert safe_relative("/abs/p.png") == "abs/p.png"
+
+
+def test_readers_close_in_any_order(tmp_path, img):
+    a = open_image(str(write_geotiff(tmp_path / "a.tif", img)))
+    b = open_image(str(write_png(tmp_path / "b.png", img)))
+    a.close()  # not the reverse of the opening order
+    assert b.read(Window(0, 0, 4, 4)).shape == (3, 4, 4)
+    b.close()

@@ -131,16 +131,17 @@ class RasterioReader:
         from rasterio.errors import RasterioIOError
 
         _check_local_file(uri)
-        self._env = rasterio.Env(**gdal_options())
-        self._env.__enter__()
+        # GDAL settings apply per call (rasterio.Env is a per-thread stack: holding one open for the
+        # reader's lifetime breaks when readers are closed in another order than they were opened)
+        self._gdal = gdal_options()
         # level N of a GeoTIFF/COG is its overview N (level 0 = full resolution)
         opts = {"overview_level": level - 1} if level else {}
         try:
-            with warnings.catch_warnings():  # plain photos have no georeference, and that is fine
+            with warnings.catch_warnings(), rasterio.Env(**self._gdal):
+                # plain photos have no georeference, and that is fine
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self._ds = rasterio.open(gdal_path(uri), **opts)
         except RasterioIOError as e:
-            self._env.__exit__(None, None, None)
             raise InputError(uri, _gdal_reason(e)) from e
         ds = self._ds
         self._indexes = select_bands(ds.count, bands, uri)
@@ -156,16 +157,18 @@ class RasterioReader:
         )
 
     def read(self, window: Window) -> np.ndarray:
+        import rasterio
         from rasterio.errors import RasterioError
         from rasterio.windows import Window as RWindow
 
         info = self.info
         try:
-            if window.inside(info.height, info.width):
-                return self._ds.read(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
-            ys, xs = source_indices(window, info.height, info.width)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-            block = self._ds.read(self._indexes, window=RWindow(x0, y0, x1 - x0, y1 - y0))
+            with rasterio.Env(**self._gdal):
+                if window.inside(info.height, info.width):
+                    return self._ds.read(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
+                ys, xs = source_indices(window, info.height, info.width)
+                y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+                block = self._ds.read(self._indexes, window=RWindow(x0, y0, x1 - x0, y1 - y0))
         except RasterioError as e:
             raise InputError(info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
         return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
@@ -184,16 +187,18 @@ class RasterioReader:
         """
         from rasterio.windows import Window as RWindow
 
+        import rasterio
+
         if not self.has_mask:
             return None
-        m = self._ds.read_masks(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
+        with rasterio.Env(**self._gdal):
+            m = self._ds.read_masks(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
         return (m > 0).any(axis=0)
 
     def close(self) -> None:
         if getattr(self, "_ds", None) is not None:
             self._ds.close()
             self._ds = None
-            self._env.__exit__(None, None, None)
 
     def __enter__(self) -> RasterioReader:
         return self

@@ -18,7 +18,7 @@ import numpy as np
 
 from segpipe import __version__
 from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
-from segpipe.errors import InputError, SegpipeError
+from segpipe.errors import InputError, SegpipeError, TransientIOError
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.models import Artifact, ModelSpec, load_artifact
@@ -83,8 +83,27 @@ def _write_fill(job: ChunkJob, chunk: Chunk) -> None:
 PARALLEL_READ_BATCH = 4
 
 
-def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = False) -> dict[str, float]:
-    """Dask task: predict and write a batch of chunks (or write them as fill). Returns counters only.
+def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = False,
+               attempts: int = 4) -> dict[str, float]:
+    """Dask task: predict and write a batch of chunks, retrying transient storage errors with backoff.
+
+    Bad input (:class:`InputError`) is never retried; a network hiccup or bucket throttling
+    (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
+    Re-running a batch is safe: each chunk is written whole, by this task only.
+    """
+    for attempt in range(attempts):
+        try:
+            return _run_chunks(job, keys, fill)
+        except (TransientIOError, ConnectionError, TimeoutError):
+            if attempt == attempts - 1:
+                raise
+            log.warning("transient error on %s chunks %s, retrying", job.source, keys[:2], exc_info=True)
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> dict[str, float]:
+    """Predict and write a batch of chunks (or write them as fill). Returns counters only.
 
     With ``read.skip_empty``, chunks whose core is all nodata (the raster's nodata value, mask
     band or alpha) skip the model; nodata pixels inside computed chunks get the fill class.

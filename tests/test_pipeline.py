@@ -142,3 +142,32 @@ def test_folder_with_good_and_bad_images(tmp_path, photo, model_dir, client):
     assert (tmp_path / "out" / "sub" / "good2.zarr" / "zarr.json").exists()
     for bad in ("empty", "text", "gray"):  # no failed image leaves an output marked complete
         assert not (tmp_path / "out" / f"{bad}.zarr").exists()
+
+
+def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
+    import segpipe.pipeline as P
+    from segpipe.errors import InputError, TransientIOError
+
+    calls = []
+
+    def flaky(job, keys, fill):
+        calls.append(keys)
+        if len(calls) < 3:
+            raise TransientIOError("s3://b/x.tif", "read failed (HTTP 503 Slow Down)")
+        return {"chunks": 1, "skipped": 0, "megapixels": 0.1}
+
+    monkeypatch.setattr(P, "_run_chunks", flaky)
+    monkeypatch.setattr(P.time, "sleep", lambda s: None)
+    job = type("Job", (), {"source": "s3://b/x.tif"})()
+    assert P.run_chunks(job, [(0, 0)])["chunks"] == 1 and len(calls) == 3
+
+    calls.clear()
+
+    def bad(job, keys, fill):
+        calls.append(keys)
+        raise InputError("x.tif", "corrupt or truncated image")
+
+    monkeypatch.setattr(P, "_run_chunks", bad)
+    with pytest.raises(InputError):
+        P.run_chunks(job, [(0, 0)])
+    assert len(calls) == 1

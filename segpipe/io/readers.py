@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from segpipe.errors import InputError
+from segpipe.errors import InputError, TransientIOError
 from segpipe.io.storage import has_scheme, strip_file_scheme
 from segpipe.tiling import Window, source_indices
 
@@ -63,7 +63,10 @@ def gdal_options() -> dict[str, str | int]:
     s3fs/boto read ``AWS_ENDPOINT_URL``; GDAL's /vsis3/ needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
     """
-    opts = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    opts: dict[str, str | int] = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+    # remote reads (/vsis3/, /vsicurl/): GDAL retries throttling and 5xx answers with backoff
+    opts["GDAL_HTTP_MAX_RETRY"] = os.environ.get("GDAL_HTTP_MAX_RETRY", "5")
+    opts["GDAL_HTTP_RETRY_DELAY"] = os.environ.get("GDAL_HTTP_RETRY_DELAY", "1")
     # GDAL's block cache defaults to 5 % of RAM and would fill as a large image streams through.
     # Windows overlap their neighbours' blocks (the halo), and chunks are visited in narrow
     # column strips (see tiling.strip_order), so a bounded cache that holds a few block rows
@@ -111,6 +114,15 @@ def _gdal_reason(exc: Exception) -> str:
     if "not recognized as" in msg or "not recognised as" in msg:
         return "not an image that GDAL can read"
     return msg
+
+
+_TRANSIENT_WORDS = ("http", "curl", "timeout", "timed out", "connection", "throttl", "slow down", "503", "500")
+
+
+def _looks_transient(reason: str) -> bool:
+    """A remote read that failed for network reasons (worth retrying), not for the file's content."""
+    low = reason.lower()
+    return any(w in low for w in _TRANSIENT_WORDS)
 
 
 def select_bands(available: int, bands: Sequence[int] | None, uri: str) -> list[int]:
@@ -170,7 +182,10 @@ class RasterioReader:
                 y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
                 block = self._ds.read(self._indexes, window=RWindow(x0, y0, x1 - x0, y1 - y0))
         except RasterioError as e:
-            raise InputError(info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
+            reason = _gdal_reason(e)
+            if has_scheme(info.uri) and _looks_transient(reason):
+                raise TransientIOError(info.uri, f"read failed ({reason})") from e
+            raise InputError(info.uri, f"corrupt or truncated image ({reason})") from e
         return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
 
     @property

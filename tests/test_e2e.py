@@ -66,8 +66,24 @@ def test_deployment_run_against_served_deployments(tmp_path, photo, model_dir):
                 env=env, capture_output=True, text=True, timeout=360)
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
             assert "Completed" in run.stdout
+            # the weekly retrain deployment, tiny sizes: trains, evaluates, registers, promotes v1
+            from segpipe.synthetic import write_dataset
+
+            data = write_dataset(tmp_path / "data", 3, 96, seed=3)
+            reg = tmp_path / "registry"
+            weekly = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "retrain/weekly", "-p", f"data={data}",
+                 "-p", f"registry={reg}", "-p", "epochs=1", "-p", "patches_per_epoch=8", "-p", "patch_size=64",
+                 "-p", "batch_size=4", "-p", "chunk_size=64", "-p", "halo=16", "-p", "precision=fp32",
+                 "-p", "device=cpu", "--watch", "--watch-timeout", "300"],
+                env=env, capture_output=True, text=True, timeout=360)
+            assert weekly.returncode == 0, weekly.stdout[-2000:] + weekly.stderr[-2000:]
+            assert "Completed" in weekly.stdout
         finally:
             stop(serve)
+    from segpipe.registry import champion
+
+    assert champion(str(reg)) == "v1"
     for name, shape in (("a", (160, 150)), ("b", (200, 200))):
         g = zarr.open_group(str(out / f"{name}.zarr"), mode="r")
         assert g.attrs["segpipe"]["status"] == "complete" and g["0"].shape == shape

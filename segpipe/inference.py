@@ -65,18 +65,23 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 where the device runs it natively, fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device, cuda_without_bf16: str = "fp16",
+                      what: str = "--precision") -> str:
+    """``auto`` → bf16 where the device runs it natively (CUDA with bf16, AVX-512-BF16/AMX CPUs), fp32 elsewhere.
+
+    On an older GPU without bf16, ``auto`` gives ``cuda_without_bf16`` (fp16 for inference; training
+    passes fp32).
+    """
     import torch
 
     if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
+        if precision == "fp16" and device.type != "cuda":
             from segpipe.errors import ConfigError
 
-            raise ConfigError("--precision fp16", "fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
+            raise ConfigError(f"{what} fp16", "fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported() else cuda_without_bf16
     if device.type == "cpu" and cpu_supports_bf16():
         return "bf16"
     return "fp32"

@@ -166,19 +166,9 @@ def class_weights(counts: np.ndarray, power: float, max_weight: float = 10.0) ->
 
 def resolve_training_precision(precision: str, device: torch.device) -> str:
     """auto → bf16 where the device computes it natively (CUDA with bf16, AVX-512-BF16/AMX CPUs), else fp32."""
-    import torch
+    from segpipe.inference import resolve_precision
 
-    from segpipe.inference import cpu_supports_bf16
-
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16", "fp16 training is for CUDA; use bf16 or fp32 on CPU")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
+    return resolve_precision(precision, device, cuda_without_bf16="fp32", what="precision")
 
 
 # --------------------------------------------------------------------------- validation

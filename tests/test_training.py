@@ -189,7 +189,7 @@ def test_settings_validation():
 
 
 def test_fp16_on_cpu_is_refused(data, tmp_path):
-    with pytest.raises(ConfigError, match="fp16 training is for CUDA"):
+    with pytest.raises(ConfigError, match="fp16 autocast is for CUDA"):
         train(str(data), str(tmp_path / "x"), TINY.model_copy(update={"device": "cpu", "precision": "fp16"}),
               progress=False)
 

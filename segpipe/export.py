@@ -36,6 +36,8 @@ from segpipe.tiling import ChunkGrid
 
 #: GDAL block cache for exports, MB: enough to stream 512² blocks, far below a large raster
 GDAL_CACHE_MB = 16
+#: rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes
+GDAL_CACHE_BYTES = GDAL_CACHE_MB * 2**20
 #: side of the GeoTIFF blocks (and COG tiles)
 COG_BLOCK = 512
 #: polygons buffered before they are appended to the vector file
@@ -215,7 +217,7 @@ def _write_cog(
     with _local_target(path, ".tif") as local:
         tmp = f"{local}.segpipe-tmp.tif"
         try:
-            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), warnings.catch_warnings():
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 with rasterio.open(tmp, "w", **profile) as ds:
                     for y0, x0, h, w in _windows(height, width, window_side):

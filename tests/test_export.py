@@ -399,8 +399,9 @@ def test_export_memory_does_not_grow_with_the_raster(tmp_path) -> None:
     """COG + vectors + preview of 8192² (64 MB of class ids) vs 4096² (16 MB), in a child process.
 
     Peak RSS growth must stay well below the large raster itself and must not follow the
-    4× growth of the raster (measured here: ~30 MB for both sizes, most of it GDAL's
-    16 MB block cache and compression buffers).
+    4× growth of its area. What may grow is the state along one row of blocks (polygons still
+    open at the row's lower edge), which follows the raster's *width*: 2× here.
+    (Measured: 22–30 MB at 4096², 27–48 MB at 8192².)
     """
     small = measure_export(tmp_path, 4096)
     large = measure_export(tmp_path, 8192)
@@ -408,4 +409,4 @@ def test_export_memory_does_not_grow_with_the_raster(tmp_path) -> None:
     raster_kb = 8192 * 8192 // 1024
     assert large["features"] > 3.5 * small["features"]  # the work really scaled 4×
     assert large["growth_kb"] < 0.75 * raster_kb  # holding the raster once would already exceed this
-    assert large["growth_kb"] <= 1.5 * small["growth_kb"] + 8 * 1024
+    assert large["growth_kb"] <= 2.5 * small["growth_kb"] + 8 * 1024  # area ×4, width ×2

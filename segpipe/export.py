@@ -35,7 +35,7 @@ from segpipe.io.storage import filesystem, has_scheme, strip_file_scheme
 from segpipe.tiling import ChunkGrid
 
 #: GDAL block cache for exports, MB: enough to stream 512² blocks, far below a large raster
-GDAL_CACHE_MB = 16
+GDAL_CACHE_MB = 4
 #: rasterio passes an integer GDAL_CACHEMAX to GDAL as bytes
 GDAL_CACHE_BYTES = GDAL_CACHE_MB * 2**20
 #: side of the GeoTIFF blocks (and COG tiles)

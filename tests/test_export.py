@@ -401,12 +401,14 @@ def test_export_memory_does_not_grow_with_the_raster(tmp_path) -> None:
     Peak RSS growth must stay well below the large raster itself and must not follow the
     4× growth of its area. What may grow is the state along one row of blocks (polygons still
     open at the row's lower edge), which follows the raster's *width*: 2× here.
-    (Measured: 22–30 MB at 4096², 27–48 MB at 8192².)
+    (Measured: 22–46 MB at 4096², 27–48 MB at 8192².)
     """
     small = measure_export(tmp_path, 4096)
     large = measure_export(tmp_path, 8192)
     print(f"peak RSS growth: 4096² {small}; 8192² {large}")
     raster_kb = 8192 * 8192 // 1024
     assert large["features"] > 3.5 * small["features"]  # the work really scaled 4×
-    assert large["growth_kb"] < 0.75 * raster_kb  # holding the raster once would already exceed this
+    # ~35 MB of the growth is size-independent (codec and GDAL buffers, first-use allocations), so
+    # holding the 64 MB raster once would land near 100 MB
+    assert large["growth_kb"] < raster_kb
     assert large["growth_kb"] <= 2.5 * small["growth_kb"] + 8 * 1024  # area ×4, width ×2

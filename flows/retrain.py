@@ -81,8 +81,9 @@ def retrain(
         champion_ev = evaluate_model(f"champion {current}", resolve(registry), data, split, paths["eval_champion"],
                                      ssettings, dask_address)
     decision = decide(champion_ev.metrics if champion_ev else None, challenger_ev.metrics, margin)
-    write_evaluation_report(paths["report"], challenger_ev, title="retrain: challenger vs champion",
-                            champion=champion_ev)
+    title = (f"retrain: challenger vs champion {current}" if champion_ev else
+             "retrain: challenger (no champion yet)")
+    write_evaluation_report(paths["report"], challenger_ev, title=title, champion=champion_ev)
     version = register(registry, trained.uri, metrics=challenger_ev.metrics, report_dir=paths["report"])
     if decision.promote:
         promote(registry, version, decision.reason)

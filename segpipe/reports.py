@@ -323,8 +323,12 @@ def line_plot_png(series: dict[str, list[tuple[float, float]]], title: str, xlab
 
 
 def _history_groups(history: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Split per-epoch records into plots: losses, learning rate, everything else (scores)."""
-    groups: dict[str, dict[str, list[tuple[float, float]]]] = {"Loss": {}, "Scores": {}, "Learning rate": {}}
+    """Split per-epoch records into plots: losses, learning rate, scores (0–1), and speed/time.
+
+    Scores (IoU, accuracy) live in [0, 1]; throughput and seconds would flatten them on a shared axis.
+    """
+    groups: dict[str, dict[str, list[tuple[float, float]]]] = {"Loss": {}, "Scores": {}, "Learning rate": {},
+                                                                "Speed": {}}
     for i, record in enumerate(history):
         epoch = record.get("epoch", i + 1)
         for key, value in record.items():
@@ -332,9 +336,11 @@ def _history_groups(history: list[dict[str, Any]]) -> dict[str, dict[str, list[t
                 continue
             if not math.isfinite(float(value)):
                 continue
-            group = ("Loss" if "loss" in key.lower() else
-                     "Learning rate" if key.lower() in ("lr", "learning_rate") or key.lower().startswith("lr_")
-                     else "Scores")
+            low = key.lower()
+            group = ("Loss" if "loss" in low else
+                     "Learning rate" if low in ("lr", "learning_rate") or low.startswith("lr_") else
+                     "Speed" if any(w in low for w in ("second", "per_s", "time", "throughput")) else
+                     "Scores")
             groups[group].setdefault(key, []).append((float(epoch), float(value)))
     return {k: v for k, v in groups.items() if v}
 

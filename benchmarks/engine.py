@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="Keep scenes and outputs here (default: a temp folder).")
     ap.add_argument("--skip-monai", action="store_true")
+    ap.add_argument("--segment-args", default="", help="Extra `segpipe segment` options, e.g. '--workers 4 --processes'.")
     ap.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("raw")
@@ -160,7 +161,7 @@ def run_all(args: argparse.Namespace) -> None:
     tiles = len(ChunkGrid(side, side, args.chunk_size))
     segpipe = [PY, "-m", "segpipe.cli", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
                "--halo", str(args.halo), "--device", args.device, "--precision", args.precision,
-               "--batch-size", str(batch), "--no-progress"]
+               "--batch-size", str(batch), "--no-progress", *args.segment_args.split()]
     env = {**os.environ}
     results: dict = {"scene": f"{side}x{side}", "megapixels": side * side / 1e6, "tiles": tiles, "tile_side": T,
                      "batch_size": batch, "device": args.device, "precision": args.precision}

@@ -165,11 +165,15 @@ def print_summary(results: list) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
+@click.option("--workers", type=int, default=None,
+              help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
+@click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
+@click.option("--processes", is_flag=True, help="Embedded cluster: worker processes instead of threads.")
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
             mpp: float | None, skip_empty: bool, dask_address: str | None, no_progress: bool,
-            report_json: str | None) -> None:
+            report_json: str | None, workers: int | None, worker_threads: int | None, processes: bool) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr."""
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
@@ -177,7 +181,9 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
                               skip_empty)
-    with dask_client(ClusterSettings(address=dask_address)) as client:
+    cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
+                              processes=processes)
+    with dask_client(cluster) as client:
         if no_progress:
             results = segment_many(list(sources), model, out, settings, client)
         else:

@@ -225,13 +225,12 @@ def _same_output(attrs: dict[str, Any] | None, image: SourceImage, model: ModelR
 
 
 def _batch_size(settings: InferenceSettings, client: Client) -> int:
-    if settings.batch_size:
-        return settings.batch_size
     from segpipe.cluster import has_gpu_workers
-
-    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and has_gpu_workers(client))
     from segpipe.inference import default_batch_size
 
+    if settings.batch_size:
+        return settings.batch_size
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and has_gpu_workers(client))
     return default_batch_size("cuda" if gpu else "cpu")
 
 
@@ -239,8 +238,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
                   progress: Progress | None = None) -> ImageResult:
     """Segment one image into ``OUT/<relative>.zarr``; skips a complete identical output, resumes a partial one.
 
-    Never raises for bad input: the result says ``failed`` with one line in ``error``
-    (the other images of a run go on). Bugs still raise.
+    Never raises: bad input gives ``failed`` with one line in ``error``; anything unexpected
+    (a storage error, a bug) also fails only this image — with its traceback in the log — so
+    the other images of a nightly run still finish. The output is never marked complete.
     """
     t0 = time.perf_counter()
     target_uri = output_uri(out, image.relative)
@@ -299,6 +299,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.status = "failed"
         result.error = str(e) if image.uri in str(e) or target_uri in str(e) else f"{image.uri}: {e}"
         log.debug("image failed", exc_info=True)
+    except Exception as e:  # noqa: BLE001 - one image must not stop the others
+        result.status = "failed"
+        result.error = f"{image.uri}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.exception("unexpected error on %s (the other images go on)", image.uri)
     result.seconds = time.perf_counter() - t0
     return result
 

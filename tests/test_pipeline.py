@@ -171,3 +171,25 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
     with pytest.raises(InputError):
         P.run_chunks(job, [(0, 0)])
     assert len(calls) == 1
+
+
+def test_unexpected_error_fails_only_that_image(tmp_path, photo, model_dir, client, monkeypatch):
+    import segpipe.pipeline as P
+    from tests.helpers import write_geotiff
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_geotiff(src / "a.tif", photo[:, :100, :100])
+    write_geotiff(src / "b.tif", photo[:, :120, :100])
+    real_prepare = P.prepare_output
+
+    def flaky_prepare(target, attrs):
+        if target.uri.endswith("a.zarr"):
+            raise OSError(28, "No space left on device")
+        return real_prepare(target, attrs)
+
+    monkeypatch.setattr(P, "prepare_output", flaky_prepare)
+    results = P.segment_many([str(src)], model_dir, str(tmp_path / "out"), settings(chunk=64), client)
+    by = {r.source.rsplit("/", 1)[-1]: r for r in results}
+    assert by["a.tif"].status == "failed" and "OSError" in by["a.tif"].error and "No space left" in by["a.tif"].error
+    assert by["b.tif"].status == "done"

@@ -224,13 +224,12 @@ def _same_output(attrs: dict[str, Any] | None, image: SourceImage, model: ModelR
             and seg.get("settings_key") == settings.output_key())
 
 
-def _batch_size(settings: InferenceSettings, client: Client) -> int:
-    from segpipe.cluster import has_gpu_workers
+def _batch_size(settings: InferenceSettings, gpu_workers: bool) -> int:
     from segpipe.inference import default_batch_size
 
     if settings.batch_size:
         return settings.batch_size
-    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and has_gpu_workers(client))
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and gpu_workers)
     return default_batch_size("cuda" if gpu else "cpu")
 
 
@@ -246,6 +245,8 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     target_uri = output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
     r = settings.read
+    from segpipe.cluster import has_gpu_workers
+
     try:
         reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
         try:
@@ -287,8 +288,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         fill = [c.key for c in grid if c.key not in done and c.key in background]
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.fill_class, image.fingerprint)
-        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, client)), batches(fill, 256), result,
-                   progress)
+        gpu_workers = has_gpu_workers(client)  # one scheduler round trip per image
+        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, gpu_workers)), batches(fill, 256),
+                   result, progress, gpu_workers)
         if settings.output.pyramid:
             _build_pyramid(target, client)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
@@ -319,14 +321,13 @@ def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int,
 
 
 def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, int]]],
-               fill_batches: list[list[tuple[int, int]]], result: ImageResult, progress: Progress | None) -> None:
+               fill_batches: list[list[tuple[int, int]]], result: ImageResult, progress: Progress | None,
+               gpu_workers: bool) -> None:
     from distributed import as_completed
-
-    from segpipe.cluster import has_gpu_workers
 
     if not key_batches and not fill_batches:
         return
-    resources = {"GPU": 1} if job.inference.device != "cpu" and has_gpu_workers(client) else None
+    resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
     run = job.target.run_id[:8]
     futures = client.map(run_chunks, [job] * len(key_batches), key_batches, pure=False, resources=resources,
                          key=[f"segpipe-chunks-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}" for b in key_batches])

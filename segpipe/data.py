@@ -5,6 +5,7 @@ Layout (local folder or any fsspec URL)::
     DATA/images/<name>.<ext>      any image the readers open (GeoTIFF, PNG, JPEG, …)
     DATA/masks/<name>.<ext>       one band of class ids, same height × width; 255 = ignore
     DATA/classes.json             {"classes": [{"name": "background", "color": "#000000"}, …]}
+                                  (colours optional: missing ones come from segpipe.classes)
     DATA/split.json               optional {"train": [<name>, …], "val": [<name>, …]}
 
 ``<name>`` is the path relative to ``images/`` without its extension (``tiles/a`` for
@@ -38,14 +39,17 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segpipe.errors import DatasetError, InputError
+from segpipe.classes import class_colors, parse_color, to_hex
+from segpipe.errors import ConfigError, DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
 from segpipe.tiling import Window, ceil_div
 
 log = logging.getLogger("segpipe.data")
 
-#: mask value that is not trained on nor scored
+#: mask value that is not trained on nor scored; the same value as the nodata label of a
+#: ≤ 255-class output (:func:`segpipe.classes.nodata_label`), so an output used as a mask
+#: leaves its no-data pixels out too
 IGNORE_INDEX = 255
 #: side of the windows in which masks and images are scanned (never a whole raster at once)
 SCAN_WINDOW = 1024
@@ -54,10 +58,6 @@ INDEX_CELL = 64
 #: fraction of images that go to validation when there is no split.json
 VAL_FRACTION = 0.2
 
-_DEFAULT_PALETTE = (
-    "#000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0",
-    "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000",
-)
 
 
 class Item(NamedTuple):
@@ -104,7 +104,17 @@ class _ClassEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(min_length=1)
-    color: str | None = Field(None, pattern=r"^#[0-9a-fA-F]{6}$")
+    color: str | None = None
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return to_hex(parse_color(v))  # the one parser: #rgb, #rrggbb, #rrggbbaa
+        except ConfigError:
+            raise ValueError(f"{v!r} is not a colour; expected '#rrggbb'") from None
 
 
 class _ClassesFile(BaseModel):
@@ -134,7 +144,8 @@ def _read_json(fs, path: str, uri: str) -> object:
 
 
 def read_classes(root: str) -> tuple[list[str], list[str]]:
-    """Class names and colours from ``ROOT/classes.json`` (colours default to a fixed palette)."""
+    """Class names and colours from ``ROOT/classes.json``; missing colours come from
+    :func:`segpipe.classes.class_colors`, so every output shows the same colours."""
     uri = join(strip_file_scheme(root), "classes.json")
     fs, path = filesystem(uri)
     if not fs.exists(path):
@@ -148,7 +159,7 @@ def read_classes(root: str) -> tuple[list[str], list[str]]:
         raise DatasetError(uri, f"{where}: {err['msg']} (expected {{\"classes\": [{{\"name\": ..., "
                                 f"\"color\": \"#rrggbb\"}}, ...]}})") from None
     names = [c.name for c in parsed.classes]
-    colors = [c.color or _DEFAULT_PALETTE[i % len(_DEFAULT_PALETTE)] for i, c in enumerate(parsed.classes)]
+    colors = class_colors(len(names), [c.color for c in parsed.classes])
     return names, colors
 
 

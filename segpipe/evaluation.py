@@ -3,6 +3,11 @@
 The predictions are made exactly as ``segment`` makes them (same chunk size, halo and
 chunk tasks on Dask) into ``OUT/predictions/<name>.zarr``; truth and prediction are then
 compared chunk by chunk, so evaluation images can be as large as production images.
+
+Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.data.IGNORE_INDEX`)
+and pixels whose truth or prediction is the nodata label (:func:`segpipe.classes.nodata_label`:
+the output writes it where the source has no data). ``metrics.json`` records how many pixels
+that left out under ``data.unscored_pixels``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.config import SegmentSettings
-from segpipe.data import Dataset, load_dataset
+from segpipe.classes import colors_from_spec
+from segpipe.data import IGNORE_INDEX, Dataset, load_dataset
 from segpipe.errors import DatasetError
 from segpipe.io.readers import open_image
 from segpipe.io.storage import SourceImage, join, list_images
@@ -70,14 +76,18 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
 
 
 def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionMatrix:
-    """Confusion matrix of a segpipe output against a mask, one output chunk at a time."""
+    """Confusion matrix of a segpipe output against a mask, one output chunk at a time.
+
+    Truth pixels equal to :data:`~segpipe.data.IGNORE_INDEX` and pixels whose truth or prediction
+    is the nodata label of ``num_classes`` are not counted.
+    """
     pred = open_labels(output_uri)
     height, width = pred.shape
     with open_image(mask_uri) as masks:
         if (masks.info.height, masks.info.width) != (height, width):
             raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "
                                f"{width}×{height}")
-        cm = ConfusionMatrix(num_classes)
+        cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
         for ch in ChunkGrid(height, width, pred.chunks[0]):
             truth = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
             cm.update(truth, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
@@ -94,7 +104,7 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
     if ref.spec.num_classes != ds.num_classes:
         raise DatasetError(ds.root, f"has {ds.num_classes} classes but model {ref.uri} predicts "
                            f"{ref.spec.num_classes}")
-    cm = ConfusionMatrix(ds.num_classes)
+    cm = ConfusionMatrix(ds.num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
     samples: list[Sample] = []
     preds_root = join(out, "predictions")
     for item in ds.items:
@@ -107,7 +117,9 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
             samples.append(_sample(item.name, item.image_uri, item.mask_uri, pred, item.height, item.width))
     metrics = scores(cm.matrix, ds.classes)
     metrics["model"] = {"uri": ref.uri, "weights_sha256": ref.sha256}
-    metrics["data"] = {"root": ds.root, "split": split, "images": len(ds.items), "pixels": ds.pixels}
+    metrics["data"] = {"root": ds.root, "split": split, "images": len(ds.items), "pixels": ds.pixels,
+                       # ignored truth or nodata (truth or prediction): not in the confusion matrix
+                       "unscored_pixels": ds.pixels - cm.total}
     write_metrics_json(join(out, "metrics.json"), metrics)
     log.info("evaluated %s on %d image(s): mean IoU %s", ref.uri, len(ds.items), metrics["mean_iou"])
     return Evaluation(metrics, out, ref, samples, len(ds.items))
@@ -126,9 +138,15 @@ def model_info(ref: ModelRef) -> dict[str, Any]:
 
 def write_evaluation_report(out_dir: str, ev: Evaluation, *, title: str, champion: Evaluation | None = None,
                             class_colors: list[str] | None = None) -> tuple[str, str]:
-    """``out_dir/report.html`` + ``report.md`` for ``ev``; with ``champion``, the two side by side."""
+    """``out_dir/report.html`` + ``report.md`` for ``ev``; with ``champion``, the two side by side.
+
+    ``class_colors`` default to the model's own (``class_colors`` in its ``model.json``), filled by
+    :func:`segpipe.classes.class_colors` exactly as in its Zarr outputs.
+    """
     from segpipe.reports import write_report
 
+    if class_colors is None:
+        class_colors = colors_from_spec(ev.model.spec.model_extra)
     history = ((ev.model.spec.model_extra or {}).get("training") or {}).get("history")
     html, md = write_report(
         out_dir, champion.metrics if champion else ev.metrics, title=title, model_info=model_info(ev.model),

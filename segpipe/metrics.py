@@ -9,7 +9,11 @@ Averaging per-chunk IoUs instead would weight a nearly empty chunk like a full o
 Conventions (the ``metrics.json`` contract, see ARCHITECTURE.md):
 
 * rows are the true class, columns the predicted class;
-* pixels whose truth equals ``ignore_index`` are not counted at all;
+* pixels whose truth equals ``ignore_index`` (a mask's own "don't score" value, 255 in the
+  dataset layout) are not counted at all;
+* pixels whose truth **or** prediction is the *nodata label* (:func:`segpipe.classes.nodata_label`:
+  255 for up to 255 classes, 65,535 above; a segpipe output writes it where the source has no
+  data) are not counted either: there is nothing to score there, and it is never a class;
 * for class *c*: ``tp`` = M[c, c], ``fp`` = column sum − tp, ``fn`` = row sum − tp, ``support`` = row sum;
   ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``, ``recall = tp / (tp + fn)``,
   ``f1 = 2·tp / (2·tp + fp + fn)``.
@@ -31,10 +35,11 @@ import json
 import math
 import posixpath
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from segpipe.classes import nodata_label
 from segpipe.errors import DatasetError, InputError, OutputError
 from segpipe.io.storage import filesystem, strip_file_scheme
 
@@ -42,6 +47,15 @@ from segpipe.io.storage import filesystem, strip_file_scheme
 METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequency_weighted_iou", "pixel_accuracy")
 #: per-class keys
 CLASS_KEYS = ("iou", "precision", "recall", "f1", "support")
+
+
+#: ``nodata="auto"``: the nodata label of the class count (:func:`segpipe.classes.nodata_label`)
+Nodata = int | None | Literal["auto"]
+
+
+def resolve_nodata(nodata: Nodata, num_classes: int) -> int | None:
+    """The label value left out of the counts: ``"auto"`` → the class count's nodata label."""
+    return nodata_label(num_classes) if nodata == "auto" else nodata
 
 
 def _check_ids(values: np.ndarray, num_classes: int, what: str, ignore_index: int | None) -> None:
@@ -65,10 +79,12 @@ def _as_labels(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
-                     ignore_index: int | None = 255) -> np.ndarray:
+                     ignore_index: int | None = 255, nodata: Nodata = "auto") -> np.ndarray:
     """K×K int64 counts: ``M[t, p]`` = pixels of true class *t* predicted as *p*.
 
-    Pixels whose truth is ``ignore_index`` are skipped (their prediction is not checked).
+    Pixels whose truth is ``ignore_index`` are skipped (their prediction is not checked), and
+    so are pixels whose truth or prediction is ``nodata`` (``"auto"``: the nodata label of
+    ``num_classes``; ``None``: no such value).
     Every other truth and prediction id must lie in ``0..num_classes-1``; otherwise a
     :class:`~segpipe.errors.DatasetError` names the first offending value — a silently
     dropped id would make the scores look better than they are.
@@ -81,10 +97,15 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
     if t.shape != p.shape:
         raise DatasetError("prediction", f"shape {p.shape} differs from the truth's {t.shape}")
     t, p = t.ravel(), p.ravel()
+    keep = None
     if ignore_index is not None:
         keep = t != ignore_index
-        if not keep.all():
-            t, p = t[keep], p[keep]
+    nd = resolve_nodata(nodata, num_classes)
+    if nd is not None:
+        valid = (t != nd) & (p != nd)
+        keep = valid if keep is None else keep & valid
+    if keep is not None and not keep.all():
+        t, p = t[keep], p[keep]
     _check_ids(t, num_classes, "truth", ignore_index)
     _check_ids(p, num_classes, "prediction", ignore_index)
     k = num_classes
@@ -100,11 +121,14 @@ class ConfusionMatrix:
     ``total = sum(per_worker_matrices)``; ``total.scores(class_names)``.
     """
 
-    def __init__(self, num_classes: int, matrix: np.ndarray | None = None, ignore_index: int | None = 255) -> None:
+    def __init__(self, num_classes: int, matrix: np.ndarray | None = None, ignore_index: int | None = 255,
+                 nodata: Nodata = "auto") -> None:
         if num_classes < 1:
             raise DatasetError("num_classes", f"must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        #: label value never counted in truth or prediction (see :func:`confusion_matrix`)
+        self.nodata = resolve_nodata(nodata, num_classes)
         if matrix is None:
             self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
         else:
@@ -117,7 +141,7 @@ class ConfusionMatrix:
 
     def update(self, truth: np.ndarray, pred: np.ndarray) -> ConfusionMatrix:
         """Add the counts of one chunk (in place); returns ``self`` for chaining."""
-        self.matrix += confusion_matrix(truth, pred, self.num_classes, self.ignore_index)
+        self.matrix += confusion_matrix(truth, pred, self.num_classes, self.ignore_index, self.nodata)
         return self
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -125,7 +149,7 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise DatasetError("confusion matrix", f"cannot merge {other.num_classes} classes "
                                                    f"into {self.num_classes}")
-        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.ignore_index)
+        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.ignore_index, self.nodata)
 
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         if not isinstance(other, ConfusionMatrix):
@@ -135,7 +159,7 @@ class ConfusionMatrix:
     def __radd__(self, other: object) -> ConfusionMatrix:
         # lets sum([cm_a, cm_b, ...]) work (sum starts from 0)
         if other == 0:
-            return ConfusionMatrix(self.num_classes, self.matrix, self.ignore_index)
+            return ConfusionMatrix(self.num_classes, self.matrix, self.ignore_index, self.nodata)
         return NotImplemented
 
     def __eq__(self, other: object) -> bool:

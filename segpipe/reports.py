@@ -17,7 +17,6 @@ markdown artifacts) without the figures.
 from __future__ import annotations
 
 import base64
-import colorsys
 import html
 import io
 import json
@@ -31,15 +30,18 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segpipe.errors import ConfigError, DatasetError, OutputError
+from segpipe.classes import nodata_label, palette_rgba
+from segpipe.errors import DatasetError, OutputError
 
-#: class colours used when the caller gives none (tab10 with the grey swapped out: grey means "ignored")
-DEFAULT_PALETTE: tuple[str, ...] = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#393b79", "#bcbd22", "#17becf",
-)
 IGNORE_RGB = (128, 128, 128)
-ERROR_RGB = (220, 20, 20)
+#: colour of wrong pixels in the error panel: magenta, which no default class colour is near;
+#: :func:`error_rgb` picks another one when a class colour comes close to it
+ERROR_RGB = (255, 0, 255)
+#: candidates for the error colour, in order of preference
+_ERROR_CANDIDATES = ((255, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0), (0, 0, 255), (0, 255, 0),
+                     (0, 0, 0), (255, 255, 255), (128, 0, 255), (255, 128, 0))
+#: RGB distance under which two colours count as confusable
+_MIN_COLOR_DISTANCE = 80.0
 #: differences smaller than this are shown as unchanged (scores are printed with 4 decimals)
 DELTA_TOLERANCE = 5e-5
 #: sample panels are scaled to this width range (px): readable, yet the report stays small
@@ -81,29 +83,27 @@ def _text_size(font: Any, text: str) -> tuple[int, int]:
     return int(math.ceil(box[2] - min(box[0], 0))), int(math.ceil(box[3] - min(box[1], 0)))
 
 
-def _hex_rgb(color: str) -> tuple[int, int, int]:
-    c = color.strip().lstrip("#")
-    if len(c) == 3:
-        c = "".join(ch * 2 for ch in c)
-    try:
-        if len(c) != 6:
-            raise ValueError
-        return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
-    except ValueError:
-        raise ConfigError(color, "is not a colour; expected '#rrggbb'") from None
+def class_palette(num_classes: int, class_colors: Sequence[str | None] | None = None) -> list[tuple[int, int, int]]:
+    """RGB colour per class from the one class table (:func:`segpipe.classes.class_colors`):
+    the given hex colours, missing ones from the default palette, so a report shows each class
+    in the colour the Zarr outputs, COGs and viewers show it in."""
+    return [(int(r), int(g), int(b)) for r, g, b, _ in palette_rgba(num_classes, class_colors)]
 
 
-def class_palette(num_classes: int, class_colors: Sequence[str] | None = None) -> list[tuple[int, int, int]]:
-    """RGB colour per class: ``class_colors`` (hex strings) or :data:`DEFAULT_PALETTE`, extended
-    with evenly spaced hues when there are more classes than colours."""
-    colors = [_hex_rgb(c) for c in (class_colors or DEFAULT_PALETTE)]
-    i = 0
-    while len(colors) < num_classes:
-        h = (i * 0.618033988749895 + 0.11) % 1.0  # golden-ratio hue steps stay distinct
-        r, g, b = colorsys.hsv_to_rgb(h, 0.65, 0.85)
-        colors.append((round(r * 255), round(g * 255), round(b * 255)))
-        i += 1
-    return colors[:num_classes]
+def error_rgb(palette: Sequence[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """The error-panel colour: the first candidate (magenta first) far from every class colour,
+    else the candidate farthest from all of them."""
+    if not len(palette):
+        return ERROR_RGB
+    classes = np.asarray(palette, np.float64)[:, :3]
+
+    def distance(c: tuple[int, int, int]) -> float:
+        return float(np.sqrt(((classes - np.asarray(c, np.float64)) ** 2).sum(axis=1)).min())
+
+    for c in _ERROR_CANDIDATES:
+        if distance(c) >= _MIN_COLOR_DISTANCE:
+            return c
+    return max(_ERROR_CANDIDATES, key=distance)
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -267,7 +267,7 @@ def _tick_label(v: float, ticks: list[float]) -> str:
 def line_plot_png(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str = "epoch",
                   width: int = 540, height: int = 320) -> bytes:
     """A simple line plot (axes, ticks, grid, legend) of named (x, y) series as PNG bytes."""
-    palette = class_palette(len(series))
+    palette = class_palette(len(series) + 1)[1:]  # class 0's dark grey is no line colour
     title_font, font = _font(16), _font(13)
     pts = [(x, y) for s in series.values() for x, y in s]
     xs, ys = [p[0] for p in pts] or [1.0], [p[1] for p in pts] or [0.0]
@@ -377,9 +377,11 @@ def _as_rgb(image: np.ndarray, name: str) -> np.ndarray:
 def sample_png(sample: Sample, palette: Sequence[tuple[int, int, int]], class_names: Sequence[str]) -> bytes:
     """Four panels side by side — image | truth | prediction | errors — with a legend, as PNG bytes.
 
-    Errors are red where prediction ≠ truth; ignored truth pixels are hatched grey (in the truth
-    and error panels); correct pixels show a faded copy of the image for orientation. Panels are
-    scaled to 256–512 px wide (nearest neighbour for labels so class boundaries stay exact).
+    Errors are magenta (:func:`error_rgb`: a colour no class has) where prediction ≠ truth;
+    ignored truth pixels and predicted *nodata* pixels (:func:`segpipe.classes.nodata_label`:
+    the source had no data there) are hatched grey and not scored; correct pixels show a faded
+    copy of the image for orientation. Panels are scaled to 256–512 px wide (nearest neighbour
+    for labels so class boundaries stay exact).
     """
     image = _as_rgb(sample.image, sample.name)
     truth, pred = np.asarray(sample.truth), np.asarray(sample.prediction)
@@ -388,11 +390,14 @@ def sample_png(sample: Sample, palette: Sequence[tuple[int, int, int]], class_na
                                         f"{pred.shape} must have the same height and width")
     h, w = truth.shape
     palette = list(palette)
-    ignored = truth == sample.ignore_index if sample.ignore_index is not None else np.zeros_like(truth, bool)
+    error_color = error_rgb(palette)
+    truth_ignored = truth == sample.ignore_index if sample.ignore_index is not None else np.zeros_like(truth, bool)
+    no_data = pred == nodata_label(max(len(class_names), 1))
+    ignored = truth_ignored | no_data
     wrong = (pred != truth) & ~ignored
     gray = image.astype(np.float32).mean(axis=2)
     errors = np.repeat((185 + 0.27 * gray)[..., None], 3, axis=2).astype(np.uint8)
-    errors[wrong] = ERROR_RGB
+    errors[wrong] = error_color
     scored = int((~ignored).sum())
     rate = wrong.sum() / scored if scored else float("nan")
 
@@ -409,14 +414,18 @@ def sample_png(sample: Sample, palette: Sequence[tuple[int, int, int]], class_na
 
     # the ignore hatch is drawn at panel resolution, after scaling, so its stripes stay sharp
     ignored_p = panel(ignored.astype(np.uint8) * 255, False) > 0
+    no_data_p = panel(no_data.astype(np.uint8) * 255, False) > 0
+    truth_ignored_p = panel(truth_ignored.astype(np.uint8) * 255, False) > 0
     hatch = _hatch(ph, pw)
     truth_p, errors_p = panel(_colorize(truth, palette), False), panel(errors, False)
-    truth_p[ignored_p] = hatch[ignored_p]
+    pred_p = panel(_colorize(pred, palette), False)
+    truth_p[truth_ignored_p] = hatch[truth_ignored_p]
+    pred_p[no_data_p] = hatch[no_data_p]
     errors_p[ignored_p] = hatch[ignored_p]
     panels = [
         ("image", panel(image, True)),
         ("truth", truth_p),
-        ("prediction", panel(_colorize(pred, palette), False)),
+        ("prediction", pred_p),
         (f"errors ({_num(rate * 100, 1)} %)" if scored else "errors", errors_p),
     ]
     # text grows with the panels: a browser shows wide figures scaled down to the page width
@@ -425,7 +434,7 @@ def sample_png(sample: Sample, palette: Sequence[tuple[int, int, int]], class_na
     gap, pad, sw = round(12 * scale), round(14 * scale), round(18 * scale)
     title_h = _text_size(title_font, "Ag")[1] + 10
     # legend entries: classes, then the error colours; wrapped into rows
-    entries = [(n, c) for n, c in zip(class_names, palette)] + [("error", ERROR_RGB), ("ignored", None)]
+    entries = [(n, c) for n, c in zip(class_names, palette)] + [("error", error_color), ("ignored", None)]
     width = pad * 2 + 4 * pw + 3 * gap
     rows: list[list[tuple[str, tuple | None]]] = [[]]
     x = pad
@@ -711,7 +720,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
 
     ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.metrics.scores`);
     ``history`` is a list of per-epoch dicts (``{"epoch": 1, "train_loss": …, "val_mean_iou": …}``);
-    ``class_colors`` are hex strings in class order (default :data:`DEFAULT_PALETTE`).
+    ``class_colors`` are hex strings in class order (a model's ``class_colors``); missing ones come
+    from :func:`segpipe.classes.class_colors`, as in the Zarr outputs.
     """
     _check_metrics(metrics, "champion")
     if challenger is not None:
@@ -759,7 +769,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
         parts.append("</div>")
     if samples:
         parts.append("<h2>Samples</h2>")
-        parts.append('<p class="note">image | truth | prediction | errors (red: wrong, hatched grey: ignored).</p>')
+        parts.append('<p class="note">image | truth | prediction | errors (magenta: wrong, hatched grey: '
+                     'ignored or no data).</p>')
         for s in samples:
             parts.append(f"<figure>{_img(sample_png(s, palette, names), s.name)}</figure>")
 

@@ -617,7 +617,9 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     seconds = time.perf_counter() - t_start  # this call (a resumed run: since the resume)
     spec = ModelSpec(
         architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
-        mean=mean, std=std, input_scale=input_scale, colors=full.colors,
+        # ``class_colors`` is the contract key the pipeline, exports and viewers read
+        # (segpipe.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
+        mean=mean, std=std, input_scale=input_scale, class_colors=list(full.colors),
         training={
             "settings": _settings_dump(s),
             "epochs_run": prog.epoch,

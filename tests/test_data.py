@@ -147,12 +147,23 @@ def test_empty_dataset(tmp_path):
     ('{"names": ["a"]}', r"classes\.json: classes: Field required"),
     ('{"classes": []}', r"classes\.json: classes: List should have at least 1 item"),
     ('{"classes": [{"name": "a"}, {"name": "a"}]}', r"classes\.json: classes: .*'a' appears twice"),
-    ('{"classes": [{"name": "a", "color": "red"}]}', r"classes\.json: classes\.0\.color: String should match"),
+    ('{"classes": [{"name": "a", "color": "red"}]}', r"classes\.json: classes\.0\.color: .*'red' is not a colour"),
     ('{"classes": [{"color": "#000000"}]}', r"classes\.json: classes\.0\.name: Field required"),
 ])
 def test_malformed_classes(five, content, match):
     (five / "classes.json").write_text(content)
     _expect(five, match)
+
+
+def test_class_colours_come_from_the_class_table(five):
+    from segpipe.classes import DEFAULT_COLORS, class_colors
+
+    (five / "classes.json").write_text(json.dumps({"classes": [
+        {"name": "a", "color": "#ABC"}, {"name": "b"}, {"name": "c", "color": "#11223344"}, {"name": "d"}]}))
+    ds = load_dataset(str(five))
+    # explicit colours normalised by the one parser; missing ones = the outputs' default palette
+    assert ds.colors == ["#aabbcc", DEFAULT_COLORS[1], "#11223344", DEFAULT_COLORS[3]]
+    assert ds.colors == class_colors(4, ["#abc", None, "#11223344"])
 
 
 def test_missing_classes(five):

@@ -189,12 +189,53 @@ def test_round_trip_through_metrics_dict() -> None:
 @pytest.mark.parametrize(("truth", "pred", "who", "value"), [
     ([0, 1, 7], [0, 1, 2], "truth", "7"),
     ([0, 1, 2], [0, 5, 2], "prediction", "5"),
-    ([0, 1, 2], [0, 255, 2], "prediction", "255"),  # a prediction of the ignore id at a counted pixel
+    ([0, 1, 2], [0, 254, 2], "prediction", "254"),
     ([0, -1, 2], [0, 1, 2], "truth", "-1"),
 ])
 def test_out_of_range_ids_raise(truth: list[int], pred: list[int], who: str, value: str) -> None:
     with pytest.raises(DatasetError, match=rf"^{who}: class id {value} is out of range for 3 classes"):
         confusion_matrix(np.array(truth), np.array(pred), 3)
+
+
+def test_prediction_of_255_raises_when_nodata_is_off() -> None:
+    # without a nodata label, 255 in a prediction is just an id out of range
+    with pytest.raises(DatasetError, match=r"^prediction: class id 255 is out of range for 3 classes"):
+        confusion_matrix(np.array([0, 1, 2]), np.array([0, 255, 2]), 3, nodata=None)
+
+
+def test_nodata_in_truth_or_prediction_is_not_counted() -> None:
+    """3 classes → nodata label 255; the mask's own ignore value here is 9 (not 255)."""
+    truth = np.array([[0, 0, 1, 1, 2],
+                      [2, 255, 1, 9, 0]], dtype=np.uint8)
+    pred = np.array([[0, 1, 1, 255, 2],
+                     [1, 0, 255, 2, 255]], dtype=np.uint8)
+    # counted pixels (truth, pred): (0,0) (0,1) (1,1) (2,2) (2,1); left out: (1,255) (255,0)
+    # (1,255) (9 ignored, 2) (0,255)
+    m = confusion_matrix(truth, pred, 3, ignore_index=9)
+    assert m.tolist() == [[1, 1, 0],
+                          [0, 1, 0],
+                          [0, 1, 1]]
+    cm = ConfusionMatrix(3, ignore_index=9).update(truth, pred)
+    assert cm.total == 5 and cm.nodata == 255
+    s = cm.scores(["a", "b", "c"])
+    assert s["pixel_accuracy"] == pytest.approx(3 / 5)
+    # iou: a 1/(1+0+1), b 1/(1+2+0), c 1/(1+0+1)
+    assert [s["per_class"][n]["iou"] for n in "abc"] == pytest.approx([1 / 2, 1 / 3, 1 / 2])
+    assert s["mean_iou"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+    # merging keeps the rule; the default mask ignore value (255) is the nodata label as well
+    assert (cm + ConfusionMatrix(3).update(np.array([255, 0]), np.array([1, 255]))).total == 5
+
+
+def test_nodata_label_of_uint16_classes() -> None:
+    """300 classes → uint16 ids, nodata label 65,535; 255 is a real class there."""
+    k = 300
+    truth = np.array([255, 299, 65535, 3], dtype=np.uint16)
+    pred = np.array([255, 65535, 7, 3], dtype=np.uint16)
+    m = confusion_matrix(truth, pred, k, ignore_index=None)
+    assert m.sum() == 2 and m[255, 255] == 1 and m[3, 3] == 1
+    # uint8 arrays compared with a 16-bit nodata label: nothing dropped, nothing wraps
+    assert confusion_matrix(np.array([0, 254], np.uint8), np.array([254, 0], np.uint8), k,
+                            ignore_index=None).sum() == 2
 
 
 def test_prediction_at_ignored_pixels_is_not_checked() -> None:

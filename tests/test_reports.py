@@ -20,6 +20,7 @@ from segpipe.reports import (
     Sample,
     class_palette,
     confusion_png,
+    error_rgb,
     line_plot_png,
     markdown_table,
     sample_png,
@@ -251,6 +252,46 @@ def test_bad_colour_raises() -> None:
     with pytest.raises(ConfigError, match="not a colour"):
         class_palette(2, ["#12345", "#000000"])
     assert len(set(class_palette(40))) == 40  # extended beyond the default palette, still distinct
+
+
+def test_report_palette_is_the_class_table() -> None:
+    """The report shows each class in the colour the outputs show it in (segpipe.classes)."""
+    from segpipe.classes import DEFAULT_COLORS, palette_rgba
+
+    assert class_palette(5, COLORS) == [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in COLORS]
+    given = ["#ff0000", None, "#0a0"]
+    assert class_palette(20, given) == [tuple(int(v) for v in rgba[:3]) for rgba in palette_rgba(20, given)]
+    assert class_palette(3)[1] == tuple(int(DEFAULT_COLORS[1][i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.mark.parametrize("colors", [None, COLORS, ["#ff00ff", "#00ffff", "#fe01fd"], ["#ff0000"] * 3])
+def test_error_colour_is_no_class_colour(colors) -> None:
+    palette = class_palette(len(colors) if colors else 16, colors)
+    err = np.array(error_rgb(palette), float)
+    assert min(np.linalg.norm(np.array(palette, float) - err, axis=1)) >= 80
+    if colors is None or colors == COLORS:
+        assert error_rgb(palette) == ERROR_RGB  # magenta: far from every default colour
+
+
+def test_predicted_nodata_is_hatched_and_not_an_error() -> None:
+    image, truth = _scene(40, 50, 9)
+    truth[truth == 255] = 0
+    pred = truth.copy()
+    pred[:, 25:] = 255  # the nodata label of 5 classes: no source data there
+
+    def render(p: np.ndarray) -> np.ndarray:
+        png = sample_png(Sample("s", image, truth, p), class_palette(5, COLORS), NAMES)
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+    def error_pixels(img: np.ndarray) -> int:
+        return int((img == np.array(ERROR_RGB, np.uint8)).all(axis=2).sum())
+
+    perfect, img = render(truth), render(pred)
+    assert error_pixels(perfect) > 0  # the legend swatch
+    assert error_pixels(img) == error_pixels(perfect)  # nodata is not wrong
+    hatch = np.array((215, 215, 215), np.uint8)
+    # hatched where there is no data: prediction and error panels, half of each (beyond the legend's swatch)
+    assert (img == hatch).all(axis=2).sum() > (perfect == hatch).all(axis=2).sum() + 2 * 128 * 256 // 4
 
 
 @pytest.mark.parametrize("k", [1, 2, 30])

@@ -229,3 +229,53 @@ def test_validation_in_tiles_counts_every_pixel(data):
     whole = evaluate_network(net, ds, tile=1024, **kw)
     assert tiled.total == whole.total == 96 * 96
     np.testing.assert_array_equal(tiled.matrix.sum(axis=1), whole.matrix.sum(axis=1))  # same truth
+
+
+@pytest.mark.slow
+def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
+    """classes.json colours → model.json ``class_colors`` → the same colours in outputs and reports."""
+    import shutil
+
+    from segpipe.classes import class_colors, colors_from_spec, palette_rgba
+    from segpipe.evaluation import Evaluation, write_evaluation_report
+    from segpipe.pipeline import ModelRef
+    from segpipe.reports import class_palette
+    from segpipe.stitching import ome_attrs
+
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    table = json.loads((root / "classes.json").read_text())
+    given = ["#102030", None, "#abc", "#ff00ff", "#00ff0080"]
+    for entry, color in zip(table["classes"], given, strict=True):
+        entry.pop("color", None)
+        if color:
+            entry["color"] = color
+    (root / "classes.json").write_text(json.dumps(table))
+    quick = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 4})
+    result = train(str(root), str(tmp_path / "model"), quick, progress=False)
+
+    expected = class_colors(5, given)
+    assert expected[0] == "#102030" and expected[2] == "#aabbcc" and expected[4] == "#00ff0080"
+    model_json = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert model_json["class_colors"] == expected  # the contract key the pipeline reads
+    assert "colors" not in model_json
+    assert colors_from_spec(load_artifact(result.uri).spec.model_extra) == expected
+
+    # the outputs' palette (NGFF image-label colours, as the pipeline writes them for this model)
+    names = model_json["classes"]
+    ome = ome_attrs("x", names, model_json["class_colors"], None)
+    output_rgb = {c["label-value"]: tuple(c["rgba"][:3]) for c in ome["image-label"]["colors"]}
+    report_rgb = class_palette(5, colors_from_spec(model_json))
+    assert report_rgb == [output_rgb[i] for i in range(5)]
+    assert report_rgb == [tuple(int(v) for v in c[:3]) for c in palette_rgba(5, expected)]
+
+    # an evaluation report of this model uses those colours without being told
+    ref = ModelRef(result.uri, result.weights_sha256, result.spec)
+    metrics = {"classes": names, "confusion_matrix": np.eye(5, dtype=int).tolist(),
+               "per_class": {n: {"iou": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+                             for n in names}, "mean_iou": 1.0, "frequency_weighted_iou": 1.0,
+               "pixel_accuracy": 1.0}
+    html, _ = write_evaluation_report(str(tmp_path / "report"), Evaluation(metrics, "", ref, [], 1), title="t")
+    page = Path(html).read_text()
+    for color in ("#102030", "#aabbcc", "#ff00ff", "#00ff00"):
+        assert f"background:{color}" in page

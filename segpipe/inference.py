@@ -24,7 +24,7 @@ from segpipe.config import InferenceSettings
 if TYPE_CHECKING:
     import torch
 
-    from segpipe.models import Artifact
+    from segpipe.models import Artifact, InputNorm
 
 log = logging.getLogger("segpipe.inference")
 
@@ -108,11 +108,9 @@ class Predictor:
             torch.set_num_threads(threads or available_cores())
         net = artifact.network().to(self.device).to(memory_format=torch.channels_last)
         self.net = net.eval()
-        # (pixel / s - mean) / std  ==  pixel * scale + bias
-        std = torch.tensor(self.spec.std, dtype=torch.float32)
-        mean = torch.tensor(self.spec.mean, dtype=torch.float32)
-        self._scale = (1.0 / (self.spec.input_scale * std)).view(1, -1, 1, 1).to(self.device)
-        self._bias = (-mean / std).view(1, -1, 1, 1).to(self.device)
+        # the one place where raw pixels become network input: segpipe.models.InputNorm folded
+        # into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
+        self._folded: dict = {}
         self.label_dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
         # One forward at a time per device, always on the same thread (see predict).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segpipe-compute")
@@ -123,15 +121,48 @@ class Predictor:
 
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
-    def _to_input(self, tiles: np.ndarray) -> torch.Tensor:
+    def input_norm(self, dtype: str) -> InputNorm:
+        """The fixed normalisation of ``dtype`` tiles (raises InputError for a type the model can't read)."""
+        from segpipe.errors import ModelError
+        from segpipe.models import normalization_for
+
+        norm = normalization_for(self.spec, dtype)
+        if norm is None:
+            raise ModelError(None, "this model normalises each image from its own statistics (percentile): "
+                             "pass the image's normalisation (segpipe.models.image_normalization) to predict")
+        return norm
+
+    def _fold(self, norm: InputNorm) -> tuple:
         import torch
 
+        folded = self._folded.get(norm)
+        if folded is None:
+            scale, bias, lo, hi = norm.fold(self.spec.mean, self.spec.std)
+
+            def t(a: np.ndarray | None) -> torch.Tensor | None:
+                return None if a is None else torch.from_numpy(a).view(1, -1, 1, 1).to(self.device)
+
+            folded = (t(scale), t(bias), t(lo), t(hi))
+            if len(self._folded) > 64:  # per-image rules (percentile): keep a few
+                self._folded.clear()
+            self._folded[norm] = folded
+        return folded
+
+    def _to_input(self, tiles: np.ndarray, norm: InputNorm | None = None) -> torch.Tensor:
+        import torch
+
+        if norm is None:
+            norm = self.input_norm(str(tiles.dtype))
+        scale, bias, lo, hi = self._fold(norm)
         t = torch.from_numpy(np.ascontiguousarray(tiles))
         if t.dtype not in (torch.float32, torch.float64, torch.uint8, torch.int16, torch.int32):
             t = t.to(torch.float32)  # uint16 and friends: torch can't move them to CUDA
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
-        x = t.to(torch.float32).mul_(self._scale).add_(self._bias)
+        x = t.to(torch.float32).mul_(scale).add_(bias)
+        if lo is not None:
+            x = torch.maximum(x, lo, out=x)
+            x = torch.minimum(x, hi, out=x)
         return x.contiguous(memory_format=torch.channels_last)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,22 +172,24 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.net(x)
 
-    def predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, tiles: np.ndarray, norm: InputNorm | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
-        ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here.
+        ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here,
+        by ``norm`` (the image's, from :func:`segpipe.models.image_normalization`; resolved once per
+        image) or, when None, the model's fixed rule for the tiles' dtype.
         Every forward runs on the predictor's one compute thread: the calling threads (Dask's)
         read and write meanwhile, and the allocator's memory stays in one arena instead of
         growing one per calling thread.
         """
-        return self._executor.submit(self._predict, tiles).result()
+        return self._executor.submit(self._predict, tiles, norm).result()
 
-    def _predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         want_probs = self.settings.probabilities
         with torch.inference_mode():
-            x = self._to_input(tiles)
+            x = self._to_input(tiles, norm)
             if self.settings.tta:
                 # mirror TTA: average softmax over the 4 flips (undo each flip on the output)
                 probs = None

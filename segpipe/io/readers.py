@@ -74,6 +74,9 @@ def gdal_options() -> dict[str, str | int]:
     # (rasterio passes an integer GDAL_CACHEMAX as bytes; a user's own setting is left alone)
     if "GDAL_CACHEMAX" not in os.environ:
         opts["GDAL_CACHEMAX"] = 32 * 2**20
+    # GDAL 3.10's whole-image PNG fast path returns zeros *without an error* for a truncated PNG
+    # (a window covering the whole image takes that path); the row-by-row path reports the damage
+    opts["GDAL_PNG_WHOLE_IMAGE_OPTIM"] = "NO"
     # decode the blocks of one window read in parallel (GTiff)
     opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -125,21 +128,125 @@ def _looks_transient(reason: str) -> bool:
     return any(w in low for w in _TRANSIENT_WORDS)
 
 
-def select_bands(available: int, bands: Sequence[int] | None, uri: str) -> list[int]:
-    """1-based band indexes to read; checks ``bands`` against the ``available`` count."""
+def select_bands(available: int, bands: Sequence[int] | None, uri: str, note: str = "") -> list[int]:
+    """1-based band indexes to read; checks ``bands`` against the ``available`` count.
+
+    A band may be named more than once (``--bands 1,1,1`` feeds a grayscale image to an RGB model).
+    """
     if bands is None:
         return list(range(1, available + 1))
-    bad = [b for b in bands if b > available]
+    bad = [b for b in bands if b > available or b < 1]
     if bad:
-        raise InputError(uri, f"has {available} band(s); --bands asks for band {bad[0]}")
+        raise InputError(uri, f"has {available} band(s){note}; --bands asks for band {bad[0]}")
     return list(bands)
 
 
+# --------------------------------------------------------------------------- EXIF orientation
+#
+# EXIF orientation o (1–8) says how the stored pixels are turned for display. Readers serve the
+# *displayed* image: a window of it maps to one window of the stored image plus a flip/transpose.
+# displayed (r, c) ← stored:  1 (r, c)   2 (r, W-1-c)   3 (H-1-r, W-1-c)   4 (H-1-r, c)
+#                             5 (c, r)   6 (H-1-c, r)   7 (H-1-c, W-1-r)   8 (c, W-1-r)
+# (Pillow's ImageOps.exif_transpose gives the same image.)
+
+
+def oriented_size(orientation: int, height: int, width: int) -> tuple[int, int]:
+    """Displayed (height, width) of a stored ``height`` × ``width`` image."""
+    return (width, height) if orientation >= 5 else (height, width)
+
+
+def stored_window(orientation: int, height: int, width: int, y0: int, x0: int, h: int, w: int
+                  ) -> tuple[int, int, int, int]:
+    """The stored (y0, x0, h, w) holding displayed window (y0, x0, h, w); ``height``/``width`` are stored."""
+    H, W = height, width
+    if orientation <= 4:
+        sy = H - y0 - h if orientation in (3, 4) else y0
+        sx = W - x0 - w if orientation in (2, 3) else x0
+        return sy, sx, h, w
+    sy = H - x0 - w if orientation in (6, 7) else x0  # displayed columns run along stored rows
+    sx = W - y0 - h if orientation in (7, 8) else y0
+    return sy, sx, w, h
+
+
+def orient_block(orientation: int, block: np.ndarray) -> np.ndarray:
+    """A stored (…, h, w) block as displayed (see :func:`stored_window`)."""
+    o = orientation
+    if o == 1:
+        return block
+    if o == 2:
+        return block[..., :, ::-1]
+    if o == 3:
+        return block[..., ::-1, ::-1]
+    if o == 4:
+        return block[..., ::-1, :]
+    t = np.swapaxes(block, -1, -2)
+    return {5: t, 6: t[..., :, ::-1], 7: t[..., ::-1, ::-1], 8: t[..., ::-1, :]}[o]
+
+
+def _png_exif(path: str) -> bytes | None:
+    """The eXIf chunk of a PNG before its image data (None when there is none)."""
+    import struct
+
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind in (b"IDAT", b"IEND"):
+                return None
+            f.seek(length + 4, 1)
+
+
+def exif_orientation(path: str, driver: str, tags: dict[str, str]) -> int:
+    """EXIF orientation (1–8) of a JPEG (from GDAL), a local PNG (eXIf) or a local TIFF (tag 274); 1 if none."""
+    value: Any = tags.get("EXIF_Orientation")
+    try:
+        if value is None and driver == "PNG" and not has_scheme(path):
+            raw = _png_exif(strip_file_scheme(path))
+            if raw:
+                from PIL import Image
+
+                exif = Image.Exif()
+                exif.load(raw if raw.startswith(b"Exif") else b"Exif\x00\x00" + raw)
+                value = exif.get(0x0112)
+        elif value is None and driver == "GTiff" and not has_scheme(path):
+            import tifffile
+
+            with tifffile.TiffFile(strip_file_scheme(path)) as tf:
+                tag = tf.pages[0].tags.get(274)
+                value = tag.value if tag is not None else None
+        o = int(value) if value is not None else 1
+    except (OSError, ValueError, TypeError, ImportError, SyntaxError):  # unreadable EXIF: as stored
+        return 1
+    return o if 1 <= o <= 8 else 1
+
+
+#: TIFF pages opened to tell previews (smaller) from further full images
+_MAX_PAGES_CHECKED = 64
+
+
 class RasterioReader:
-    """GeoTIFF/COG, TIFF, PNG, JPEG and anything else GDAL reads, via rasterio windows."""
+    """GeoTIFF/COG, TIFF, PNG, JPEG and anything else GDAL reads, via rasterio windows.
+
+    Layouts are turned into what a model reads (the ``layout`` entry of ``info.extra`` says which):
+
+    * palette (colour-mapped) PNG/TIFF → RGB through the colour table; transparent entries are nodata;
+    * RGBA, gray+alpha (LA) → the alpha band is not a band: it is the nodata mask (alpha 0 = no data);
+    * CMYK JPEG/TIFF → RGB (GDAL converts; ``source_color_space: CMYK``);
+    * EXIF orientation (JPEG, local PNG/TIFF; not georeferenced images) → applied: the reader
+      serves the upright image and maps every window through the rotation;
+    * multi-page TIFF → page 1 when the other pages are smaller previews (noted in ``extra``);
+      refused when another page is a full image (segmenting page 1 alone would lose it).
+    """
 
     def __init__(self, uri: str, bands: Sequence[int] | None = None, level: int | None = None) -> None:
         import rasterio
+        from rasterio.enums import ColorInterp
         from rasterio.errors import RasterioIOError
 
         _check_local_file(uri)
@@ -155,32 +262,118 @@ class RasterioReader:
                 self._ds = rasterio.open(gdal_path(uri), **opts)
         except RasterioIOError as e:
             raise InputError(uri, _gdal_reason(e)) from e
+        try:
+            self._setup(uri, bands, level, ColorInterp)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, uri: str, bands: Sequence[int] | None, level: int | None, ColorInterp: Any) -> None:
         ds = self._ds
-        self._indexes = select_bands(ds.count, bands, uri)
+        extra: dict[str, Any] = {"level": level or 0}
+        interp = list(ds.colorinterp)
+        self._lut: np.ndarray | None = None  # palette: (entries, 4) RGBA by index
+        if ds.count == 1 and interp[0] == ColorInterp.palette:
+            self._lut = self._palette_lut(uri)
+            colour = [1, 2, 3]  # positions in the expanded RGB(A)
+            extra["layout"] = "palette"
+            note = " (a palette image, expanded to RGB)"
+        else:
+            alpha = [i + 1 for i, ci in enumerate(interp) if ci == ColorInterp.alpha]
+            colour = [i + 1 for i, ci in enumerate(interp) if ci != ColorInterp.alpha] if alpha else \
+                list(range(1, ds.count + 1))
+            if not colour:  # an alpha-only raster: read it as a band
+                colour, alpha = list(range(1, ds.count + 1)), []
+            note = " plus alpha (the nodata mask)" if alpha else ""
+            if alpha:
+                extra["alpha"] = True
+                extra["layout"] = "gray+alpha" if len(colour) == 1 else "rgba" if len(colour) == 3 else "bands+alpha"
+        space = ds.tags(ns="IMAGE_STRUCTURE").get("SOURCE_COLOR_SPACE")
+        if space and space not in ("YCbCr", "RGB"):
+            extra["source_color_space"] = space  # e.g. CMYK: GDAL already converted it to RGB
+        extra["bands_in_file"] = len(colour)
+        self._indexes = [colour[b - 1] for b in select_bands(len(colour), bands, uri, note)]
+        pages = self._pages(uri)
+        if pages > 1:
+            extra["pages"] = pages
+            extra["note"] = f"multi-page TIFF: page 1 of {pages} read (the other pages are smaller previews)"
         crs = ds.crs.to_wkt() if ds.crs else None
         t = ds.transform
-        georeferenced = crs is not None or not t.is_identity
+        georeferenced = crs is not None or not t.is_identity or bool(ds.gcps[0])
+        self._orientation = 1 if georeferenced or level else exif_orientation(uri, ds.driver, ds.tags())
+        if self._orientation != 1:
+            extra["exif_orientation"] = self._orientation
+        height, width = oriented_size(self._orientation, ds.height, ds.width)
+        # the source pixel type of the bands served (a palette's colours are 8-bit)
+        dtype = str(self._lut.dtype) if self._lut is not None else str(np.dtype(ds.dtypes[self._indexes[0] - 1]))
         self.info = ImageInfo(
-            uri=uri, height=ds.height, width=ds.width, count=len(self._indexes),
-            dtype=str(np.dtype(ds.dtypes[self._indexes[0] - 1])),
+            uri=uri, height=height, width=width, count=len(self._indexes), dtype=dtype,
             crs_wkt=crs,
             transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
-            nodata=ds.nodata, driver=ds.driver, extra={"level": level or 0},
+            nodata=ds.nodata, driver=ds.driver, extra=extra,
         )
+
+    def _palette_lut(self, uri: str) -> np.ndarray:
+        cmap = self._ds.colormap(1)
+        size = 256 if self._ds.dtypes[0] == "uint8" else max(cmap) + 1
+        lut = np.zeros((size, 4), np.uint8)
+        lut[:, 3] = 255
+        for k, rgba in cmap.items():
+            if 0 <= k < size:
+                lut[k] = rgba
+        return lut
+
+    def _pages(self, uri: str) -> int:
+        """Pages of a multi-page TIFF (1 otherwise); refuses one whose further pages are full images."""
+        import rasterio
+
+        ds = self._ds
+        subs = [s for s in ds.subdatasets if s.startswith("GTIFF_DIR:")] if ds.driver == "GTiff" else []
+        if len(subs) < 2:
+            return 1
+        for i, sub in enumerate(subs[1:_MAX_PAGES_CHECKED], start=2):
+            try:
+                with warnings.catch_warnings(), rasterio.Env(**self._gdal):
+                    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                    with rasterio.open(sub) as page:
+                        size = (page.height, page.width)
+            except rasterio.errors.RasterioIOError:
+                continue
+            if size[0] >= ds.height and size[1] >= ds.width:
+                raise InputError(uri, f"is a multi-page TIFF with {len(subs)} pages and page {i} is a full "
+                                 f"{size[1]}×{size[0]} image: segpipe segments one image per file; split the "
+                                 f"pages first (e.g. gdal_translate GTIFF_DIR:{i}:<file> page{i}.tif)")
+        return len(subs)
+
+    # ---- reading: stored pixels → model bands (palette expanded) → displayed orientation
+
+    def _read_stored(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        from rasterio.windows import Window as RWindow
+
+        win = RWindow(x0, y0, w, h)
+        if self._lut is None:
+            return self._ds.read(self._indexes, window=win)
+        idx = self._ds.read(1, window=win)
+        rgba = self._lut[np.minimum(idx, len(self._lut) - 1)]  # (h, w, 4)
+        return np.ascontiguousarray(np.moveaxis(rgba, -1, 0)[[i - 1 for i in self._indexes]])
+
+    def _read_inside(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        ds, o = self._ds, self._orientation
+        sy, sx, sh, sw = stored_window(o, ds.height, ds.width, y0, x0, h, w)
+        return np.ascontiguousarray(orient_block(o, self._read_stored(sy, sx, sh, sw)))
 
     def read(self, window: Window) -> np.ndarray:
         import rasterio
         from rasterio.errors import RasterioError
-        from rasterio.windows import Window as RWindow
 
         info = self.info
         try:
             with rasterio.Env(**self._gdal):
                 if window.inside(info.height, info.width):
-                    return self._ds.read(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
+                    return self._read_inside(window.y0, window.x0, window.h, window.w)
                 ys, xs = source_indices(window, info.height, info.width)
                 y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-                block = self._ds.read(self._indexes, window=RWindow(x0, y0, x1 - x0, y1 - y0))
+                block = self._read_inside(y0, x0, y1 - y0, x1 - x0)
         except RasterioError as e:
             reason = _gdal_reason(e)
             if has_scheme(info.uri) and _looks_transient(reason):
@@ -190,25 +383,67 @@ class RasterioReader:
 
     @property
     def has_mask(self) -> bool:
-        """True when the raster declares invalid pixels (a nodata value, a mask band or alpha)."""
+        """True when the raster declares invalid pixels (a nodata value, a mask band, alpha, a transparent
+        palette entry)."""
         from rasterio.enums import MaskFlags
 
+        if self._lut is not None:
+            return bool((self._lut[:, 3] == 0).any()) or self._ds.mask_flag_enums[0] != [MaskFlags.all_valid]
         return any(f != [MaskFlags.all_valid] for f in (self._ds.mask_flag_enums[i - 1] for i in self._indexes))
+
+    def _valid_stored(self, y0: int, x0: int, h: int, w: int, out_shape: tuple[int, int] | None = None
+                      ) -> np.ndarray:
+        from rasterio.windows import Window as RWindow
+
+        win = RWindow(x0, y0, w, h)
+        if self._lut is not None:
+            idx = self._ds.read(1, window=win, out_shape=out_shape)
+            valid = self._lut[np.minimum(idx, len(self._lut) - 1), 3] > 0
+            return valid & (self._ds.read_masks(1, window=win, out_shape=out_shape) > 0)
+        indexes = sorted(set(self._indexes))
+        shape = None if out_shape is None else (len(indexes), *out_shape)
+        return (self._ds.read_masks(indexes, window=win, out_shape=shape) > 0).any(axis=0)
 
     def read_valid(self, window: Window) -> np.ndarray | None:
         """Valid-data mask (True = data) of an in-image window, or None when every pixel is valid.
 
-        A pixel is valid when any selected band is valid (GDAL's dataset mask semantics).
+        A pixel is valid when any selected band is valid (GDAL's dataset mask semantics); alpha 0
+        and transparent palette entries are no data.
         """
-        from rasterio.windows import Window as RWindow
-
         import rasterio
 
         if not self.has_mask:
             return None
+        ds, o = self._ds, self._orientation
+        sy, sx, sh, sw = stored_window(o, ds.height, ds.width, window.y0, window.x0, window.h, window.w)
         with rasterio.Env(**self._gdal):
-            m = self._ds.read_masks(self._indexes, window=RWindow(window.x0, window.y0, window.w, window.h))
-        return (m > 0).any(axis=0)
+            return np.ascontiguousarray(orient_block(o, self._valid_stored(sy, sx, sh, sw)))
+
+    def overview(self, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
+        """(bands, h, w) pixels of the whole image at most ``max_side`` a side (GDAL overviews when the
+        file has them, else nearest-neighbour decimation) and its valid mask (None: all valid)."""
+        import rasterio
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioError
+        from rasterio.windows import Window as RWindow
+
+        ds, o = self._ds, self._orientation
+        f = max(1.0, max(ds.height, ds.width) / max_side)
+        shape = (max(1, round(ds.height / f)), max(1, round(ds.width / f)))
+        win = RWindow(0, 0, ds.width, ds.height)
+        try:
+            with rasterio.Env(**self._gdal):
+                if self._lut is None:
+                    px = ds.read(self._indexes, window=win, out_shape=(len(self._indexes), *shape),
+                                 resampling=Resampling.nearest)
+                else:
+                    idx = ds.read(1, window=win, out_shape=shape, resampling=Resampling.nearest)
+                    px = np.moveaxis(self._lut[np.minimum(idx, len(self._lut) - 1)], -1, 0)
+                    px = px[[i - 1 for i in self._indexes]]
+                valid = self._valid_stored(0, 0, ds.height, ds.width, shape) if self.has_mask else None
+        except RasterioError as e:
+            raise InputError(self.info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
+        return orient_block(o, px), None if valid is None else orient_block(o, valid)
 
     def close(self) -> None:
         if getattr(self, "_ds", None) is not None:

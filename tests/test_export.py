@@ -66,7 +66,12 @@ def scene(h: int = 1000, w: int = 1300, seed: int = 0) -> np.ndarray:
 
 
 def make_output(path, labels: np.ndarray, *, chunk: int = 256, georef: bool = True, probabilities=None,
-                source: str | None = None) -> str:
+                source: str | None = None, nodata: int | None = 255, reader: dict | None = None) -> str:
+    """A small output written directly (attributes by hand, like the pipeline's provenance).
+
+    ``nodata`` is written as ``segpipe.nodata_label`` (255 for uint8 class ids, as the pipeline
+    records it); ``None`` makes an output from before the nodata label existed.
+    """
     group = zarr.open_group(str(path), mode="w")
     arr = group.create_array("0", shape=labels.shape, chunks=(chunk, chunk), dtype="uint8",
                              compressors=ZstdCodec(level=9), dimension_names=["y", "x"], fill_value=0)
@@ -88,6 +93,8 @@ def make_output(path, labels: np.ndarray, *, chunk: int = 256, georef: bool = Tr
         "halo": 16, "classes": CLASSES, "class_colors": COLORS,
         "crs_wkt": UTM33 if georef else None, "transform": list(TRANSFORM) if georef else None,
         "mpp": None, "status": "complete",
+        **({"nodata_label": nodata} if nodata is not None else {}),
+        **({"reader": reader} if reader is not None else {}),
     }
     return str(path)
 
@@ -124,6 +131,7 @@ def test_cog_is_valid_georeferenced_and_pixel_exact(output, labels, tmp_path) ->
         assert tuple(ds.transform)[:6] == TRANSFORM
         np.testing.assert_array_equal(ds.read(1), labels)
         assert ds.colormap(1)[1] == (255, 0, 0, 255)  # segpipe.class_colors win over image-label colours
+        assert ds.nodata == 255 and ds.colormap(1)[255] == (0, 0, 0, 0)  # the nodata label: NoData, transparent
         assert json.loads(ds.tags()["CLASSES"]) == CLASSES
         assert ds.tags(1)["CLASS_3"] == "water"
         assert ds.descriptions == ("class_id",)
@@ -259,8 +267,8 @@ def test_vectors_pixel_coordinates_geojson_and_min_area(tmp_path, labels) -> Non
 
 
 def test_vectors_bad_extension_and_empty_result(output, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="use .gpkg or .geojson"):
-        export_vectors(output, str(tmp_path / "x.shp"))
+    with pytest.raises(ConfigError, match=r"unknown vector format '\.kml'; use one of \.gpkg, \.geojson, .*\.parquet"):
+        export_vectors(output, str(tmp_path / "x.kml"))
     uri = make_output(tmp_path / "empty.zarr", np.zeros((100, 100), np.uint8))
     assert export_vectors(uri, str(tmp_path / "e.gpkg"), classes=[1]) == 0
     _, geoms, _ = read_vectors(str(tmp_path / "e.gpkg"))
@@ -300,8 +308,10 @@ def test_preview_sizes_and_colours(output, labels, tmp_path) -> None:
     assert preview_shape(1000, 1300, 1024) == (788, 1024)
     assert preview_shape(100, 50, 1024) == (100, 50)
     path = export_preview(output, str(tmp_path / "p.png"), max_size=400)  # source "scene.tif" is missing
-    image = np.asarray(Image.open(path))
-    assert image.shape == (308, 400, 3)
+    full = np.asarray(Image.open(path))
+    assert full.shape[0] > 308 and full.shape[1:] == (400, 4)  # the map, then the legend below it
+    image = full[:308, :, :3]
+    assert (full[:308, :, 3] == 255).all()  # no nodata in this scene: opaque
     # no source: pure class colours; the ring centre-right is building red, the hole background black
     assert tuple(image[int(400 * 0.308), int(520 * 0.308 + 70)]) == (255, 0, 0)
     assert tuple(image[int(400 * 0.308), int(520 * 0.308)]) == (0, 0, 0)
@@ -318,8 +328,9 @@ def test_preview_blends_over_the_source_and_uses_the_pyramid(tmp_path, labels) -
     build_pyramid(uri, num_classes=4)
     zarr.open_group(uri)["0"][:] = 3  # spoil level 0: the preview must come from level 2 (250×325)
     path = export_preview(uri, str(tmp_path / "b.png"), max_size=300, alpha=0.5)
-    image = np.asarray(Image.open(path)).astype(int)
-    assert image.shape == (231, 300, 3)
+    full = np.asarray(Image.open(path)).astype(int)
+    assert full.shape[1:] == (300, 4)
+    image = full[:231, :, :3]
     y, x = int(400 * 0.231), int(520 * 0.231 + 60)
     assert np.abs(image[y, x] - (228, 100, 100)).max() <= 1  # 0.5·200 + 0.5·(255, 0, 0)
     assert np.abs(image[y, int(520 * 0.231)] - (100, 100, 100)).max() <= 1  # over black background

@@ -291,7 +291,8 @@ def normalization_for(spec: ModelSpec, dtype: str, uri: str | None = None) -> In
         made_for = " or ".join(allowed) if allowed else "other"
         raise InputError(what, f"has {dtype} pixels but the model was made for {made_for} "
                          f"(input_scale {_fmt_scale(spec.input_scale)}; reading them would "
-                         f"{'saturate' if _wider(dtype, allowed) else 'misscale'} them): {_hint(spec, dtype)}")
+                         f"{'saturate them' if _wider(dtype, allowed) else 'scale them wrongly'}): "
+                         f"{_hint(spec, dtype)}")
     return InputNorm("scale", (0.0,) * bands, (s,) * bands, False, dtype)
 
 
@@ -302,10 +303,11 @@ def _fmt_scale(scale: float | dict[str, float]) -> str:
 
 
 def _wider(dtype: str, allowed: list[str] | None) -> bool:
-    if not allowed:
-        return False
+    """An integer type with more bits than every type the model was made for."""
     dt = np.dtype(dtype)
-    return all(np.dtype(a).itemsize < dt.itemsize or np.dtype(a).kind in "ui" and dt.kind == "f" for a in allowed)
+    if not allowed or dt.kind not in "ui":
+        return False
+    return all(np.dtype(a).itemsize < dt.itemsize for a in allowed)
 
 
 #: longest side of the decimated read that per-image statistics (percentile) come from
@@ -402,10 +404,12 @@ def check_input(spec: ModelSpec, info: Any, uri: str) -> InputNorm | None:
 
 
 def check_weights(uri: str, weights: dict[str, torch.Tensor]) -> None:
-    """Refuse weights holding NaN or infinity (a diverged training run), naming the first bad tensor."""
+    """Refuse weights holding NaN or infinity (a diverged training run), naming the first bad tensor
+    (by name order)."""
     import torch
 
-    for name, t in weights.items():
+    for name in sorted(weights):
+        t = weights[name]
         if t.is_floating_point() or t.is_complex():
             finite = torch.isfinite(t)
             if not bool(finite.all()):
@@ -482,7 +486,8 @@ def read_spec(uri: str) -> ModelSpec:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "model.json"
-        raise ModelError(uri, f"{MODEL_JSON}: {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ModelError(uri, f"{MODEL_JSON}: {where}: {msg}") from None
 
 
 def load_artifact(uri: str) -> Artifact:

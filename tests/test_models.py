@@ -81,3 +81,76 @@ def test_unknown_names_list_valid_ones():
         build_network("Unetz", "resnet18", 3, 2)
     with pytest.raises(ConfigError, match="unknown encoder; valid: resnet18, resnet34"):
         build_network("Unet", "resnet19", 3, 2)
+
+
+def _spec_json(art_dir, **changes):
+    spec = json.loads((art_dir / "model.json").read_text())
+    spec.update(changes)
+    return json.dumps(spec)  # Python's json writes NaN / Infinity, as a careless exporter would
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"std": [float("nan")] * 4}, "std must hold finite numbers, got nan"),
+        ({"mean": [float("inf")] * 4}, "mean must hold finite numbers, got inf"),
+        ({"std": [0.2, 0.2, 0.0, 0.2]}, "std values must be positive"),
+        ({"input_scale": 1e-300}, "input_scale must be a finite number between 1e-06 and 1e\\+12"),
+        ({"input_scale": float("nan")}, "input_scale must be a finite number"),
+        ({"input_scale": 1e300}, "input_scale must be a finite number"),
+        ({"input_scale": 0}, "input_scale must be a finite number"),
+        ({"input_scale": {"uint8": 255, "uint17": 3}}, "'uint17' is not a pixel type"),
+        ({"input_dtype": "rgb"}, "'rgb' is not a pixel type"),
+        ({"normalization": {"type": "zscore"}}, "normalization"),
+        ({"normalization": {"type": "minmax", "min": [0], "max": [0]}}, "max must be greater than"),
+        ({"normalization": {"type": "minmax", "min": [0, 0], "max": [1, 1]}}, "normalization.min has 2 values"),
+        ({"normalization": {"type": "percentile", "low": 98, "high": 2}}, "0 <= low < high <= 100"),
+        ({"normalization": {"type": "scale", "input_scale": 255, "typo": 1}}, "typo"),
+    ],
+)
+def test_normalisation_numbers_are_validated(tmp_path, art_dir, changes, message):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.json").write_text(_spec_json(art_dir, **changes))
+    (d / "weights.safetensors").write_bytes((art_dir / "weights.safetensors").read_bytes())
+    with pytest.raises(ModelError, match=message) as e:
+        load_artifact(str(d))
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path, art_dir):
+    art = load_artifact(str(art_dir))
+    w = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in art.weights.items()}
+    save_artifact(str(tmp_path / "nan"), art.spec, w)
+    first = sorted(k for k, v in w.items() if v.is_floating_point())[0]
+    with pytest.raises(ModelError, match=f"tensor '{first}' holds .* NaN/infinite") as e:
+        load_artifact(str(tmp_path / "nan"))
+    assert "\n" not in str(e.value) and str(tmp_path / "nan") in str(e.value)
+    w = dict(art.weights)
+    w["decoder.p5.weight"] = w["decoder.p5.weight"].clone()
+    w["decoder.p5.weight"].view(-1)[7] = float("inf")
+    save_artifact(str(tmp_path / "inf"), art.spec, w)
+    with pytest.raises(ModelError, match="tensor 'decoder.p5.weight' holds 1 NaN/infinite value"):
+        load_artifact(str(tmp_path / "inf"))
+
+
+def test_model_json_contract_is_kept(tmp_path, art_dir):
+    data = json.loads((art_dir / "model.json").read_text())
+    assert data["format"] == "segpipe-model/1" and data["input_scale"] == 255.0
+    assert "input_dtype" not in data and "normalization" not in data  # optional keys: absent when unset
+    # extra keys survive; the new optional keys round-trip
+    data.update(version=7, notes={"by": "me"}, input_dtype="uint16", input_scale=65535,
+                normalization={"type": "minmax", "min": [0], "max": [4095]})
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model.json").write_text(json.dumps(data))
+    (d / "weights.safetensors").write_bytes((art_dir / "weights.safetensors").read_bytes())
+    art = load_artifact(str(d))
+    assert art.spec.model_extra == {"version": 7, "notes": {"by": "me"}}
+    save_artifact(str(tmp_path / "again"), art.spec, art.weights)
+    again = json.loads((tmp_path / "again" / "model.json").read_text())
+    assert again == {**data, "input_scale": 65535.0,
+                     "normalization": {"type": "minmax", "min": [0.0], "max": [4095.0]}}
+    core = art.spec.core()
+    assert core["normalization"] == {"type": "minmax", "min": [0.0], "max": [4095.0]}
+    json.dumps(core)  # provenance

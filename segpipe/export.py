@@ -284,10 +284,12 @@ def _write_cog(
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 with rasterio.open(tmp, "w", **profile) as ds:
+                    if colormap:
+                        # before any pixel: libtiff cannot switch the photometric tag to palette once
+                        # blocks are written, and overviews of a band without it warn and resample badly
+                        ds.write_colormap(1, colormap)
                     for y0, x0, h, w in _windows(height, width, window_side):
                         ds.write(read_window(y0, x0, h, w), 1, window=RWindow(x0, y0, w, h))
-                    if colormap:
-                        ds.write_colormap(1, colormap)
                     if description:
                         ds.set_band_description(1, description)
                     if scale is not None:

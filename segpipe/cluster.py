@@ -105,8 +105,15 @@ def dashboard_link(client: Client) -> str | None:
 
 def has_gpu_workers(client: Client) -> bool:
     """True when some worker advertises a ``GPU`` resource (then inference tasks request one)."""
+    return worker_capacity(client)[0]
+
+
+def worker_capacity(client: Client) -> tuple[bool, int]:
+    """(some worker advertises a ``GPU`` resource, total worker threads), in one scheduler round trip."""
     info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
-    return any(w.get("resources", {}).get("GPU") for w in info.get("workers", {}).values())
+    workers = info.get("workers", {}).values()
+    gpu = any(w.get("resources", {}).get("GPU") for w in workers)
+    return gpu, sum(int(w.get("nthreads", 1)) for w in workers)
 
 
 def _accepts_n_workers(client: Client) -> bool:

@@ -54,8 +54,13 @@ class ReadSettings(_Settings):
         None, gt=0, description="Microns per pixel to segment at (slides): nearest finer level, then resampled.",
     )
     skip_empty: bool = Field(
-        True, description="Do not run the model on chunks that are all nodata (raster nodata value or mask) "
-        "or, for slides, background outside the tissue mask; write the fill class there.",
+        True, description="Do not run the model on chunks that are all nodata (raster nodata value, mask or "
+        "alpha: written as the nodata label) or, for slides, background outside the tissue mask (written as "
+        "the background class, or the nodata label when none is chosen).",
+    )
+    max_pixels: float = Field(
+        1e11, gt=0, description="Refuse images declaring more pixels than this (a 1 MB TIFF can declare "
+        "200,000² pixels; 10¹¹ is a 316,000² image). Memory does not grow with size; time does.",
     )
 
     @field_validator("bands")
@@ -102,8 +107,16 @@ class OutputSettings(_Settings):
         description="zstd level of the mask chunks: 3 compresses a land-cover mask ~37× in 0.14 ms per 512² "
         "chunk; 9 gets ~53× but costs 19× the CPU time, which competes with the model on a CPU.",
     )
-    fill_class: int = Field(0, ge=0, description="Class written for chunks skipped as empty/nodata.")
+    background_class: int | None = Field(
+        None, ge=0, description="Class written for slide background (outside the tissue mask) when skipped; "
+        "None writes the nodata label there, like pixels without data.",
+    )
     pyramid: bool = Field(True, description="Write lower-resolution levels 1, 2, … after level 0.")
+    overwrite: bool = Field(
+        False, description="Replace a complete output whose settings differ from this run's. Outputs whose "
+        "source image or model changed are always recomputed (with a note); anything that is not a segpipe "
+        "output of the same source is never touched.",
+    )
 
 
 class SegmentSettings(_Settings):
@@ -116,18 +129,21 @@ class SegmentSettings(_Settings):
 
     def output_key(self) -> str:
         """Hash of the settings that change output pixels (device and batch size do not)."""
-        relevant = {
-            "tiling": self.tiling.model_dump(),
+        blob = json.dumps(self.output_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def output_settings(self) -> dict:
+        """The settings that change output pixels, by name (recorded in provenance, diffed on reruns)."""
+        return {
+            **self.tiling.model_dump(),
             "bands": self.read.bands,
             "level": self.read.level,
             "mpp": self.read.mpp,
             "skip_empty": self.read.skip_empty,
             "tta": self.inference.tta,
             "probabilities": self.inference.probabilities,
-            "fill_class": self.output.fill_class,
+            "background_class": self.output.background_class,
         }
-        blob = json.dumps(relevant, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class ClusterSettings(_Settings):

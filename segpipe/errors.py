@@ -10,15 +10,29 @@ from __future__ import annotations
 
 
 class SegpipeError(Exception):
-    """Base class: a problem with the user's input or environment."""
+    """Base class: a problem with the user's input or environment.
+
+    ``args`` are exactly the constructor's parameters ``(subject, problem)``: distributed
+    pickles task exceptions through tblib, which rebuilds an exception as ``cls(*args)``
+    (once a chained exception has made it patch the class); any other shape fails to
+    unpickle and reaches the driver as a bare ``Exception(repr(e))``.
+    """
 
     def __init__(self, subject: str | None, problem: str) -> None:
+        super().__init__(subject, problem)
         self.subject = subject
         self.problem = problem
-        super().__init__(f"{subject}: {problem}" if subject else problem)
 
-    def __reduce__(self):  # errors cross process boundaries (Dask workers): keep both fields
-        return (type(self), (self.subject, self.problem))
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.problem}" if self.subject else self.problem
+
+    def detached(self) -> SegpipeError:
+        """The same error without ``__cause__``/``__context__``, to raise across a process boundary.
+
+        tblib pickles the whole chain; a GDAL error in it (rasterio's ``CPLE_*`` classes
+        cannot be unpickled) would turn this error into a bare ``Exception`` on the driver.
+        """
+        return type(self)(self.subject, self.problem)
 
 
 class InputError(SegpipeError):

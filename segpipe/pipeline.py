@@ -7,25 +7,33 @@ worker's cached predictor and writes its own Zarr chunks.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import posixpath
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from segpipe import __version__
+from segpipe.classes import class_colors, colors_from_spec, nodata_label
+from segpipe.cluster import worker_capacity
 from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
-from segpipe.errors import InputError, SegpipeError, TransientIOError
+from segpipe.errors import InputError, OutputError, SegpipeError, TransientIOError
+from segpipe.io.locks import OutputLock
+from segpipe.io.locks import acquire as acquire_lock
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.models import Artifact, ModelSpec, load_artifact
 from segpipe.stitching import (
-    OutputTarget, done_chunks, finalize, now_iso, ome_attrs, prepare_output, read_attrs, write_chunk,
+    FORMAT, Existing, OutputTarget, done_chunks, finalize, inspect_output, now_iso, ome_attrs, prepare_output,
+    read_attrs, write_chunk,
 )
-from segpipe.tiling import Chunk, ChunkGrid, Window, batches, core_in_window, input_window, strip_order
+from segpipe.tiling import Chunk, ChunkGrid, Window, core_in_window, input_window, strip_order
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -66,17 +74,19 @@ class ChunkJob:
     inference: InferenceSettings
     tiling: TilingSettings
     target: OutputTarget
-    fill_class: int = 0
+    background_class: int | None = None
     fingerprint: str = ""
 
 
-def _write_fill(job: ChunkJob, chunk: Chunk) -> None:
-    """A chunk with no data: the fill class everywhere (probability 1 for it)."""
-    labels = np.full((chunk.h, chunk.w), job.fill_class, dtype=job.target.label_dtype)
+def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
+    """A chunk the model does not see: ``value`` everywhere (probability 1 for it), or nodata (all 0)."""
+    label = job.target.nodata_label if value is None else value
+    labels = np.full((chunk.h, chunk.w), label, dtype=job.target.label_dtype)
     probs = None
     if job.target.probabilities:
         probs = np.zeros((job.target.num_classes, chunk.h, chunk.w), np.uint8)
-        probs[job.fill_class] = 255
+        if value is not None:
+            probs[value] = 255
     write_chunk(job.target, chunk, labels, probs)
 
 
@@ -91,15 +101,24 @@ def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = Fals
     (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
     Re-running a batch is safe: each chunk is written whole, by this task only.
     """
+    error: SegpipeError | None = None
     for attempt in range(attempts):
         try:
             return _run_chunks(job, keys, fill)
-        except (TransientIOError, ConnectionError, TimeoutError):
+        except (TransientIOError, ConnectionError, TimeoutError) as e:
             if attempt == attempts - 1:
-                raise
+                error = e.detached() if isinstance(e, SegpipeError) else None
+                if error is None:
+                    raise
+                break
             log.warning("transient error on %s chunks %s, retrying", job.source, keys[:2], exc_info=True)
             time.sleep(2**attempt)
-    raise AssertionError("unreachable")
+        except SegpipeError as e:
+            log.debug("chunks %s of %s failed", keys[:2], job.source, exc_info=True)
+            error = e.detached()  # raised below, outside this block, so it has no chained context
+            break
+    assert error is not None
+    raise error
 
 
 def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> dict[str, float]:
@@ -113,10 +132,11 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
     t = job.tiling
     grid = ChunkGrid(job.target.height, job.target.width, t.chunk_size)
     chunks = [grid.chunk(iy, ix) for iy, ix in keys]
-    counters = {"chunks": len(chunks), "skipped": 0, "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
-    if fill:
+    counters: dict[str, Any] = {"chunks": len(chunks), "skipped": 0, "content": False, "classes": 0,
+                                "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
+    if fill:  # slide background outside the tissue mask
         for c in chunks:
-            _write_fill(job, c)
+            _write_fill(job, c, job.background_class)
         counters["skipped"] = len(chunks)
         return counters
     r = job.read
@@ -129,7 +149,7 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
         for c in list(chunks):
             v = reader.read_valid(Window(c.y0, c.x0, c.h, c.w))
             if v is not None and not v.any():
-                _write_fill(job, c)
+                _write_fill(job, c, None)
                 chunks.remove(c)
                 counters["skipped"] += 1
             elif v is not None and not v.all():
@@ -137,6 +157,7 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
     if not chunks:
         return counters
     tiles = np.stack([reader.read(input_window(c, t.chunk_size, t.halo, t.multiple_of)) for c in chunks])
+    counters["content"] = bool(tiles.min() != tiles.max())
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
     labels, probs = predictor.predict(tiles)
     del tiles
@@ -145,14 +166,24 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
         lab = labels[i, ys, xs]
         p = None if probs is None else probs[i, :, ys, xs]
         v = valid.get(c.key)
-        if v is not None:  # nodata pixels take the fill class
-            lab = np.where(v, lab, job.fill_class).astype(lab.dtype)
+        if v is not None:  # pixels without data take the nodata label, probability 0 for every class
+            lab = np.where(v, lab, job.target.nodata_label).astype(lab.dtype)
             if p is not None:
                 p = p.copy()
                 p[:, ~v] = 0
-                p[job.fill_class, ~v] = 255
+        counters["classes"] |= _class_bits(lab, job.target.nodata_label)
         write_chunk(job.target, c, lab, p)
     return counters
+
+
+def _class_bits(labels: np.ndarray, nodata: int) -> int:
+    """Bit set of the class ids present (ids ≥ 62 share the top bit: enough to tell one class from many)."""
+    counts = np.bincount(labels.ravel(), minlength=1)
+    bits = 0
+    for cls in np.flatnonzero(counts):
+        if cls != nodata:
+            bits |= 1 << min(int(cls), 62)
+    return bits
 
 
 @dataclass
@@ -170,6 +201,8 @@ class ImageResult:
     chunks_skipped: int = 0  #: empty (nodata / background) chunks written as fill, no model run
     seconds: float = 0.0
     error: str | None = None
+    #: one-line notices for the user (an output replaced and why, a single-class mask, a busy output)
+    notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -191,8 +224,9 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
                run_id: str) -> dict[str, Any]:
     """The ``segpipe`` root attributes written when an output is created."""
     t = settings.tiling
+    num_classes = model.spec.num_classes
     return {
-        "format": "segpipe-output/1",
+        "format": FORMAT,
         "version": __version__,
         "source": image.uri,
         "source_fingerprint": image.fingerprint,
@@ -203,10 +237,13 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "halo": t.halo,
         "multiple_of": t.multiple_of,
         "settings_key": settings.output_key(),
+        "settings": settings.output_settings(),
         "tta": settings.inference.tta,
         "model": {**model.spec.core(), "uri": model.uri, "weights_sha256": model.sha256},
         "classes": model.spec.classes,
-        "class_colors": model.spec.model_extra.get("class_colors") if model.spec.model_extra else None,
+        "class_colors": class_colors(num_classes, colors_from_spec(model.spec.model_extra)),
+        "nodata_label": nodata_label(num_classes),
+        "background_class": settings.output.background_class,
         "crs_wkt": info.crs_wkt,
         "transform": list(info.transform) if info.transform else None,
         "mpp": info.mpp,
@@ -217,11 +254,69 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
     }
 
 
-def _same_output(attrs: dict[str, Any] | None, image: SourceImage, model: ModelRef, settings: SegmentSettings) -> bool:
-    seg = (attrs or {}).get("segpipe", {})
-    return (seg.get("source_fingerprint") == image.fingerprint
-            and seg.get("model", {}).get("weights_sha256") == model.sha256
-            and seg.get("settings_key") == settings.output_key())
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=list)
+
+
+def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, settings: SegmentSettings) -> list[str]:
+    """What differs between an existing output's provenance and this run, in words ([] = same output)."""
+    changes: list[str] = []
+    if seg.get("source_fingerprint") != image.fingerprint:
+        changes.append("the source image changed")
+    old_model = seg.get("model") or {}
+    if old_model.get("weights_sha256") != model.sha256:
+        changes.append(f"model weights {str(old_model.get('weights_sha256'))[:12]} → {model.sha256[:12]}")
+    for key, value in model.spec.core().items():
+        if key in old_model and _canonical(old_model[key]) != _canonical(value):
+            changes.append(f"model {key} {old_model[key]} → {value}")
+    old_settings = seg.get("settings")
+    new_settings = settings.output_settings()
+    if isinstance(old_settings, dict):
+        for key, value in new_settings.items():
+            if _canonical(old_settings.get(key)) != _canonical(value):
+                changes.append(f"{key} {old_settings.get(key)} → {value}")
+    elif seg.get("settings_key") != settings.output_key():
+        changes.append("settings changed")
+    return changes
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """What a run does with an output path: new | skip | resume | replace | refuse, and why."""
+
+    action: str
+    reason: str = ""
+
+
+def plan_output(existing: Existing, image: SourceImage, model: ModelRef, settings: SegmentSettings) -> OutputPlan:
+    """Decide from what is at the output path; never touches anything the user owns.
+
+    Outputs follow their inputs: a changed source image or model is recomputed (with a note).
+    A complete output whose only difference is the settings is kept unless ``overwrite``.
+    Files, foreign folders and outputs of other images are refused.
+    """
+    if existing.kind == "none":
+        return OutputPlan("new")
+    if existing.kind in ("file", "foreign"):
+        what = "a file" if existing.kind == "file" else "a folder"
+        return OutputPlan("refuse", f"exists and is not a segpipe output ({what}); it was left untouched: "
+                                    "move it away or choose another --out")
+    seg = existing.provenance
+    if seg.get("source") != image.uri:
+        return OutputPlan("refuse", f"holds the output of another image ({seg.get('source')}); it was left "
+                                    "untouched: choose another --out")
+    complete = seg.get("status") == "complete"
+    changes = output_changes(seg, image, model, settings)
+    if not changes:
+        return OutputPlan("skip" if complete else "resume")
+    what = "; ".join(changes)
+    if not complete:
+        return OutputPlan("replace", f"replacing an unfinished output ({what})")
+    inputs_changed = any(c.startswith(("the source", "model ")) for c in changes)
+    if inputs_changed or settings.output.overwrite:
+        return OutputPlan("replace", f"replacing the complete output ({what})")
+    return OutputPlan("refuse", f"is complete with other settings ({what}); it was kept: pass --overwrite "
+                                "(flow parameter overwrite=True) to replace it")
 
 
 def _batch_size(settings: InferenceSettings, gpu_workers: bool) -> int:
@@ -233,40 +328,60 @@ def _batch_size(settings: InferenceSettings, gpu_workers: bool) -> int:
     return default_batch_size("cuda" if gpu else "cpu")
 
 
-def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
-                  progress: Progress | None = None) -> ImageResult:
-    """Segment one image into ``OUT/<relative>.zarr``; skips a complete identical output, resumes a partial one.
+def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSettings) -> None:
+    """Refuse an image the model cannot read, or one that declares an absurd size, with one line."""
+    pixels = info.height * info.width
+    if pixels > settings.read.max_pixels:
+        raise InputError(uri, f"declares {info.width:,} × {info.height:,} pixels, more than --max-pixels "
+                              f"{settings.read.max_pixels:,.0f}; raise --max-pixels if the size is real")
+    if info.count != model.spec.in_channels:
+        raise InputError(uri, f"has {info.count} band(s) but model expects {model.spec.in_channels} "
+                              f"(choose bands with --bands)")
 
-    Never raises: bad input gives ``failed`` with one line in ``error``; anything unexpected
-    (a storage error, a bug) also fails only this image — with its traceback in the log — so
-    the other images of a nightly run still finish. The output is never marked complete.
+
+def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
+                  progress: Progress | None = None, target_uri: str | None = None) -> ImageResult:
+    """Segment one image into ``target_uri`` (default ``OUT/<relative>.zarr``).
+
+    Skips a complete identical output, resumes a partial one, and never touches a path that
+    is not a segpipe output of the same image (see :func:`plan_output`). An output being
+    written by another run is left to it (one note). Never raises: bad input gives
+    ``failed`` with one line in ``error``; anything unexpected (a bug) also fails only this
+    image — with its traceback in the log — so the other images of a nightly run still
+    finish. A failed image is never marked complete.
     """
     t0 = time.perf_counter()
-    target_uri = output_uri(out, image.relative)
+    target_uri = target_uri or output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
-    r = settings.read
-    from segpipe.cluster import has_gpu_workers
-
+    lock: OutputLock | None = None
     try:
-        reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
-        try:
-            info = reader.info
-            background = _background_chunks(reader, settings) if r.skip_empty else set()
-        finally:
-            reader.close()
+        info, background = _read_header(image, settings)
         result.height, result.width = info.height, info.width
-        if info.count != model.spec.in_channels:
-            raise InputError(image.uri, f"has {info.count} band(s) but model expects {model.spec.in_channels} "
-                             f"(choose bands with --bands)")
+        check_image(image.uri, info, model, settings)
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
         result.chunks = len(grid)
-        attrs = read_attrs(target_uri)
-        same = _same_output(attrs, image, model, settings)
-        if same and attrs["segpipe"].get("status") == "complete":
+        plan = plan_output(inspect_output(target_uri), image, model, settings)
+        if plan.action == "skip":
             result.status = "skipped"
-            result.seconds = time.perf_counter() - t0
             return result
-        if same:
+        if plan.action == "refuse":
+            raise OutputError(target_uri, plan.reason)
+        held = acquire_lock(target_uri)
+        if not isinstance(held, OutputLock):
+            result.status = "skipped"
+            result.notes.append(f"{target_uri}: being written by another run ({held.describe()}); left to it")
+            return result
+        lock = held
+        plan = plan_output(inspect_output(target_uri), image, model, settings)  # the holder may have finished
+        if plan.action in ("skip", "refuse"):
+            if plan.action == "refuse":
+                raise OutputError(target_uri, plan.reason)
+            result.status = "skipped"
+            return result
+        if plan.reason:
+            result.notes.append(f"{target_uri}: {plan.reason}")
+        if plan.action == "resume":
+            attrs = read_attrs(target_uri) or {}
             run_id = attrs["segpipe"]["run_id"]
             done = done_chunks(target_uri)
         else:
@@ -275,22 +390,28 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         target = OutputTarget(target_uri, info.height, info.width, settings.tiling.chunk_size,
                               model.spec.num_classes, settings.inference.probabilities, run_id,
                               settings.output.zstd_level)
-        if not same:
-            name = image.relative.rsplit(".", 1)[0]
+        if plan.action in ("new", "replace"):
+            name = posixpath.basename(image.relative)
+            colors = colors_from_spec(model.spec.model_extra)
             prepare_output(target, {
-                "ome": ome_attrs(name, model.spec.classes, (model.spec.model_extra or {}).get("class_colors"), info.mpp),
+                "ome": ome_attrs(name, model.spec.classes, colors, info.mpp),
                 "segpipe": provenance(image, info, model, settings, run_id),
-            })
+            }, replace=plan.action == "replace")
         result.chunks_resumed = len(done)
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
-        todo = [k for k in strip_order(grid) if k not in done and k not in background]
-        fill = [c.key for c in grid if c.key not in done and c.key in background]
+        todo = (k for k in strip_order(grid) if k not in done and k not in background)
+        fill = (k for k in sorted(background) if k not in done)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.fill_class, image.fingerprint)
-        gpu_workers = has_gpu_workers(client)  # one scheduler round trip per image
-        _run_tasks(client, job, batches(todo, _batch_size(settings.inference, gpu_workers)), batches(fill, 256),
-                   result, progress, gpu_workers)
+                       settings.output.background_class, image.fingerprint)
+        gpu_workers, threads = worker_capacity(client)  # one scheduler round trip per image
+        stats = _run_tasks(client, job, batched(todo, _batch_size(settings.inference, gpu_workers)),
+                           batched(fill, 256), result, progress, gpu_workers, threads)
+        if stats["content"] and stats["classes"] and stats["classes"] & (stats["classes"] - 1) == 0:
+            cls = stats["classes"].bit_length() - 1
+            name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)
+            result.notes.append(f"{image.uri}: the model predicted one class ({name}) everywhere; check the "
+                                "model and the input's pixel type and bands")
         if settings.output.pyramid:
             _build_pyramid(target, client)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
@@ -305,8 +426,36 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.status = "failed"
         result.error = f"{image.uri}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.exception("unexpected error on %s (the other images go on)", image.uri)
-    result.seconds = time.perf_counter() - t0
+    finally:
+        if lock is not None:
+            lock.release()
+        result.seconds = time.perf_counter() - t0
     return result
+
+
+def _read_header(image: SourceImage, settings: SegmentSettings) -> tuple[ImageInfo, set[tuple[int, int]]]:
+    r = settings.read
+    reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
+    try:
+        info = reader.info
+        if info.height * info.width > r.max_pixels:
+            return info, set()  # refused by check_image; never plan background for it
+        background = _background_chunks(reader, settings) if r.skip_empty else set()
+    finally:
+        reader.close()
+    return info, background
+
+
+def batched(keys: Iterator[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
+    """Consecutive lists of at most ``size`` keys, produced lazily (an image's plan is never materialised)."""
+    batch: list[tuple[int, int]] = []
+    for k in keys:
+        batch.append(k)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int, int]]:
@@ -320,42 +469,55 @@ def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int,
     return {c.key for c in grid if not chunk_has_tissue(tm.mask, c, tm.scale)}
 
 
-def _run_tasks(client: Client, job: ChunkJob, key_batches: list[list[tuple[int, int]]],
-               fill_batches: list[list[tuple[int, int]]], result: ImageResult, progress: Progress | None,
-               gpu_workers: bool) -> None:
+def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[int, int]]],
+               fill_batches: Iterator[list[tuple[int, int]]], result: ImageResult, progress: Progress | None,
+               gpu_workers: bool, threads: int) -> dict[str, Any]:
+    """Run the chunk tasks with a bounded number in flight; returns merged counters.
+
+    Submitting an image's whole graph at once makes the driver's memory grow with the number
+    of chunks (a 200,000² image: 152,000 tasks, GBs before the first chunk is written), so
+    tasks are submitted as earlier ones finish: at most a few per worker thread are pending.
+    """
     from distributed import as_completed
 
-    if not key_batches and not fill_batches:
-        return
-    resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
-    run = job.target.run_id[:8]
-    futures = client.map(run_chunks, [job] * len(key_batches), key_batches, pure=False, resources=resources,
-                         key=[f"segpipe-chunks-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}" for b in key_batches])
-    futures += client.map(run_chunks, [job] * len(fill_batches), fill_batches, [True] * len(fill_batches),
-                          pure=False, key=[f"segpipe-fill-{run}-{b[0][0]}-{b[0][1]}-{uuid.uuid4().hex[:6]}"
-                                           for b in fill_batches])
     from segpipe.cluster import is_in_process, trim_memory
 
+    resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
+    run = job.target.run_id[:8]
+    in_flight = max(8, 4 * max(threads, 1))
+
+    def submit(batch: list[tuple[int, int]], fill: bool) -> Any:
+        kind = "fill" if fill else "chunks"
+        return client.submit(run_chunks, job, batch, fill, pure=False, resources=None if fill else resources,
+                             key=f"segpipe-{kind}-{run}-{batch[0][0]}-{batch[0][1]}-{uuid.uuid4().hex[:6]}")
+
+    pending = itertools.chain(((b, False) for b in key_batches), ((b, True) for b in fill_batches))
+    stats: dict[str, Any] = {"content": False, "classes": 0}
+    queue = as_completed([submit(b, f) for b, f in itertools.islice(pending, in_flight)])
     trim = is_in_process(client)
     try:
-        for i, fut in enumerate(as_completed(futures)):
+        for i, fut in enumerate(queue):
             if trim and i % 16 == 15:
                 trim_memory()
             if fut.status == "error":
                 exc = fut.exception()
                 if isinstance(exc, SegpipeError):
-                    raise exc
+                    raise exc.detached()
                 raise exc.with_traceback(fut.traceback())
             counters = fut.result()
+            fut.release()
+            for b, f in itertools.islice(pending, 1):
+                queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])
             result.chunks_skipped += int(counters["skipped"])
+            stats["content"] |= bool(counters.get("content"))
+            stats["classes"] |= int(counters.get("classes", 0))
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
-            fut.release()
     finally:
-        for f in futures:
-            if not f.done():
-                f.cancel()
+        for f in list(queue.futures):
+            f.cancel()
+    return stats
 
 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
@@ -381,6 +543,33 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     return chunks, mp
 
 
+def assign_outputs(images: Sequence[SourceImage], out: str) -> dict[str, str]:
+    """Output URI per image URI, unique within the run.
+
+    Rule: ``OUT/<relative path, extension → .zarr>``. When several images map to the same
+    name (``hopper.jpg`` and ``hopper.png``; names are compared case-insensitively), they
+    keep their extension (``hopper.jpg.zarr``, ``hopper.png.zarr``) — except the one that
+    already owns the plain name from an earlier run, which keeps it, so names stay stable.
+    """
+    by_name: dict[str, list[SourceImage]] = {}
+    for image in images:
+        by_name.setdefault(output_uri(out, image.relative).casefold(), []).append(image)
+    names: dict[str, str] = {}
+    for group in by_name.values():
+        if len(group) == 1:
+            names[group[0].uri] = output_uri(out, group[0].relative)
+            continue
+        plain = output_uri(out, group[0].relative)
+        existing = inspect_output(plain)
+        owner = existing.provenance.get("source") if existing.kind == "segpipe" else None
+        for image in group:
+            if image.uri == owner:
+                names[image.uri] = plain
+            else:
+                names[image.uri] = output_uri(out, image.relative, keep_extension=True)
+    return names
+
+
 def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
                  progress: Progress | None = None) -> list[ImageResult]:
     """List every source, check the model once, then segment the images one after another.
@@ -399,16 +588,26 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
             images.extend(list_images(s))
         except SegpipeError as e:
             results.append(ImageResult(source=s, output="", status="failed", error=str(e)))
+    images = _unique(images)
     ref, artifact = check_model(model)
     ensure_writable(out)
     if is_in_process(client):
         prime_predictor(artifact, settings.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory
+    names = assign_outputs(images, out)
     if progress:
         progress.plan(*_plan(images, settings))
-    for image in images:
-        results.append(segment_image(image, ref, out, settings, client, progress))
+    for i, image in enumerate(images):
+        if progress and hasattr(progress, "image"):
+            progress.image(i, len(images), image.relative)
+        results.append(segment_image(image, ref, out, settings, client, progress, target_uri=names[image.uri]))
     return results
+
+
+def _unique(images: Sequence[SourceImage]) -> list[SourceImage]:
+    """Each image once, even when two sources (a folder and a glob) both list it."""
+    seen: set[str] = set()
+    return [i for i in images if not (i.uri in seen or seen.add(i.uri))]
 
 
 def summary_rows(results: Sequence[ImageResult]) -> list[dict[str, Any]]:

@@ -21,45 +21,36 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.errors import OutputError
-from segpipe.io.storage import filesystem, join, strip_file_scheme
+from segpipe.io.storage import filesystem, join, output_error, strip_file_scheme
 from segpipe.tiling import Chunk
 
 LEVEL0 = "0"
 PROBABILITIES = "probabilities"
 FORMAT = "segpipe-output/1"
 
-DEFAULT_COLORS = [
-    "#000000", "#1f77b4", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-    "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
-]
-
-
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def class_colors(n: int, colors: list[str] | None = None) -> list[str]:
-    """``n`` hex colours: the given ones, then a default palette, then generated greys."""
-    out = list(colors or [])[:n]
-    for i in range(len(out), n):
-        out.append(DEFAULT_COLORS[i] if i < len(DEFAULT_COLORS) else f"#{(i * 37) % 256:02x}{(i * 91) % 256:02x}{(i * 53) % 256:02x}")
-    return out
-
-
-def _rgba(hex_color: str) -> list[int]:
-    h = hex_color.lstrip("#")
-    return [int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255]
-
-
 def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: float | None) -> dict[str, Any]:
-    """OME-NGFF 0.5 ``multiscales`` for level 0 plus ``image-label`` colours and class names."""
+    """OME-NGFF 0.5 ``multiscales`` for level 0 plus ``image-label`` colours and class names.
+
+    The nodata label (see :mod:`segpipe.classes`) is listed with a transparent colour, so
+    viewers that read ``image-label`` (napari's OME-Zarr reader) show it as nothing.
+    """
     axes: list[dict[str, str]] = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     scale = [1.0, 1.0]
     if mpp:
         axes = [{**a, "unit": "micrometer"} for a in axes]
         scale = [mpp, mpp]
     cols = class_colors(len(classes), colors)
+    nodata = nodata_label(len(classes))
+    label_colors = [{"label-value": i, "rgba": list(parse_color(c))} for i, c in enumerate(cols)]
+    label_colors.append({"label-value": nodata, "rgba": list(NODATA_RGBA)})
+    properties = [{"label-value": i, "class": n} for i, n in enumerate(classes)]
+    properties.append({"label-value": nodata, "class": NODATA_NAME})
     return {
         "version": "0.5",
         "multiscales": [{
@@ -68,8 +59,9 @@ def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: floa
             "datasets": [{"path": LEVEL0, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
         }],
         "image-label": {
-            "colors": [{"label-value": i, "rgba": _rgba(c)} for i, c in enumerate(cols)],
-            "properties": [{"label-value": i, "class": n} for i, n in enumerate(classes)],
+            "version": "0.5",
+            "colors": label_colors,
+            "properties": properties,
         },
     }
 
@@ -89,7 +81,11 @@ class OutputTarget:
 
     @property
     def label_dtype(self) -> str:
-        return "uint8" if self.num_classes <= 256 else "uint16"
+        return label_dtype(self.num_classes).name
+
+    @property
+    def nodata_label(self) -> int:
+        return nodata_label(self.num_classes)
 
 
 def _open_group(uri: str, mode: str):
@@ -111,23 +107,61 @@ def read_attrs(uri: str) -> dict[str, Any] | None:
         return None
 
 
-def prepare_output(target: OutputTarget, attrs: dict[str, Any]) -> None:
-    """Create (or overwrite) the group and its arrays; status is ``"running"`` until finalize."""
+@dataclass(frozen=True)
+class Existing:
+    """What is at an output path before a run writes there."""
+
+    kind: str  #: "none" | "file" | "foreign" (not a segpipe output) | "segpipe"
+    attrs: dict[str, Any] | None = None
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return dict((self.attrs or {}).get("segpipe") or {})
+
+
+def inspect_output(uri: str) -> Existing:
+    """Classify the path ``uri``: nothing there, a file, something foreign, or a segpipe output."""
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        if not fs.exists(path):
+            return Existing("none")
+        if not fs.isdir(path):
+            return Existing("file")
+    except OSError as e:
+        raise output_error(uri, e) or OutputError(uri, f"cannot be inspected ({e})") from None
+    attrs = read_attrs(uri)
+    if attrs is not None and (attrs.get("segpipe") or {}).get("format") == FORMAT:
+        return Existing("segpipe", attrs)
+    return Existing("foreign", attrs)
+
+
+def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = False) -> None:
+    """Create the group and its arrays; status is ``"running"`` until :func:`finalize`.
+
+    ``replace`` removes an existing *segpipe output* first; anything else at the path is
+    never touched (checked again here, right before the removal).
+    """
     import zarr
     from zarr.codecs import ZstdCodec
 
     uri = target.uri
+    existing = inspect_output(uri)
+    if existing.kind in ("file", "foreign"):
+        raise OutputError(uri, f"exists and is not a segpipe output ({'a file' if existing.kind == 'file' else 'a folder'}); "
+                               "it was left untouched: move it away or choose another --out")
+    if existing.kind == "segpipe" and not replace:
+        raise OutputError(uri, "was created by another run meanwhile; it was left untouched")
     try:
         fs, path = filesystem(strip_file_scheme(uri))
-        if fs.exists(path):
+        if existing.kind == "segpipe":
             fs.rm(path, recursive=True)
-        group = zarr.open_group(strip_file_scheme(uri), mode="w", zarr_format=3)
+        group = zarr.open_group(strip_file_scheme(uri), mode="w-", zarr_format=3)
         c = target.chunk_size
         config = {"write_empty_chunks": True}
         group.create_array(
             LEVEL0, shape=(target.height, target.width), chunks=(c, c), dtype=target.label_dtype,
-            compressors=ZstdCodec(level=target.zstd_level), fill_value=0, dimension_names=["y", "x"],
-            config=config,
+            compressors=ZstdCodec(level=target.zstd_level), fill_value=target.nodata_label,
+            dimension_names=["y", "x"], config=config,
         )
         if target.probabilities:
             group.create_array(
@@ -136,8 +170,10 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any]) -> None:
                 dimension_names=["class", "y", "x"], config=config,
             )
         group.attrs.update(attrs)
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+        raise OutputError(uri, "was created by another run meanwhile; it was left untouched") from None
     except OSError as e:
-        raise OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
+        raise output_error(uri, e) or OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
 
 
 def done_chunks(uri: str) -> set[tuple[int, int]]:
@@ -177,17 +213,29 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
     """Write one chunk's core: probabilities first, class ids last (the completion record)."""
     level0, parr = _arrays_for(target)
     ys, xs = slice(chunk.y0, chunk.y0 + chunk.h), slice(chunk.x0, chunk.x0 + chunk.w)
-    if parr is not None and probs is not None:
-        parr[:, ys, xs] = probs
-    level0[ys, xs] = labels
+    try:
+        if parr is not None and probs is not None:
+            parr[:, ys, xs] = probs
+        level0[ys, xs] = labels
+    except OSError as e:
+        err = output_error(target.uri, e)
+        if err is None:
+            raise
+        raise err from None
 
 
 def finalize(uri: str, attrs: dict[str, Any]) -> None:
     """Merge ``attrs`` into the root attributes with ``status: complete``: the last write of a run."""
-    group = _open_group(uri, "r+")
-    current = dict(group.attrs)
-    seg = {**current.get("segpipe", {}), **attrs.get("segpipe", {}), "status": "complete", "finished": now_iso()}
-    group.attrs.update({**current, **{k: v for k, v in attrs.items() if k != "segpipe"}, "segpipe": seg})
+    try:
+        group = _open_group(uri, "r+")
+        current = dict(group.attrs)
+        seg = {**current.get("segpipe", {}), **attrs.get("segpipe", {}), "status": "complete", "finished": now_iso()}
+        group.attrs.update({**current, **{k: v for k, v in attrs.items() if k != "segpipe"}, "segpipe": seg})
+    except OSError as e:
+        err = output_error(uri, e)
+        if err is None:
+            raise
+        raise err from None
 
 
 def open_labels(uri: str, level: str = LEVEL0):

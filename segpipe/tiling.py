@@ -150,7 +150,7 @@ def source_indices(window: Window, height: int, width: int) -> tuple[np.ndarray,
     return ys, xs
 
 
-def strip_order(grid: ChunkGrid, strip: int = 8) -> list[tuple[int, int]]:
+def strip_order(grid: ChunkGrid, strip: int = 8) -> Iterator[tuple[int, int]]:
     """Chunk keys in column strips ``strip`` chunks wide, each strip top to bottom, row by row.
 
     A window reaches into the blocks of the chunk rows above and below it; visiting a narrow
@@ -159,8 +159,15 @@ def strip_order(grid: ChunkGrid, strip: int = 8) -> list[tuple[int, int]]:
     """
     if strip < 1:
         raise ValueError("strip must be positive")
-    keys = [(iy, ix) for iy in range(grid.rows) for ix in range(grid.cols)]
-    return sorted(keys, key=lambda k: (k[1] // strip, k[0], k[1]))
+    return _strips(grid.rows, grid.cols, strip)
+
+
+def _strips(rows: int, cols: int, strip: int) -> Iterator[tuple[int, int]]:
+    # lazy: a 200,000² image has 152,000 chunks; its order is never held as a list
+    for x0 in range(0, cols, strip):
+        for iy in range(rows):
+            for ix in range(x0, min(x0 + strip, cols)):
+                yield (iy, ix)
 
 
 def batches(items: list, size: int) -> list[list]:

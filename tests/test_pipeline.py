@@ -80,7 +80,11 @@ def test_output_contract(tmp_path, scene_tif, model_dir, client, photo):
     assert seg["transform"] == [0.5, 0.0, 500000.0, 0.0, -0.5, 4100000.0]
     ms = attrs["ome"]["multiscales"][0]
     assert attrs["ome"]["version"] == "0.5" and ms["datasets"][0]["path"] == "0"
-    assert [c["label-value"] for c in attrs["ome"]["image-label"]["colors"]] == [0, 1, 2, 3]
+    # four classes plus the reserved nodata label, transparent
+    assert [c["label-value"] for c in attrs["ome"]["image-label"]["colors"]] == [0, 1, 2, 3, 255]
+    assert attrs["ome"]["image-label"]["colors"][-1]["rgba"] == [0, 0, 0, 0]
+    assert seg["nodata_label"] == 255 and len(seg["class_colors"]) == 4
+    assert seg["settings"]["chunk_size"] == 128 and seg["settings"]["halo"] == 16
 
 
 def test_rerun_skips_and_resume_computes_only_missing(tmp_path, scene_tif, model_dir, client):
@@ -103,9 +107,17 @@ def test_rerun_skips_and_resume_computes_only_missing(tmp_path, scene_tif, model
     resumed = segment_image(image, ref_model, str(tmp_path), s, client)
     assert resumed.status == "done" and resumed.chunks_computed == 3 and resumed.chunks_resumed == 13
     np.testing.assert_array_equal(zarr.open_array(first.output + "/0", mode="r")[:], full)
-    # other settings recompute everything
-    other = segment_image(image, ref_model, str(tmp_path), settings(halo=8), client)
-    assert other.status == "done" and other.chunks_computed == 16
+    # other settings: a complete output is kept, with one line saying what changed ...
+    refused = segment_image(image, ref_model, str(tmp_path), settings(halo=8), client)
+    assert refused.status == "failed" and "halo 16 → 8" in refused.error and "--overwrite" in refused.error
+    assert "\n" not in refused.error
+    np.testing.assert_array_equal(zarr.open_array(first.output + "/0", mode="r")[:], full)
+    # ... and replaced only when asked, saying so
+    s8 = settings(halo=8)
+    s8 = s8.model_copy(update={"output": s8.output.model_copy(update={"overwrite": True})})
+    other = segment_image(image, ref_model, str(tmp_path), s8, client)
+    assert other.status == "done" and other.chunks_computed == 16, other.error
+    assert any("replacing the complete output (halo 16 → 8)" in n for n in other.notes)
 
 
 def test_tta_and_bf16_run(tmp_path, scene_tif, model_dir, client):
@@ -183,13 +195,13 @@ def test_unexpected_error_fails_only_that_image(tmp_path, photo, model_dir, clie
     write_geotiff(src / "b.tif", photo[:, :120, :100])
     real_prepare = P.prepare_output
 
-    def flaky_prepare(target, attrs):
+    def flaky_prepare(target, attrs, replace=False):
         if target.uri.endswith("a.zarr"):
-            raise OSError(28, "No space left on device")
-        return real_prepare(target, attrs)
+            raise RuntimeError("a bug")
+        return real_prepare(target, attrs, replace)
 
     monkeypatch.setattr(P, "prepare_output", flaky_prepare)
     results = P.segment_many([str(src)], model_dir, str(tmp_path / "out"), settings(chunk=64), client)
     by = {r.source.rsplit("/", 1)[-1]: r for r in results}
-    assert by["a.tif"].status == "failed" and "OSError" in by["a.tif"].error and "No space left" in by["a.tif"].error
+    assert by["a.tif"].status == "failed" and by["a.tif"].error.endswith("unexpected RuntimeError: a bug")
     assert by["b.tif"].status == "done"

@@ -77,7 +77,7 @@ def test_batches_and_bad_grid():
 
 def test_strip_order():
     g = ChunkGrid(3 * 10, 5 * 10, 10)  # 3 rows × 5 cols
-    assert strip_order(g, 2) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
+    assert list(strip_order(g, 2)) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1),
                                  (0, 2), (0, 3), (1, 2), (1, 3), (2, 2), (2, 3),
                                  (0, 4), (1, 4), (2, 4)]
     assert sorted(strip_order(g, 3)) == sorted(c.key for c in g)

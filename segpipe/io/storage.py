@@ -8,6 +8,7 @@ usual AWS credential variables or profiles.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -98,10 +99,16 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(source, "does not exist") from None
-    except PermissionError as e:
-        raise InputError(source, f"cannot be read ({e})") from None
+    except PermissionError:
+        raise InputError(source, "cannot be read (permission denied)") from None
+    except OSError as e:
+        raise InputError(source, f"cannot be listed ({_reason(e)})") from None
     if info.get("type") == "directory":
-        for p, finfo in sorted(fs.find(path, detail=True).items()):
+        try:
+            entries = fs.find(path, detail=True)
+        except OSError as e:
+            raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+        for p, finfo in sorted(entries.items()):
             if finfo.get("type") == "directory" or not p.lower().endswith(extensions):
                 continue
             if "/." in p[len(path):] or ".zarr/" in p:  # hidden files and Zarr stores are never inputs
@@ -112,6 +119,12 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
     return [SourceImage(source if prefix else path, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
 
 
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "a symbolic link loop"
+    return e.strerror or str(e) or type(e).__name__
+
+
 def safe_relative(relative: str) -> str:
     """Sanitise a relative name from a bucket key or path: no absolute paths, no '..', no empty parts."""
     parts = [p for p in PurePosixPath(relative.replace("\\", "/")).parts if p not in ("", ".", "..", "/")]
@@ -120,11 +133,44 @@ def safe_relative(relative: str) -> str:
     return "/".join(parts)
 
 
-def output_uri(out: str, relative: str, suffix: str = ".zarr") -> str:
-    """``OUT/<relative path with its extension replaced by .zarr>`` (sanitised)."""
+def output_uri(out: str, relative: str, suffix: str = ".zarr", keep_extension: bool = False) -> str:
+    """``OUT/<relative path with its extension replaced by .zarr>`` (sanitised).
+
+    ``keep_extension`` gives ``OUT/<relative path>.zarr`` (``hopper.png.zarr``): the name
+    used when several images of a run would otherwise share one output (see
+    :func:`segpipe.pipeline.assign_outputs`).
+    """
     rel = safe_relative(relative)
-    stem, _ = posixpath.splitext(rel)
+    stem = rel if keep_extension else posixpath.splitext(rel)[0]
     return join(strip_file_scheme(out), stem + suffix)
+
+
+#: storage errors that retrying cannot fix: they become one line naming the output
+_PERMANENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder where a file was expected",
+    errno.EFBIG: "file too large for the file system",
+}
+
+
+def output_error(uri: str, exc: BaseException) -> OutputError | None:
+    """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None.
+
+    Classified by ``errno`` (never by words in the message). Connection errors and time-outs
+    are ``OSError`` too but may succeed when retried, so they are not converted.
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError):
+        return None
+    reason = _PERMANENT_ERRNOS.get(exc.errno or -1)
+    if reason is None:
+        return None
+    return OutputError(uri, f"cannot be written: {reason}")
 
 
 def ensure_writable(out: str) -> None:

@@ -1,0 +1,179 @@
+"""Output locks: an output being written by one run is owned by that run.
+
+A lock is a small JSON file next to the output (``OUT/x.zarr.lock``) holding the host,
+PID, run id, start time and a heartbeat that the owning process refreshes every
+:data:`HEARTBEAT_S` seconds. Another run that finds it leaves the output alone and says so
+in one line. A lock is *stale* — and is taken over — when its process is gone (same host,
+PID not alive) or its heartbeat is older than :data:`STALE_AFTER_S` (another host, whose
+process we cannot see). This is the scheme of TRIDENT's lock files, plus a heartbeat so a
+SIGKILLed run on another machine does not block the output forever.
+
+Local folders: creation is ``O_CREAT | O_EXCL`` (exactly one winner) and a stale lock is
+first renamed away (also atomic), so two runs that both see it stale cannot both take it.
+Object stores: there is no exclusive create in every S3 implementation, so the lock is
+written and read back; two runs starting within the same second on one bucket key can
+both believe they won. Chunk writes are whole objects, so the output is still correct then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from segpipe.io.storage import filesystem, is_local, strip_file_scheme, write_atomic
+
+log = logging.getLogger("segpipe.locks")
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 180.0
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """Who holds an output."""
+
+    host: str
+    pid: int
+    run_id: str
+    started: float
+    heartbeat: float
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"host {self.host}, pid {self.pid}, since {started}"
+
+    def is_stale(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if self.host == socket.gethostname():
+            return not _pid_alive(self.pid)
+        return now - self.heartbeat > STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def lock_path(output_uri: str) -> str:
+    return strip_file_scheme(output_uri).rstrip("/") + ".lock"
+
+
+def read_lock(output_uri: str) -> LockInfo | None:
+    """The current holder of ``output_uri``'s lock, or None (no lock, or an unreadable one)."""
+    fs, path = filesystem(lock_path(output_uri))
+    try:
+        data = json.loads(fs.cat_file(path))
+        return LockInfo(**{k: data[k] for k in LockInfo.__dataclass_fields__})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        # half-written or foreign: treat as held since now, it becomes stale by age
+        return LockInfo("?", -1, "?", time.time(), time.time())
+
+
+class OutputLock:
+    """A held lock; refreshes its heartbeat in a daemon thread until :meth:`release`."""
+
+    def __init__(self, output_uri: str, info: LockInfo) -> None:
+        self.output_uri = output_uri
+        self.info = info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="segpipe-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.info = LockInfo(**{**asdict(self.info), "heartbeat": time.time()})
+                fs, path = filesystem(lock_path(self.output_uri))
+                write_atomic(fs, path, json.dumps(asdict(self.info)).encode())
+            except OSError:  # a missed heartbeat only makes the lock look stale sooner
+                log.debug("lock heartbeat failed for %s", self.output_uri, exc_info=True)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        fs, path = filesystem(lock_path(self.output_uri))
+        holder = read_lock(self.output_uri)
+        if holder is not None and holder.run_id == self.info.run_id:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def acquire(output_uri: str, run_id: str | None = None) -> OutputLock | LockInfo:
+    """Take the lock of ``output_uri``: an :class:`OutputLock`, or the :class:`LockInfo` of its live holder."""
+    now = time.time()
+    info = LockInfo(socket.gethostname(), os.getpid(), run_id or uuid.uuid4().hex, now, now)
+    blob = json.dumps(asdict(info)).encode()
+    fs, path = filesystem(lock_path(output_uri))
+    for _ in range(5):
+        holder = read_lock(output_uri)
+        if holder is not None:
+            if not holder.is_stale():
+                return holder
+            log.warning("taking over the stale lock of %s (%s)", output_uri, holder.describe())
+            _remove_stale(fs, path, holder)
+            continue
+        if is_local(fs):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                continue  # someone else was faster: look at who
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+        else:
+            fs.pipe_file(path, blob)
+            if (mine := read_lock(output_uri)) is None or mine.run_id != info.run_id:
+                continue
+        return OutputLock(output_uri, info)
+    holder = read_lock(output_uri)
+    return holder if holder is not None else LockInfo("?", -1, "?", now, now)
+
+
+def _remove_stale(fs: Any, path: str, stale: LockInfo) -> None:
+    """Remove the lock at ``path`` if it is still the ``stale`` one we looked at."""
+    if is_local(fs):
+        aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, aside)  # atomic: of two runs seeing it stale, one renames it
+        except FileNotFoundError:
+            return
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read()).get("run_id")
+        except (OSError, ValueError):
+            moved = None
+        if moved is not None and moved != stale.run_id:
+            # another run took the stale lock between our read and our rename: give it back
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+        os.remove(aside)
+    else:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass

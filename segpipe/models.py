@@ -9,6 +9,15 @@ An artifact is a folder (local or any fsspec URL) holding
   in_channels=in_channels, classes=len(classes))``.
 
 Input normalisation is ``x = (pixel / input_scale - mean) / std``. Loading never unpickles.
+
+Optional keys (left out of ``model.json`` when unset; see docs/pixel-types.md): ``input_scale``
+may be a mapping pixel type → divisor; ``input_dtype`` names the pixel type the model was made
+for; a ``normalization`` block (``scale`` | ``minmax`` | ``percentile``) says how other raw pixels
+map to the model's input. An image the model cannot read as it is is refused in one line
+(:func:`check_input`); the rule is resolved once per image (:func:`image_normalization`) into an
+:class:`InputNorm`, which :class:`segpipe.inference.Predictor` applies — the one place it happens.
+Numbers are validated (finite, ``std`` > 0, ``input_scale`` in [1e-6, 1e12]); weights holding
+NaN/infinity are refused when loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from segpipe.errors import ConfigError, ModelError
@@ -159,9 +167,9 @@ class ModelSpec(BaseModel):
             lo, hi = _per_band(n.min, self.in_channels), _per_band(n.max, self.in_channels)
             if any(h <= lo_ for lo_, h in zip(lo, hi)):
                 raise ValueError("normalization.max must be greater than normalization.min in every band")
-        elif isinstance(n, PercentileNormalization):
-            if not (math.isfinite(n.low) and math.isfinite(n.high) and 0 <= n.low < n.high <= 100):
-                raise ValueError(f"normalization percentiles need 0 <= low < high <= 100, got {n.low}, {n.high}")
+        elif isinstance(n, PercentileNormalization) and not (
+                math.isfinite(n.low) and math.isfinite(n.high) and 0 <= n.low < n.high <= 100):
+            raise ValueError(f"normalization percentiles need 0 <= low < high <= 100, got {n.low}, {n.high}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError("class names must be unique")
         return self

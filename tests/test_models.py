@@ -122,7 +122,7 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, art_dir):
     art = load_artifact(str(art_dir))
     w = {k: (torch.full_like(v, float("nan")) if v.is_floating_point() else v) for k, v in art.weights.items()}
     save_artifact(str(tmp_path / "nan"), art.spec, w)
-    first = sorted(k for k, v in w.items() if v.is_floating_point())[0]
+    first = min(k for k, v in w.items() if v.is_floating_point())
     with pytest.raises(ModelError, match=f"tensor '{first}' holds .* NaN/infinite") as e:
         load_artifact(str(tmp_path / "nan"))
     assert "\n" not in str(e.value) and str(tmp_path / "nan") in str(e.value)

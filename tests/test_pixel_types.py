@@ -14,7 +14,13 @@ from PIL import Image, ImageOps
 
 from segpipe.errors import InputError, ModelError
 from segpipe.io.readers import open_image
-from segpipe.models import InputNorm, ModelSpec, check_input, image_normalization, normalization_for
+from segpipe.models import (
+    InputNorm,
+    ModelSpec,
+    check_input,
+    image_normalization,
+    normalization_for,
+)
 from segpipe.tiling import Window
 from tests.helpers import write_geotiff
 
@@ -132,7 +138,7 @@ def test_palette_tiff_expands_to_rgb(tmp_path):
 
 def test_palette_transparent_entry_is_nodata(tmp_path):
     path = tmp_path / "palt.png"
-    want, idx = palette_png(path, seed=2, transparent=3)
+    _, idx = palette_png(path, seed=2, transparent=3)
     with open_image(str(path)) as r:
         assert r.info.count == 3 and r.has_mask
         np.testing.assert_array_equal(r.read_valid(Window(0, 0, H, W)), idx != 3)
@@ -447,8 +453,8 @@ def test_predictor_uses_the_images_normalisation(small_model):
     pred = _predictor(small_model, normalization=None, input_scale={"uint8": 255, "uint16": 65535})
     a8 = rgb(1, 64, 64).transpose(2, 0, 1)[None]
     a16 = a8.astype(np.uint16) * 257  # the same picture in 16 bits
-    l8, p8 = pred.predict(a8)
-    l16, p16 = pred.predict(a16)
+    l8, _ = pred.predict(a8)
+    l16, _ = pred.predict(a16)
     np.testing.assert_array_equal(l8, l16)
     pct = _predictor(small_model, normalization={"type": "percentile", "low": 0, "high": 100})
     with pytest.raises(ModelError, match="percentile"):

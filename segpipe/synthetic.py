@@ -505,10 +505,9 @@ def class_table() -> list[dict[str, str]]:
 
 
 def _colormap() -> dict[int, tuple[int, int, int, int]]:
-    cmap = {}
-    for i, c in enumerate(CLASS_COLORS):
-        cmap[i] = (int(c[1:3], 16), int(c[3:5], 16), int(c[5:7], 16), 255)
-    return cmap
+    from segpipe.classes import palette_rgba
+
+    return {i: tuple(int(v) for v in rgba) for i, rgba in enumerate(palette_rgba(len(CLASSES), CLASS_COLORS))}
 
 
 def _geotiff_profile(height: int, width: int, count: int, block: int, x0: float, y0: float) -> dict:

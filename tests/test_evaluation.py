@@ -134,3 +134,25 @@ def test_demo_quick(tmp_path):
     for key in ("retrain_report", "scene_report", "preview"):
         assert __import__("pathlib").Path(summary[key]).exists(), key
     assert 0.0 <= summary["scene_mean_iou"] <= 1.0
+
+
+def test_score_output_leaves_out_nodata_and_ignored_pixels(tmp_path):
+    """A 2×4 output with nodata (255) against a mask with ignore (255): counts by hand."""
+    from segpipe.evaluation import score_output
+    from tests.helpers import write_geotiff
+
+    pred = np.array([[0, 1, 255, 2],
+                     [2, 2, 1, 255]], np.uint8)
+    truth = np.array([[0, 0, 1, 255],
+                      [2, 1, 1, 255]], np.uint8)
+    out = tmp_path / "out.zarr"
+    g = zarr.open_group(str(out), mode="w", zarr_format=3)
+    g.create_array("0", shape=pred.shape, chunks=(2, 2), dtype="uint8", fill_value=255)[:] = pred
+    mask = write_geotiff(tmp_path / "mask.tif", truth[None], tiled=False)
+    cm = score_output(str(out), str(mask), 3)
+    # counted (truth, pred): (0,0) (0,1) (2,2) (1,2) (1,1); nodata prediction (1,255) and
+    # ignored truth (255,2) (255,255) are left out
+    assert cm.matrix.tolist() == [[1, 1, 0],
+                                  [0, 1, 1],
+                                  [0, 0, 1]]
+    assert cm.total == 5

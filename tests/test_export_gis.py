@@ -448,3 +448,48 @@ def test_remote_targets_get_their_sidecars(nodata_output) -> None:
     export_vectors(nodata_output, "memory://exports/scene.shp", classes=[1])
     assert all(fs.exists(f"/exports/scene{e}") for e in (".shp", ".shx", ".dbf", ".prj"))
     assert not [p for p in fs.find("/exports") if "tmp" in p or "export." in p]
+
+
+def test_pipeline_nodata_reaches_every_export(tmp_path, photo, model_dir, client) -> None:
+    """A GeoTIFF with a nodata region, segmented by the pipeline: NoData in the COG, no polygon, transparent preview."""
+    from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
+    from segpipe.io.storage import list_images
+    from segpipe.pipeline import check_model, segment_image
+    from tests.helpers import write_geotiff
+
+    img = photo[:, :192, :256].copy()
+    img[img == 0] = 1
+    img[:, :, :64] = 0  # no data: a whole chunk column
+    img[:, 100:120, 150:170] = 0  # and a hole inside data chunks
+    src = write_geotiff(tmp_path / "nd.tif", img, nodata=0)
+    settings = SegmentSettings(tiling=TilingSettings(chunk_size=64, halo=16), read=ReadSettings(),
+                               inference=InferenceSettings(device="cpu", precision="fp32"))
+    ref, _ = check_model(model_dir)
+    res = segment_image(list_images(str(src))[0], ref, str(tmp_path / "out"), settings, client)
+    assert res.status == "done", res.error
+    seg = zarr.open_group(res.output, mode="r").attrs["segpipe"]
+    if "nodata_label" not in seg:
+        pytest.xfail("this pipeline does not record segpipe.nodata_label yet")
+    nodata = seg["nodata_label"]
+    labels = zarr.open_array(res.output + "/0", mode="r")[:]
+    assert (labels[:, :64] == nodata).all() and (labels[100:120, 150:170] == nodata).all()
+
+    with GdalLogs() as logs:
+        cog = export_cog(res.output, str(tmp_path / "nd-classes.tif"))
+    assert logs.messages == []
+    with rasterio.open(cog) as ds:
+        assert ds.nodata == nodata and ds.colormap(1)[nodata][3] == 0
+        np.testing.assert_array_equal(ds.read_masks(1) == 0, labels == nodata)
+    assert gdal_class_table(cog)["categories"] == list(seg["classes"])
+
+    n = export_vectors(res.output, str(tmp_path / "nd.gpkg"))
+    _, geoms, fields = read_any(str(tmp_path / "nd.gpkg"))
+    assert len(geoms) == n > 0 and nodata not in set(fields["class_id"].tolist())
+    pixel_area = 0.25  # write_geotiff's 0.5 m pixels
+    assert shapely.area(geoms).sum() == pytest.approx((labels != nodata).sum() * pixel_area)
+
+    # 192×256 fits the preview: no resampling. Over the source, nodata shows the source unblended (black here)
+    full = np.asarray(Image.open(export_preview(res.output, str(tmp_path / "nd.png"), legend=False)))
+    assert full.shape == (192, 256, 4) and (full[..., 3] == 255).all()
+    assert (full[labels == nodata][:, :3] == 0).all()
+    assert (full[labels != nodata][:, :3].max(axis=1) > 0).mean() > 0.99  # class colours blended in elsewhere

@@ -452,7 +452,12 @@ def test_remote_targets_get_their_sidecars(nodata_output) -> None:
 
 def test_pipeline_nodata_reaches_every_export(tmp_path, photo, model_dir, client) -> None:
     """A GeoTIFF with a nodata region, segmented by the pipeline: NoData in the COG, no polygon, transparent preview."""
-    from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
+    from segpipe.config import (
+        InferenceSettings,
+        ReadSettings,
+        SegmentSettings,
+        TilingSettings,
+    )
     from segpipe.io.storage import list_images
     from segpipe.pipeline import check_model, segment_image
     from tests.helpers import write_geotiff

@@ -26,6 +26,7 @@ inference images:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -213,11 +214,8 @@ def _by_stem(found, folder_uri: str) -> dict[str, str]:
     return out
 
 
-def _header(uri: str) -> tuple[int, int, int, str]:
-    try:
-        reader = open_image(uri)
-    except InputError as e:
-        raise DatasetError(uri, e.problem) from None
+def _header(uri: str, mask: bool = False) -> tuple[int, int, int, str]:
+    reader = open_mask(uri) if mask else open_reader(uri)
     try:
         i = reader.info
         return i.height, i.width, i.count, i.dtype
@@ -284,7 +282,7 @@ def _load_all(root: str) -> Dataset:
         elif dt != dtype:
             raise DatasetError(image_uri, f"has dtype {dt} but {first} has {dtype}; "
                                           "all images need the same dtype")
-        mh, mw, mcount, mdt = _header(mask_uri)
+        mh, mw, mcount, mdt = _header(mask_uri, mask=True)
         if (mh, mw) != (h, w):
             raise DatasetError(mask_uri, f"is {mh}×{mw} pixels but its image {image_uri} is {h}×{w}")
         if mcount != 1:
@@ -391,7 +389,7 @@ def index_masks(dataset: Dataset, *, cell: int = INDEX_CELL, window: int = SCAN_
     ignored = np.zeros(n, dtype=np.int64)
     cells: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for i, item in enumerate(dataset.items):
-        reader = open_reader(item.mask_uri)
+        reader = open_mask(item.mask_uri)
         try:
             c, ign, cl = _scan_mask(item, k, cell, window, reader)
         finally:
@@ -414,6 +412,32 @@ def open_reader(uri: str) -> ImageReader:
         return open_image(uri)
     except InputError as e:
         raise DatasetError(uri, e.problem) from None
+
+
+def open_mask(uri: str) -> ImageReader:
+    """A reader of a mask's class ids: a palette (colour-mapped) PNG/TIFF is read as its indices.
+
+    The image readers expand a palette to RGB (what a model reads); in a mask the palette
+    indices *are* the class ids and the colour table only shows them.
+    """
+    reader = open_reader(uri)
+    if reader.info.extra.get("layout") == "palette":
+        _serve_palette_indices(reader, uri)
+    return reader
+
+
+def _serve_palette_indices(reader: ImageReader, uri: str) -> None:
+    # The readers offer no switch for this yet, so the expansion is turned off on this reader
+    # (RasterioReader reads band 1 as is when it has no colour table). Replace with an option of
+    # segpipe.io.readers (e.g. open_image(uri, palette="index")) once it exists.
+    ds = getattr(reader, "_ds", None)
+    if ds is None or not hasattr(reader, "_lut") or not hasattr(reader, "_indexes"):
+        reader.close()
+        raise DatasetError(uri, "is a palette image whose class ids this reader cannot serve")
+    reader._lut = None  # type: ignore[attr-defined]
+    reader._indexes = [1]  # type: ignore[attr-defined]
+    reader.info = dataclasses.replace(reader.info, count=1, dtype=str(np.dtype(ds.dtypes[0])),
+                                      extra={**reader.info.extra, "layout": "palette indices"})
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -521,15 +545,16 @@ class _Readers(threading.local):
     def __init__(self) -> None:
         self.cache: OrderedDict[str, ImageReader] = OrderedDict()
 
-    def get(self, uri: str, size: int = 16) -> ImageReader:
-        r = self.cache.get(uri)
+    def get(self, uri: str, size: int = 16, mask: bool = False) -> ImageReader:
+        key = ("mask:" if mask else "image:") + uri
+        r = self.cache.get(key)
         if r is None:
-            r = open_reader(uri)
-            self.cache[uri] = r
+            r = open_mask(uri) if mask else open_reader(uri)
+            self.cache[key] = r
             while len(self.cache) > size:
                 self.cache.popitem(last=False)[1].close()
         else:
-            self.cache.move_to_end(uri)
+            self.cache.move_to_end(key)
         return r
 
 
@@ -664,7 +689,7 @@ class PatchSampler:
         cy, cx = divmod(int(ids[j]), ceil_div(it.width, cell))
         y0, x0 = cy * cell, cx * cell
         win = Window(y0, x0, min(cell, it.height - y0), min(cell, it.width - x0))
-        m = self._readers.get(it.mask_uri).read(win)[0]
+        m = self._readers.get(it.mask_uri, mask=True).read(win)[0]
         ys, xs = np.nonzero(m == cls)
         if rank >= ys.size:  # the mask changed since it was indexed
             raise DatasetError(it.mask_uri, "changed since its class index was built; index the dataset again")
@@ -674,7 +699,7 @@ class PatchSampler:
         """Pixels of a plan: (normalised float32 image, int64 mask), augmented and resized to the patch."""
         it = self.dataset.items[plan.item]
         image = self._readers.get(it.image_uri).read(plan.window)
-        mask = self._readers.get(it.mask_uri).read(plan.window)[0]
+        mask = self._readers.get(it.mask_uri, mask=True).read(plan.window)[0]
         x = (image.astype(np.float32) * self.scale - self.mean) / self.std
         x, mask = resize_pair(x, mask, self.patch_size)
         if plan.flip_y:

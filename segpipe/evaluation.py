@@ -20,7 +20,7 @@ import numpy as np
 
 from segpipe.config import SegmentSettings
 from segpipe.classes import colors_from_spec
-from segpipe.data import IGNORE_INDEX, Dataset, load_dataset
+from segpipe.data import IGNORE_INDEX, Dataset, load_dataset, open_mask
 from segpipe.errors import DatasetError
 from segpipe.io.readers import open_image
 from segpipe.io.storage import SourceImage, join, list_images
@@ -69,7 +69,7 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
         img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     if bands == 1:
         img = np.repeat(img, 3, axis=0)
-    with open_image(mask_uri) as r:
+    with open_mask(mask_uri) as r:
         truth = r.read(Window(0, 0, h, w))[0, ::step, ::step]
     return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), truth.astype(np.int64),
                   np.asarray(pred[::step, ::step]).astype(np.int64))
@@ -83,7 +83,7 @@ def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionM
     """
     pred = open_labels(output_uri)
     height, width = pred.shape
-    with open_image(mask_uri) as masks:
+    with open_mask(mask_uri) as masks:
         if (masks.info.height, masks.info.width) != (height, width):
             raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "
                                f"{width}×{height}")

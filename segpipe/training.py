@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from segpipe.config import Precision
 from segpipe.data import (
     IGNORE_INDEX, AugmentSettings, Dataset, PatchSampler, band_statistics, default_input_scale, index_masks,
-    load_dataset, open_reader, split_dataset,
+    load_dataset, open_mask, open_reader, split_dataset,
 )
 from segpipe.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.storage import filesystem, join, strip_file_scheme
@@ -199,7 +199,7 @@ def evaluate_network(net: torch.nn.Module, dataset: Dataset, *, mean: list[float
             h = 0 if single else halo
             grid = ChunkGrid(item.height, item.width, chunk_size)
             image = open_reader(item.image_uri)
-            mask = open_reader(item.mask_uri)
+            mask = open_mask(item.mask_uri)
             try:
                 chunks = list(grid)
                 for b in range(0, len(chunks), batch_size):

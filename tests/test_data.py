@@ -210,8 +210,8 @@ def test_bad_masks(five):
 
 
 def test_bands_must_agree(five):
-    _write(five / "images" / "b.tif", np.zeros((4, 40, 48), np.uint8))
-    _expect(five, r"images/b\.tif: has 4 band\(s\) but .*images/a\.tif has 3")
+    _write(five / "images" / "b.tif", np.zeros((5, 40, 48), np.uint8))
+    _expect(five, r"images/b\.tif: has 5 band\(s\) but .*images/a\.tif has 3")
 
 
 def test_corrupt_file(five):
@@ -386,3 +386,27 @@ def test_class_balanced_sampling_raises_rare_share(tmp_path):
     np.testing.assert_allclose(s.class_probabilities(), [1 / 3] * 3)
     targets = [s.plan(i).target_class for i in range(300)]
     assert 70 < targets.count(1) < 130
+
+
+def test_palette_masks_are_read_as_class_ids(five):
+    """A colour-mapped mask (the usual PNG label format): its indices are the class ids, not RGB."""
+    import rasterio
+
+    from segpipe.data import open_mask
+    from segpipe.tiling import Window
+
+    ids = np.zeros((40, 48), np.uint8)
+    ids[:, 20:] = 2
+    ids[:5, :5] = 255  # ignore
+    for name in ("a", "b", "c", "d", "sub/e"):
+        path = five / "masks" / f"{name}.tif"
+        with rasterio.open(path, "w", driver="GTiff", height=40, width=48, count=1, dtype="uint8",
+                           photometric="palette") as ds:
+            ds.write(ids, 1)
+            ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (0, 0, 255, 255), 2: (128, 128, 128, 255)})
+    with open_mask(str(five / "masks" / "a.tif")) as r:
+        assert (r.info.count, r.info.dtype) == (1, "uint8")
+        np.testing.assert_array_equal(r.read(Window(0, 0, 40, 48))[0], ids)
+    ds = load_dataset(str(five))
+    counts = index_masks(ds).class_counts()
+    assert counts.tolist() == [5 * (20 * 40 - 25), 0, 5 * 28 * 40]

@@ -36,9 +36,8 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     """metrics.json equals scikit-learn on the stitched predictions read back from Zarr."""
     from sklearn.metrics import confusion_matrix as sk_cm
 
-    from segpipe.data import load_dataset
+    from segpipe.data import load_dataset, open_mask
     from segpipe.evaluation import evaluate
-    from segpipe.io.readers import open_image
     from segpipe.models import create_artifact
     from segpipe.tiling import Window
 
@@ -48,7 +47,7 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     ev = evaluate(str(model), ds, str(tmp_path / "ev"), seg_settings(), client, split="val")
     truth, pred = [], []
     for item in ds.items:
-        with open_image(item.mask_uri) as r:
+        with open_mask(item.mask_uri) as r:  # palette masks: the indices are the class ids
             truth.append(r.read(Window(0, 0, item.height, item.width))[0].ravel())
         pred.append(zarr.open_array(str(tmp_path / "ev" / "predictions" / f"{item.name}.zarr" / "0"), mode="r")[:].ravel())
     t, p = np.concatenate(truth), np.concatenate(pred)
@@ -58,6 +57,7 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     np.testing.assert_array_equal(np.array(saved["confusion_matrix"]), ref)
     assert saved["pixel_accuracy"] == pytest.approx(np.trace(ref) / ref.sum(), abs=1e-12)
     assert ev.images == len(ds.items)
+    assert saved["data"]["unscored_pixels"] == int((~keep).sum())
 
 
 @pytest.mark.slow

@@ -12,14 +12,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.states import Completed, Failed
+from prefect.states import Completed, Failed, State
 
 from segpipe.cluster import client_for, dashboard_link, dask_client
-from segpipe.config import ClusterSettings, InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands
+from segpipe.config import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.errors import SegpipeError, TransientIOError
+from segpipe.export import Exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
-from segpipe.export import Exports, write_exports
-from segpipe.pipeline import ImageResult, ModelRef, check_model, segment_image, summary_rows
+from segpipe.pipeline import (
+    ImageResult, ModelRef, assign_outputs, check_model, segment_image, summary_rows, write_image_exports,
+)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -58,25 +60,74 @@ def load_model(model: str, out: str) -> ModelRef:
     return ref
 
 
+class ImagesFailed(SegpipeError):
+    """Some images of a run failed; carries every image's row so callers still get the summary."""
+
+    def __init__(self, subject: str | None, problem: str, rows: list[dict] | None = None) -> None:
+        super().__init__(subject, problem)
+        self.args = (subject, problem, rows)
+        self.rows = rows or []
+
+    def detached(self) -> ImagesFailed:
+        return ImagesFailed(self.subject, self.problem, self.rows)
+
+
+class PrefectProgress:
+    """A progress artifact per image, updated as its chunks finish (at most every 2 s)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.total = 0
+        self.done = 0
+        self.artifact = None
+        self._last = 0.0
+
+    def start_image(self, chunks: int) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done = chunks, 0
+        self.artifact = create_progress_artifact(0.0, description=f"chunks of {self.name}")
+
+    def plan(self, chunks: int, megapixels: float) -> None:  # the flow plans per image (start_image)
+        pass
+
+    def advance(self, chunks: int, megapixels: float) -> None:
+        import time
+
+        from prefect.artifacts import update_progress_artifact
+
+        self.done += chunks
+        now = time.monotonic()
+        if self.artifact is None or not self.total or (now - self._last < 2.0 and self.done < self.total):
+            return
+        self._last = now
+        update_progress_artifact(self.artifact, min(100.0, 100.0 * self.done / self.total))
+
+
 @task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE,
       retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
 def segment_one(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings,
-                scheduler: str, exports: Exports) -> ImageResult:
-    """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr."""
+                scheduler: str, exports: Exports, target_uri: str | None = None) -> ImageResult | State:
+    """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr.
+
+    A failed image ends this task run *Failed* (red in the run graph, so task-failure
+    automations fire) with the image's one-line error as the state message; a storage error
+    that may pass (throttling, a dropped connection) is raised so Prefect retries the task.
+    """
     logger = get_run_logger()
-    result = segment_image(image, model, out, settings, client_for(scheduler))
+    result = segment_image(image, model, out, settings, client_for(scheduler), PrefectProgress(image.relative),
+                           target_uri=target_uri)
+    for note in result.notes:
+        logger.warning("%s", note)
+    write_image_exports(result, exports)
     if result.status == "failed":
         logger.error("%s", result.error)
-        return result
+        if result.transient:
+            raise TransientIOError(None, result.error or "storage error")
+        return Failed(message=result.error, data=result)
     logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, in %.1f s (%.2f MP/s) → %s", result.status,
                 image.relative, result.chunks_computed, result.chunks, result.chunks_skipped, result.seconds,
                 result.mp_per_s, result.output)
-    try:
-        result.extra["exports"] = write_exports(result.output, image.uri, exports,
-                                                recompute=result.status == "done")
-    except SegpipeError as e:
-        result.status, result.error = "failed", f"export of {result.output}: {e}"
-        logger.error("%s", result.error)
     return result
 
 
@@ -98,44 +149,58 @@ def segment_images(
     level: int | None = None,
     mpp: float | None = None,
     skip_empty: bool = True,
+    background_class: int | None = None,
+    max_pixels: float = 1e11,
+    overwrite: bool = False,
     cog: bool = False,
-    vector: Literal["gpkg", "geojson"] | None = None,
+    vector: Literal["gpkg", "geojson", "shp", "fgb", "parquet"] | None = None,
     preview: bool = False,
     min_area: float = 0.0,
-) -> list[dict]:
+) -> list[dict] | State:
     """Segment every image under ``source`` into ``out``; skip complete outputs, resume partial ones.
 
-    ``cog``/``vector``/``preview`` also write ``<output>.tif`` (COG), ``<output>.gpkg|.geojson``
-    and ``<output>.png`` next to each Zarr output. Fails (after every other image finished)
-    when any image failed.
+    The parameters are ``segpipe segment``'s options (same names, same settings builder).
+    ``cog``/``vector``/``preview`` also write ``<output>.tif`` (COG + .qml + .aux.xml),
+    ``<output>.<vector>`` and ``<output>.png`` next to each Zarr output. Each failed image's
+    task run ends Failed; the flow run ends Failed after every other image finished.
     """
     logger = get_run_logger()
-    settings = SegmentSettings(
-        tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
-        read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, skip_empty=skip_empty),
-        inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                    probabilities=probabilities),
-    )
+    settings = segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
+                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
+                                background_class=background_class, overwrite=overwrite)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
-    images = ingest(source)
-    ref = load_model(model, out)
     results: list[ImageResult] = []
+    listing = ingest.submit(source)
+    ref = load_model(model, out)
+    wait([listing])
+    if listing.state.is_completed():
+        images = listing.result()
+    else:  # the source cannot be listed: that source fails, with its one line
+        images = []
+        error = listing.state.result(raise_on_failure=False)
+        results.append(ImageResult(source=source, output="", status="failed",
+                                   error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
+    names = assign_outputs(images, out)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         if dashboard_link(client):
             logger.info("Dask dashboard: %s", dashboard_link(client))
         scheduler = client.scheduler.address
         # a few images at a time keep the workers busy between one image's last chunks and the next one's first
-        for i in range(0, len(images), max(1, max_concurrent_images)):
-            futures = [segment_one.submit(img, ref, out, settings, scheduler, exports)
-                       for img in images[i:i + max_concurrent_images]]
+        step = max(1, max_concurrent_images)
+        for i in range(0, len(images), step):
+            batch = images[i:i + step]
+            futures = [segment_one.submit(img, ref, out, settings, scheduler, exports, names[img.uri])
+                       for img in batch]
             wait(futures)
-            for img, fut in zip(images[i:i + max_concurrent_images], futures):
-                state = fut.state
-                if state.is_completed():
-                    results.append(fut.result())
+            for img, fut in zip(batch, futures):
+                value = fut.state.result(raise_on_failure=False)
+                if isinstance(value, ImageResult):
+                    results.append(value)
                 else:
-                    results.append(ImageResult(source=img.uri, output="", status="failed",
-                                               error=str(state.message or "task failed")))
+                    results.append(ImageResult(source=img.uri, output=names[img.uri], status="failed",
+                                               error=str(value) if isinstance(value, SegpipeError)
+                                               else str(fut.state.message or "task failed")))
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
     failed = [r for r in results if r.status == "failed"]
@@ -147,6 +212,7 @@ def segment_images(
     )
     payload = [r.as_dict() for r in results]
     if failed:
-        return Failed(message=f"{len(failed)} of {len(results)} image(s) failed: " + "; ".join(r.error for r in failed),
-                      data=payload)
+        message = f"{len(failed)} of {len(results)} image(s) failed: " + "; ".join(r.error or "" for r in failed)
+        # the data of a Failed state must be an exception (Prefect raises it for callers); it carries the rows
+        return Failed(message=message, data=ImagesFailed(source, message, payload))
     return Completed(message=f"{counts['done']} done, {counts['skipped']} skipped", data=payload)

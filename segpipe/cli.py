@@ -15,10 +15,11 @@ from typing import Any
 
 import click
 
-from segpipe.errors import SegpipeError
+from segpipe.errors import ConfigError, SegpipeError
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
+EXIT_BUG = 3
 
 
 def _console(stderr: bool = False):
@@ -28,59 +29,129 @@ def _console(stderr: bool = False):
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn SegpipeError (and pydantic validation errors) into one line; --debug re-raises."""
+    """Turn SegpipeError and settings validation errors into one line; --debug re-raises.
+
+    Anything else is a bug: it keeps its traceback (in the log file without ``--debug``) and
+    the user gets one line pointing at it.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+            raise
         except SegpipeError as e:
             if debug:
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USAGE)
-        except ValueError as e:  # pydantic ValidationError is a ValueError
+        except ValidationError as e:
             if debug:
                 raise
-            errors = getattr(e, "errors", None)
-            if callable(errors):
-                err = errors()[0]
-                where = ".".join(str(x) for x in err["loc"])
-                click.echo(f"error: {where}: {err['msg']}", err=True)
-            else:
-                click.echo(f"error: {e}", err=True)
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            click.echo(f"error: {where}: {err['msg']}", err=True)
             sys.exit(EXIT_USAGE)
+        except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, but in the log
+            if debug:
+                raise
+            logging.getLogger("segpipe.cli").error("unexpected error", exc_info=True)
+            where = f"; traceback in {_log_path}" if _log_path else ""
+            click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                       f"(a bug in segpipe{where}; --debug shows it)", err=True)
+            sys.exit(EXIT_BUG)
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
-@click.version_option(package_name="segpipe")
-def main(debug: bool) -> None:
-    """segpipe: batch semantic segmentation of large images into Zarr masks."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+_log_path: str | None = None
+
+
+class _TerminalWarnings(logging.Handler):
+    """segpipe's own warnings on the terminal, one line each and without tracebacks."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING and record.name.startswith("segpipe"):
+            click.echo(f"warning: {record.getMessage().splitlines()[0]}", err=True)
+
+
+def log_file_path() -> str:
+    """``$SEGPIPE_LOG_DIR`` (default ``$XDG_STATE_HOME/segpipe/logs``) / ``segpipe-<time>-<pid>.log``."""
+    import os
+
+    base = os.environ.get("SEGPIPE_LOG_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "segpipe", "logs")
+    os.makedirs(base, exist_ok=True)
+    return os.path.join(base, f"segpipe-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+
+
+def configure_logging(debug: bool) -> None:
+    """``--debug``: everything on stderr. Otherwise library noise (GDAL, tifffile, Dask's
+    "Compute Failed" blocks, Python warnings) goes to a log file and the terminal shows only
+    segpipe's one-line errors and warnings."""
+    global _log_path
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if debug:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        root.setLevel(logging.DEBUG)
+    else:
+        try:
+            _log_path = log_file_path()
+            handler = logging.FileHandler(_log_path, delay=True)
+        except OSError:  # no writable state folder: drop the noise rather than print it
+            handler = logging.NullHandler()
+        root.setLevel(logging.INFO)
+        root.addHandler(_TerminalWarnings())
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    quiet_library_loggers(debug)
+
+
+def quiet_library_loggers(debug: bool) -> None:
+    """distributed installs its own stderr handlers when imported: route them through ours."""
+    import distributed  # noqa: F401 - importing it installs the handlers we replace
+
+    for name in ("distributed", "bokeh", "tornado", "rasterio", "tifffile", "fsspec", "s3fs", "prefect"):
+        lg = logging.getLogger(name)
+        if not debug:
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.propagate = True
     level = logging.INFO if debug else logging.WARNING
     for name in ("distributed", "segpipe"):  # distributed sets INFO on its own loggers
         logging.getLogger(name).setLevel(level)
 
 
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks and library logs on the terminal.")
+@click.version_option(package_name="segpipe")
+def main(debug: bool) -> None:
+    """segpipe: batch semantic segmentation of large images into Zarr masks."""
+    configure_logging(debug)
+
+
 # ----------------------------------------------------------------------------- segment
 
 class RichProgress:
-    """Progress bar: chunks done, megapixels/s, time left."""
+    """Progress bar: a planning phase, then image i/n and its name, chunks done, megapixels/s, time left."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("[bold]segment"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
-            TextColumn("{task.fields[mps]:.2f} MP/s"), TimeRemainingColumn(), console=_console(stderr=True),
-            transient=False,
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+            TextColumn("{task.fields[mps]:.2f} MP/s"), TimeRemainingColumn(), TextColumn("{task.fields[image]}"),
+            console=_console(stderr=True), transient=False,
         )
-        self._task = self._progress.add_task("segment", total=None, mps=0.0)
+        self._task = self._progress.add_task("planning", total=None, mps=0.0, image="reading image headers")
         self._mp = 0.0
         self._t0 = time.perf_counter()
 
@@ -92,7 +163,11 @@ class RichProgress:
         self._progress.stop()
 
     def plan(self, chunks: int, megapixels: float) -> None:
-        self._progress.update(self._task, total=chunks)
+        self._progress.update(self._task, total=chunks, description="segment", image="")
+        self._t0 = time.perf_counter()
+
+    def image(self, index: int, count: int, name: str) -> None:
+        self._progress.update(self._task, image=f"image {index + 1}/{count} {name}")
 
     def advance(self, chunks: int, megapixels: float) -> None:
         self._mp += megapixels
@@ -115,7 +190,11 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--level", type=int, default=None, help="Pyramid level to segment (slides, COG overviews)."),
         click.option("--mpp", type=float, default=None, help="Microns per pixel to segment at (slides)."),
         click.option("--skip-empty/--no-skip-empty", default=True, show_default=True,
-                     help="Skip chunks that are all nodata or slide background (written as class 0)."),
+                     help="Skip chunks that are all nodata (written as the nodata label) or slide background."),
+        click.option("--background-class", type=int, default=None,
+                     help="Class for slide background outside the tissue [default: the nodata label]."),
+        click.option("--max-pixels", type=float, default=1e11, show_default=True,
+                     help="Refuse images declaring more pixels than this."),
         click.option("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler."),
     ]
     for o in reversed(opts):
@@ -125,21 +204,18 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
-                   skip_empty: bool = True):
-    from segpipe.config import (
-        InferenceSettings, ReadSettings, SegmentSettings, TilingSettings, parse_bands,
-    )
+                   skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
+                   overwrite: bool = False):
+    """The CLI's options → :func:`segpipe.config.segment_settings` (the flow calls the same builder)."""
+    from segpipe.config import segment_settings
 
     try:
-        parsed = parse_bands(bands)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--bands") from None
-    return SegmentSettings(
-        tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
-        read=ReadSettings(bands=parsed, level=level, mpp=mpp, skip_empty=skip_empty),
-        inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                    probabilities=probabilities),
-    )
+        return segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
+                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
+                                background_class=background_class, overwrite=overwrite)
+    except ConfigError as e:  # name the option as the user typed it
+        raise ConfigError(f"--{e.subject}", e.problem) from None
 
 
 def print_summary(results: list) -> None:
@@ -162,6 +238,14 @@ def print_summary(results: list) -> None:
 @click.option("--model", "model", required=True, help="Model folder, registry folder (its champion) or REGISTRY@vN.")
 @click.option("--out", "out", required=True, help="Output folder or bucket URL.")
 @segment_options
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete outputs made with other settings (changed images and models are always redone).")
+@click.option("--cog", is_flag=True, help="Also write OUT/<name>.tif: a COG with the class colours (+ .qml, .aux.xml).")
+@click.option("--vector", type=click.Choice(["gpkg", "geojson", "shp", "fgb", "parquet"]), default=None,
+              help="Also write class polygons OUT/<name>.<format>.")
+@click.option("--preview", is_flag=True, help="Also write OUT/<name>.png: a colour preview with a legend.")
+@click.option("--min-area", type=float, default=0.0, show_default=True,
+              help="Polygons smaller than this (CRS units², or pixels) are merged into their neighbours.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None,
               help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
@@ -172,23 +256,35 @@ def print_summary(results: list) -> None:
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
-            mpp: float | None, skip_empty: bool, dask_address: str | None, no_progress: bool,
-            report_json: str | None, workers: int | None, worker_threads: int | None, processes: bool) -> None:
-    """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr."""
+            mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
+            dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
+            min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
+            worker_threads: int | None, processes: bool) -> None:
+    """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
+
+    Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
+    their extension (hopper.jpg.zarr, hopper.png.zarr). A path that is not a segpipe output of
+    the same image is never touched.
+    """
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
-    from segpipe.pipeline import segment_many
+    from segpipe.export import Exports
+    from segpipe.pipeline import segment_many, write_image_exports
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty)
+                              skip_empty, max_pixels, background_class, overwrite)
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
                               processes=processes)
+    quiet_library_loggers(click.get_current_context().find_root().params.get("debug", False))
     with dask_client(cluster) as client:
         if no_progress:
             results = segment_many(list(sources), model, out, settings, client)
         else:
             with RichProgress() as progress:
                 results = segment_many(list(sources), model, out, settings, client, progress)
+    for r in results:
+        write_image_exports(r, exports)
     print_summary(results)
     if report_json:
         import json
@@ -197,6 +293,9 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
 
         with open(report_json, "w") as f:
             json.dump(summary_rows(results), f, indent=2)
+    for r in results:
+        for note in r.notes:
+            click.echo(f"note: {note}", err=True)
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         click.echo(f"error: {r.error}", err=True)
@@ -204,6 +303,8 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
         click.echo("error: no images found under " + ", ".join(sources), err=True)
         sys.exit(EXIT_FAILED_IMAGES)
     if failed:
+        if any("unexpected" in (r.error or "") for r in failed) and _log_path:
+            click.echo(f"details: {_log_path}", err=True)
         sys.exit(EXIT_FAILED_IMAGES)
 
 
@@ -243,7 +344,7 @@ def model_info(path: str) -> None:
 
     art = load_artifact(path)
     n_params = sum(int(t.numel()) for t in art.weights.values())
-    info = {"uri": art.uri, **art.spec.model_dump(), "weights_sha256": art.sha256, "parameters": n_params}
+    info = {"uri": art.uri, **art.spec.dump(), "weights_sha256": art.sha256, "parameters": n_params}
     for key in ("training",):
         if key in info and isinstance(info[key], dict):
             info[key] = {k: v for k, v in info[key].items() if k != "history"}
@@ -293,15 +394,17 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 @handle_errors
 def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
              device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
-             mpp: float | None, skip_empty: bool, dask_address: str | None) -> None:
+             mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
+             dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
     from segpipe.cluster import dask_client
     from segpipe.config import ClusterSettings
     from segpipe.data import load_dataset
     from segpipe.evaluation import evaluate as run_evaluate, write_evaluation_report
 
+    # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty)
+                              skip_empty, max_pixels, background_class, overwrite=True)
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)
@@ -380,7 +483,7 @@ def models_show(model: str) -> None:
     from segpipe.models import load_artifact
 
     art = load_artifact(model)
-    info = {"uri": art.uri, "weights_sha256": art.sha256, **art.spec.model_dump()}
+    info = {"uri": art.uri, "weights_sha256": art.sha256, **art.spec.dump()}
     training = info.get("training")
     if isinstance(training, dict):
         info["training"] = {k: v for k, v in training.items() if k != "history"}

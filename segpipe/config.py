@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from segpipe.errors import ConfigError
+
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -163,6 +165,22 @@ class ClusterSettings(_Settings):
     )
 
 
+def segment_settings(*, chunk_size: int = 512, halo: int = 64, batch_size: int | None = None, device: str = "auto",
+                     precision: str = "auto", tta: bool = False, probabilities: bool = False,
+                     bands: str | None = None, level: int | None = None, mpp: float | None = None,
+                     skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
+                     overwrite: bool = False) -> SegmentSettings:
+    """The one settings builder of ``segpipe segment`` and the ``segment-images`` flow (same names, same rules)."""
+    return SegmentSettings(
+        tiling=TilingSettings(chunk_size=chunk_size, halo=halo),
+        read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, skip_empty=skip_empty,
+                          max_pixels=max_pixels),
+        inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
+                                    probabilities=probabilities),
+        output=OutputSettings(background_class=background_class, overwrite=overwrite),
+    )
+
+
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
     """Parse ``"1,2,3"`` into ``(1, 2, 3)``; ``None``/empty means all bands."""
     if text is None or not text.strip():
@@ -170,4 +188,4 @@ def parse_bands(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise ValueError(f"--bands takes comma-separated 1-based integers, got {text!r}") from None
+        raise ConfigError("bands", f"takes comma-separated 1-based integers, got {text!r}") from None

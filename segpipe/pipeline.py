@@ -27,8 +27,8 @@ from segpipe.errors import InputError, OutputError, SegpipeError, TransientIOErr
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
-from segpipe.io.storage import SourceImage, list_images, output_uri
-from segpipe.models import Artifact, ModelSpec, load_artifact
+from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
+from segpipe.models import Artifact, InputNorm, ModelSpec, check_input, image_normalization, load_artifact
 from segpipe.stitching import (
     FORMAT, Existing, OutputTarget, done_chunks, finalize, inspect_output, now_iso, ome_attrs, prepare_output,
     read_attrs, write_chunk,
@@ -37,6 +37,8 @@ from segpipe.tiling import Chunk, ChunkGrid, Window, core_in_window, input_windo
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from segpipe.export import Exports
 
 log = logging.getLogger("segpipe.pipeline")
 
@@ -76,6 +78,8 @@ class ChunkJob:
     target: OutputTarget
     background_class: int | None = None
     fingerprint: str = ""
+    #: the image's input normalisation (fixed per pixel type, or a percentile stretch computed once)
+    norm: InputNorm | None = None
 
 
 def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
@@ -159,7 +163,7 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
     tiles = np.stack([reader.read(input_window(c, t.chunk_size, t.halo, t.multiple_of)) for c in chunks])
     counters["content"] = bool(tiles.min() != tiles.max())
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
-    labels, probs = predictor.predict(tiles)
+    labels, probs = predictor.predict(tiles, job.norm)
     del tiles
     for i, c in enumerate(chunks):
         ys, xs = core_in_window(c, t.halo)
@@ -203,6 +207,8 @@ class ImageResult:
     error: str | None = None
     #: one-line notices for the user (an output replaced and why, a single-class mask, a busy output)
     notes: list[str] = field(default_factory=list)
+    #: the failure was a storage error that may pass when retried (a Prefect task retries it)
+    transient: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -221,7 +227,7 @@ class ImageResult:
 
 
 def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: SegmentSettings,
-               run_id: str) -> dict[str, Any]:
+               run_id: str, norm: InputNorm | None = None) -> dict[str, Any]:
     """The ``segpipe`` root attributes written when an output is created."""
     t = settings.tiling
     num_classes = model.spec.num_classes
@@ -248,6 +254,7 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "transform": list(info.transform) if info.transform else None,
         "mpp": info.mpp,
         "reader": {"driver": info.driver, **info.extra},
+        "input": {"dtype": info.dtype, "normalization": norm.as_dict() if norm else None},
         "run_id": run_id,
         "started": now_iso(),
         "status": "running",
@@ -258,9 +265,13 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=list)
 
 
-def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, settings: SegmentSettings) -> list[str]:
+def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, settings: SegmentSettings,
+                   norm: InputNorm | None = None) -> list[str]:
     """What differs between an existing output's provenance and this run, in words ([] = same output)."""
     changes: list[str] = []
+    old_norm = (seg.get("input") or {}).get("normalization")
+    if norm is not None and old_norm is not None and _canonical(old_norm) != _canonical(norm.as_dict()):
+        changes.append(f"model input normalization {old_norm} → {norm.as_dict()}")
     if seg.get("source_fingerprint") != image.fingerprint:
         changes.append("the source image changed")
     old_model = seg.get("model") or {}
@@ -288,7 +299,8 @@ class OutputPlan:
     reason: str = ""
 
 
-def plan_output(existing: Existing, image: SourceImage, model: ModelRef, settings: SegmentSettings) -> OutputPlan:
+def plan_output(existing: Existing, image: SourceImage, model: ModelRef, settings: SegmentSettings,
+                norm: InputNorm | None = None) -> OutputPlan:
     """Decide from what is at the output path; never touches anything the user owns.
 
     Outputs follow their inputs: a changed source image or model is recomputed (with a note).
@@ -306,7 +318,7 @@ def plan_output(existing: Existing, image: SourceImage, model: ModelRef, setting
         return OutputPlan("refuse", f"holds the output of another image ({seg.get('source')}); it was left "
                                     "untouched: choose another --out")
     complete = seg.get("status") == "complete"
-    changes = output_changes(seg, image, model, settings)
+    changes = output_changes(seg, image, model, settings, norm)
     if not changes:
         return OutputPlan("skip" if complete else "resume")
     what = "; ".join(changes)
@@ -328,15 +340,17 @@ def _batch_size(settings: InferenceSettings, gpu_workers: bool) -> int:
     return default_batch_size("cuda" if gpu else "cpu")
 
 
-def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSettings) -> None:
-    """Refuse an image the model cannot read, or one that declares an absurd size, with one line."""
+def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSettings) -> InputNorm | None:
+    """Refuse an image the model cannot read, or one that declares an absurd size, with one line.
+
+    Returns the fixed input normalisation for its pixel type, or None when the model's is per
+    image (percentile stretch: :func:`segpipe.models.image_normalization`).
+    """
     pixels = info.height * info.width
     if pixels > settings.read.max_pixels:
         raise InputError(uri, f"declares {info.width:,} × {info.height:,} pixels, more than --max-pixels "
                               f"{settings.read.max_pixels:,.0f}; raise --max-pixels if the size is real")
-    if info.count != model.spec.in_channels:
-        raise InputError(uri, f"has {info.count} band(s) but model expects {model.spec.in_channels} "
-                              f"(choose bands with --bands)")
+    return check_input(model.spec, info, uri)
 
 
 def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
@@ -355,12 +369,13 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     result = ImageResult(source=image.uri, output=target_uri)
     lock: OutputLock | None = None
     try:
-        info, background = _read_header(image, settings)
+        info, background, norm = _read_header(image, model, settings)
         result.height, result.width = info.height, info.width
-        check_image(image.uri, info, model, settings)
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
         result.chunks = len(grid)
-        plan = plan_output(inspect_output(target_uri), image, model, settings)
+        if progress is not None and hasattr(progress, "start_image"):
+            progress.start_image(len(grid))
+        plan = plan_output(inspect_output(target_uri), image, model, settings, norm)
         if plan.action == "skip":
             result.status = "skipped"
             return result
@@ -372,7 +387,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             result.notes.append(f"{target_uri}: being written by another run ({held.describe()}); left to it")
             return result
         lock = held
-        plan = plan_output(inspect_output(target_uri), image, model, settings)  # the holder may have finished
+        plan = plan_output(inspect_output(target_uri), image, model, settings, norm)  # the holder may have finished
         if plan.action in ("skip", "refuse"):
             if plan.action == "refuse":
                 raise OutputError(target_uri, plan.reason)
@@ -395,7 +410,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             colors = colors_from_spec(model.spec.model_extra)
             prepare_output(target, {
                 "ome": ome_attrs(name, model.spec.classes, colors, info.mpp),
-                "segpipe": provenance(image, info, model, settings, run_id),
+                "segpipe": provenance(image, info, model, settings, run_id, norm),
             }, replace=plan.action == "replace")
         result.chunks_resumed = len(done)
         if progress and done:
@@ -403,7 +418,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         todo = (k for k in strip_order(grid) if k not in done and k not in background)
         fill = (k for k in sorted(background) if k not in done)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.background_class, image.fingerprint)
+                       settings.output.background_class, image.fingerprint, norm)
         gpu_workers, threads = worker_capacity(client)  # one scheduler round trip per image
         stats = _run_tasks(client, job, batched(todo, _batch_size(settings.inference, gpu_workers)),
                            batched(fill, 256), result, progress, gpu_workers, threads)
@@ -421,6 +436,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     except SegpipeError as e:
         result.status = "failed"
         result.error = str(e) if image.uri in str(e) or target_uri in str(e) else f"{image.uri}: {e}"
+        result.transient = isinstance(e, TransientIOError)
         log.debug("image failed", exc_info=True)
     except Exception as e:  # noqa: BLE001 - one image must not stop the others
         result.status = "failed"
@@ -433,17 +449,20 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     return result
 
 
-def _read_header(image: SourceImage, settings: SegmentSettings) -> tuple[ImageInfo, set[tuple[int, int]]]:
+def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
+                 ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm]:
+    """Header, checks, slide background and the image's input normalisation, with one open reader."""
     r = settings.read
     reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
     try:
         info = reader.info
-        if info.height * info.width > r.max_pixels:
-            return info, set()  # refused by check_image; never plan background for it
+        norm = check_image(image.uri, info, model, settings)
+        if norm is None:
+            norm = image_normalization(model.spec, reader, image.uri)
         background = _background_chunks(reader, settings) if r.skip_empty else set()
     finally:
         reader.close()
-    return info, background
+    return info, background, norm
 
 
 def batched(keys: Iterator[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
@@ -608,6 +627,24 @@ def _unique(images: Sequence[SourceImage]) -> list[SourceImage]:
     """Each image once, even when two sources (a folder and a glob) both list it."""
     seen: set[str] = set()
     return [i for i in images if not (i.uri in seen or seen.add(i.uri))]
+
+
+def write_image_exports(result: ImageResult, exports: Exports) -> None:
+    """COG / vectors / preview next to a finished output (CLI and flow alike); a failure fails the image."""
+    if not exports or result.status not in ("done", "skipped") or not result.output:
+        return
+    from segpipe.export import write_exports
+
+    try:
+        result.extra["exports"] = write_exports(result.output, result.source, exports,
+                                                recompute=result.status == "done")
+    except SegpipeError as e:
+        result.status, result.error = "failed", f"export of {result.output}: {e}"
+    except OSError as e:
+        err = output_error(result.output, e)
+        if err is None:
+            raise
+        result.status, result.error = "failed", f"export of {result.output}: {err}"
 
 
 def summary_rows(results: Sequence[ImageResult]) -> list[dict[str, Any]]:

@@ -50,7 +50,7 @@ def test_segment_folder_reports_each_bad_image(tmp_path, photo, model_dir):
         (["segment", "{tmp}/missing.tif", "--model", "{model}", "--out", "{tmp}/o"], "missing.tif: does not exist"),
         (["segment", "{scene}", "--model", "{tmp}/nomodel", "--out", "{tmp}/o"], "nomodel: model folder does not exist"),
         (["segment", "{scene}", "--model", "{model}", "--out", "/proc/segpipe-out"], "/proc/segpipe-out: cannot be written"),
-        (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--bands", "1,x"], "--bands takes comma"),
+        (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--bands", "1,x"], "error: --bands: takes comma"),
         (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--bands", "1,2,5"], "has 3 band(s); --bands asks for band 5"),
         (["segment", "{scene}", "--model", "{model}", "--out", "{tmp}/o", "--device", "gpu"], "device must be auto, cpu, cuda"),
     ],

@@ -23,9 +23,22 @@ def test_segment_images_flow(harness, tmp_path, photo, model_dir):
     state = segment_images(**kw, return_state=True)
     # one bad image fails the run, after the others finished
     assert state.is_failed() and "broken.tif" in state.message
-    rows = {r["source"].rsplit("/", 1)[-1]: r for r in state.result(raise_on_failure=False)}
+    failure = state.result(raise_on_failure=False)  # an exception carrying every image's row
+    rows = {r["source"].rsplit("/", 1)[-1]: r for r in failure.rows}
     assert rows["one.tif"]["status"] == "done" and rows["two.tif"]["status"] == "done"
     assert rows["broken.tif"]["status"] == "failed"
+    # the bad image's task run is Failed (red in the UI), the others Completed
+    import asyncio
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_states():
+        async with get_client() as c:
+            runs = await c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return {r.name: r.state.type.value for r in runs if r.name.startswith("segment ")}
+
+    assert asyncio.run(task_states()) == {"segment broken.tif": "FAILED", "segment a/one.tif": "COMPLETED",
+                                          "segment two.tif": "COMPLETED"}
     a = zarr.open_group(str(out / "a" / "one.zarr"), mode="r")
     assert a.attrs["segpipe"]["status"] == "complete" and a["0"].shape == (200, 180)
     # the summary table artifact is published
@@ -35,8 +48,16 @@ def test_segment_images_flow(harness, tmp_path, photo, model_dir):
         async with get_client() as c:
             return await c.read_latest_artifacts()
 
-    keys = {x.key for x in asyncio.run(artifact())}
+    arts = asyncio.run(artifact())
+    keys = {x.key for x in arts}
     assert "segment-images-summary" in keys
+    # a progress artifact per image reached 100 %
+
+    async def progress():
+        async with get_client() as c:
+            return [a for a in await c.read_artifacts() if a.type == "progress"]
+
+    assert sum(1 for x in asyncio.run(progress()) if float(x.data) == 100.0) >= 2
 
     # rerun on the unchanged folder (without the bad file): nothing is computed
     (src / "broken.tif").unlink()

@@ -26,8 +26,14 @@ def test_nodata_chunks_are_skipped_and_filled(tmp_path, photo, model_dir, client
     assert res.status == "done" and res.chunks == 16
     assert res.chunks_skipped == 8 and res.chunks_computed == 8
     labels = zarr.open_array(res.output + "/0", mode="r")[:]
-    assert (labels[:, :128] == 0).all() and (labels[200:210, 150:170] == 0).all()
-    assert len(np.unique(labels[:, 128:])) > 1
+    # no data stays no data: the reserved label, never a class (not class 0)
+    nodata = zarr.open_group(res.output, mode="r").attrs["segpipe"]["nodata_label"]
+    assert nodata == 255
+    assert (labels[:, :128] == nodata).all() and (labels[200:210, 150:170] == nodata).all()
+    data = np.ones(labels.shape, bool)
+    data[:, :128] = False
+    data[200:210, 150:170] = False
+    assert (labels[data] < 4).all() and len(np.unique(labels[data])) > 1
     g = zarr.open_group(res.output, mode="r")
     assert g.attrs["segpipe"]["chunks_skipped"] == 8
     # without skipping, the model runs everywhere

@@ -150,7 +150,7 @@ def test_folder_with_good_and_bad_images(tmp_path, photo, model_dir, client):
         "good.tif": "done", "good2.png": "done", "empty.tif": "failed", "text.png": "failed", "gray.tif": "failed"}
     assert "is empty (0 bytes)" in by_name["empty.tif"].error
     assert "not an image" in by_name["text.png"].error
-    assert "has 1 band(s) but model expects 3" in by_name["gray.tif"].error
+    assert "has 1 band(s) but the model expects 3" in by_name["gray.tif"].error
     assert (tmp_path / "out" / "sub" / "good2.zarr" / "zarr.json").exists()
     for bad in ("empty", "text", "gray"):  # no failed image leaves an output marked complete
         assert not (tmp_path / "out" / f"{bad}.zarr").exists()

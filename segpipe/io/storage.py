@@ -116,7 +116,8 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
             rel = posixpath.relpath(p, path.rstrip("/"))
             found.append(SourceImage(prefix + p, rel, _fingerprint(finfo), int(finfo.get("size") or 0)))
         return found
-    return [SourceImage(source if prefix else path, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
+    uri = source if prefix else os.path.normpath(os.path.abspath(path))  # one spelling per local file
+    return [SourceImage(uri, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
 
 
 def _reason(e: OSError) -> str:

@@ -408,7 +408,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)
-    html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}", class_colors=ds.colors)
+    html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}")  # the model's colours = its outputs'
     from segpipe.reports import markdown_table
 
     click.echo(markdown_table(ev.metrics))
@@ -508,7 +508,7 @@ def models_promote(registry: str, version: str, reason: str) -> None:
 @main.command()
 @click.argument("output")
 @click.option("--cog", default=None, help="Write a Cloud-Optimized GeoTIFF of the class ids here.")
-@click.option("--vector", default=None, help="Write polygons here (.gpkg or .geojson).")
+@click.option("--vector", default=None, help="Write polygons here (.gpkg, .geojson/.json, .shp, .fgb, .parquet).")
 @click.option("--preview", default=None, help="Write a PNG preview here.")
 @click.option("--confidence", default=None, help="Write a max-probability COG here (needs --probabilities).")
 @click.option("--min-area", type=float, default=0.0, show_default=True, help="Drop polygons smaller than this.")

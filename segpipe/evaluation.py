@@ -107,6 +107,8 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
     cm = ConfusionMatrix(ds.num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
     samples: list[Sample] = []
     preds_root = join(out, "predictions")
+    # OUT/predictions is evaluation's own scratch: a rerun with other settings replaces it
+    settings = settings.model_copy(update={"output": settings.output.model_copy(update={"overwrite": True})})
     for item in ds.items:
         result = segment_image(_source(item.image_uri, item.name), ref, preds_root, settings, client)
         if result.status == "failed":

@@ -406,7 +406,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
                               model.spec.num_classes, settings.inference.probabilities, run_id,
                               settings.output.zstd_level)
         if plan.action in ("new", "replace"):
-            name = posixpath.basename(image.relative)
+            name = posixpath.splitext(posixpath.basename(image.relative))[0]
             colors = colors_from_spec(model.spec.model_extra)
             prepare_output(target, {
                 "ome": ome_attrs(name, model.spec.classes, colors, info.mpp),

@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segpipe.errors import ConfigError, OutputError
+from segpipe.classes import label_dtype
+from segpipe.errors import OutputError
 from segpipe.io.storage import strip_file_scheme
 from segpipe.tiling import batches, ceil_div
 
@@ -52,15 +53,6 @@ def _pad_even(values: np.ndarray) -> np.ndarray:
     return np.pad(values, pad, mode="edge")
 
 
-def label_dtype(num_classes: int) -> np.dtype:
-    """uint8 while class ids fit (≤ 256 classes), else uint16."""
-    if num_classes < 1:
-        raise ConfigError("num_classes", f"must be positive, got {num_classes}")
-    if num_classes > 65536:
-        raise ConfigError("num_classes", f"at most 65536 classes are supported, got {num_classes}")
-    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
-
-
 def downsample_mode(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """2×2 mode of class ids over the last two axes; output is ``ceil(h/2) × ceil(w/2)``.
 
@@ -68,7 +60,8 @@ def downsample_mode(labels: np.ndarray, num_classes: int) -> np.ndarray:
     so a 2-2 split between background and an object leaves the background). Works on the
     four pixels of each block pairwise — ``count(v) = Σ [v == u]`` over the block — so the
     cost does not grow with ``num_classes``. Values must be ``< num_classes``; the result
-    has dtype uint8 for ≤ 256 classes, uint16 above.
+    has the label dtype of :func:`segpipe.classes.label_dtype` (the nodata label is the highest value,
+    so it loses every tie).
     """
     dtype = label_dtype(num_classes)
     if labels.ndim < 2:

@@ -38,7 +38,10 @@ def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: floa
     """OME-NGFF 0.5 ``multiscales`` for level 0 plus ``image-label`` colours and class names.
 
     The nodata label (see :mod:`segpipe.classes`) is listed with a transparent colour, so
-    viewers that read ``image-label`` (napari's OME-Zarr reader) show it as nothing.
+    viewers that read ``image-label`` (napari's OME-Zarr reader) show it as nothing. The
+    ``omero`` channel is what napari-ome-zarr 0.10 needs to show a label image visible and
+    named after ``name`` (without it: hidden, named ``labels/``; measured, docs/viewers.md);
+    it carries no ``window``, which would make napari's Labels layer fail.
     """
     axes: list[dict[str, str]] = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
     scale = [1.0, 1.0]
@@ -63,6 +66,7 @@ def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: floa
             "colors": label_colors,
             "properties": properties,
         },
+        "omero": {"name": name, "channels": [{"label": "classes", "color": "FFFFFF", "active": True}]},
     }
 
 

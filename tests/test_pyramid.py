@@ -110,13 +110,16 @@ def test_mode_ties_go_to_the_lowest_class() -> None:
     np.testing.assert_array_equal(downsample_mode(np.array([[9, 7], [8, 6]], np.uint8), 10), [[6]])
 
 
-def test_mode_more_than_256_classes_is_uint16() -> None:
+def test_mode_more_than_255_classes_is_uint16() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(250, 300, (9, 8)).astype(np.uint16)
     out = downsample_mode(labels, 300)
     assert out.dtype == np.uint16
     np.testing.assert_array_equal(out, brute_mode(labels))
-    assert downsample_mode(labels.astype(np.uint8), 256).dtype == np.uint8
+    assert downsample_mode(labels.astype(np.uint8), 255).dtype == np.uint8
+    assert downsample_mode(labels, 256).dtype == np.uint16  # 255 is the nodata label of uint8
+    # the nodata label (the highest value) loses a 2-2 tie against a class
+    np.testing.assert_array_equal(downsample_mode(np.array([[255, 3], [3, 255]], np.uint8), 4), [[3]])
     with pytest.raises(ConfigError):
         downsample_mode(labels, 0)
 

@@ -64,8 +64,6 @@ def test_napari_shows_class_colours_and_transparent_nodata(output):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="napari-ome-zarr names a label image 'labels/' and hides it unless the root "
-                                        "NGFF attrs carry an 'omero' channel (docs/viewers.md); pipeline change pending")
 def test_napari_layer_is_visible_and_named_after_the_image(output):
     _, meta, _ = _read(output)
     assert meta["visible"] is True

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from segpipe.errors import ConfigError, InputError
-from segpipe.io.readers import OPENERS, ImageInfo, RasterioReader, select_bands
+from segpipe.io.readers import OPENERS, ImageInfo, select_bands
 from segpipe.io.storage import has_scheme, strip_file_scheme
 from segpipe.tiling import Chunk, Window, ceil_div, source_indices
 
@@ -240,6 +240,10 @@ class OpenSlideReader(_PyramidReader):
                 "level": self._level,
                 "level_count": slide.level_count,
                 "resample_factor": self._factor,
+                # what maps output pixels back to level 0 (QuPath vectors): level0 = output × downsample × factor
+                "downsample": self._downsamples[self._level],
+                "level0_height": self._level_shapes[0][0],
+                "level0_width": self._level_shapes[0][1],
                 "objective_power": _float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
                 "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
             },
@@ -348,6 +352,9 @@ class OmeTiffReader(_PyramidReader):
                 "level": self._level,
                 "level_count": len(self._level_shapes),
                 "resample_factor": self._factor,
+                "downsample": downsamples[self._level],
+                "level0_height": base_h,
+                "level0_width": base_w,
                 "objective_power": magnification,
                 "vendor": "ome-tiff",
             },

@@ -92,7 +92,14 @@ def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
     res = segment_image(list_images(str(scene))[0], ref, str(tmp_path / "out"), settings, client)
     tiled = zarr.open_array(res.output + "/0", mode="r")[:]
     agreement = (tiled == whole).mean()
-    assert agreement >= 0.999, agreement
+    # without a halo the seams show; the default halo removes most of that disagreement. (This
+    # 4-epoch model gave 99.78-99.9 % at halo 64 depending on the resolved timm/smp versions;
+    # the demo's model 99.99 %, docs/halo.md.)
+    no_halo = settings.model_copy(update={"tiling": TilingSettings(chunk_size=128, halo=0)})
+    res0 = segment_image(list_images(str(scene))[0], ref, str(tmp_path / "out0"), no_halo, client)
+    agreement0 = (zarr.open_array(res0.output + "/0", mode="r")[:] == whole).mean()
+    assert agreement >= 0.997, agreement
+    assert (1 - agreement) <= 0.5 * (1 - agreement0), (agreement, agreement0)
     # and the model really segments (not one class everywhere)
     assert len(np.unique(whole)) >= 4
 

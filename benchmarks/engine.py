@@ -55,8 +55,8 @@ def raw_forward(args: argparse.Namespace) -> None:
     """The limit: N forwards of (batch, 3, T, T) through the same network, no I/O."""
     import torch
 
-    from segpipe.inference import resolve_device
-    from segpipe.models import load_artifact
+    from segpipe.engine.predictor import resolve_device
+    from segpipe.models.artifact import load_artifact
 
     device = resolve_device(args.device)
     net = load_artifact(args.model).network().to(device).to(memory_format=torch.channels_last).eval()
@@ -83,8 +83,8 @@ def monai_run(args: argparse.Namespace) -> None:
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from segpipe.inference import resolve_device
-    from segpipe.models import load_artifact
+    from segpipe.engine.predictor import resolve_device
+    from segpipe.models.artifact import load_artifact
 
     device = resolve_device(args.device)
     art = load_artifact(args.model)
@@ -139,7 +139,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    from segpipe.tiling import ChunkGrid, tile_side
+    from segpipe.core.geometry import ChunkGrid, tile_side
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -151,15 +151,15 @@ def run_all(args: argparse.Namespace) -> None:
             make_scene(path, s)
     model = work / "model"
     if not model.exists():
-        from segpipe.models import create_artifact
+        from segpipe.models.artifact import create_artifact
 
         create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
-    from segpipe.inference import default_batch_size
+    from segpipe.engine.predictor import default_batch_size
 
     batch = args.batch_size or default_batch_size("cuda" if args.device.startswith("cuda") else "cpu")
     T = tile_side(args.chunk_size, args.halo)
     tiles = len(ChunkGrid(side, side, args.chunk_size))
-    segpipe = [PY, "-m", "segpipe.cli", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
+    segpipe = [PY, "-m", "segpipe.cli.main", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
                "--halo", str(args.halo), "--device", args.device, "--precision", args.precision,
                "--batch-size", str(batch), "--no-progress", *args.segment_args.split()]
     env = {**os.environ}

@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from segpipe.models import create_artifact
-    from segpipe.synthetic import write_scene
+    from segpipe.models.artifact import create_artifact
+    from segpipe.train.synthetic import write_scene
     from tests.services import prefect_server
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-orch-"))
@@ -63,7 +63,7 @@ def main() -> None:
     with prefect_server(work / "prefect") as env:
         for _ in range(args.repeats):
             shutil.rmtree(work / "out-lib", ignore_errors=True)
-            lib = measure([py, "-m", "segpipe.cli", "segment", str(src), "--model", str(model), "--out",
+            lib = measure([py, "-m", "segpipe.cli.main", "segment", str(src), "--model", str(model), "--out",
                            str(work / "out-lib"), "--precision", args.precision, "--no-progress"], env=dict(os.environ))
             assert lib.returncode == 0, lib.stderr[-2000:]
             lib_t.append(lib.seconds)

@@ -21,12 +21,12 @@ def main() -> None:
 
     import zarr
 
-    from segpipe.cluster import dask_client
-    from segpipe.config import InferenceSettings, SegmentSettings
-    from segpipe.evaluation import score_output
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import InferenceSettings, SegmentSettings
+    from segpipe.evaluate.evaluation import score_output
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
-    from segpipe.synthetic import CLASSES, write_scene
+    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.train.synthetic import CLASSES, write_scene
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-precision-"))
     (work / "img").mkdir()

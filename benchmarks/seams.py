@@ -32,13 +32,13 @@ def main() -> None:
     import torch
     import zarr
 
-    from segpipe.cluster import dask_client
-    from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.readers import open_image
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
-    from segpipe.synthetic import write_scene
-    from segpipe.tiling import Window
+    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.train.synthetic import write_scene
+    from segpipe.core.geometry import Window
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-seams-"))
     scene = write_scene(work / "scene.tif", args.side, args.side, seed=args.seed)

@@ -26,7 +26,7 @@ Reproduce (from the repository root)::
 Each measurement is a whole process (wall clock from spawn to exit; peak RSS summed over the
 process tree, sampled every 20 ms by ``benchmarks/_measure.py``):
 
-(a) ``python -m segpipe.cli segment SLIDE --model M --out OUT --chunk-size 512 --halo 64
+(a) ``python -m segpipe.cli.main segment SLIDE --model M --out OUT --chunk-size 512 --halo 64
     --precision bf16 --no-progress --report-json R``;
 (b) ``.bench/tia-venv/bin/python benchmarks/slide.py tia --slide SLIDE --model M --out OUT``
     (the ``tia`` subcommand below: SemanticSegmentor with the model wrapped in a ``ModelABC``);
@@ -358,7 +358,7 @@ def run_all(args: argparse.Namespace) -> None:
     results["slide"] = {"path": str(slide), **facts, "megapixels": round(width * height / 1e6, 2)}
     model = work / "model"
     if not (model / "weights.safetensors").exists():
-        r = subprocess.run([PY, "-m", "segpipe.cli", "model", "create", "--arch", "Unet", "--encoder", "resnet18",
+        r = subprocess.run([PY, "-m", "segpipe.cli.main", "model", "create", "--arch", "Unet", "--encoder", "resnet18",
                             "--classes", CLASSES, "--out", str(model), "--seed", "0"], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"segpipe model create failed:\n{r.stderr[-3000:]}")
@@ -367,7 +367,7 @@ def run_all(args: argparse.Namespace) -> None:
     def segpipe_run(src: Path, name: str) -> dict:
         out, report = work / f"out-segpipe-{name}", work / f"report-segpipe-{name}.json"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [PY, "-m", "segpipe.cli", "segment", str(src), "--model", str(model), "--out", str(out),
+        cmd = [PY, "-m", "segpipe.cli.main", "segment", str(src), "--model", str(model), "--out", str(out),
                "--chunk-size", str(args.chunk_size), "--halo", str(args.halo), "--precision", "bf16",
                "--no-progress", "--report-json", str(report)]
         m = measure(cmd, env=env)

@@ -14,12 +14,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Completed, Failed, State
 
-from segpipe.cluster import client_for, dashboard_link, dask_client
-from segpipe.config import ClusterSettings, SegmentSettings, segment_settings
-from segpipe.errors import SegpipeError, TransientIOError
-from segpipe.export import Exports
+from segpipe.engine.cluster import client_for, dashboard_link, dask_client
+from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
+from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.export.exports import Exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
-from segpipe.pipeline import (
+from segpipe.engine.segment import (
     ImageResult, ModelRef, assign_outputs, check_model, segment_image, summary_rows, write_image_exports,
 )
 

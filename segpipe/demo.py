@@ -42,17 +42,17 @@ class DemoSizes:
 
 def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[str], None] = print) -> dict:
     """Run the demo into ``out``; returns the paths and figures it printed."""
-    import os
 
-    # the demo runs Prefect's in-process API; on an offline laptop telemetry only logs errors
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.retrain import retrain
-    from flows.segment import segment_images
-    from segpipe.evaluation import score_output
-    from segpipe.export import export_preview
-    from segpipe.metrics import write_metrics_json
-    from segpipe.reports import markdown_table, write_report
-    from segpipe.synthetic import CLASS_COLORS, CLASSES, write_dataset, write_scene
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.cluster import dask_client
+    from segpipe.engine.segment import segment_many
+    from segpipe.evaluate.retrain import retrain
+    from segpipe.train.loop import TrainSettings
+    from segpipe.evaluate.evaluation import score_output
+    from segpipe.export.exports import export_preview
+    from segpipe.evaluate.metrics import write_metrics_json
+    from segpipe.evaluate.reports import markdown_table, write_report
+    from segpipe.train.synthetic import CLASS_COLORS, CLASSES, write_dataset, write_scene
 
     sizes = DemoSizes.quick() if quick else DemoSizes.full()
     root = Path(out).resolve()
@@ -70,12 +70,11 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[st
 
     t = time.perf_counter()
     registry = str(root / "registry")
-    retrained = retrain(
-        data=str(data), registry=registry, workdir=str(root / "runs"), architecture="Unet", encoder="resnet18",
-        epochs=sizes.epochs, batch_size=sizes.batch_size, patch_size=sizes.patch_size,
-        patches_per_epoch=sizes.patches_per_epoch, seed=seed, chunk_size=sizes.chunk_size, halo=sizes.halo,
-        margin=0.0,
-    )
+    tsettings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=sizes.epochs,
+                              batch_size=sizes.batch_size, patch_size=sizes.patch_size,
+                              patches_per_epoch=sizes.patches_per_epoch, class_balanced=True, seed=seed)
+    ssettings = segment_settings(chunk_size=sizes.chunk_size, halo=sizes.halo)
+    retrained = retrain(str(data), registry, tsettings, ssettings, workdir=str(root / "runs"), margin=0.0).as_dict()
     step("retrain (train, evaluate, register, promote)", t)
 
     t = time.perf_counter()
@@ -88,9 +87,10 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[st
 
     t = time.perf_counter()
     masks = root / "masks"
-    rows = segment_images(source=str(scene_dir), model=registry, out=str(masks), chunk_size=sizes.chunk_size,
-                          halo=sizes.halo)
-    step("segment-images", t)
+    with dask_client() as client:
+        results = segment_many([str(scene_dir)], registry, str(masks), ssettings, client)
+    rows = [r.as_dict() for r in results]
+    step("segment", t)
 
     t = time.perf_counter()
     output = join(str(masks), "scene.zarr")

@@ -30,7 +30,7 @@ def scene_tif(tmp_path_factory, photo) -> str:
 @pytest.fixture(scope="session")
 def client():
     """One embedded Dask cluster for the session (as the CLI would start)."""
-    from segpipe.cluster import dask_client
+    from segpipe.engine.cluster import dask_client
 
     with dask_client() as c:
         yield c
@@ -48,7 +48,7 @@ def harness():
 @pytest.fixture(scope="session")
 def landcover(tmp_path_factory) -> str:
     """A small synthetic land-cover dataset (train/val split, 5 classes)."""
-    from segpipe.synthetic import write_dataset
+    from segpipe.train.synthetic import write_dataset
 
     return str(write_dataset(tmp_path_factory.mktemp("landcover") / "data", 6, 192, seed=1))
 
@@ -56,7 +56,7 @@ def landcover(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, landcover) -> str:
     """A briefly trained Unet-resnet18 (about a minute on 2 cores): seams need a real model."""
-    from segpipe.training import TrainSettings, train
+    from segpipe.train.loop import TrainSettings, train
 
     out = tmp_path_factory.mktemp("trained") / "model"
     settings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=4, batch_size=8, patch_size=128,

@@ -63,7 +63,7 @@ def competing_classes_model(out: Path, image: np.ndarray, classes=("a", "b", "c"
     """
     import torch
 
-    from segpipe.models import create_artifact, load_artifact, save_artifact
+    from segpipe.models.artifact import create_artifact, load_artifact, save_artifact
 
     spec = create_artifact(str(out), arch, encoder, list(classes), in_channels=image.shape[0], seed=seed)
     art = load_artifact(str(out))

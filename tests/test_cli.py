@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from segpipe.cli import main
+from segpipe.cli.main import main
 from tests.helpers import write_geotiff
 
 
@@ -64,7 +64,7 @@ def test_bad_inputs_one_line(tmp_path, scene_tif, model_dir, args, expected):
 
 
 def test_subprocess_debug_shows_traceback(tmp_path):
-    base = [sys.executable, "-m", "segpipe.cli"]
+    base = [sys.executable, "-m", "segpipe.cli.main"]
     plain = subprocess.run([*base, "model", "info", str(tmp_path / "x")], capture_output=True, text=True)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [f"error: {tmp_path}/x: model folder does not exist"]
     debug = subprocess.run([*base, "--debug", "model", "info", str(tmp_path / "x")], capture_output=True, text=True)

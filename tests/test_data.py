@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segpipe.data import (
+from segpipe.train.dataset import (
     IGNORE_INDEX, NO_AUGMENT, AugmentSettings, PatchSampler, band_statistics, class_pixel_counts, index_masks,
     load_dataset, resize_pair, seeded_split, split_dataset,
 )
-from segpipe.errors import DatasetError
+from segpipe.core.errors import DatasetError
 from tests.helpers import write_png
 
 CLASSES = {"classes": [{"name": "background", "color": "#000000"}, {"name": "water"}, {"name": "road",
@@ -156,7 +156,7 @@ def test_malformed_classes(five, content, match):
 
 
 def test_class_colours_come_from_the_class_table(five):
-    from segpipe.classes import DEFAULT_COLORS, class_colors
+    from segpipe.core.classes import DEFAULT_COLORS, class_colors
 
     (five / "classes.json").write_text(json.dumps({"classes": [
         {"name": "a", "color": "#ABC"}, {"name": "b"}, {"name": "c", "color": "#11223344"}, {"name": "d"}]}))
@@ -392,8 +392,8 @@ def test_palette_masks_are_read_as_class_ids(five):
     """A colour-mapped mask (the usual PNG label format): its indices are the class ids, not RGB."""
     import rasterio
 
-    from segpipe.data import open_mask
-    from segpipe.tiling import Window
+    from segpipe.train.dataset import open_mask
+    from segpipe.core.geometry import Window
 
     ids = np.zeros((40, 48), np.uint8)
     ids[:, 20:] = 2

@@ -16,7 +16,7 @@ from tests.helpers import sample_photo, write_geotiff
 from tests.services import BIN, dask_processes, prefect_server, s3_server, start, stop, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SEG = [sys.executable, "-m", "segpipe.cli", "segment"]
+SEG = [sys.executable, "-m", "segpipe.cli.main", "segment"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,7 +67,7 @@ def test_deployment_run_against_served_deployments(tmp_path, photo, model_dir):
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
             assert "Completed" in run.stdout
             # the weekly retrain deployment, tiny sizes: trains, evaluates, registers, promotes v1
-            from segpipe.synthetic import write_dataset
+            from segpipe.train.synthetic import write_dataset
 
             data = write_dataset(tmp_path / "data", 3, 96, seed=3)
             reg = tmp_path / "registry"
@@ -81,7 +81,7 @@ def test_deployment_run_against_served_deployments(tmp_path, photo, model_dir):
             assert "Completed" in weekly.stdout
         finally:
             stop(serve)
-    from segpipe.registry import champion
+    from segpipe.models.registry import champion
 
     assert champion(str(reg)) == "v1"
     for name, shape in (("a", (160, 150)), ("b", (200, 200))):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
-from segpipe.retraining import decide
+from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
+from segpipe.evaluate.decision import decide
 
 
 def seg_settings(chunk=64, halo=16):
@@ -36,10 +36,10 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     """metrics.json equals scikit-learn on the stitched predictions read back from Zarr."""
     from sklearn.metrics import confusion_matrix as sk_cm
 
-    from segpipe.data import load_dataset, open_mask
-    from segpipe.evaluation import evaluate
-    from segpipe.models import create_artifact
-    from segpipe.tiling import Window
+    from segpipe.train.dataset import load_dataset, open_mask
+    from segpipe.evaluate.evaluation import evaluate
+    from segpipe.models.artifact import create_artifact
+    from segpipe.core.geometry import Window
 
     model = tmp_path / "m5"
     create_artifact(str(model), "Unet", "resnet18", ["bare_soil", "water", "vegetation", "building", "road"], seed=4)
@@ -67,10 +67,10 @@ def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
 
     from segpipe.io.readers import open_image
     from segpipe.io.storage import list_images
-    from segpipe.models import load_artifact
-    from segpipe.pipeline import check_model, segment_image
-    from segpipe.synthetic import write_scene
-    from segpipe.tiling import Window
+    from segpipe.models.artifact import load_artifact
+    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.train.synthetic import write_scene
+    from segpipe.core.geometry import Window
 
     scene = write_scene(tmp_path / "scene.tif", 704, 640, seed=77)
     art = load_artifact(trained_model)
@@ -107,7 +107,7 @@ def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
 @pytest.mark.slow
 def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
     from flows.retrain import retrain
-    from segpipe.registry import champion, list_versions, resolve
+    from segpipe.models.registry import champion, list_versions, resolve
 
     reg = str(tmp_path / "reg")
     kw = dict(data=landcover, registry=reg, workdir=str(tmp_path / "runs"), epochs=1, batch_size=4, patch_size=64,
@@ -130,7 +130,7 @@ def test_demo_quick(tmp_path):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "segpipe.cli", "demo", "--quick", "--out", str(tmp_path / "d")],
+    p = subprocess.run([sys.executable, "-m", "segpipe.cli.main", "demo", "--quick", "--out", str(tmp_path / "d")],
                        capture_output=True, text=True, timeout=600,
                        env={**__import__("os").environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     assert p.returncode == 0, p.stderr[-3000:]
@@ -145,7 +145,7 @@ def test_demo_quick(tmp_path):
 
 def test_score_output_leaves_out_nodata_and_ignored_pixels(tmp_path):
     """A 2×4 output with nodata (255) against a mask with ignore (255): counts by hand."""
-    from segpipe.evaluation import score_output
+    from segpipe.evaluate.evaluation import score_output
     from tests.helpers import write_geotiff
 
     pred = np.array([[0, 1, 255, 2],

@@ -19,8 +19,8 @@ from rasterio.features import rasterize
 from skimage.measure import label as connected_components
 from zarr.codecs import ZstdCodec
 
-from segpipe.errors import ConfigError, InputError
-from segpipe.export import (
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.export.exports import (
     export_cog,
     export_confidence,
     export_preview,
@@ -29,7 +29,7 @@ from segpipe.export import (
     read_output_meta,
     sieve_block,
 )
-from segpipe.pyramid import build_pyramid
+from segpipe.engine.pyramid import build_pyramid
 
 UTM33 = CRS.from_epsg(32633).to_wkt()
 TRANSFORM = (0.5, 0.0, 500000.0, 0.0, -0.5, 5000000.0)
@@ -343,7 +343,7 @@ def test_preview_blends_over_the_source_and_uses_the_pyramid(tmp_path, labels) -
 _MEMORY_CHILD = textwrap.dedent(
     """
     import gc, json, sys
-    from segpipe import export
+    from segpipe.export import exports as export
 
     def vm(key):
         with open("/proc/self/status") as f:

@@ -21,9 +21,9 @@ import zarr
 from affine import Affine
 from PIL import Image
 
-from segpipe.classes import parse_color
-from segpipe.errors import ConfigError
-from segpipe.export import (
+from segpipe.core.classes import parse_color
+from segpipe.core.errors import ConfigError
+from segpipe.export.exports import (
     Exports,
     export_cog,
     export_preview,
@@ -271,7 +271,7 @@ def test_preview_over_source_shows_source_at_nodata(tmp_path, nodata_labels) -> 
 
 
 def test_legend_of_many_classes_is_capped(tmp_path) -> None:
-    from segpipe.export import LEGEND_MAX_CLASSES, render_legend
+    from segpipe.export.exports import LEGEND_MAX_CLASSES, render_legend
 
     labels = np.zeros((40, 300), np.uint8)
     uri = make_output(tmp_path / "many.zarr", labels)
@@ -377,7 +377,7 @@ def test_slide_level0_mapping_from_recorded_reader_or_slide(tmp_path, caplog) ->
     # nothing recorded, source gone: a warning, and the output's own pixels
     old = {"driver": "openslide", "level": 1, "resample_factor": 1.0}
     uri2 = make_output(tmp_path / "old.zarr", labels, georef=False, source=str(tmp_path / "gone.svs"), reader=old)
-    with caplog.at_level(logging.WARNING, logger="segpipe.export"):
+    with caplog.at_level(logging.WARNING, logger="segpipe.export.exports"):
         assert level0_mapping(read_output_meta(uri2)) is None
     assert "records no downsample" in caplog.text
     # georeferenced outputs are never slides
@@ -387,14 +387,14 @@ def test_slide_level0_mapping_from_recorded_reader_or_slide(tmp_path, caplog) ->
 def test_slide_vectors_are_level0_geojson_for_qupath(tmp_path, model_dir, client) -> None:
     """A slide segmented at mpp 2.0 (level 1, 4× downsample, then 2× area resampling) through the pipeline."""
     pytest.importorskip("openslide")
-    from segpipe.config import (
+    from segpipe.core.settings import (
         InferenceSettings,
         ReadSettings,
         SegmentSettings,
         TilingSettings,
     )
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
     from tests.test_slide import H, W, synthetic_slide, write_aperio
 
     svs = write_aperio(tmp_path / "slide.svs", synthetic_slide(0), mpp=0.25)
@@ -452,14 +452,14 @@ def test_remote_targets_get_their_sidecars(nodata_output) -> None:
 
 def test_pipeline_nodata_reaches_every_export(tmp_path, photo, model_dir, client) -> None:
     """A GeoTIFF with a nodata region, segmented by the pipeline: NoData in the COG, no polygon, transparent preview."""
-    from segpipe.config import (
+    from segpipe.core.settings import (
         InferenceSettings,
         ReadSettings,
         SegmentSettings,
         TilingSettings,
     )
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
     from tests.helpers import write_geotiff
 
     img = photo[:, :192, :256].copy()

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # pragma: no cover - only on machines without
 
 
 def test_auto_device_and_precision_pick_cuda_bf16():
-    from segpipe.inference import resolve_device, resolve_precision
+    from segpipe.engine.predictor import resolve_device, resolve_precision
 
     dev = resolve_device("auto")
     assert dev.type == "cuda"
@@ -20,9 +20,9 @@ def test_auto_device_and_precision_pick_cuda_bf16():
 
 
 def test_cuda_bf16_agrees_with_cpu_fp32(tmp_path, scene_tif, model_dir, client):
-    from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
 
     ref, _ = check_model(model_dir)
     image = list_images(scene_tif)[0]
@@ -39,9 +39,9 @@ def test_cuda_bf16_agrees_with_cpu_fp32(tmp_path, scene_tif, model_dir, client):
 
 
 def test_cuda_tta_and_probabilities(tmp_path, scene_tif, model_dir, client):
-    from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
 
     ref, _ = check_model(model_dir)
     s = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=32),

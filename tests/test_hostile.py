@@ -19,7 +19,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from segpipe.cli import main
+from segpipe.cli.main import main
 from tests.helpers import write_geotiff, write_jpeg, write_png
 
 FAST = ["--chunk-size", "64", "--halo", "16", "--precision", "fp32", "--no-progress"]
@@ -171,7 +171,7 @@ def test_two_runs_at_once_both_end_well(tmp_path, photo, model_dir):
     src.mkdir()
     for i in range(3):
         write_geotiff(src / f"s{i}.tif", photo[:, :200, i * 60:i * 60 + 180])
-    cmd = [sys.executable, "-m", "segpipe.cli", "segment", str(src), "--model", model_dir, "--out", str(out), *FAST]
+    cmd = [sys.executable, "-m", "segpipe.cli.main", "segment", str(src), "--model", model_dir, "--out", str(out), *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
@@ -249,7 +249,7 @@ def test_full_disk_is_one_line_and_never_complete(tmp_path, photo, model_dir, ti
 def _raise_chained(uri: str) -> None:
     import rasterio
 
-    from segpipe.errors import InputError
+    from segpipe.core.errors import InputError
 
     try:
         rasterio.open(uri)
@@ -261,7 +261,7 @@ def _raise_chained(uri: str) -> None:
 def test_segpipe_errors_cross_a_real_dask_worker_as_themselves(tmp_path, photo, model_dir, monkeypatch):
     from distributed import Client
 
-    from segpipe.errors import InputError
+    from segpipe.core.errors import InputError
     from tests.services import dask_processes
 
     (tmp_path / "junk.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
@@ -276,9 +276,9 @@ def test_segpipe_errors_cross_a_real_dask_worker_as_themselves(tmp_path, photo, 
         err = client.submit(run_chunks_raising, str(tmp_path / "junk.tif"), pure=False).exception()
         assert type(err) is InputError and err.subject.endswith("junk.tif") and err.problem == "is truncated"
         # the whole path: a truncated GeoTIFF segmented on the real worker is one line, not "unexpected"
-        from segpipe.config import segment_settings
+        from segpipe.core.settings import segment_settings
         from segpipe.io.storage import list_images
-        from segpipe.pipeline import check_model, segment_image
+        from segpipe.engine.segment import check_model, segment_image
 
         ref, _ = check_model(model_dir)
         settings = segment_settings(chunk_size=64, halo=16, precision="fp32", device="cpu")
@@ -290,7 +290,7 @@ def test_segpipe_errors_cross_a_real_dask_worker_as_themselves(tmp_path, photo, 
 
 def run_chunks_raising(uri: str) -> None:
     """What ``run_chunks`` does with a SegpipeError: raise it detached from its GDAL context."""
-    from segpipe.errors import SegpipeError
+    from segpipe.core.errors import SegpipeError
 
     error = None
     try:
@@ -312,7 +312,7 @@ def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo,
     jpg = write_jpeg(tmp_path / "j.jpg", photo[:, :160, :160])
     (src / "cut.jpg").write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])
     env = {**os.environ, "SEGPIPE_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "segpipe.cli", "segment", str(src), "--model", model_dir,
+    proc = subprocess.run([sys.executable, "-m", "segpipe.cli.main", "segment", str(src), "--model", model_dir,
                            "--out", str(tmp_path / "out"), *FAST], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -347,7 +347,7 @@ def test_huge_sparse_image_runs_in_flat_memory(tmp_path, model_dir):
     assert path.stat().st_size < 8 * 2**20
     out = tmp_path / "out"
     env = {**os.environ, "SEGPIPE_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli", "segment", str(path), "--model", model_dir,
+    proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli.main", "segment", str(path), "--model", model_dir,
                              "--out", str(out), "--chunk-size", "512", "--halo", "32", "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     peak, chunks, t0 = 0, 0, time.monotonic()

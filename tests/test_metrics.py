@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from segpipe.errors import DatasetError, InputError
-from segpipe.metrics import (
+from segpipe.core.errors import DatasetError, InputError
+from segpipe.evaluate.metrics import (
     METRICS_KEYS,
     ConfusionMatrix,
     confusion_matrix,

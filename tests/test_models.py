@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from segpipe.errors import ConfigError, ModelError
-from segpipe.models import build_network, create_artifact, load_artifact, save_artifact
+from segpipe.core.errors import ConfigError, ModelError
+from segpipe.models.artifact import build_network, create_artifact, load_artifact, save_artifact
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import pytest
 import torch
 import zarr
 
-from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
 from segpipe.io.storage import list_images
-from segpipe.models import load_artifact
-from segpipe.pipeline import check_model, segment_image, segment_many
-from segpipe.tiling import ChunkGrid, core_in_window, input_window
+from segpipe.models.artifact import load_artifact
+from segpipe.engine.segment import check_model, segment_image, segment_many
+from segpipe.core.geometry import ChunkGrid, core_in_window, input_window
 
 
 def settings(chunk=128, halo=16, **inference) -> SegmentSettings:
@@ -157,8 +157,8 @@ def test_folder_with_good_and_bad_images(tmp_path, photo, model_dir, client):
 
 
 def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
-    import segpipe.pipeline as P
-    from segpipe.errors import InputError, TransientIOError
+    import segpipe.engine.segment as P
+    from segpipe.core.errors import InputError, TransientIOError
 
     calls = []
 
@@ -186,7 +186,7 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
 
 
 def test_unexpected_error_fails_only_that_image(tmp_path, photo, model_dir, client, monkeypatch):
-    import segpipe.pipeline as P
+    import segpipe.engine.segment as P
     from tests.helpers import write_geotiff
 
     src = tmp_path / "src"

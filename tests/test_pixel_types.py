@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from segpipe.errors import InputError, ModelError
+from segpipe.core.errors import InputError, ModelError
 from segpipe.io.readers import open_image
-from segpipe.models import (
+from segpipe.models.artifact import (
     InputNorm,
     ModelSpec,
     check_input,
     image_normalization,
     normalization_for,
 )
-from segpipe.tiling import Window
+from segpipe.core.geometry import Window
 from tests.helpers import write_geotiff
 
 H, W = 37, 53  # not square, not a multiple of anything: rotations and windows show
@@ -410,7 +410,7 @@ def test_percentile_is_computed_once_per_image_from_an_overview(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
-    from segpipe.models import create_artifact
+    from segpipe.models.artifact import create_artifact
 
     d = tmp_path_factory.mktemp("m") / "unet"
     create_artifact(str(d), "Unet", "resnet18", ["a", "b", "c"], in_channels=3, seed=0)
@@ -418,9 +418,9 @@ def small_model(tmp_path_factory):
 
 
 def _predictor(art_dir, **update):
-    from segpipe.config import InferenceSettings
-    from segpipe.inference import Predictor
-    from segpipe.models import load_artifact
+    from segpipe.core.settings import InferenceSettings
+    from segpipe.engine.predictor import Predictor
+    from segpipe.models.artifact import load_artifact
 
     art = load_artifact(str(art_dir))
     if update:

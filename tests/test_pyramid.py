@@ -10,8 +10,8 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from segpipe.errors import ConfigError, OutputError
-from segpipe.pyramid import (
+from segpipe.core.errors import ConfigError, OutputError
+from segpipe.engine.pyramid import (
     build_probability_pyramid,
     build_pyramid,
     downsample_mean,

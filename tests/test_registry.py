@@ -10,9 +10,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from segpipe import registry
-from segpipe.errors import ModelError
-from segpipe.models import create_artifact, load_artifact, resolve_model_uri
+from segpipe.models import registry
+from segpipe.core.errors import ModelError
+from segpipe.models.artifact import create_artifact, load_artifact
 
 METRICS = {"classes": ["bg", "fg"], "confusion_matrix": [[5, 1], [2, 4]], "per_class": {}, "mean_iou": 0.61,
            "frequency_weighted_iou": 0.6, "pixel_accuracy": 0.75}
@@ -78,9 +78,9 @@ def test_resolve(artifacts, tmp_path):
     registry.promote(reg, "v1")
     assert registry.resolve(reg) == f"{reg}/v1"
     # models.load_artifact goes through resolve: registry → champion, REG@vN → that version
-    assert load_artifact(reg).sha256 == load_artifact(a).sha256
-    assert load_artifact(f"{reg}@v2").sha256 == load_artifact(b).sha256
-    assert resolve_model_uri(f"file://{reg}@v2") == f"{reg}/v2"
+    assert load_artifact(registry.resolve(reg)).sha256 == load_artifact(a).sha256
+    assert load_artifact(registry.resolve(f"{reg}@v2")).sha256 == load_artifact(b).sha256
+    assert registry.resolve(f"file://{reg}@v2") == f"{reg}/v2"
     # only a final @v<digits> selects a version; an artifact folder whose name ends so is itself
     odd = tmp_path / "model@v3"
     create_artifact(str(odd), "FPN", "resnet18", ["bg", "fg"], seed=1)
@@ -197,8 +197,8 @@ def test_remote_registry_on_fsspec(artifacts):
         registry.promote(reg, "v2", reason="remote")
         assert registry.champion(reg) == "v2"
         assert registry.resolve(reg) == f"{reg}/v2"
-        assert load_artifact(f"{reg}@v4").sha256 == load_artifact(a).sha256
-        assert load_artifact(reg).sha256 == load_artifact(b).sha256
+        assert load_artifact(registry.resolve(f"{reg}@v4")).sha256 == load_artifact(a).sha256
+        assert load_artifact(registry.resolve(reg)).sha256 == load_artifact(b).sha256
         assert registry.history(reg)[-1]["reason"] == "remote"
     finally:
         if fs.exists("/segpipe-test-registry"):

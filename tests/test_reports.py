@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.errors import ConfigError, DatasetError
-from segpipe.metrics import ConfusionMatrix
-from segpipe.reports import (
+from segpipe.core.errors import ConfigError, DatasetError
+from segpipe.evaluate.metrics import ConfusionMatrix
+from segpipe.evaluate.reports import (
     ERROR_RGB,
     MIN_PANEL,
     Sample,
@@ -255,8 +255,8 @@ def test_bad_colour_raises() -> None:
 
 
 def test_report_palette_is_the_class_table() -> None:
-    """The report shows each class in the colour the outputs show it in (segpipe.classes)."""
-    from segpipe.classes import DEFAULT_COLORS, palette_rgba
+    """The report shows each class in the colour the outputs show it in (segpipe.core.classes)."""
+    from segpipe.core.classes import DEFAULT_COLORS, palette_rgba
 
     assert class_palette(5, COLORS) == [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in COLORS]
     given = ["#ff0000", None, "#0a0"]

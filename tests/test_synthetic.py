@@ -11,8 +11,8 @@ from scipy import ndimage as ndi
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.metrics import f1_score
 
-from segpipe.errors import ConfigError
-from segpipe.synthetic import (
+from segpipe.core.errors import ConfigError
+from segpipe.train.synthetic import (
     CLASS_COLORS,
     CLASSES,
     PIXEL_SIZE,

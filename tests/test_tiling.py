@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segpipe.tiling import (
+from segpipe.core.geometry import (
     ChunkGrid, Window, batches, core_in_window, input_window, reflect_index, source_indices, strip_order, tile_side,
 )
 

@@ -12,11 +12,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from segpipe.data import load_dataset
-from segpipe.errors import ConfigError
-from segpipe.models import load_artifact
-from segpipe.synthetic import write_dataset
-from segpipe.training import TrainSettings, class_weights, evaluate_network, train
+from segpipe.train.dataset import load_dataset
+from segpipe.core.errors import ConfigError
+from segpipe.models.artifact import load_artifact
+from segpipe.train.synthetic import write_dataset
+from segpipe.train.loop import TrainSettings, class_weights, evaluate_network, train
 
 #: tiny but real: Unet-resnet18 on 64² patches, 8 steps per epoch. On the CPU so that runs are
 #: bit-identical (CUDA kernels such as weighted nll_loss2d are not deterministic)
@@ -125,15 +125,15 @@ def test_damaged_checkpoint_is_skipped(data, tmp_path, caplog):
     first = train(str(data), str(out), s, progress=False)
     ck = out / "checkpoint" / "epoch-0001.safetensors"
     ck.write_bytes(ck.read_bytes()[:-10])  # truncated: its hash no longer matches the JSON
-    with caplog.at_level(logging.WARNING, logger="segpipe.training"):
+    with caplog.at_level(logging.WARNING, logger="segpipe.train.loop"):
         again = train(str(data), str(out), s, resume=True, progress=False)
     assert "skipping damaged checkpoint epoch-0001" in caplog.text
     assert again.weights_sha256 == first.weights_sha256  # started over, same seed
 
 
 def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
-    import segpipe.training as training
-    from segpipe.metrics import ConfusionMatrix
+    import segpipe.train.loop as training
+    from segpipe.evaluate.metrics import ConfusionMatrix
 
     # validation scores by epoch: 0.5, 0.7, 0.6, 0.6 → best epoch 2, stop after 2 worse validations
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
@@ -167,7 +167,7 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
 
 def test_logs_each_epoch(data, tmp_path, caplog):
     s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 4, "class_balanced": False})
-    with caplog.at_level(logging.INFO, logger="segpipe.training"):
+    with caplog.at_level(logging.INFO, logger="segpipe.train.loop"):
         r = train(str(data), str(tmp_path / "o"), s, progress=False)
     assert "epoch 1/1: loss" in caplog.text and "val mIoU" in caplog.text
     assert r.stop_reason == "completed"
@@ -221,7 +221,7 @@ def test_validation_in_tiles_counts_every_pixel(data):
     """A validation image larger than the tile is predicted chunk by chunk and every pixel is scored once."""
     ds = load_dataset(str(data), "val")
     torch.manual_seed(0)
-    from segpipe.models import build_network
+    from segpipe.models.artifact import build_network
 
     net = build_network("Unet", "resnet18", 3, 5)
     kw = dict(mean=[0.5] * 3, std=[0.25] * 3, input_scale=255.0, device=torch.device("cpu"))
@@ -236,11 +236,11 @@ def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
     """classes.json colours → model.json ``class_colors`` → the same colours in outputs and reports."""
     import shutil
 
-    from segpipe.classes import class_colors, colors_from_spec, palette_rgba
-    from segpipe.evaluation import Evaluation, write_evaluation_report
-    from segpipe.pipeline import ModelRef
-    from segpipe.reports import class_palette
-    from segpipe.stitching import ome_attrs
+    from segpipe.core.classes import class_colors, colors_from_spec, palette_rgba
+    from segpipe.evaluate.evaluation import Evaluation, write_evaluation_report
+    from segpipe.engine.segment import ModelRef
+    from segpipe.evaluate.reports import class_palette
+    from segpipe.io.output import ome_attrs
 
     root = tmp_path / "data"
     shutil.copytree(data, root)

@@ -18,11 +18,11 @@ import shapely
 import zarr
 from click.testing import CliRunner
 
-from segpipe.classes import parse_color
-from segpipe.config import segment_settings
-from segpipe.export import export_cog
+from segpipe.core.classes import parse_color
+from segpipe.core.settings import segment_settings
+from segpipe.export.exports import export_cog
 from segpipe.io.storage import list_images
-from segpipe.pipeline import check_model, segment_image
+from segpipe.engine.segment import check_model, segment_image
 from tests.helpers import sample_photo, write_geotiff
 
 # every test here needs a real pipeline run (the module's output alone takes ~6 s on 2 cores)
@@ -221,7 +221,7 @@ def test_ngff_as_labels_of_an_image(output, tmp_path):
 def test_cli_segment_with_all_exports(tmp_path, model_dir):
     import pyogrio
 
-    from segpipe.cli import main
+    from segpipe.cli.main import main
 
     src = bordered_source(tmp_path / "field.tif", 300, 280)
     out = tmp_path / "out"

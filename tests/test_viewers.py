@@ -18,9 +18,9 @@ pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr is not installed 
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, scene_tif, model_dir, client) -> str:
-    from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
 
     settings = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=16),
                                inference=InferenceSettings(device="cpu", precision="fp32"))
@@ -48,7 +48,7 @@ def _rgba(layer, value: int) -> list[int]:
 def test_napari_shows_class_colours_and_transparent_nodata(output):
     import zarr
 
-    from segpipe.classes import palette_rgba
+    from segpipe.core.classes import palette_rgba
 
     data, meta, kind = _read(output)
     assert kind == "labels"
@@ -76,7 +76,7 @@ def test_napari_renders_the_class_colours(output):
         pytest.skip("no X display: run under xvfb-run -a to check what napari draws")
     import zarr
 
-    from segpipe.classes import palette_rgba
+    from segpipe.core.classes import palette_rgba
 
     seg = zarr.open_group(output, mode="r").attrs["segpipe"]
     viewer = napari.Viewer(show=True)

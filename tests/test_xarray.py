@@ -9,7 +9,7 @@ import pytest
 
 xr = pytest.importorskip("xarray", reason="open_output needs xarray (pip install xarray)")
 
-from segpipe.errors import OutputError  # noqa: E402
+from segpipe.core.errors import OutputError  # noqa: E402
 from segpipe.io.xarray import open_output  # noqa: E402
 
 
@@ -25,9 +25,9 @@ def _centres(transform, height: int, width: int) -> tuple[np.ndarray, np.ndarray
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, scene_tif, model_dir, client) -> str:
     """A real output of the pipeline (with its pyramid) for the 433×389 georeferenced scene."""
-    from segpipe.config import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.pipeline import check_model, segment_image
+    from segpipe.engine.segment import check_model, segment_image
 
     settings = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=16),
                                inference=InferenceSettings(device="cpu", precision="fp32"))
@@ -145,7 +145,7 @@ def test_slide_coordinates_are_micrometres(tmp_path, level):
     assert da.attrs["mpp"] == pytest.approx(0.25 * f)
     assert "spatial_ref" not in da.coords and "grid_mapping" not in da.encoding
     assert da.name == "s1"
-    from segpipe.classes import DEFAULT_COLORS
+    from segpipe.core.classes import DEFAULT_COLORS
 
     assert da.attrs["class_colors"] == ["#000000", DEFAULT_COLORS[1], "#00ff00"]  # filled like every output
     assert da.attrs["flag_meanings"] == "bg tumour stroma"

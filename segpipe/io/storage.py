@@ -19,7 +19,7 @@ from pathlib import PurePosixPath
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from segpipe.errors import InputError, OutputError
+from segpipe.core.errors import InputError, OutputError
 
 #: extensions searched for when a source is a folder or prefix
 IMAGE_EXTENSIONS = (
@@ -139,7 +139,7 @@ def output_uri(out: str, relative: str, suffix: str = ".zarr", keep_extension: b
 
     ``keep_extension`` gives ``OUT/<relative path>.zarr`` (``hopper.png.zarr``): the name
     used when several images of a run would otherwise share one output (see
-    :func:`segpipe.pipeline.assign_outputs`).
+    :func:`segpipe.engine.segment.assign_outputs`).
     """
     rel = safe_relative(relative)
     stem = rel if keep_extension else posixpath.splitext(rel)[0]

@@ -19,7 +19,7 @@ over the Zarr chunks, nothing read until asked) with
 * slides with a known resolution: the same in micrometres (``mpp`` per pixel),
   coordinate attrs ``units: "micrometre"``;
 * attrs: ``classes``, ``class_colors`` (one ``#rrggbb`` per class, filled by
-  :func:`segpipe.classes.class_colors` as every other output does), ``nodata`` and
+  :func:`segpipe.core.classes.class_colors` as every other output does), ``nodata`` and
   ``_FillValue`` = the nodata label (255 / 65,535; rioxarray's ``rio.nodata`` reads
   ``_FillValue``), CF ``flag_values``/``flag_meanings``, ``level`` and ``downsample``.
 
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.classes import class_colors, colors_from_spec, nodata_label
-from segpipe.errors import OutputError
+from segpipe.core.classes import class_colors, colors_from_spec, nodata_label
+from segpipe.core.errors import OutputError
 from segpipe.io.storage import strip_file_scheme
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def open_output(uri: str, level: int = 0, *, storage_options: dict[str, Any] | N
     Coordinates are pixel centres in the output's CRS (georeferenced sources), micrometres
     (slides with a known resolution) or level-0 pixels (other images); see the module
     docstring for the attributes. ``storage_options`` go to fsspec for remote URLs
-    (``s3://…``). Raises :class:`~segpipe.errors.OutputError` when ``uri`` is no segpipe
+    (``s3://…``). Raises :class:`~segpipe.core.errors.OutputError` when ``uri`` is no segpipe
     output or has no such level; an output whose run has not completed opens with a warning.
     """
     try:

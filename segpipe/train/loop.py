@@ -1,7 +1,7 @@
 """Training: patches from a dataset → a model artifact, resumable epoch by epoch.
 
-``train(data_root, out_uri, settings)`` reads the dataset layout of :mod:`segpipe.data`,
-trains an smp network built by :func:`segpipe.models.build_network` on lazily read
+``train(data_root, out_uri, settings)`` reads the dataset layout of :mod:`segpipe.train.dataset`,
+trains an smp network built by :func:`segpipe.models.artifact.build_network` on lazily read
 patches, validates on whole validation images each ``val_every`` epochs, keeps the weights
 of the best validation mean IoU and writes an artifact (``model.json`` + ``weights.safetensors``
 + ``metrics.json``) to ``out_uri``.
@@ -33,22 +33,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from segpipe.config import Precision
-from segpipe.data import (
+from segpipe.core.settings import Precision
+from segpipe.train.dataset import (
     IGNORE_INDEX, AugmentSettings, Dataset, PatchSampler, band_statistics, default_input_scale, index_masks,
     load_dataset, open_mask, open_reader, split_dataset,
 )
-from segpipe.errors import ConfigError, DatasetError, ModelError
+from segpipe.core.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.storage import filesystem, join, strip_file_scheme
-from segpipe.metrics import ConfusionMatrix, write_metrics_json
-from segpipe.models import ModelSpec, build_network, save_artifact
+from segpipe.evaluate.metrics import ConfusionMatrix, write_metrics_json
+from segpipe.models.artifact import ModelSpec, build_network, save_artifact
 from segpipe.io.storage import write_atomic
-from segpipe.tiling import ChunkGrid, Window, core_in_window, input_window
+from segpipe.core.geometry import ChunkGrid, Window, core_in_window, input_window
 
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("segpipe.training")
+log = logging.getLogger("segpipe.train.loop")
 
 CHECKPOINT_FORMAT = "segpipe-checkpoint/1"
 #: settings a resume may change (they do not change the numbers, or only how fast they come)
@@ -166,7 +166,7 @@ def class_weights(counts: np.ndarray, power: float, max_weight: float = 10.0) ->
 
 def resolve_training_precision(precision: str, device: torch.device) -> str:
     """auto → bf16 where the device computes it natively (CUDA with bf16, AVX-512-BF16/AMX CPUs), else fp32."""
-    from segpipe.inference import resolve_precision
+    from segpipe.engine.predictor import resolve_precision
 
     return resolve_precision(precision, device, cuda_without_bf16="fp32", what="precision")
 
@@ -443,14 +443,14 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
 
     ``resume=True`` continues from the newest checkpoint in ``out_uri/checkpoint/`` (with the
     same settings; starts over when there is none). ``on_epoch`` gets each epoch's history
-    entry. Per-epoch metrics are logged on logger ``segpipe.training``.
+    entry. Per-epoch metrics are logged on logger ``segpipe.train.loop``.
     """
     import segmentation_models_pytorch as smp
     import torch
     import torch.nn.functional as F  # noqa: N812
     from torch.utils.data import DataLoader
 
-    from segpipe.inference import resolve_device
+    from segpipe.engine.predictor import resolve_device
 
     t_start = time.perf_counter()
     s = settings or TrainSettings()
@@ -618,7 +618,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     spec = ModelSpec(
         architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
         # ``class_colors`` is the contract key the pipeline, exports and viewers read
-        # (segpipe.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
+        # (segpipe.core.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
         mean=mean, std=std, input_scale=input_scale, class_colors=list(full.colors),
         training={
             "settings": _settings_dump(s),

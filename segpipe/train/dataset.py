@@ -5,7 +5,7 @@ Layout (local folder or any fsspec URL)::
     DATA/images/<name>.<ext>      any image the readers open (GeoTIFF, PNG, JPEG, …)
     DATA/masks/<name>.<ext>       one band of class ids, same height × width; 255 = ignore
     DATA/classes.json             {"classes": [{"name": "background", "color": "#000000"}, …]}
-                                  (colours optional: missing ones come from segpipe.classes)
+                                  (colours optional: missing ones come from segpipe.core.classes)
     DATA/split.json               optional {"train": [<name>, …], "val": [<name>, …]}
 
 ``<name>`` is the path relative to ``images/`` without its extension (``tiles/a`` for
@@ -40,16 +40,16 @@ from typing import NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segpipe.classes import class_colors, parse_color, to_hex
-from segpipe.errors import ConfigError, DatasetError, InputError
+from segpipe.core.classes import class_colors, parse_color, to_hex
+from segpipe.core.errors import ConfigError, DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
-from segpipe.tiling import Window, ceil_div
+from segpipe.core.geometry import Window, ceil_div
 
-log = logging.getLogger("segpipe.data")
+log = logging.getLogger("segpipe.train.dataset")
 
 #: mask value that is not trained on nor scored; the same value as the nodata label of a
-#: ≤ 255-class output (:func:`segpipe.classes.nodata_label`), so an output used as a mask
+#: ≤ 255-class output (:func:`segpipe.core.classes.nodata_label`), so an output used as a mask
 #: leaves its no-data pixels out too
 IGNORE_INDEX = 255
 #: side of the windows in which masks and images are scanned (never a whole raster at once)
@@ -146,7 +146,7 @@ def _read_json(fs, path: str, uri: str) -> object:
 
 def read_classes(root: str) -> tuple[list[str], list[str]]:
     """Class names and colours from ``ROOT/classes.json``; missing colours come from
-    :func:`segpipe.classes.class_colors`, so every output shows the same colours."""
+    :func:`segpipe.core.classes.class_colors`, so every output shows the same colours."""
     uri = join(strip_file_scheme(root), "classes.json")
     fs, path = filesystem(uri)
     if not fs.exists(path):
@@ -429,7 +429,7 @@ def open_mask(uri: str) -> ImageReader:
 def _serve_palette_indices(reader: ImageReader, uri: str) -> None:
     # The readers offer no switch for this yet, so the expansion is turned off on this reader
     # (RasterioReader reads band 1 as is when it has no colour table). Replace with an option of
-    # segpipe.io.readers (e.g. open_image(uri, palette="index")) once it exists.
+    # segpipe.io.readers.raster (e.g. open_image(uri, palette="index")) once it exists.
     ds = getattr(reader, "_ds", None)
     if ds is None or not hasattr(reader, "_lut") or not hasattr(reader, "_indexes"):
         reader.close()

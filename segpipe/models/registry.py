@@ -41,7 +41,7 @@ from typing import Any
 
 import fsspec
 
-from segpipe.errors import ModelError, OutputError
+from segpipe.core.errors import ModelError, OutputError
 from segpipe.io.storage import filesystem, is_local, join, strip_file_scheme, write_atomic
 
 FORMAT = "segpipe-registry/1"
@@ -167,7 +167,7 @@ def register(reg_uri: str, artifact_uri: str, *, metrics: dict[str, Any] | str |
     if it has one). ``report_dir``: a folder whose report.html / report.md are copied along.
     A missing or empty ``reg_uri`` is initialised first. Never overwrites an existing version.
     """
-    from segpipe.models import read_spec
+    from segpipe.models.artifact import read_spec
 
     artifact_uri = resolve(artifact_uri)
     spec = read_spec(artifact_uri)  # validates model.json before anything is written
@@ -256,7 +256,7 @@ def _mean_iou(fs, vpath: str, spec_extra: dict) -> float | None:
 
 def list_versions(reg_uri: str) -> list[VersionInfo]:
     """Every complete version, oldest first (interrupted registrations are skipped)."""
-    from segpipe.models import read_spec
+    from segpipe.models.artifact import read_spec
 
     fs, path = _require_registry(reg_uri)
     champ = champion(reg_uri)

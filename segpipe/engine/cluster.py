@@ -18,13 +18,13 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from segpipe.config import ClusterSettings
-from segpipe.errors import ConfigError
+from segpipe.core.settings import ClusterSettings
+from segpipe.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from distributed import Client
 
-log = logging.getLogger("segpipe.cluster")
+log = logging.getLogger("segpipe.engine.cluster")
 
 
 def _gpu_count() -> int:
@@ -40,7 +40,7 @@ def default_threads(gpus: int) -> int:
     to read, normalise and write as fast as the GPU computes (reading is then the limit)."""
     if not gpus:
         return 3
-    from segpipe.inference import available_cores
+    from segpipe.engine.predictor import available_cores
 
     return max(3, min(available_cores(), 12))
 

@@ -1,7 +1,7 @@
 """Batched inference: (tiles of raw pixels) → (class ids, optional probabilities).
 
 The predictor never sees storage: it maps a batch of window-shaped tiles to labels,
-and :mod:`segpipe.stitching` decides where they go (MONAI's splitter/merger seam).
+and :mod:`segpipe.io.output` decides where they go (MONAI's splitter/merger seam).
 One predictor per (weights, device, precision, TTA) lives in each worker process
 (:func:`cached_predictor`); it is loaded from the artifact's URI on the worker, never
 shipped inside a task graph.
@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segpipe.config import InferenceSettings
+from segpipe.core.settings import InferenceSettings
 
 if TYPE_CHECKING:
     import torch
 
-    from segpipe.models import Artifact, InputNorm
+    from segpipe.models.artifact import Artifact, InputNorm
 
-log = logging.getLogger("segpipe.inference")
+log = logging.getLogger("segpipe.engine.predictor")
 
 
 def available_cores() -> int:
@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; checks that a named CUDA device exists."""
     import torch
 
-    from segpipe.errors import ConfigError
+    from segpipe.core.errors import ConfigError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +76,7 @@ def resolve_precision(precision: str, device: torch.device, cuda_without_bf16: s
 
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":
-            from segpipe.errors import ConfigError
+            from segpipe.core.errors import ConfigError
 
             raise ConfigError(f"{what} fp16", "fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
         return precision
@@ -108,7 +108,7 @@ class Predictor:
             torch.set_num_threads(threads or available_cores())
         net = artifact.network().to(self.device).to(memory_format=torch.channels_last)
         self.net = net.eval()
-        # the one place where raw pixels become network input: segpipe.models.InputNorm folded
+        # the one place where raw pixels become network input: segpipe.models.artifact.InputNorm folded
         # into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
         self._folded: dict = {}
         self.label_dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
@@ -123,13 +123,13 @@ class Predictor:
 
     def input_norm(self, dtype: str) -> InputNorm:
         """The fixed normalisation of ``dtype`` tiles (raises InputError for a type the model can't read)."""
-        from segpipe.errors import ModelError
-        from segpipe.models import normalization_for
+        from segpipe.core.errors import ModelError
+        from segpipe.models.artifact import normalization_for
 
         norm = normalization_for(self.spec, dtype)
         if norm is None:
             raise ModelError(None, "this model normalises each image from its own statistics (percentile): "
-                             "pass the image's normalisation (segpipe.models.image_normalization) to predict")
+                             "pass the image's normalisation (segpipe.models.artifact.image_normalization) to predict")
         return norm
 
     def _fold(self, norm: InputNorm) -> tuple:
@@ -176,7 +176,7 @@ class Predictor:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
         ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here,
-        by ``norm`` (the image's, from :func:`segpipe.models.image_normalization`; resolved once per
+        by ``norm`` (the image's, from :func:`segpipe.models.artifact.image_normalization`; resolved once per
         image) or, when None, the model's fixed rule for the tiles' dtype.
         Every forward runs on the predictor's one compute thread: the calling threads (Dask's)
         read and write meanwhile, and the allocator's memory stays in one arena instead of
@@ -228,8 +228,8 @@ def cached_predictor(model_uri: str, sha256: str, settings: InferenceSettings) -
     Keyed by the weights' sha256 so a new champion is loaded, not served from a stale cache.
     Older entries are dropped so a long-lived worker holds one model per device.
     """
-    from segpipe.errors import ModelError
-    from segpipe.models import load_artifact
+    from segpipe.core.errors import ModelError
+    from segpipe.models.artifact import load_artifact
 
     key = PredictorKey(model_uri, sha256, settings)
     with _cache_lock:

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from segpipe.classes import nodata_label, palette_rgba
-from segpipe.errors import DatasetError, OutputError
+from segpipe.core.classes import nodata_label, palette_rgba
+from segpipe.core.errors import DatasetError, OutputError
 
 IGNORE_RGB = (128, 128, 128)
 #: colour of wrong pixels in the error panel: magenta, which no default class colour is near;
@@ -84,7 +84,7 @@ def _text_size(font: Any, text: str) -> tuple[int, int]:
 
 
 def class_palette(num_classes: int, class_colors: Sequence[str | None] | None = None) -> list[tuple[int, int, int]]:
-    """RGB colour per class from the one class table (:func:`segpipe.classes.class_colors`):
+    """RGB colour per class from the one class table (:func:`segpipe.core.classes.class_colors`):
     the given hex colours, missing ones from the default palette, so a report shows each class
     in the colour the Zarr outputs, COGs and viewers show it in."""
     return [(int(r), int(g), int(b)) for r, g, b, _ in palette_rgba(num_classes, class_colors)]
@@ -378,7 +378,7 @@ def sample_png(sample: Sample, palette: Sequence[tuple[int, int, int]], class_na
     """Four panels side by side — image | truth | prediction | errors — with a legend, as PNG bytes.
 
     Errors are magenta (:func:`error_rgb`: a colour no class has) where prediction ≠ truth;
-    ignored truth pixels and predicted *nodata* pixels (:func:`segpipe.classes.nodata_label`:
+    ignored truth pixels and predicted *nodata* pixels (:func:`segpipe.core.classes.nodata_label`:
     the source had no data there) are hatched grey and not scored; correct pixels show a faded
     copy of the image for orientation. Panels are scaled to 256–512 px wide (nearest neighbour
     for labels so class boundaries stay exact).
@@ -718,10 +718,10 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
                  class_colors: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/report.md``; returns both paths.
 
-    ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.metrics.scores`);
+    ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.evaluate.metrics.scores`);
     ``history`` is a list of per-epoch dicts (``{"epoch": 1, "train_loss": …, "val_mean_iou": …}``);
     ``class_colors`` are hex strings in class order (a model's ``class_colors``); missing ones come
-    from :func:`segpipe.classes.class_colors`, as in the Zarr outputs.
+    from :func:`segpipe.core.classes.class_colors`, as in the Zarr outputs.
     """
     _check_metrics(metrics, "champion")
     if challenger is not None:

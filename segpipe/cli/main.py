@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from segpipe.errors import ConfigError, SegpipeError
+from segpipe.core.errors import ConfigError, SegpipeError
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -59,7 +59,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, but in the log
             if debug:
                 raise
-            logging.getLogger("segpipe.cli").error("unexpected error", exc_info=True)
+            logging.getLogger("segpipe.cli.main").error("unexpected error", exc_info=True)
             where = f"; traceback in {_log_path}" if _log_path else ""
             click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                        f"(a bug in segpipe{where}; --debug shows it)", err=True)
@@ -206,8 +206,8 @@ def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: s
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
                    skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
                    overwrite: bool = False):
-    """The CLI's options → :func:`segpipe.config.segment_settings` (the flow calls the same builder)."""
-    from segpipe.config import segment_settings
+    """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
+    from segpipe.core.settings import segment_settings
 
     try:
         return segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
@@ -266,10 +266,10 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     their extension (hopper.jpg.zarr, hopper.png.zarr). A path that is not a segpipe output of
     the same image is never touched.
     """
-    from segpipe.cluster import dask_client
-    from segpipe.config import ClusterSettings
-    from segpipe.export import Exports
-    from segpipe.pipeline import segment_many, write_image_exports
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import ClusterSettings
+    from segpipe.export.exports import Exports
+    from segpipe.engine.segment import segment_many, write_image_exports
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
                               skip_empty, max_pixels, background_class, overwrite)
@@ -289,7 +289,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     if report_json:
         import json
 
-        from segpipe.pipeline import summary_rows
+        from segpipe.engine.segment import summary_rows
 
         with open(report_json, "w") as f:
             json.dump(summary_rows(results), f, indent=2)
@@ -325,7 +325,7 @@ def model() -> None:
 @handle_errors
 def model_create(arch: str, encoder: str, classes: str, in_channels: int, out: str, seed: int) -> None:
     """Write a randomly initialised artifact (for smoke runs and benchmarks)."""
-    from segpipe.models import create_artifact
+    from segpipe.models.artifact import create_artifact
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     spec = create_artifact(out, arch, encoder, names, in_channels=in_channels, seed=seed)
@@ -340,9 +340,10 @@ def model_info(path: str) -> None:
     """Print an artifact's spec, weights hash and parameter count."""
     import json
 
-    from segpipe.models import load_artifact
+    from segpipe.models.artifact import load_artifact
+    from segpipe.models.registry import resolve
 
-    art = load_artifact(path)
+    art = load_artifact(resolve(path))
     n_params = sum(int(t.numel()) for t in art.weights.values())
     info = {"uri": art.uri, **art.spec.dump(), "weights_sha256": art.sha256, "parameters": n_params}
     for key in ("training",):
@@ -374,7 +375,7 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
           patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
           precision: str, seed: int, resume: bool) -> None:
     """Train a model on a dataset and write an artifact."""
-    from segpipe.training import TrainSettings, train as run_train
+    from segpipe.train.loop import TrainSettings, train as run_train
 
     settings = TrainSettings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
                              batch_size=batch_size, patch_size=patch_size, lr=lr, class_balanced=class_balanced,
@@ -397,10 +398,10 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
              mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
              dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
-    from segpipe.cluster import dask_client
-    from segpipe.config import ClusterSettings
-    from segpipe.data import load_dataset
-    from segpipe.evaluation import evaluate as run_evaluate, write_evaluation_report
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import ClusterSettings
+    from segpipe.train.dataset import load_dataset
+    from segpipe.evaluate.evaluation import evaluate as run_evaluate, write_evaluation_report
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
@@ -409,7 +410,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)
     html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}")  # the model's colours = its outputs'
-    from segpipe.reports import markdown_table
+    from segpipe.evaluate.reports import markdown_table
 
     click.echo(markdown_table(ev.metrics))
     click.echo(f"metrics: {out}/metrics.json\nreport:  {html}")
@@ -435,16 +436,19 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
             patches_per_epoch: int | None, lr: float, margin: float, device: str, precision: str, seed: int,
             dask_address: str | None) -> None:
-    """Run the retrain flow locally: train a challenger, compare with the champion, promote if better."""
+    """Train a challenger, compare it with the champion on the same split, promote if better."""
     import json
 
-    from flows.retrain import retrain as retrain_flow
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate.retrain import retrain as run_retrain
+    from segpipe.train.loop import TrainSettings
 
-    result = retrain_flow(data=data, registry=registry, architecture=arch, encoder=encoder, epochs=epochs,
-                            batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch,
-                            lr=lr, margin=margin, device=device, precision=precision, seed=seed,
-                            dask_address=dask_address)
-    click.echo(json.dumps(result, indent=2))
+    tsettings = TrainSettings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
+                              patch_size=patch_size, lr=lr, class_balanced=True, device=device, precision=precision, seed=seed,
+                              **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    ssettings = segment_settings(device=device, precision=precision)
+    result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address)
+    click.echo(json.dumps(result.as_dict(), indent=2))
 
 
 # ----------------------------------------------------------------------------- models (registry)
@@ -461,7 +465,7 @@ def models_list(registry: str) -> None:
     """List the versions of REGISTRY (the champion is starred)."""
     from rich.table import Table
 
-    from segpipe.registry import list_versions
+    from segpipe.models.registry import list_versions
 
     table = Table(title=registry)
     for col in ("", "version", "created", "model", "val mean IoU", "weights"):
@@ -480,9 +484,10 @@ def models_show(model: str) -> None:
     """Show a version (REGISTRY@vN), a registry's champion (REGISTRY) or an artifact folder."""
     import json
 
-    from segpipe.models import load_artifact
+    from segpipe.models.artifact import load_artifact
+    from segpipe.models.registry import resolve
 
-    art = load_artifact(model)
+    art = load_artifact(resolve(model))
     info = {"uri": art.uri, "weights_sha256": art.sha256, **art.spec.dump()}
     training = info.get("training")
     if isinstance(training, dict):
@@ -497,7 +502,7 @@ def models_show(model: str) -> None:
 @handle_errors
 def models_promote(registry: str, version: str, reason: str) -> None:
     """Make VERSION the champion of REGISTRY (atomic pointer replace)."""
-    from segpipe.registry import promote
+    from segpipe.models.registry import promote
 
     promote(registry, version, reason)
     click.echo(f"{registry}: champion is now {version}")
@@ -517,7 +522,7 @@ def models_promote(registry: str, version: str, reason: str) -> None:
 def export(output: str, cog: str | None, vector: str | None, preview: str | None, confidence: str | None,
            min_area: float, sieve: int) -> None:
     """Export a segpipe OUTPUT.zarr to COG, vectors, a preview or a confidence COG."""
-    from segpipe import export as ex
+    from segpipe.export import exports as ex
 
     if not any((cog, vector, preview, confidence)):
         raise click.UsageError("name at least one of --cog, --vector, --preview, --confidence")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.errors import ConfigError
+from segpipe.core.errors import ConfigError
 
 #: colours for classes without one (index = class id); class 0 is dark grey, not black,
 #: so it stays visible on a dark background and is never confused with "no data"

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
-from segpipe.errors import OutputError
+from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
+from segpipe.core.errors import OutputError
 from segpipe.io.storage import filesystem, join, output_error, strip_file_scheme
-from segpipe.tiling import Chunk
+from segpipe.core.geometry import Chunk
 
 LEVEL0 = "0"
 PROBABILITIES = "probabilities"
@@ -37,7 +37,7 @@ def now_iso() -> str:
 def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: float | None) -> dict[str, Any]:
     """OME-NGFF 0.5 ``multiscales`` for level 0 plus ``image-label`` colours and class names.
 
-    The nodata label (see :mod:`segpipe.classes`) is listed with a transparent colour, so
+    The nodata label (see :mod:`segpipe.core.classes`) is listed with a transparent colour, so
     viewers that read ``image-label`` (napari's OME-Zarr reader) show it as nothing. The
     ``omero`` channel is what napari-ome-zarr 0.10 needs to show a label image visible and
     named after ``name`` (without it: hidden, named ``labels/``; measured, docs/viewers.md);

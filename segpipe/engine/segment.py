@@ -20,27 +20,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from segpipe import __version__
-from segpipe.classes import class_colors, colors_from_spec, nodata_label
-from segpipe.cluster import worker_capacity
-from segpipe.config import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
-from segpipe.errors import InputError, OutputError, SegpipeError, TransientIOError
+from segpipe.core.classes import class_colors, colors_from_spec, nodata_label
+from segpipe.engine.cluster import worker_capacity
+from segpipe.core.settings import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
+from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
-from segpipe.models import Artifact, InputNorm, ModelSpec, check_input, image_normalization, load_artifact
-from segpipe.stitching import (
+from segpipe.models.registry import resolve as resolve_model
+from segpipe.models.artifact import Artifact, InputNorm, ModelSpec, check_input, image_normalization, load_artifact
+from segpipe.io.output import (
     FORMAT, Existing, OutputTarget, done_chunks, finalize, inspect_output, now_iso, ome_attrs, prepare_output,
     read_attrs, write_chunk,
 )
-from segpipe.tiling import Chunk, ChunkGrid, Window, core_in_window, input_window, strip_order
+from segpipe.core.geometry import Chunk, ChunkGrid, Window, core_in_window, input_window, strip_order
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from segpipe.export import Exports
+    from segpipe.export.exports import Exports
 
-log = logging.getLogger("segpipe.pipeline")
+log = logging.getLogger("segpipe.engine.segment")
 
 class Progress(Protocol):
     """Receives totals once (``plan``) and increments as chunk tasks finish (``advance``)."""
@@ -61,7 +62,7 @@ class ModelRef:
 
 def check_model(model: str) -> tuple[ModelRef, Artifact]:
     """Resolve and load an artifact and build its network once, so a bad model fails before any image."""
-    artifact = load_artifact(model)
+    artifact = load_artifact(resolve_model(model))
     artifact.network()  # validates every tensor's name and shape
     return ModelRef(artifact.uri, artifact.sha256, artifact.spec), artifact
 
@@ -131,7 +132,7 @@ def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> d
     With ``read.skip_empty``, chunks whose core is all nodata (the raster's nodata value, mask
     band or alpha) skip the model; nodata pixels inside computed chunks get the fill class.
     """
-    from segpipe.inference import cached_predictor
+    from segpipe.engine.predictor import cached_predictor
 
     t = job.tiling
     grid = ChunkGrid(job.target.height, job.target.width, t.chunk_size)
@@ -332,7 +333,7 @@ def plan_output(existing: Existing, image: SourceImage, model: ModelRef, setting
 
 
 def _batch_size(settings: InferenceSettings, gpu_workers: bool) -> int:
-    from segpipe.inference import default_batch_size
+    from segpipe.engine.predictor import default_batch_size
 
     if settings.batch_size:
         return settings.batch_size
@@ -344,7 +345,7 @@ def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSet
     """Refuse an image the model cannot read, or one that declares an absurd size, with one line.
 
     Returns the fixed input normalisation for its pixel type, or None when the model's is per
-    image (percentile stretch: :func:`segpipe.models.image_normalization`).
+    image (percentile stretch: :func:`segpipe.models.artifact.image_normalization`).
     """
     pixels = info.height * info.width
     if pixels > settings.read.max_pixels:
@@ -481,7 +482,7 @@ def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int,
     """Chunks outside a slide's tissue mask (computed once at low resolution); empty for other readers."""
     if not hasattr(reader, "thumbnail"):
         return set()
-    from segpipe.io.slide import chunk_has_tissue, tissue_mask
+    from segpipe.io.readers.slide import chunk_has_tissue, tissue_mask
 
     tm = tissue_mask(reader)
     grid = ChunkGrid(reader.info.height, reader.info.width, settings.tiling.chunk_size)
@@ -499,7 +500,7 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[i
     """
     from distributed import as_completed
 
-    from segpipe.cluster import is_in_process, trim_memory
+    from segpipe.engine.cluster import is_in_process, trim_memory
 
     resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
     run = job.target.run_id[:8]
@@ -540,7 +541,7 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[i
 
 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
-    from segpipe.pyramid import build_probability_pyramid, build_pyramid
+    from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid
 
     build_pyramid(target.uri, num_classes=target.num_classes, client=client)
     if target.probabilities:
@@ -596,8 +597,8 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     Listing errors and failed images become ``failed`` results; the other images still run.
     Model errors raise (nothing can run without a model).
     """
-    from segpipe.cluster import is_in_process
-    from segpipe.inference import prime_predictor
+    from segpipe.engine.cluster import is_in_process
+    from segpipe.engine.predictor import prime_predictor
     from segpipe.io.storage import ensure_writable
 
     images: list[SourceImage] = []
@@ -633,7 +634,7 @@ def write_image_exports(result: ImageResult, exports: Exports) -> None:
     """COG / vectors / preview next to a finished output (CLI and flow alike); a failure fails the image."""
     if not exports or result.status not in ("done", "skipped") or not result.output:
         return
-    from segpipe.export import write_exports
+    from segpipe.export.exports import write_exports
 
     try:
         result.extra["exports"] = write_exports(result.output, result.source, exports,

@@ -1,60 +1,22 @@
-"""Image readers behind one interface.
+"""The rasterio/GDAL reader: GeoTIFF/COG, TIFF, PNG, JPEG, JPEG 2000, VRT, … window by window.
 
-A reader knows an image's size, bands, dtype and georeference, and reads any window
-of it — including windows that extend past the image, filled by reflection
-(:func:`segpipe.tiling.source_indices`). It never reads the whole image.
-
-Readers are opened by :func:`open_image`, which tries the registered openers in order
-(content sniffing, not only the extension). Dataset handles are not thread-safe, so
-workers use :func:`thread_reader`, which keeps one handle per thread.
+Also what GDAL leaves to us: palette expansion, alpha as the nodata mask, EXIF orientation,
+multi-page TIFFs. Opened through :func:`segpipe.io.readers.open_image`.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from segpipe.errors import InputError, TransientIOError
+from segpipe.core.errors import InputError, TransientIOError
 from segpipe.io.storage import has_scheme, strip_file_scheme
-from segpipe.tiling import Window, source_indices
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What the pipeline needs to know about a source image."""
-
-    uri: str
-    height: int
-    width: int
-    count: int  #: bands the reader returns (after band selection)
-    dtype: str
-    crs_wkt: str | None = None
-    #: affine transform as (a, b, c, d, e, f): x = a·col + b·row + c, y = d·col + e·row + f
-    transform: tuple[float, ...] | None = None
-    nodata: float | None = None
-    mpp: float | None = None  #: microns per pixel (slides)
-    driver: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def megapixels(self) -> float:
-        return self.height * self.width / 1e6
-
-
-class ImageReader(Protocol):
-    info: ImageInfo
-
-    def read(self, window: Window) -> np.ndarray:
-        """Pixels of ``window`` as (bands, h, w) in the source dtype; reflected outside the image."""
-
-    def close(self) -> None: ...
+from segpipe.core.geometry import Window, source_indices
+from segpipe.io.readers.base import ImageInfo
 
 
 def gdal_options() -> dict[str, str | int]:
@@ -100,7 +62,7 @@ def gdal_path(uri: str) -> str:
     return uri
 
 
-def _check_local_file(uri: str) -> None:
+def check_local_file(uri: str) -> None:
     if has_scheme(uri):
         return
     path = strip_file_scheme(uri)
@@ -249,7 +211,7 @@ class RasterioReader:
         from rasterio.enums import ColorInterp
         from rasterio.errors import RasterioIOError
 
-        _check_local_file(uri)
+        check_local_file(uri)
         # GDAL settings apply per call (rasterio.Env is a per-thread stack: holding one open for the
         # reader's lifetime breaks when readers are closed in another order than they were opened)
         self._gdal = gdal_options()
@@ -455,131 +417,3 @@ class RasterioReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-#: openers tried in order by open_image; each returns a reader or None ("not mine").
-#: Whole-slide readers register themselves in front of rasterio (see segpipe.io.slide).
-#: called as opener(uri, bands, level=…, mpp=…)
-Opener = Callable[..., "ImageReader | None"]
-OPENERS: list[Opener] = []
-_defaults_registered = False
-
-
-def rasterio_opener(uri: str, bands: Sequence[int] | None, level: int | None = None,
-                    mpp: float | None = None) -> RasterioReader:
-    return RasterioReader(uri, bands, level=level)
-
-
-def _register_default_openers() -> None:
-    global _defaults_registered
-    if _defaults_registered:
-        return
-    try:
-        from segpipe.io import slide  # noqa: F401  (registers its openers in front)
-    except ImportError:  # openslide/tifffile missing: rasterio only
-        pass
-    if rasterio_opener not in OPENERS:
-        OPENERS.append(rasterio_opener)
-    _defaults_registered = True
-
-
-def open_image(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-               mpp: float | None = None) -> ImageReader:
-    """Open ``uri`` with the first reader that accepts its content (``level``/``mpp``: which resolution)."""
-    _register_default_openers()
-    _check_local_file(uri)
-    for opener in OPENERS:
-        reader = opener(uri, bands, level=level, mpp=mpp)
-        if reader is not None:
-            return reader
-    raise InputError(uri, "no reader accepts this file")
-
-
-class SharedReader:
-    """One reader per image and process, shared by the worker's threads (reads take turns).
-
-    A dataset handle is not thread-safe, and one handle per thread would decode every block
-    several times: a chunk's window overlaps eight neighbouring blocks by the halo, GDAL's block
-    cache is per handle, and consecutive chunks go to different threads. With one handle the
-    cache serves the overlap, so each block is decoded about once (GDAL decodes the blocks of
-    one read in parallel). Reading costs a fraction of the forward pass, so taking turns costs
-    nothing on a CPU; the header of a remote COG is read once per process, not per chunk.
-    """
-
-    def __init__(self, reader: ImageReader) -> None:
-        self._reader = reader
-        self.info = reader.info
-        self._lock = threading.Lock()
-
-    def read(self, window: Window) -> np.ndarray:
-        with self._lock:
-            return self._reader.read(window)
-
-    def __getattr__(self, name: str) -> Any:  # has_mask, read_valid, thumbnail, …
-        attr = getattr(self._reader, name)
-        if not callable(attr):
-            return attr
-
-        def locked(*args: Any, **kwargs: Any) -> Any:
-            with self._lock:
-                return attr(*args, **kwargs)
-
-        return locked
-
-    def close(self) -> None:
-        with self._lock:
-            self._reader.close()
-
-
-_shared: OrderedDict = OrderedDict()
-_shared_lock = threading.Lock()
-_MAX_SHARED = 8
-
-
-def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None, fingerprint: str = "") -> SharedReader:
-    """This process's reader for an image (opened once, kept in a small LRU).
-
-    ``fingerprint`` (size + mtime/ETag) is part of the key: an image rewritten in place between
-    two runs must not be served from a handle (and block cache) of its old content.
-    """
-    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp)
-    with _shared_lock:
-        reader = _shared.get(key)
-        if reader is not None:
-            _shared.move_to_end(key)
-            return reader
-    opened = SharedReader(open_image(uri, bands, level=level, mpp=mpp))
-    with _shared_lock:
-        reader = _shared.setdefault(key, opened)
-        _shared.move_to_end(key)
-        while len(_shared) > _MAX_SHARED:
-            _, old = _shared.popitem(last=False)
-            old.close()
-    if reader is not opened:
-        opened.close()
-    return reader
-
-
-_local = threading.local()
-
-
-def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None, fingerprint: str = "") -> ImageReader:
-    """This thread's own reader for an image (a few handles per thread, LRU).
-
-    For large batches (GPU workers): each thread reads its batch of neighbouring windows in
-    parallel with the others, and the block cache still serves the overlaps within a batch.
-    """
-    cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
-    _local.readers = cache
-    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp)
-    reader = cache.get(key)
-    if reader is None:
-        reader = open_image(uri, bands, level=level, mpp=mpp)
-        cache[key] = reader
-        while len(cache) > 4:
-            cache.popitem(last=False)[1].close()
-    else:
-        cache.move_to_end(key)
-    return reader

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segpipe.errors import ConfigError
+from segpipe.core.errors import ConfigError
 
 #: class names; the index is the class id written in masks
 CLASSES: tuple[str, ...] = ("bare_soil", "water", "vegetation", "building", "road")
@@ -505,7 +505,7 @@ def class_table() -> list[dict[str, str]]:
 
 
 def _colormap() -> dict[int, tuple[int, int, int, int]]:
-    from segpipe.classes import palette_rgba
+    from segpipe.core.classes import palette_rgba
 
     return {i: tuple(int(v) for v in rgba) for i, rgba in enumerate(palette_rgba(len(CLASSES), CLASS_COLORS))}
 
@@ -527,7 +527,7 @@ def _geotiff_profile(height: int, width: int, count: int, block: int, x0: float,
 def write_dataset(root: str | Path, n_images: int, size: int | tuple[int, int], seed: int) -> Path:
     """Write a training dataset of ``n_images`` scenes under ``root``; returns ``root``.
 
-    Layout (what :mod:`segpipe.data` reads)::
+    Layout (what :mod:`segpipe.train.dataset` reads)::
 
         root/images/<name>.tif   RGB uint8 GeoTIFF (tiled 256, deflate, EPSG:32633, 0.5 m pixels)
         root/masks/<name>.tif    single-band uint8 class ids, same grid, with a colour table

@@ -30,10 +30,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segpipe.classes import label_dtype
-from segpipe.errors import OutputError
+from segpipe.core.classes import label_dtype
+from segpipe.core.errors import OutputError
 from segpipe.io.storage import strip_file_scheme
-from segpipe.tiling import batches, ceil_div
+from segpipe.core.geometry import batches, ceil_div
 
 Reduction = Literal["mode", "mean"]
 
@@ -60,7 +60,7 @@ def downsample_mode(labels: np.ndarray, num_classes: int) -> np.ndarray:
     so a 2-2 split between background and an object leaves the background). Works on the
     four pixels of each block pairwise — ``count(v) = Σ [v == u]`` over the block — so the
     cost does not grow with ``num_classes``. Values must be ``< num_classes``; the result
-    has the label dtype of :func:`segpipe.classes.label_dtype` (the nodata label is the highest value,
+    has the label dtype of :func:`segpipe.core.classes.label_dtype` (the nodata label is the highest value,
     so it loses every tie).
     """
     dtype = label_dtype(num_classes)

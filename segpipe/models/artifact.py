@@ -15,7 +15,7 @@ may be a mapping pixel type → divisor; ``input_dtype`` names the pixel type th
 for; a ``normalization`` block (``scale`` | ``minmax`` | ``percentile``) says how other raw pixels
 map to the model's input. An image the model cannot read as it is is refused in one line
 (:func:`check_input`); the rule is resolved once per image (:func:`image_normalization`) into an
-:class:`InputNorm`, which :class:`segpipe.inference.Predictor` applies — the one place it happens.
+:class:`InputNorm`, which :class:`segpipe.engine.predictor.Predictor` applies — the one place it happens.
 Numbers are validated (finite, ``std`` > 0, ``input_scale`` in [1e-6, 1e12]); weights holding
 NaN/infinity are refused when loaded.
 """
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segpipe.errors import ConfigError, ModelError
+from segpipe.core.errors import ConfigError, ModelError
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ MIN_INPUT_SCALE = 1e-6
 MAX_INPUT_SCALE = 1e12
 
 #: the dtype a model was made for when model.json does not say (``input_dtype``), by ``input_scale``
-#: (what :func:`segpipe.data.default_input_scale` gives for each dtype when training)
+#: (what :func:`segpipe.train.dataset.default_input_scale` gives for each dtype when training)
 DTYPE_BY_SCALE = {255.0: "uint8", 65535.0: "uint16", 32767.0: "int16", 1.0: "float32"}
 
 PIXEL_TYPES_DOC = "docs/pixel-types.md"
@@ -277,7 +277,7 @@ def normalization_for(spec: ModelSpec, dtype: str, uri: str | None = None) -> In
     """The fixed normalisation of ``dtype`` pixels, None for a per-image one (percentile: see
     :func:`image_normalization`). Raises :class:`InputError` (one line) when the model does not
     say how to read this pixel type: never a silent saturation."""
-    from segpipe.errors import InputError
+    from segpipe.core.errors import InputError
 
     dtype = str(np.dtype(dtype))
     bands = spec.in_channels
@@ -328,7 +328,7 @@ def overview_pixels(reader: Any, max_side: int = OVERVIEW_SIDE) -> np.ndarray:
     Uses the reader's ``overview(max_side)`` (GDAL overviews when the file has them); otherwise
     reads every k-th row (one row at a time: bounded memory) and keeps every k-th pixel.
     """
-    from segpipe.tiling import Window
+    from segpipe.core.geometry import Window
 
     info = reader.info
     overview = getattr(reader, "overview", None)
@@ -361,7 +361,7 @@ def image_normalization(spec: ModelSpec, reader: Any, uri: str) -> InputNorm:
     overview of the whole image (at most :data:`OVERVIEW_SIDE` pixels a side, nodata excluded)
     and fixes each band's low/high there. Record :meth:`InputNorm.as_dict` in the provenance.
     """
-    from segpipe.errors import InputError
+    from segpipe.core.errors import InputError
 
     dtype = reader.info.dtype
     fixed = normalization_for(spec, dtype, uri)
@@ -403,7 +403,7 @@ def check_input(spec: ModelSpec, info: Any, uri: str) -> InputNorm | None:
     pixel type (:func:`normalization_for`). Returns the fixed normalisation, or None when it is
     per image (percentile: call :func:`image_normalization` with an open reader).
     """
-    from segpipe.errors import InputError
+    from segpipe.core.errors import InputError
 
     if info.count != spec.in_channels:
         raise InputError(uri, f"has {info.count} band(s) but the model expects {spec.in_channels}"
@@ -499,11 +499,14 @@ def read_spec(uri: str) -> ModelSpec:
 
 
 def load_artifact(uri: str) -> Artifact:
-    """Load an artifact folder (local path or fsspec URL): spec, weights and their sha256."""
+    """Load an artifact folder (local path or fsspec URL): spec, weights and their sha256.
+
+    A registry folder or ``REGISTRY@vN`` is resolved by the registry first:
+    ``load_artifact(registry.resolve(uri))``.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
-    uri = resolve_model_uri(uri)
     spec = read_spec(uri)
     fs, path = filesystem(strip_file_scheme(uri))
     wp = join(path, WEIGHTS)
@@ -516,15 +519,6 @@ def load_artifact(uri: str) -> Artifact:
         raise ModelError(uri, f"{WEIGHTS} is not a valid safetensors file ({e})") from None
     check_weights(uri, weights)
     return Artifact(uri, spec, weights, hashlib.sha256(blob).hexdigest())
-
-
-def resolve_model_uri(uri: str) -> str:
-    """An artifact folder as is; a registry folder → its champion; ``REGISTRY@vN`` → that version."""
-    try:
-        from segpipe import registry
-    except ImportError:  # registry not installed in this build
-        return uri
-    return registry.resolve(uri)
 
 
 def save_artifact(out: str, spec: ModelSpec, state_dict: dict[str, torch.Tensor]) -> str:

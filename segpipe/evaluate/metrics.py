@@ -11,7 +11,7 @@ Conventions (the ``metrics.json`` contract, see ARCHITECTURE.md):
 * rows are the true class, columns the predicted class;
 * pixels whose truth equals ``ignore_index`` (a mask's own "don't score" value, 255 in the
   dataset layout) are not counted at all;
-* pixels whose truth **or** prediction is the *nodata label* (:func:`segpipe.classes.nodata_label`:
+* pixels whose truth **or** prediction is the *nodata label* (:func:`segpipe.core.classes.nodata_label`:
   255 for up to 255 classes, 65,535 above; a segpipe output writes it where the source has no
   data) are not counted either: there is nothing to score there, and it is never a class;
 * for class *c*: ``tp`` = M[c, c], ``fp`` = column sum − tp, ``fn`` = row sum − tp, ``support`` = row sum;
@@ -39,8 +39,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from segpipe.classes import nodata_label
-from segpipe.errors import DatasetError, InputError, OutputError
+from segpipe.core.classes import nodata_label
+from segpipe.core.errors import DatasetError, InputError, OutputError
 from segpipe.io.storage import filesystem, strip_file_scheme
 
 #: keys every metrics.json holds (the public contract)
@@ -49,7 +49,7 @@ METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequen
 CLASS_KEYS = ("iou", "precision", "recall", "f1", "support")
 
 
-#: ``nodata="auto"``: the nodata label of the class count (:func:`segpipe.classes.nodata_label`)
+#: ``nodata="auto"``: the nodata label of the class count (:func:`segpipe.core.classes.nodata_label`)
 Nodata = int | None | Literal["auto"]
 
 
@@ -86,7 +86,7 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
     so are pixels whose truth or prediction is ``nodata`` (``"auto"``: the nodata label of
     ``num_classes``; ``None``: no such value).
     Every other truth and prediction id must lie in ``0..num_classes-1``; otherwise a
-    :class:`~segpipe.errors.DatasetError` names the first offending value — a silently
+    :class:`~segpipe.core.errors.DatasetError` names the first offending value — a silently
     dropped id would make the scores look better than they are.
     One ``np.bincount`` over ``truth·K + pred`` does the counting.
     """

@@ -1,4 +1,4 @@
-"""Whole-slide and OME-TIFF pyramid readers (the reader protocol of :mod:`segpipe.io.readers`).
+"""Whole-slide and OME-TIFF pyramid readers (the reader protocol of :mod:`segpipe.io.readers.raster`).
 
 * :class:`OpenSlideReader` — Aperio SVS, Hamamatsu NDPI, MIRAX, Leica SCN, Ventana BIF and
   tiled pyramidal TIFF, through OpenSlide.
@@ -15,9 +15,9 @@ Both read one **pyramid level**, optionally resampled to a requested resolution:
 
 The reader's image is that (possibly resampled) level: ``info.height``/``width`` are its
 size, ``info.mpp`` its resolution, and windows outside it are filled by reflection exactly
-like :class:`~segpipe.io.readers.RasterioReader`.
+like :class:`~segpipe.io.readers.raster.RasterioReader`.
 
-Which files are ours (:func:`open_slide`, registered in front of rasterio on import):
+Which files are ours (:func:`open_slide`, tried before rasterio by :mod:`segpipe.io.readers.registry`):
 OME-TIFF by content; then anything OpenSlide recognises, except GeoTIFFs (georeferencing
 is rasterio's job) and single-level generic TIFFs (rasterio reads those as well, with
 their nodata and masks). Everything else returns None so the next opener is tried.
@@ -33,10 +33,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from segpipe.errors import ConfigError, InputError
-from segpipe.io.readers import OPENERS, ImageInfo, select_bands
+from segpipe.core.errors import ConfigError, InputError
+from segpipe.io.readers.base import ImageInfo
+from segpipe.io.readers.raster import select_bands
 from segpipe.io.storage import has_scheme, strip_file_scheme
-from segpipe.tiling import Chunk, Window, ceil_div, source_indices
+from segpipe.core.geometry import Chunk, Window, ceil_div, source_indices
 
 #: relative tolerance under which a requested mpp counts as exactly a level's mpp
 _MPP_RTOL = 1e-3
@@ -455,18 +456,6 @@ def open_slide(
     return reader
 
 
-def _slide_opener(uri: str, bands: Sequence[int] | None, level: int | None = None,
-                  mpp: float | None = None) -> OpenSlideReader | OmeTiffReader | None:
-    return open_slide(uri, bands, level=level, mpp=mpp)
-
-
-def _register() -> None:
-    """Put the slide opener in front of the others (idempotent); rasterio is appended by readers."""
-    if _slide_opener not in OPENERS:
-        OPENERS.insert(0, _slide_opener)
-
-
-_register()
 
 
 # --------------------------------------------------------------------------- tissue

@@ -15,7 +15,7 @@ Every export streams the Zarr output window by window; none holds the whole rast
   size, sampled with orthogonal indexing (only the chunks needed are decoded), with a
   legend of the classes below it.
 
-One class table everywhere (:mod:`segpipe.classes`): the COG's colour table, its GDAL
+One class table everywhere (:mod:`segpipe.core.classes`): the COG's colour table, its GDAL
 category names and raster attribute table (``<cog>.aux.xml``), its QGIS style
 (``<cog stem>.qml``), the vectors' class names and QuPath classifications and the preview
 legend all come from the output's ``classes``/``class_colors``. The **nodata label**
@@ -44,10 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.classes import class_colors, lookup_table, palette_rgba, parse_color
-from segpipe.errors import ConfigError, InputError, OutputError
+from segpipe.core.classes import class_colors, lookup_table, palette_rgba, parse_color
+from segpipe.core.errors import ConfigError, InputError, OutputError
 from segpipe.io.storage import filesystem, has_scheme, strip_file_scheme
-from segpipe.tiling import ChunkGrid
+from segpipe.core.geometry import ChunkGrid
 
 #: GDAL block cache for exports, MB: enough to stream 512² blocks, far below a large raster
 GDAL_CACHE_MB = 4
@@ -99,7 +99,7 @@ class OutputMeta:
 def output_colors(attrs: dict, num_classes: int) -> list[str]:
     """Hex colour per class: ``segpipe.class_colors``, else NGFF ``image-label.colors``, else the defaults.
 
-    All parsing and defaults are :mod:`segpipe.classes`' (:func:`~segpipe.classes.class_colors`).
+    All parsing and defaults are :mod:`segpipe.core.classes`' (:func:`~segpipe.core.classes.class_colors`).
     """
     given: list[Any] = [None] * num_classes
     label_colors = ((attrs.get("ome") or {}).get("image-label") or {}).get("colors") or []
@@ -501,7 +501,7 @@ def _probe_slide(source: str | None, level: int) -> tuple[float, int, int] | Non
     if not source:
         return None
     try:
-        from segpipe.io.slide import open_slide
+        from segpipe.io.readers.slide import open_slide
 
         r0 = open_slide(source)
         if r0 is None:
@@ -917,10 +917,10 @@ def source_thumbnail(source: str, out_h: int, out_w: int) -> np.ndarray | None:
     Whole-slide images use the slide reader's coarsest level; anything else a decimated
     rasterio read (GDAL picks the overview that fits, so this is cheap for COGs).
     """
-    from segpipe.io.readers import gdal_options, gdal_path
+    from segpipe.io.readers.raster import gdal_options, gdal_path
 
     try:
-        from segpipe.io.slide import open_slide
+        from segpipe.io.readers.slide import open_slide
 
         reader = open_slide(source)
     except (ImportError, InputError):
@@ -954,7 +954,7 @@ def _resize_nearest(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def label_lut(meta: OutputMeta) -> np.ndarray:
-    """RGBA indexed by label value (:func:`segpipe.classes.lookup_table`): class colours, the nodata
+    """RGBA indexed by label value (:func:`segpipe.core.classes.lookup_table`): class colours, the nodata
     label transparent, grey for any other value. An output without a nodata label has none."""
     k = max(len(meta.class_colors), 1)
     lut = lookup_table(k, list(meta.class_colors))

@@ -4,8 +4,8 @@ The predictions are made exactly as ``segment`` makes them (same chunk size, hal
 chunk tasks on Dask) into ``OUT/predictions/<name>.zarr``; truth and prediction are then
 compared chunk by chunk, so evaluation images can be as large as production images.
 
-Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.data.IGNORE_INDEX`)
-and pixels whose truth or prediction is the nodata label (:func:`segpipe.classes.nodata_label`:
+Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.train.dataset.IGNORE_INDEX`)
+and pixels whose truth or prediction is the nodata label (:func:`segpipe.core.classes.nodata_label`:
 the output writes it where the source has no data). ``metrics.json`` records how many pixels
 that left out under ``data.unscored_pixels``.
 """
@@ -18,23 +18,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.config import SegmentSettings
-from segpipe.classes import colors_from_spec
-from segpipe.data import IGNORE_INDEX, Dataset, load_dataset, open_mask
-from segpipe.errors import DatasetError
+from segpipe.core.settings import SegmentSettings
+from segpipe.core.classes import colors_from_spec
+from segpipe.train.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
+from segpipe.core.errors import DatasetError
 from segpipe.io.readers import open_image
 from segpipe.io.storage import SourceImage, join, list_images
-from segpipe.metrics import ConfusionMatrix, scores, write_metrics_json
-from segpipe.pipeline import ModelRef, check_model, segment_image
-from segpipe.stitching import open_labels
-from segpipe.tiling import ChunkGrid, Window
+from segpipe.evaluate.metrics import ConfusionMatrix, scores, write_metrics_json
+from segpipe.engine.segment import ModelRef, check_model, segment_image
+from segpipe.io.output import open_labels
+from segpipe.core.geometry import ChunkGrid, Window
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from segpipe.reports import Sample
+    from segpipe.evaluate.reports import Sample
 
-log = logging.getLogger("segpipe.evaluation")
+log = logging.getLogger("segpipe.evaluate.evaluation")
 
 SAMPLE_SIDE = 512
 
@@ -58,7 +58,7 @@ def _source(item_uri: str, name: str) -> SourceImage:
 
 def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> Sample:
     """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
-    from segpipe.reports import Sample
+    from segpipe.evaluate.reports import Sample
 
     step = max(1, -(-max(h, w) // SAMPLE_SIDE))
     with open_image(image_uri) as r:
@@ -78,7 +78,7 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
 def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionMatrix:
     """Confusion matrix of a segpipe output against a mask, one output chunk at a time.
 
-    Truth pixels equal to :data:`~segpipe.data.IGNORE_INDEX` and pixels whose truth or prediction
+    Truth pixels equal to :data:`~segpipe.train.dataset.IGNORE_INDEX` and pixels whose truth or prediction
     is the nodata label of ``num_classes`` are not counted.
     """
     pred = open_labels(output_uri)
@@ -143,9 +143,9 @@ def write_evaluation_report(out_dir: str, ev: Evaluation, *, title: str, champio
     """``out_dir/report.html`` + ``report.md`` for ``ev``; with ``champion``, the two side by side.
 
     ``class_colors`` default to the model's own (``class_colors`` in its ``model.json``), filled by
-    :func:`segpipe.classes.class_colors` exactly as in its Zarr outputs.
+    :func:`segpipe.core.classes.class_colors` exactly as in its Zarr outputs.
     """
-    from segpipe.reports import write_report
+    from segpipe.evaluate.reports import write_report
 
     if class_colors is None:
         class_colors = colors_from_spec(ev.model.spec.model_extra)

@@ -1,0 +1,1 @@
+"""The ``segpipe`` command line."""

@@ -1,0 +1,3 @@
+from segpipe.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The tiled-inference engine: predictor, per-image segmentation on Dask, pyramid, cluster."""

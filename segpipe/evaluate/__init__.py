@@ -1,0 +1,1 @@
+"""Evaluation: the confusion matrix and metrics, evaluation runs, reports, the retrain decision."""

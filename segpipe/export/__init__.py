@@ -1,0 +1,1 @@
+"""Exports of an output: COG (+ QGIS style, GDAL class table), vectors, previews."""

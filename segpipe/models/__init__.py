@@ -1,0 +1,1 @@
+"""Model artifacts (model.json + weights.safetensors) and the registry of versions."""

@@ -1,0 +1,1 @@
+"""Training: dataset layout and sampling, augmentation, the training loop, synthetic data."""

@@ -69,3 +69,27 @@ def test_subprocess_debug_shows_traceback(tmp_path):
     assert plain.returncode == 2 and plain.stderr.strip().splitlines() == [f"error: {tmp_path}/x: model folder does not exist"]
     debug = subprocess.run([*base, "--debug", "model", "info", str(tmp_path / "x")], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_bug_is_one_line_pointing_at_the_log_file(tmp_path, monkeypatch):
+    import segpipe.models.artifact
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setenv("SEGPIPE_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(segpipe.models.artifact, "create_artifact", broken)
+    r = run("model", "create", "--classes", "a,b", "--out", str(tmp_path / "m"))
+    assert r.exit_code == 3
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: unexpected RuntimeError: boom (a bug in segpipe; traceback in ")
+    log = line.split("traceback in ")[1].split(";")[0]
+    assert log.startswith(str(tmp_path / "logs")) and "RuntimeError: boom" in open(log).read()
+
+
+def test_both_module_entry_points_run():
+    for module in ("segpipe.cli", "segpipe.cli.main"):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert p.returncode == 0 and "Commands:" in p.stdout, p.stderr
+        assert all(c in p.stdout for c in ("segment", "model", "models", "train", "evaluate", "retrain", "export",
+                                           "demo"))

@@ -1,0 +1,121 @@
+"""What every command shares: exit codes, one-line errors, the console, the engine's options.
+
+- exit codes: ``EXIT_FAILED_IMAGES`` (1), ``EXIT_USAGE`` (2), ``EXIT_BUG`` (3);
+- :func:`handle_errors`: a user error is one line ``error: <what>: <problem>`` and exit 2, a bug
+  is one line pointing at the log file and exit 3; ``--debug`` re-raises both;
+- :func:`console`: a rich console (stdout, or stderr for progress);
+- :func:`segment_options` and :func:`build_settings`: the options of every command that runs the
+  segmentation engine (``segment``, ``evaluate``) and their translation into settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from segpipe.cli.logs import log_path
+from segpipe.core.errors import ConfigError, SegpipeError
+
+EXIT_FAILED_IMAGES = 1
+EXIT_USAGE = 2
+EXIT_BUG = 3
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def debug_requested() -> bool:
+    """Whether the root ``segpipe`` group was given ``--debug``."""
+    return click.get_current_context().find_root().params.get("debug", False)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn SegpipeError and settings validation errors into one line; --debug re-raises.
+
+    Anything else is a bug: it keeps its traceback (in the log file without ``--debug``) and
+    the user gets one line pointing at it.
+    """
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
+        debug = debug_requested()
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+            raise
+        except SegpipeError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except ValidationError as e:
+            if debug:
+                raise
+            err = e.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            click.echo(f"error: {where}: {err['msg']}", err=True)
+            sys.exit(EXIT_USAGE)
+        except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, but in the log
+            if debug:
+                raise
+            logging.getLogger("segpipe.cli.main").error("unexpected error", exc_info=True)
+            path = log_path()
+            where = f"; traceback in {path}" if path else ""
+            click.echo(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                       f"(a bug in segpipe{where}; --debug shows it)", err=True)
+            sys.exit(EXIT_BUG)
+
+    return wrapper
+
+
+def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``segment`` and the commands that run the segmentation engine."""
+    opts = [
+        click.option("--chunk-size", type=int, default=512, show_default=True, help="Output chunk side (pixels)."),
+        click.option("--halo", type=int, default=64, show_default=True, help="Context pixels on each side of a chunk."),
+        click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 1 CPU, 16 GPU]."),
+        click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="auto = bf16 where the device runs it natively."),
+        click.option("--tta", is_flag=True, help="Flip test-time augmentation (4 passes)."),
+        click.option("--probabilities", is_flag=True, help="Also write class probabilities (uint8)."),
+        click.option("--bands", default=None, help="1-based bands to read, e.g. 1,2,3 [default: all]."),
+        click.option("--level", type=int, default=None, help="Pyramid level to segment (slides, COG overviews)."),
+        click.option("--mpp", type=float, default=None, help="Microns per pixel to segment at (slides)."),
+        click.option("--skip-empty/--no-skip-empty", default=True, show_default=True,
+                     help="Skip chunks that are all nodata (written as the nodata label) or slide background."),
+        click.option("--background-class", type=int, default=None,
+                     help="Class for slide background outside the tissue [default: the nodata label]."),
+        click.option("--max-pixels", type=float, default=1e11, show_default=True,
+                     help="Refuse images declaring more pixels than this."),
+        click.option("--dask-address", default=None, help="tcp://host:port of an existing Dask scheduler."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
+                   probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
+                   skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
+                   overwrite: bool = False):
+    """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
+    from segpipe.core.settings import segment_settings
+
+    try:
+        return segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
+                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
+                                background_class=background_class, overwrite=overwrite)
+    except ConfigError as e:  # name the option as the user typed it
+        raise ConfigError(f"--{e.subject}", e.problem) from None

@@ -1,0 +1,142 @@
+"""``segpipe segment``: sources → OUT/<name>.zarr, with its progress bar, summary table and exports.
+
+Exit codes: 0 when every image succeeded, 1 when any failed or none was found, 2 for a usage
+error (see :mod:`segpipe.cli.common`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from segpipe.cli.common import (EXIT_FAILED_IMAGES, build_settings, console, debug_requested, handle_errors,
+                                segment_options)
+from segpipe.cli.logs import log_path, quiet_library_loggers
+
+
+class RichProgress:
+    """Progress bar: a planning phase, then image i/n and its name, chunks done, megapixels/s, time left."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("chunks"),
+            TextColumn("{task.fields[mps]:.2f} MP/s"), TimeRemainingColumn(), TextColumn("{task.fields[image]}"),
+            console=console(stderr=True), transient=False,
+        )
+        self._task = self._progress.add_task("planning", total=None, mps=0.0, image="reading image headers")
+        self._mp = 0.0
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def plan(self, chunks: int, megapixels: float) -> None:
+        self._progress.update(self._task, total=chunks, description="segment", image="")
+        self._t0 = time.perf_counter()
+
+    def image(self, index: int, count: int, name: str) -> None:
+        self._progress.update(self._task, image=f"image {index + 1}/{count} {name}")
+
+    def advance(self, chunks: int, megapixels: float) -> None:
+        self._mp += megapixels
+        mps = self._mp / max(time.perf_counter() - self._t0, 1e-9)
+        self._progress.update(self._task, advance=chunks, mps=mps)
+
+
+def print_summary(results: list) -> None:
+    from rich.table import Table
+
+    table = Table(title="segpipe segment", show_lines=False)
+    for col in ("image", "size", "chunks", "skipped", "seconds", "MP/s", "status", "output"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        size = f"{r.width}×{r.height}" if r.height else "-"
+        status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
+        computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
+        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}", f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
+                      status, r.output or "-")
+    console().print(table)
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--model", "model", required=True, help="Model folder, registry folder (its champion) or REGISTRY@vN.")
+@click.option("--out", "out", required=True, help="Output folder or bucket URL.")
+@segment_options
+@click.option("--overwrite", is_flag=True,
+              help="Replace complete outputs made with other settings (changed images and models are always redone).")
+@click.option("--cog", is_flag=True, help="Also write OUT/<name>.tif: a COG with the class colours (+ .qml, .aux.xml).")
+@click.option("--vector", type=click.Choice(["gpkg", "geojson", "shp", "fgb", "parquet"]), default=None,
+              help="Also write class polygons OUT/<name>.<format>.")
+@click.option("--preview", is_flag=True, help="Also write OUT/<name>.png: a colour preview with a legend.")
+@click.option("--min-area", type=float, default=0.0, show_default=True,
+              help="Polygons smaller than this (CRS units², or pixels) are merged into their neighbours.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--report-json", type=click.Path(dir_okay=False), default=None,
+              help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
+@click.option("--workers", type=int, default=None,
+              help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
+@click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
+@click.option("--processes", is_flag=True, help="Embedded cluster: worker processes instead of threads.")
+@handle_errors
+def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+            mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
+            dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
+            min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
+            worker_threads: int | None, processes: bool) -> None:
+    """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
+
+    Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
+    their extension (hopper.jpg.zarr, hopper.png.zarr). A path that is not a segpipe output of
+    the same image is never touched.
+    """
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import ClusterSettings
+    from segpipe.export import Exports
+    from segpipe.engine.segment import segment_many, write_image_exports
+
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
+                              skip_empty, max_pixels, background_class, overwrite)
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
+                              processes=processes)
+    quiet_library_loggers(debug_requested())
+    with dask_client(cluster) as client:
+        if no_progress:
+            results = segment_many(list(sources), model, out, settings, client)
+        else:
+            with RichProgress() as progress:
+                results = segment_many(list(sources), model, out, settings, client, progress)
+    for r in results:
+        write_image_exports(r, exports)
+    print_summary(results)
+    if report_json:
+        import json
+
+        from segpipe.engine.segment import summary_rows
+
+        with open(report_json, "w") as f:
+            json.dump(summary_rows(results), f, indent=2)
+    for r in results:
+        for note in r.notes:
+            click.echo(f"note: {note}", err=True)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        click.echo(f"error: {r.error}", err=True)
+    if not results:
+        click.echo("error: no images found under " + ", ".join(sources), err=True)
+        sys.exit(EXIT_FAILED_IMAGES)
+    if failed:
+        details = log_path()
+        if any("unexpected" in (r.error or "") for r in failed) and details:
+            click.echo(f"details: {details}", err=True)
+        sys.exit(EXIT_FAILED_IMAGES)

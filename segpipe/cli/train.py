@@ -1,0 +1,108 @@
+"""``segpipe train``, ``evaluate`` and ``retrain``: make a model, measure it, replace the champion.
+
+``evaluate`` predicts with the production engine, so it takes the same engine options as
+``segment`` (:func:`segpipe.cli.common.segment_options`).
+"""
+
+from __future__ import annotations
+
+import click
+
+from segpipe.cli.common import build_settings, handle_errors, segment_options
+
+
+@click.command()
+@click.option("--data", required=True, help="Dataset root (images/, masks/, classes.json[, split.json]).")
+@click.option("--out", required=True, help="Artifact folder to write.")
+@click.option("--arch", default="Unet", show_default=True)
+@click.option("--encoder", default="resnet34", show_default=True)
+@click.option("--encoder-weights", default=None, help="e.g. imagenet (needs a network); default: from scratch.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--patches-per-epoch", type=int, default=None)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--class-balanced/--no-class-balanced", default=True, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoint/.")
+@handle_errors
+def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | None, epochs: int, batch_size: int,
+          patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
+          precision: str, seed: int, resume: bool) -> None:
+    """Train a model on a dataset and write an artifact."""
+    from segpipe.train.loop import TrainSettings, train as run_train
+
+    settings = TrainSettings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
+                             batch_size=batch_size, patch_size=patch_size, lr=lr, class_balanced=class_balanced,
+                             device=device, precision=precision, seed=seed,
+                             **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    result = run_train(data, out, settings, resume=resume)
+    click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
+               f"val mean IoU {result.metrics.get('val_mean_iou')} ({result.stop_reason})")
+
+
+@click.command()
+@click.option("--model", "model", required=True, help="Model folder, registry folder or REGISTRY@vN.")
+@click.option("--data", required=True, help="Dataset root.")
+@click.option("--split", default="val", show_default=True, help="train | val | a split named in split.json.")
+@click.option("--out", required=True, help="Folder for metrics.json, report.html, report.md, predictions/.")
+@segment_options
+@handle_errors
+def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+             mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
+             dask_address: str | None) -> None:
+    """Predict a split with the production engine and write metrics and a report."""
+    from segpipe.engine.cluster import dask_client
+    from segpipe.core.settings import ClusterSettings
+    from segpipe.train.dataset import load_dataset
+    from segpipe.evaluate.evaluation import evaluate as run_evaluate, write_evaluation_report
+
+    # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
+                              skip_empty, max_pixels, background_class, overwrite=True)
+    ds = load_dataset(data, split)
+    with dask_client(ClusterSettings(address=dask_address)) as client:
+        ev = run_evaluate(model, ds, out, settings, client, split=split)
+    html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}")  # the model's colours = its outputs'
+    from segpipe.evaluate.reports import markdown_table
+
+    click.echo(markdown_table(ev.metrics))
+    click.echo(f"metrics: {out}/metrics.json\nreport:  {html}")
+
+
+@click.command()
+@click.option("--data", required=True, help="Dataset root.")
+@click.option("--registry", required=True, help="Registry folder or bucket URL.")
+@click.option("--arch", default="Unet", show_default=True)
+@click.option("--encoder", default="resnet18", show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--patches-per-epoch", type=int, default=None)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--margin", type=float, default=0.005, show_default=True,
+              help="Promote only when challenger mean IoU ≥ champion's + margin.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dask-address", default=None)
+@handle_errors
+def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
+            patches_per_epoch: int | None, lr: float, margin: float, device: str, precision: str, seed: int,
+            dask_address: str | None) -> None:
+    """Train a challenger, compare it with the champion on the same split, promote if better."""
+    import json
+
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate.retrain import retrain as run_retrain
+    from segpipe.train.loop import TrainSettings
+
+    tsettings = TrainSettings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
+                              patch_size=patch_size, lr=lr, class_balanced=True, device=device, precision=precision, seed=seed,
+                              **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    ssettings = segment_settings(device=device, precision=precision)
+    result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address)
+    click.echo(json.dumps(result.as_dict(), indent=2))

@@ -17,7 +17,7 @@ from prefect.states import Completed, Failed, State
 from segpipe.engine.cluster import client_for, dashboard_link, dask_client
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.core.errors import SegpipeError, TransientIOError
-from segpipe.export.exports import Exports
+from segpipe.export import Exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
 from segpipe.engine.segment import (
     ImageResult, ModelRef, assign_outputs, check_model, segment_image, summary_rows, write_image_exports,

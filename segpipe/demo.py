@@ -49,7 +49,7 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[st
     from segpipe.evaluate.retrain import retrain
     from segpipe.train.loop import TrainSettings
     from segpipe.evaluate.evaluation import score_output
-    from segpipe.export.exports import export_preview
+    from segpipe.export import export_preview
     from segpipe.evaluate.metrics import write_metrics_json
     from segpipe.evaluate.reports import markdown_table, write_report
     from segpipe.train.synthetic import CLASS_COLORS, CLASSES, write_dataset, write_scene

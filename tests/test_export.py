@@ -20,15 +20,15 @@ from skimage.measure import label as connected_components
 from zarr.codecs import ZstdCodec
 
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.export.exports import (
+from segpipe.export import (
     export_cog,
     export_confidence,
     export_preview,
     export_vectors,
-    preview_shape,
     read_output_meta,
-    sieve_block,
 )
+from segpipe.export.preview import preview_shape
+from segpipe.export.vectors import sieve_block
 from segpipe.engine.pyramid import build_pyramid
 
 UTM33 = CRS.from_epsg(32633).to_wkt()
@@ -343,7 +343,7 @@ def test_preview_blends_over_the_source_and_uses_the_pyramid(tmp_path, labels) -
 _MEMORY_CHILD = textwrap.dedent(
     """
     import gc, json, sys
-    from segpipe.export import exports as export
+    import segpipe.export as export
 
     def vm(key):
         with open("/proc/self/status") as f:

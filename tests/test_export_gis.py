@@ -23,15 +23,15 @@ from PIL import Image
 
 from segpipe.core.classes import parse_color
 from segpipe.core.errors import ConfigError
-from segpipe.export.exports import (
+from segpipe.export import (
     Exports,
     export_cog,
     export_preview,
     export_vectors,
-    level0_mapping,
     read_output_meta,
-    vector_driver,
 )
+from segpipe.export.meta import level0_mapping
+from segpipe.export.vectors import vector_driver
 from tests.test_export import CLASSES, COLORS, make_output, scene
 
 NODATA = 255
@@ -271,7 +271,7 @@ def test_preview_over_source_shows_source_at_nodata(tmp_path, nodata_labels) -> 
 
 
 def test_legend_of_many_classes_is_capped(tmp_path) -> None:
-    from segpipe.export.exports import LEGEND_MAX_CLASSES, render_legend
+    from segpipe.export.preview import LEGEND_MAX_CLASSES, render_legend
 
     labels = np.zeros((40, 300), np.uint8)
     uri = make_output(tmp_path / "many.zarr", labels)
@@ -377,7 +377,7 @@ def test_slide_level0_mapping_from_recorded_reader_or_slide(tmp_path, caplog) ->
     # nothing recorded, source gone: a warning, and the output's own pixels
     old = {"driver": "openslide", "level": 1, "resample_factor": 1.0}
     uri2 = make_output(tmp_path / "old.zarr", labels, georef=False, source=str(tmp_path / "gone.svs"), reader=old)
-    with caplog.at_level(logging.WARNING, logger="segpipe.export.exports"):
+    with caplog.at_level(logging.WARNING, logger="segpipe.export.meta"):
         assert level0_mapping(read_output_meta(uri2)) is None
     assert "records no downsample" in caplog.text
     # georeferenced outputs are never slides

@@ -63,7 +63,7 @@ def test_slide_at_mpp_with_tissue_mask(tmp_path, model_dir, client):
 def test_export_from_segmented_geotiff(tmp_path, photo, model_dir, client):
     import rasterio
 
-    from segpipe.export.exports import export_cog, export_vectors
+    from segpipe.export import export_cog, export_vectors
 
     path = write_geotiff(tmp_path / "g.tif", photo[:, :300, :260])
     ref, _ = check_model(model_dir)

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from segpipe.core.classes import parse_color
 from segpipe.core.settings import segment_settings
-from segpipe.export.exports import export_cog
+from segpipe.export import export_cog
 from segpipe.io.storage import list_images
 from segpipe.engine.segment import check_model, segment_image
 from tests.helpers import sample_photo, write_geotiff

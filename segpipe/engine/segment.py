@@ -39,7 +39,7 @@ from segpipe.core.geometry import Chunk, ChunkGrid, Window, core_in_window, inpu
 if TYPE_CHECKING:
     from distributed import Client
 
-    from segpipe.export.exports import Exports
+    from segpipe.export import Exports
 
 log = logging.getLogger("segpipe.engine.segment")
 
@@ -634,7 +634,7 @@ def write_image_exports(result: ImageResult, exports: Exports) -> None:
     """COG / vectors / preview next to a finished output (CLI and flow alike); a failure fails the image."""
     if not exports or result.status not in ("done", "skipped") or not result.output:
         return
-    from segpipe.export.exports import write_exports
+    from segpipe.export import write_exports
 
     try:
         result.extra["exports"] = write_exports(result.output, result.source, exports,

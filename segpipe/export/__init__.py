@@ -1,1 +1,86 @@
-"""Exports of an output: COG (+ QGIS style, GDAL class table), vectors, previews."""
+"""Exports of a finished output: Cloud-Optimized GeoTIFF, polygons, PNG preview, confidence COG.
+
+Every export streams the Zarr output window by window; none holds the whole raster. One
+class table everywhere (:mod:`segpipe.core.classes`): the COG's colour table and style
+sidecars, the vectors' class names and QuPath classifications and the preview legend all
+come from the output's ``classes``/``class_colors``. The **nodata label**
+(``segpipe.nodata_label``) is the COG's NoData, transparent in its colour table and in the
+preview, and never becomes a polygon.
+
+Where things are:
+
+* :mod:`~segpipe.export.meta` — reading an output's metadata (:func:`read_output_meta`),
+  level factors, the level-0 mapping of whole-slide outputs;
+* :mod:`~segpipe.export.cog` — class-id COG (:func:`export_cog`) and confidence COG
+  (:func:`export_confidence`): windowed writing, overviews;
+* :mod:`~segpipe.export.style` — QGIS ``.qml``, GDAL PAM ``.aux.xml`` class table, the
+  label → RGBA lookup table;
+* :mod:`~segpipe.export.vectors` — polygons (:func:`export_vectors`), sieve, formats by
+  extension, GeoParquet, QuPath properties;
+* :mod:`~segpipe.export.preview` — PNG preview and legend (:func:`export_preview`);
+* :mod:`~segpipe.export.targets` — writing to a local path or uploading to a remote one;
+* this package — :class:`Exports` and :func:`write_exports`, the exports written next to an
+  output after segmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from segpipe.export.cog import export_cog, export_confidence
+from segpipe.export.meta import read_output_meta
+from segpipe.export.preview import export_preview
+from segpipe.export.vectors import export_vectors, vector_driver
+from segpipe.io.storage import filesystem, strip_file_scheme
+
+__all__ = [
+    "Exports", "export_cog", "export_confidence", "export_preview", "export_vectors", "read_output_meta",
+    "write_exports",
+]
+
+
+@dataclass(frozen=True)
+class Exports:
+    """Which exports to write next to an output (``OUT/name.zarr`` → ``OUT/name.tif|.gpkg|.png``)."""
+
+    cog: bool = False
+    #: vector format = file extension without the dot: gpkg, geojson, json, shp, fgb or parquet
+    vector: str | None = None
+    preview: bool = False
+    min_area: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.vector:
+            object.__setattr__(self, "vector", self.vector.lower().lstrip("."))
+            vector_driver("x." + self.vector)  # a one-line ConfigError for an unknown format
+
+    def __bool__(self) -> bool:
+        return bool(self.cog or self.vector or self.preview)
+
+
+def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recompute: bool = True) -> dict[str, str]:
+    """Write the requested exports next to a complete output; existing files are kept unless ``recompute``.
+
+    Returns the written paths by kind: ``cog`` (plus its sidecars ``cog_style`` = the .qml and
+    ``cog_aux`` = the .aux.xml), ``vector``, ``preview``.
+    """
+    if not exports:
+        return {}
+    stem = zarr_uri.removesuffix(".zarr")
+    done: dict[str, str] = {}
+    jobs = []
+    if exports.cog:
+        jobs.append(("cog", stem + ".tif", lambda p: export_cog(zarr_uri, p)))
+    if exports.vector:
+        jobs.append(("vector", f"{stem}.{exports.vector}",
+                     lambda p: export_vectors(zarr_uri, p, min_area=exports.min_area)))
+    if exports.preview:
+        jobs.append(("preview", stem + ".png", lambda p: export_preview(zarr_uri, p, source=source)))
+    for name, path, fn in jobs:
+        fs, p = filesystem(strip_file_scheme(path))
+        if recompute or not fs.exists(p):
+            fn(path)
+        done[name] = path
+        if name == "cog":
+            done["cog_style"], done["cog_aux"] = stem + ".qml", path + ".aux.xml"
+    return done

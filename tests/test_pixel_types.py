@@ -14,9 +14,9 @@ from PIL import Image, ImageOps
 
 from segpipe.core.errors import InputError, ModelError
 from segpipe.io.readers import open_image
-from segpipe.models.artifact import (
+from segpipe.models.artifact import ModelSpec
+from segpipe.models.normalization import (
     InputNorm,
-    ModelSpec,
     check_input,
     image_normalization,
     normalization_for,

@@ -115,3 +115,119 @@ def test_readers_close_in_any_order(tmp_path, img):
     a.close()  # not the reverse of the opening order
     assert b.read(Window(0, 0, 4, 4)).shape == (3, 4, 4)
     b.close()
+
+
+# --------------------------------------------------------------------------- remote errors: transient by class
+
+
+@pytest.fixture()
+def http_images(tmp_path, img):
+    """A loopback HTTP server: /ok.tif is a GeoTIFF, /503… and /404… answer that status, anything else
+    is served as bytes that are not an image (under a path full of words the old substring guess retried)."""
+    import http.server
+    import threading
+
+    tif = write_geotiff(tmp_path / "ok.tif", img).read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, send_body: bool) -> None:
+            name = self.path.split("?")[0].rsplit("/", 1)[-1]
+            status = int(name[:3]) if name[:3] in ("503", "404") else None
+            body = tif if name == "ok.tif" else b"<html>not an image</html>" * 40
+            if status:
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, stop = 0, len(body)
+            rng = self.headers.get("Range")
+            if rng:
+                a, b = rng.split("=")[1].split("-")
+                start, stop = int(a), min(int(b) + 1, len(body))
+            self.send_response(206 if rng else 200)
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(body)}")
+            self.send_header("Content-Length", str(stop - start))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body[start:stop])
+
+        def do_HEAD(self):
+            self._answer(False)
+
+        def do_GET(self):
+            self._answer(True)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_remote_errors_are_transient_by_class_not_by_words(http_images, img, monkeypatch):
+    import uuid
+
+    from segpipe.core.errors import TransientIOError
+
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")  # GDAL's own retries would only slow the test
+    tag = uuid.uuid4().hex  # GDAL caches what it learnt about a URL for the process
+    # a server error (CPLE_HttpResponseError, 503) is worth retrying
+    with pytest.raises(TransientIOError, match="503"):
+        open_image(f"{http_images}/503.tif?{tag}")
+    # a missing file (the same class, 404) is not
+    with pytest.raises(InputError, match="404") as e:
+        open_image(f"{http_images}/404.tif?{tag}")
+    assert not isinstance(e.value, TransientIOError)
+    # GDAL's message quotes '/vsicurl/http://…/500/https-curl-timeout.tif' (CPLE_OpenFailedError): not retried
+    with pytest.raises(InputError, match="not an image") as e:
+        open_image(f"{http_images}/500/https-curl-timeout.tif?{tag}")
+    assert not isinstance(e.value, TransientIOError)
+    with open_image(f"{http_images}/ok.tif?{tag}") as r:
+        np.testing.assert_array_equal(r.read(Window(0, 0, 20, 30)), img[:, :20, :30])
+
+
+def test_read_errors_are_classified_by_gdal_error_class(http_images, monkeypatch):
+    from rasterio._err import CPLE_AppDefinedError, CPLE_AWSAccessDeniedError, CPLE_AWSError, CPLE_HttpResponseError
+    from rasterio.errors import RasterioIOError
+
+    from segpipe.core.errors import TransientIOError
+    from segpipe.io.readers.raster import transient_gdal_error
+
+    def chained(cause: Exception) -> RasterioIOError:  # what rasterio raises: GDAL's error stack as causes
+        try:
+            raise RasterioIOError(str(cause)) from cause
+        except RasterioIOError as e:
+            return e
+
+    quoting = "/vsicurl/https://example.com/http/500/timeout.tif, band 1: IReadBlock failed: connection"
+    assert not transient_gdal_error(chained(CPLE_AppDefinedError(1, 1, quoting)))
+    assert not transient_gdal_error(chained(CPLE_AWSAccessDeniedError(1, 14, "Access Denied")))
+    assert transient_gdal_error(chained(CPLE_AWSError(1, 17, "Please reduce your request rate")))
+    assert transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 503")))
+    assert transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "Connection timed out")))
+    assert not transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 403")))
+    assert transient_gdal_error(chained(ConnectionResetError("reset by peer")))
+
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    with open_image(f"{http_images}/ok.tif?read") as r:
+        def fail_with(cause):
+            def read(*args):
+                raise chained(cause)
+            return read
+
+        monkeypatch.setattr(r, "_read_inside", fail_with(CPLE_AppDefinedError(1, 1, quoting)))
+        with pytest.raises(InputError, match="corrupt or truncated") as e:
+            r.read(Window(0, 0, 8, 8))
+        assert not isinstance(e.value, TransientIOError)
+        monkeypatch.setattr(r, "_read_inside", fail_with(CPLE_HttpResponseError(1, 11, "HTTP response code: 502")))
+        with pytest.raises(TransientIOError):
+            r.read(Window(0, 0, 8, 8))

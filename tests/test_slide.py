@@ -13,18 +13,9 @@ from segpipe.core.errors import ConfigError, InputError
 from segpipe.io.readers import open_image
 from segpipe.io.readers.raster import RasterioReader
 from segpipe.io.readers.registry import READERS
-from segpipe.io.readers.slide import (
-    OmeTiffReader,
-    OpenSlideReader,
-    area_resample,
-    area_weights,
-    choose_level,
-    chunk_has_tissue,
-    open_slide,
-    otsu_threshold,
-    rgba_to_rgb,
-    tissue_mask,
-)
+from segpipe.io.readers.levels import area_resample, area_weights, choose_level
+from segpipe.io.readers.slide import OmeTiffReader, OpenSlideReader, open_slide, rgba_to_rgb
+from segpipe.io.readers.tissue import chunk_has_tissue, otsu_threshold, tissue_mask
 from segpipe.core.geometry import Chunk, Window
 
 openslide = pytest.importorskip("openslide")

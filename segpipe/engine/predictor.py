@@ -24,7 +24,8 @@ from segpipe.core.settings import InferenceSettings
 if TYPE_CHECKING:
     import torch
 
-    from segpipe.models.artifact import Artifact, InputNorm
+    from segpipe.models.artifact import Artifact
+    from segpipe.models.normalization import InputNorm
 
 log = logging.getLogger("segpipe.engine.predictor")
 
@@ -124,7 +125,7 @@ class Predictor:
     def input_norm(self, dtype: str) -> InputNorm:
         """The fixed normalisation of ``dtype`` tiles (raises InputError for a type the model can't read)."""
         from segpipe.core.errors import ModelError
-        from segpipe.models.artifact import normalization_for
+        from segpipe.models.normalization import normalization_for
 
         norm = normalization_for(self.spec, dtype)
         if norm is None:

@@ -1,1 +1,2 @@
-"""Model artifacts (model.json + weights.safetensors) and the registry of versions."""
+"""Model artifacts (model.json + weights.safetensors, :mod:`.artifact`), how pixels become network
+input (:mod:`.normalization`), and the registry of versions (:mod:`.registry`)."""

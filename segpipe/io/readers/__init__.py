@@ -1,8 +1,9 @@
 """Image readers behind one interface (:mod:`.base`), chosen by content (:mod:`.registry`).
 
-:mod:`.raster` reads anything GDAL reads through rasterio; :mod:`.slide` reads whole slides
-(OpenSlide, OME-TIFF through tifffile) and computes tissue masks; :mod:`.cache` shares handles
-within a worker process.
+:mod:`.raster` reads anything GDAL reads through rasterio (EXIF rotation: :mod:`.orientation`);
+:mod:`.slide` reads whole slides (OpenSlide, OME-TIFF through tifffile) at a pyramid level or
+resolution (:mod:`.levels`); :mod:`.tissue` finds the tissue of a slide so empty chunks can be
+skipped; :mod:`.cache` shares handles within a worker process.
 """
 
 from segpipe.io.readers.base import ImageInfo, ImageReader

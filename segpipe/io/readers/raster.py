@@ -1,12 +1,18 @@
 """The rasterio/GDAL reader: GeoTIFF/COG, TIFF, PNG, JPEG, JPEG 2000, VRT, … window by window.
 
-Also what GDAL leaves to us: palette expansion, alpha as the nodata mask, EXIF orientation,
-multi-page TIFFs. Opened through :func:`segpipe.io.readers.open_image`.
+Also what GDAL leaves to us: palette expansion, alpha as the nodata mask, EXIF orientation
+(the geometry is in :mod:`segpipe.io.readers.orientation`), multi-page TIFFs. Opened through
+:func:`segpipe.io.readers.open_image`.
+
+A failed read of a remote file is a :class:`~segpipe.core.errors.TransientIOError` (retried)
+only when GDAL says, by the class of its error, that the request failed
+(:func:`transient_gdal_error`); anything else is the file's fault (:class:`InputError`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +23,7 @@ from segpipe.core.errors import InputError, TransientIOError
 from segpipe.io.storage import has_scheme, strip_file_scheme
 from segpipe.core.geometry import Window, source_indices
 from segpipe.io.readers.base import ImageInfo
+from segpipe.io.readers.orientation import exif_orientation, orient_block, oriented_size, stored_window
 
 
 def gdal_options() -> dict[str, str | int]:
@@ -81,13 +88,52 @@ def _gdal_reason(exc: Exception) -> str:
     return msg
 
 
-_TRANSIENT_WORDS = ("http", "curl", "timeout", "timed out", "connection", "throttl", "slow down", "503", "500")
+#: HTTP statuses that a retry may cure (timeout, throttling); any other 4xx is final (404, 403, …)
+_RETRYABLE_4XX = (408, 429)
+_HTTP_STATUS = re.compile(r"HTTP (?:response|error) code\s*:\s*(\d{3})")
 
 
-def _looks_transient(reason: str) -> bool:
-    """A remote read that failed for network reasons (worth retrying), not for the file's content."""
-    low = reason.lower()
-    return any(w in low for w in _TRANSIENT_WORDS)
+def _transient_class(exc: BaseException) -> bool:
+    from rasterio import _err
+
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, _err.CPLE_HttpResponseError):  # GDAL's HTTP error (after its own retries)
+        m = _HTTP_STATUS.search(str(exc))
+        code = int(m.group(1)) if m else None  # no status: curl failed (timeout, reset): transient
+        return code is None or code >= 500 or code in _RETRYABLE_4XX
+    # CPLE_AWSError is S3's generic error (SlowDown, InternalError, …); its siblings
+    # (AccessDenied, BucketNotFound, ObjectNotFound, InvalidCredentials, SignatureDoesNotMatch) are final
+    return type(exc) in (_err.CPLE_AWSError, _err.CPLE_FileIOError)
+
+
+def transient_gdal_error(exc: BaseException) -> bool:
+    """True when a failed GDAL call on a remote file is worth retrying, decided by error class.
+
+    Walks the exception and its causes (rasterio ≥ 1.4 chains GDAL's error stack as
+    ``__cause__``): :class:`rasterio._err.CPLE_HttpResponseError` (5xx, 408, 429, or no status),
+    the generic :class:`rasterio._err.CPLE_AWSError`, :class:`rasterio._err.CPLE_FileIOError`,
+    ``ConnectionError`` and ``TimeoutError`` are transient. Messages are never searched for words,
+    so a format error that quotes a ``/vsicurl/https://…`` path is the file's fault. (GDAL 3.10
+    reports an HTTP failure *during* a tile read only through libtiff's ``CPLE_AppDefined``
+    "Read error"; GDAL itself retries those first: ``GDAL_HTTP_MAX_RETRY`` in :func:`gdal_options`.)
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if _transient_class(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _gdal_error(uri: str, exc: Exception, what: str) -> InputError | TransientIOError:
+    """The error to raise for a failed GDAL call: transient (remote, by class) or the input's fault."""
+    reason = _gdal_reason(exc)
+    if has_scheme(uri) and transient_gdal_error(exc):
+        return TransientIOError(uri, f"read failed ({reason})")
+    return InputError(uri, f"{what} ({reason})" if what else reason)
 
 
 def select_bands(available: int, bands: Sequence[int] | None, uri: str, note: str = "") -> list[int]:
@@ -101,91 +147,6 @@ def select_bands(available: int, bands: Sequence[int] | None, uri: str, note: st
     if bad:
         raise InputError(uri, f"has {available} band(s){note}; --bands asks for band {bad[0]}")
     return list(bands)
-
-
-# --------------------------------------------------------------------------- EXIF orientation
-#
-# EXIF orientation o (1–8) says how the stored pixels are turned for display. Readers serve the
-# *displayed* image: a window of it maps to one window of the stored image plus a flip/transpose.
-# displayed (r, c) ← stored:  1 (r, c)   2 (r, W-1-c)   3 (H-1-r, W-1-c)   4 (H-1-r, c)
-#                             5 (c, r)   6 (H-1-c, r)   7 (H-1-c, W-1-r)   8 (c, W-1-r)
-# (Pillow's ImageOps.exif_transpose gives the same image.)
-
-
-def oriented_size(orientation: int, height: int, width: int) -> tuple[int, int]:
-    """Displayed (height, width) of a stored ``height`` × ``width`` image."""
-    return (width, height) if orientation >= 5 else (height, width)
-
-
-def stored_window(orientation: int, height: int, width: int, y0: int, x0: int, h: int, w: int
-                  ) -> tuple[int, int, int, int]:
-    """The stored (y0, x0, h, w) holding displayed window (y0, x0, h, w); ``height``/``width`` are stored."""
-    H, W = height, width
-    if orientation <= 4:
-        sy = H - y0 - h if orientation in (3, 4) else y0
-        sx = W - x0 - w if orientation in (2, 3) else x0
-        return sy, sx, h, w
-    sy = H - x0 - w if orientation in (6, 7) else x0  # displayed columns run along stored rows
-    sx = W - y0 - h if orientation in (7, 8) else y0
-    return sy, sx, w, h
-
-
-def orient_block(orientation: int, block: np.ndarray) -> np.ndarray:
-    """A stored (…, h, w) block as displayed (see :func:`stored_window`)."""
-    o = orientation
-    if o == 1:
-        return block
-    if o == 2:
-        return block[..., :, ::-1]
-    if o == 3:
-        return block[..., ::-1, ::-1]
-    if o == 4:
-        return block[..., ::-1, :]
-    t = np.swapaxes(block, -1, -2)
-    return {5: t, 6: t[..., :, ::-1], 7: t[..., ::-1, ::-1], 8: t[..., ::-1, :]}[o]
-
-
-def _png_exif(path: str) -> bytes | None:
-    """The eXIf chunk of a PNG before its image data (None when there is none)."""
-    import struct
-
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while True:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            length, kind = struct.unpack(">I4s", head)
-            if kind == b"eXIf":
-                return f.read(length)
-            if kind in (b"IDAT", b"IEND"):
-                return None
-            f.seek(length + 4, 1)
-
-
-def exif_orientation(path: str, driver: str, tags: dict[str, str]) -> int:
-    """EXIF orientation (1–8) of a JPEG (from GDAL), a local PNG (eXIf) or a local TIFF (tag 274); 1 if none."""
-    value: Any = tags.get("EXIF_Orientation")
-    try:
-        if value is None and driver == "PNG" and not has_scheme(path):
-            raw = _png_exif(strip_file_scheme(path))
-            if raw:
-                from PIL import Image
-
-                exif = Image.Exif()
-                exif.load(raw if raw.startswith(b"Exif") else b"Exif\x00\x00" + raw)
-                value = exif.get(0x0112)
-        elif value is None and driver == "GTiff" and not has_scheme(path):
-            import tifffile
-
-            with tifffile.TiffFile(strip_file_scheme(path)) as tf:
-                tag = tf.pages[0].tags.get(274)
-                value = tag.value if tag is not None else None
-        o = int(value) if value is not None else 1
-    except (OSError, ValueError, TypeError, ImportError, SyntaxError):  # unreadable EXIF: as stored
-        return 1
-    return o if 1 <= o <= 8 else 1
 
 
 #: TIFF pages opened to tell previews (smaller) from further full images
@@ -223,7 +184,7 @@ class RasterioReader:
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self._ds = rasterio.open(gdal_path(uri), **opts)
         except RasterioIOError as e:
-            raise InputError(uri, _gdal_reason(e)) from e
+            raise _gdal_error(uri, e, "") from e
         try:
             self._setup(uri, bands, level, ColorInterp)
         except BaseException:
@@ -337,10 +298,7 @@ class RasterioReader:
                 y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
                 block = self._read_inside(y0, x0, y1 - y0, x1 - x0)
         except RasterioError as e:
-            reason = _gdal_reason(e)
-            if has_scheme(info.uri) and _looks_transient(reason):
-                raise TransientIOError(info.uri, f"read failed ({reason})") from e
-            raise InputError(info.uri, f"corrupt or truncated image ({reason})") from e
+            raise _gdal_error(info.uri, e, "corrupt or truncated image") from e
         return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
 
     @property
@@ -404,7 +362,7 @@ class RasterioReader:
                     px = px[[i - 1 for i in self._indexes]]
                 valid = self._valid_stored(0, 0, ds.height, ds.width, shape) if self.has_mask else None
         except RasterioError as e:
-            raise InputError(self.info.uri, f"corrupt or truncated image ({_gdal_reason(e)})") from e
+            raise _gdal_error(self.info.uri, e, "corrupt or truncated image") from e
         return orient_block(o, px), None if valid is None else orient_block(o, valid)
 
     def close(self) -> None:

@@ -5,13 +5,8 @@
 * :class:`OmeTiffReader` — OME-TIFF pyramids through tifffile's Zarr store (one level is
   a Zarr array, so a window read decodes only the tiles it covers).
 
-Both read one **pyramid level**, optionally resampled to a requested resolution:
-
-* ``level`` given → that level as it is;
-* ``mpp`` given → the coarsest level that is still at least as fine as ``mpp`` (its
-  microns per pixel ≤ ``mpp``), then area-averaged by the remaining factor
-  ``mpp / level_mpp`` (a level finer than every level is served from level 0, upsampled);
-* neither → level 0.
+Both read one **pyramid level**, optionally resampled to a requested resolution (the rule,
+and the area resampling, are pure geometry in :mod:`segpipe.io.readers.levels`).
 
 The reader's image is that (possibly resampled) level: ``info.height``/``width`` are its
 size, ``info.mpp`` its resolution, and windows outside it are filled by reflection exactly
@@ -21,6 +16,8 @@ Which files are ours (:func:`open_slide`, tried before rasterio by :mod:`segpipe
 OME-TIFF by content; then anything OpenSlide recognises, except GeoTIFFs (georeferencing
 is rasterio's job) and single-level generic TIFFs (rasterio reads those as well, with
 their nodata and masks). Everything else returns None so the next opener is tried.
+
+The tissue mask that lets a run skip empty slide chunks is in :mod:`segpipe.io.readers.tissue`.
 """
 
 from __future__ import annotations
@@ -29,100 +26,24 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.errors import InputError
 from segpipe.io.readers.base import ImageInfo
+from segpipe.io.readers.levels import area_resample, choose_level, resampled_size
 from segpipe.io.readers.raster import select_bands
 from segpipe.io.storage import has_scheme, strip_file_scheme
-from segpipe.core.geometry import Chunk, Window, ceil_div, source_indices
+from segpipe.core.geometry import Window, source_indices
 
-#: relative tolerance under which a requested mpp counts as exactly a level's mpp
-_MPP_RTOL = 1e-3
 #: output rows per strip when a thumbnail is reduced from a level
 _THUMB_STRIP = 256
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-# --------------------------------------------------------------------------- pure geometry
-
-
-def choose_level(
-    downsamples: Sequence[float], base_mpp: float | None, *, level: int | None, mpp: float | None, uri: str,
-) -> tuple[int, float]:
-    """(level, factor): the pyramid level to read and the level pixels per output pixel.
-
-    ``downsamples[L]`` is level L's size relative to level 0 (1.0 first). See the module
-    docstring for the rule; ``factor`` is 1.0 unless ``mpp`` falls between levels.
-    """
-    if level is not None and mpp is not None:
-        raise ConfigError(uri, "choose a pyramid level or a resolution (mpp), not both")
-    if mpp is None:
-        chosen = 0 if level is None else level
-        if not 0 <= chosen < len(downsamples):
-            raise InputError(
-                uri, f"has {len(downsamples)} pyramid level(s) (0–{len(downsamples) - 1}); level {chosen} does not exist",
-            )
-        return chosen, 1.0
-    if mpp <= 0:
-        raise ConfigError(uri, f"mpp must be positive, got {mpp}")
-    if base_mpp is None:
-        raise InputError(uri, "records no microns-per-pixel; choose a pyramid level instead of an mpp")
-    level_mpps = [base_mpp * d for d in downsamples]
-    fine_enough = [i for i, m in enumerate(level_mpps) if m <= mpp * (1 + _MPP_RTOL)]
-    chosen = max(fine_enough, key=lambda i: level_mpps[i]) if fine_enough else 0
-    factor = mpp / level_mpps[chosen]
-    return chosen, (1.0 if abs(factor - 1) < _MPP_RTOL else factor)
-
-
-def resampled_size(size: int, factor: float) -> int:
-    """Output pixels along an axis of ``size`` level pixels at ``factor`` level pixels per output pixel."""
-    return size if factor == 1.0 else max(1, round(size / factor))
-
-
-def area_weights(start: int, count: int, factor: float, level_start: int, level_stop: int) -> np.ndarray:
-    """(count, level_stop − level_start) weights of output pixels ``start … start+count`` over level pixels.
-
-    Output pixel ``i`` covers level interval ``[i·f, (i+1)·f)``; its weight on level pixel
-    ``j`` is the overlap of ``[j, j+1)`` with that interval, rows normalised to sum to 1
-    (area averaging; the last output pixel may reach past the level's edge).
-    """
-    lo = (start + np.arange(count, dtype=np.float64))[:, None] * factor
-    hi = lo + factor
-    j = np.arange(level_start, level_stop, dtype=np.float64)[None, :]
-    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
-    total = overlap.sum(axis=1, keepdims=True)
-    return overlap / np.where(total > 0, total, 1.0)
-
-
-def area_resample(block: np.ndarray, axis: int, start: int, count: int, factor: float, level_start: int) -> np.ndarray:
-    """Area-average ``block`` along ``axis`` to output pixels ``start … start+count`` (float64).
-
-    The same result as multiplying by :func:`area_weights`, in O(n) instead of O(n²): the
-    integral of the level pixels up to a real position ``t`` is the prefix sum up to
-    ``floor(t)`` plus the fraction ``t − floor(t)`` of the next pixel, and each output
-    pixel is the difference of two such integrals over the length it covers.
-    """
-    n = block.shape[axis]
-    f = int(round(factor))
-    if f >= 1 and factor == f and start * f == level_start and n == count * f:  # whole f-pixel bins
-        data = np.moveaxis(block, axis, -1)
-        binned = data.reshape(data.shape[:-1] + (count, f)).mean(axis=-1, dtype=np.float64)
-        return np.moveaxis(binned, -1, axis)
-    lo = np.clip((start + np.arange(count, dtype=np.float64)) * factor - level_start, 0.0, n)
-    hi = np.clip(lo + factor, 0.0, n)
-    data = np.moveaxis(block, axis, -1).astype(np.float64)
-    prefix = np.concatenate([np.zeros(data.shape[:-1] + (1,)), np.cumsum(data, axis=-1)], axis=-1)
-
-    def integral(t: np.ndarray) -> np.ndarray:
-        k = np.minimum(np.floor(t).astype(np.int64), n)
-        return prefix[..., k] + (t - k) * data[..., np.minimum(k, n - 1)]
-
-    out = (integral(hi) - integral(lo)) / np.maximum(hi - lo, 1e-12)
-    return np.moveaxis(out, -1, axis)
+# --------------------------------------------------------------------------- pixels
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -454,84 +375,3 @@ def open_slide(
         reader.close()  # a plain tiled TIFF: rasterio serves it (nodata, masks, georeference)
         return None
     return reader
-
-
-
-
-# --------------------------------------------------------------------------- tissue
-
-
-class TissueMask(NamedTuple):
-    """Low-resolution tissue mask and its ``scale`` (reader pixels per mask pixel)."""
-
-    mask: np.ndarray
-    scale: float
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of ``values`` (the same histogram rule as ``skimage.filters.threshold_otsu``)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    lo, hi = float(values.min()), float(values.max())
-    if lo == hi:
-        return lo
-    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centers = (edges[:-1] + edges[1:]) / 2
-    w1 = np.cumsum(counts)
-    w2 = np.cumsum(counts[::-1])[::-1]
-    m1 = np.cumsum(counts * centers) / np.maximum(w1, 1)
-    m2 = (np.cumsum((counts * centers)[::-1]) / np.maximum(w2[::-1], 1))[::-1]
-    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return float(centers[int(np.argmax(between))])
-
-
-def _strided_thumbnail(reader: Any, max_side: int) -> np.ndarray:
-    """Nearest-neighbour thumbnail of any reader, read in bounded tiles (for readers without levels)."""
-    info = reader.info
-    step = max(1, ceil_div(max(info.height, info.width), max_side))
-    tile = step * max(1, 2048 // step)
-    rows = []
-    for y in range(0, info.height, tile):
-        cols = []
-        for x in range(0, info.width, tile):
-            h, w = min(tile, info.height - y), min(tile, info.width - x)
-            cols.append(reader.read(Window(y, x, h, w))[:, ::step, ::step])
-        rows.append(np.concatenate(cols, axis=2))
-    return np.concatenate(rows, axis=1)
-
-
-def tissue_mask(reader: Any, *, max_side: int = 1024, max_threshold: float = 0.15) -> TissueMask:
-    """Where the slide has tissue, from one low-resolution thumbnail (computed once per slide).
-
-    Tissue is coloured, background is white/grey: the score is HSV saturation (for RGB;
-    darkness for one band), thresholded at ``min(Otsu, max_threshold)``. The cap keeps a
-    slide that is all tissue from losing half of it to Otsu's split; the result is dilated
-    by one mask pixel so skipping a chunk is always conservative.
-    """
-    thumb = reader.thumbnail(max_side) if hasattr(reader, "thumbnail") else _strided_thumbnail(reader, max_side)
-    pixels = thumb.astype(np.float32)
-    if np.dtype(reader.info.dtype).kind in "ui":
-        pixels /= float(np.iinfo(np.dtype(reader.info.dtype)).max)
-    if pixels.shape[0] >= 3:
-        rgb = pixels[:3]
-        top, bottom = rgb.max(axis=0), rgb.min(axis=0)
-        score = np.where(top > 0, (top - bottom) / np.maximum(top, 1e-6), 0.0)
-    else:
-        score = 1.0 - pixels[0] / max(float(pixels[0].max()), 1e-6)
-    threshold = min(otsu_threshold(score), max_threshold)
-    mask = score > threshold
-    grown = mask.copy()  # 3×3 dilation without scipy
-    grown[1:] |= mask[:-1]
-    grown[:-1] |= mask[1:]
-    grown[:, 1:] |= grown[:, :-1].copy()
-    grown[:, :-1] |= grown[:, 1:].copy()
-    return TissueMask(grown, reader.info.width / mask.shape[1])
-
-
-def chunk_has_tissue(mask: np.ndarray, chunk: Chunk, scale: float) -> bool:
-    """True when any mask pixel overlapping ``chunk`` (reader pixels; ``scale`` per mask pixel) is tissue."""
-    h, w = mask.shape
-    y0, x0 = int(math.floor(chunk.y0 / scale)), int(math.floor(chunk.x0 / scale))
-    y1, x1 = int(math.ceil((chunk.y0 + chunk.h) / scale)), int(math.ceil((chunk.x0 + chunk.w) / scale))
-    y0, x0 = min(max(y0, 0), h - 1), min(max(x0, 0), w - 1)
-    y1, x1 = max(min(y1, h), y0 + 1), max(min(x1, w), x0 + 1)
-    return bool(mask[y0:y1, x0:x1].any())

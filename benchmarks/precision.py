@@ -26,7 +26,8 @@ def main() -> None:
     from segpipe.evaluate.evaluation import score_output
     from segpipe.io.storage import list_images
     from segpipe.engine.segment import check_model, segment_image
-    from segpipe.train.synthetic import CLASSES, write_scene
+    from segpipe.train.synthetic import write_scene
+    from segpipe.train.synthetic_scene import CLASSES
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-precision-"))
     (work / "img").mkdir()

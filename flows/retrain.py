@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from segpipe.core.settings import segment_settings
 from segpipe.evaluate import retrain as lib
-from segpipe.train.loop import TrainSettings
+from segpipe.train.settings import TrainSettings
 
 train_challenger = task(name="train-challenger", cache_policy=NO_CACHE)(lib.train_challenger)
 evaluate_model = task(name="evaluate", task_run_name="evaluate {label}", cache_policy=NO_CACHE)(lib.evaluate_model)

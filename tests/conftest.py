@@ -56,7 +56,8 @@ def landcover(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, landcover) -> str:
     """A briefly trained Unet-resnet18 (about a minute on 2 cores): seams need a real model."""
-    from segpipe.train.loop import TrainSettings, train
+    from segpipe.train.loop import train
+    from segpipe.train.settings import TrainSettings
 
     out = tmp_path_factory.mktemp("trained") / "model"
     settings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=4, batch_size=8, patch_size=128,

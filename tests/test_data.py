@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segpipe.train.dataset import (
-    IGNORE_INDEX, NO_AUGMENT, AugmentSettings, PatchSampler, band_statistics, class_pixel_counts, index_masks,
-    load_dataset, resize_pair, seeded_split, split_dataset,
-)
+from segpipe.train.augment import NO_AUGMENT, AugmentSettings, resize_pair
+from segpipe.train.dataset import IGNORE_INDEX, load_dataset, seeded_split, split_dataset
+from segpipe.train.index import class_pixel_counts, index_masks
+from segpipe.train.normalization import band_statistics
+from segpipe.train.sampler import PatchSampler
 from segpipe.core.errors import DatasetError
 from tests.helpers import write_png
 

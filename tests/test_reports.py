@@ -14,19 +14,9 @@ from PIL import Image
 
 from segpipe.core.errors import ConfigError, DatasetError
 from segpipe.evaluate.metrics import ConfusionMatrix
-from segpipe.evaluate.reports import (
-    ERROR_RGB,
-    MIN_PANEL,
-    Sample,
-    class_palette,
-    confusion_png,
-    error_rgb,
-    line_plot_png,
-    markdown_table,
-    sample_png,
-    verdict,
-    write_report,
-)
+from segpipe.evaluate.figures import class_palette, confusion_png, line_plot_png
+from segpipe.evaluate.overlays import ERROR_RGB, MIN_PANEL, Sample, error_rgb, sample_png
+from segpipe.evaluate.reports import markdown_table, verdict, write_report
 
 NAMES = ["bare_soil", "water", "vegetation", "building", "road"]
 COLORS = ["#c8a26e", "#1f77b4", "#2ca02c", "#d62728", "#7f7f7f"]

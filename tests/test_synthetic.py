@@ -12,14 +12,8 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.metrics import f1_score
 
 from segpipe.core.errors import ConfigError
-from segpipe.train.synthetic import (
-    CLASS_COLORS,
-    CLASSES,
-    PIXEL_SIZE,
-    generate_scene,
-    write_dataset,
-    write_scene,
-)
+from segpipe.train.synthetic import PIXEL_SIZE, write_dataset, write_scene
+from segpipe.train.synthetic_scene import CLASS_COLORS, CLASSES, generate_scene
 
 
 def test_same_seed_same_scene_other_seed_other_scene() -> None:

@@ -16,7 +16,10 @@ from segpipe.train.dataset import load_dataset
 from segpipe.core.errors import ConfigError
 from segpipe.models.artifact import load_artifact
 from segpipe.train.synthetic import write_dataset
-from segpipe.train.loop import TrainSettings, class_weights, evaluate_network, train
+from segpipe.train.loop import train
+from segpipe.train.loss import class_weights
+from segpipe.train.settings import TrainSettings
+from segpipe.train.validate import evaluate_network
 
 #: tiny but real: Unet-resnet18 on 64² patches, 8 steps per epoch. On the CPU so that runs are
 #: bit-identical (CUDA kernels such as weighted nll_loss2d are not deterministic)
@@ -125,7 +128,7 @@ def test_damaged_checkpoint_is_skipped(data, tmp_path, caplog):
     first = train(str(data), str(out), s, progress=False)
     ck = out / "checkpoint" / "epoch-0001.safetensors"
     ck.write_bytes(ck.read_bytes()[:-10])  # truncated: its hash no longer matches the JSON
-    with caplog.at_level(logging.WARNING, logger="segpipe.train.loop"):
+    with caplog.at_level(logging.WARNING, logger="segpipe.train.checkpoint"):
         again = train(str(data), str(out), s, resume=True, progress=False)
     assert "skipping damaged checkpoint epoch-0001" in caplog.text
     assert again.weights_sha256 == first.weights_sha256  # started over, same seed
@@ -239,7 +242,7 @@ def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
     from segpipe.core.classes import class_colors, colors_from_spec, palette_rgba
     from segpipe.evaluate.evaluation import Evaluation, write_evaluation_report
     from segpipe.engine.segment import ModelRef
-    from segpipe.evaluate.reports import class_palette
+    from segpipe.evaluate.figures import class_palette
     from segpipe.io.output import ome_attrs
 
     root = tmp_path / "data"

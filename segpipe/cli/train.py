@@ -32,7 +32,8 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
           patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
           precision: str, seed: int, resume: bool) -> None:
     """Train a model on a dataset and write an artifact."""
-    from segpipe.train.loop import TrainSettings, train as run_train
+    from segpipe.train.loop import train as run_train
+    from segpipe.train.settings import TrainSettings
 
     settings = TrainSettings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
                              batch_size=batch_size, patch_size=patch_size, lr=lr, class_balanced=class_balanced,
@@ -98,7 +99,7 @@ def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batc
 
     from segpipe.core.settings import segment_settings
     from segpipe.evaluate.retrain import retrain as run_retrain
-    from segpipe.train.loop import TrainSettings
+    from segpipe.train.settings import TrainSettings
 
     tsettings = TrainSettings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
                               patch_size=patch_size, lr=lr, class_balanced=True, device=device, precision=precision, seed=seed,

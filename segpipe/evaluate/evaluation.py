@@ -32,7 +32,7 @@ from segpipe.core.geometry import ChunkGrid, Window
 if TYPE_CHECKING:
     from distributed import Client
 
-    from segpipe.evaluate.reports import Sample
+    from segpipe.evaluate.overlays import Sample
 
 log = logging.getLogger("segpipe.evaluate.evaluation")
 
@@ -58,7 +58,7 @@ def _source(item_uri: str, name: str) -> SourceImage:
 
 def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> Sample:
     """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
-    from segpipe.evaluate.reports import Sample
+    from segpipe.evaluate.overlays import Sample
 
     step = max(1, -(-max(h, w) // SAMPLE_SIDE))
     with open_image(image_uri) as r:

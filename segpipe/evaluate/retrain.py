@@ -19,7 +19,8 @@ from segpipe.evaluate.reports import markdown_table
 from segpipe.io.storage import join
 from segpipe.models.registry import champion, init_registry, promote, register, resolve
 from segpipe.train.dataset import load_dataset
-from segpipe.train.loop import TrainResult, TrainSettings, train
+from segpipe.train.loop import TrainResult, train
+from segpipe.train.settings import TrainSettings
 
 log = logging.getLogger("segpipe.retrain")
 

@@ -1,1 +1,1 @@
-"""Training: dataset layout and sampling, augmentation, the training loop, synthetic data."""
+"""Training: dataset layout (dataset), mask index (index), normalisation, augmentation (augment), patch sampling (sampler), settings, loss, validation (validate), checkpoints, the loop (loop), synthetic scenes (synthetic_noise, synthetic_scene) and their files (synthetic)."""

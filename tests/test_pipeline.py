@@ -12,10 +12,11 @@ from segpipe.engine.segment import check_model, segment_image, segment_many
 from segpipe.core.geometry import ChunkGrid, core_in_window, input_window
 
 
-def settings(chunk=128, halo=16, **inference) -> SegmentSettings:
+def settings(chunk=128, halo=16, tile=None, **inference) -> SegmentSettings:
+    """Tiles default to the chunk (today's plain chunked definition) unless a test asks for more."""
     inference.setdefault("precision", "fp32")
     inference.setdefault("device", "cpu")
-    return SegmentSettings(tiling=TilingSettings(chunk_size=chunk, halo=halo),
+    return SegmentSettings(tiling=TilingSettings(chunk_size=chunk, halo=halo, tile_size=tile or chunk),
                            inference=InferenceSettings(**inference))
 
 
@@ -41,19 +42,25 @@ def plain_chunked_reference(image: np.ndarray, model_dir: str, chunk: int, halo:
     return out
 
 
-@pytest.mark.parametrize(("chunk", "halo", "batch"), [(128, 16, 3), (96, 0, 1)])
-def test_stitched_equals_plain_chunked_definition(tmp_path, photo, scene_tif, model_dir, client, chunk, halo, batch):
-    ref = plain_chunked_reference(photo, model_dir, chunk, halo)
+@pytest.mark.parametrize(("chunk", "tile", "halo", "batch"),
+                         [(128, 128, 16, 3), (96, 96, 0, 1), (128, 256, 16, 1), (96, 288, 0, 2), (64, 192, 24, 1)])
+def test_stitched_equals_plain_chunked_definition(tmp_path, photo, scene_tif, model_dir, client, chunk, tile, halo,
+                                                  batch):
+    """The output equals the plain chunked definition with the TILE as the unit, whatever the storage chunk."""
+    ref = plain_chunked_reference(photo, model_dir, tile, halo)
     # the test is only meaningful if every class wins on a good share of pixels
     shares = np.bincount(ref.ravel(), minlength=4) / ref.size
     assert shares.min() > 0.03, shares
     ref_model, _ = check_model(model_dir)
     image = list_images(scene_tif)[0]
-    result = segment_image(image, ref_model, str(tmp_path), settings(chunk, halo, batch_size=batch), client)
+    result = segment_image(image, ref_model, str(tmp_path), settings(chunk, halo, tile, batch_size=batch), client)
     assert result.status == "done", result.error
-    got = zarr.open_array(result.output + "/0", mode="r")[:]
+    arr = zarr.open_array(result.output + "/0", mode="r")
+    assert arr.chunks == (chunk, chunk)
+    got = arr[:]
     agreement = (got == ref).mean()
     assert agreement >= 0.9999, agreement
+    assert zarr.open_group(result.output, mode="r").attrs["segpipe"]["tile_size"] == tile
 
 
 def test_output_contract(tmp_path, scene_tif, model_dir, client, photo):
@@ -168,10 +175,10 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
             raise TransientIOError("s3://b/x.tif", "read failed (HTTP 503 Slow Down)")
         return {"chunks": 1, "skipped": 0, "megapixels": 0.1}
 
-    monkeypatch.setattr(P, "_run_chunks", flaky)
+    monkeypatch.setattr(P, "_run_tiles", flaky)
     monkeypatch.setattr(P.time, "sleep", lambda s: None)
     job = type("Job", (), {"source": "s3://b/x.tif"})()
-    assert P.run_chunks(job, [(0, 0)])["chunks"] == 1 and len(calls) == 3
+    assert P.run_tiles(job, [((0, 0), [(0, 0)])])["chunks"] == 1 and len(calls) == 3
 
     calls.clear()
 
@@ -179,9 +186,9 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
         calls.append(keys)
         raise InputError("x.tif", "corrupt or truncated image")
 
-    monkeypatch.setattr(P, "_run_chunks", bad)
+    monkeypatch.setattr(P, "_run_tiles", bad)
     with pytest.raises(InputError):
-        P.run_chunks(job, [(0, 0)])
+        P.run_tiles(job, [((0, 0), [(0, 0)])])
     assert len(calls) == 1
 
 

@@ -122,6 +122,41 @@ def input_window(chunk: Chunk, chunk_size: int, halo: int, multiple_of: int = 32
     return Window(chunk.y0 - halo, chunk.x0 - halo, side, side)
 
 
+def effective_tile_size(tile_size: int, chunk_size: int, height: int, width: int) -> int:
+    """The inference tile side for one image: ``tile_size`` (a multiple of ``chunk_size``), but no
+    larger than the image rounded up to whole chunks — a 256² chip with 512 chunks and 1,536 tiles
+    is computed as one 512 tile, not a 1,536 one mostly made of reflection.
+
+    ``effective = min(tile_size, ceil(max(height, width) / chunk_size) · chunk_size)``
+    """
+    if tile_size < chunk_size or tile_size % chunk_size:
+        raise ValueError(f"tile_size must be a positive multiple of chunk_size {chunk_size}, got {tile_size}")
+    return min(tile_size, ceil_div(max(height, width), chunk_size) * chunk_size)
+
+
+def chunks_in_tile(tile: Chunk, grid: ChunkGrid, tile_size: int) -> list[Chunk]:
+    """The storage chunks whose cores make up ``tile``'s core (tiles are cells of the grid with
+    ``chunk_size = tile_size``; ``tile_size`` is a multiple of ``grid.chunk_size``, so every chunk
+    lies in exactly one tile: each chunk has exactly one writer)."""
+    k = tile_size // grid.chunk_size
+    return [grid.chunk(iy, ix)
+            for iy in range(tile.iy * k, min((tile.iy + 1) * k, grid.rows))
+            for ix in range(tile.ix * k, min((tile.ix + 1) * k, grid.cols))]
+
+
+def tile_of(chunk: Chunk, grid: ChunkGrid, tile_size: int) -> tuple[int, int]:
+    """The (ty, tx) index of the tile holding ``chunk``: ``(iy // k, ix // k)``, ``k = tile_size / chunk_size``."""
+    k = tile_size // grid.chunk_size
+    return (chunk.iy // k, chunk.ix // k)
+
+
+def chunk_in_tile_window(chunk: Chunk, tile: Chunk, halo: int) -> tuple[slice, slice]:
+    """Slices that crop ``chunk``'s core out of its tile's window-shaped prediction:
+    rows ``[chunk.y0 − tile.y0 + halo, … + chunk.h)``, likewise columns."""
+    y, x = chunk.y0 - tile.y0 + halo, chunk.x0 - tile.x0 + halo
+    return slice(y, y + chunk.h), slice(x, x + chunk.w)
+
+
 def core_in_window(chunk: Chunk, halo: int) -> tuple[slice, slice]:
     """Slices that crop a chunk's core out of its window-shaped prediction."""
     return slice(halo, halo + chunk.h), slice(halo, halo + chunk.w)

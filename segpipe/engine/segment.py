@@ -29,12 +29,14 @@ from segpipe.io.locks import acquire as acquire_lock
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, thread_reader
 from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
 from segpipe.models.registry import resolve as resolve_model
-from segpipe.models.artifact import Artifact, InputNorm, ModelSpec, check_input, image_normalization, load_artifact
+from segpipe.models.artifact import Artifact, ModelSpec, load_artifact
+from segpipe.models.normalization import InputNorm, check_input, image_normalization
 from segpipe.io.output import (
     FORMAT, Existing, OutputTarget, done_chunks, finalize, inspect_output, now_iso, ome_attrs, prepare_output,
     read_attrs, write_chunk,
 )
-from segpipe.core.geometry import Chunk, ChunkGrid, Window, core_in_window, input_window, strip_order
+from segpipe.core.geometry import Chunk, ChunkGrid, strip_order
+from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -97,98 +99,74 @@ def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
 
 PARALLEL_READ_BATCH = 4
 
+#: a task's work: (tile key, [chunk keys of that tile to write])
+TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]
 
-def run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool = False,
-               attempts: int = 4) -> dict[str, float]:
-    """Dask task: predict and write a batch of chunks, retrying transient storage errors with backoff.
+
+def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
+    """Dask task: predict a few tiles and write their chunks, retrying transient storage errors.
 
     Bad input (:class:`InputError`) is never retried; a network hiccup or bucket throttling
     (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
-    Re-running a batch is safe: each chunk is written whole, by this task only.
+    Re-running is safe: each chunk is written whole, by this task only. A SegpipeError leaves
+    detached from its cause (see :meth:`SegpipeError.detached`) so it reaches the driver as itself.
     """
     error: SegpipeError | None = None
     for attempt in range(attempts):
         try:
-            return _run_chunks(job, keys, fill)
+            return _run_tiles(job, work, fill)
         except (TransientIOError, ConnectionError, TimeoutError) as e:
             if attempt == attempts - 1:
                 error = e.detached() if isinstance(e, SegpipeError) else None
                 if error is None:
                     raise
                 break
-            log.warning("transient error on %s chunks %s, retrying", job.source, keys[:2], exc_info=True)
+            log.warning("transient error on %s tiles %s, retrying", job.source, [w[0] for w in work[:2]],
+                        exc_info=True)
             time.sleep(2**attempt)
         except SegpipeError as e:
-            log.debug("chunks %s of %s failed", keys[:2], job.source, exc_info=True)
+            log.debug("tiles %s of %s failed", [w[0] for w in work[:2]], job.source, exc_info=True)
             error = e.detached()  # raised below, outside this block, so it has no chained context
             break
     assert error is not None
     raise error
 
 
-def _run_chunks(job: ChunkJob, keys: Sequence[tuple[int, int]], fill: bool) -> dict[str, float]:
-    """Predict and write a batch of chunks (or write them as fill). Returns counters only.
+class _ZarrSink:
+    """Merged chunks into the output: one writer per chunk, class ids last (the completion record)."""
 
-    With ``read.skip_empty``, chunks whose core is all nodata (the raster's nodata value, mask
-    band or alpha) skip the model; nodata pixels inside computed chunks get the fill class.
-    """
+    def __init__(self, target: OutputTarget) -> None:
+        self.target = target
+
+    def write(self, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        write_chunk(self.target, chunk, labels, probs)
+
+
+def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
+    """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
     from segpipe.engine.predictor import cached_predictor
 
-    t = job.tiling
-    grid = ChunkGrid(job.target.height, job.target.width, t.chunk_size)
-    chunks = [grid.chunk(iy, ix) for iy, ix in keys]
-    counters: dict[str, Any] = {"chunks": len(chunks), "skipped": 0, "content": False, "classes": 0,
-                                "megapixels": sum(c.h * c.w for c in chunks) / 1e6}
+    plan = TilePlan.of(job.tiling, job.target.height, job.target.width)
+    grid, tiles = plan.grid, plan.tiles
+    items = [(tiles.chunk(*tk), [grid.chunk(*ck) for ck in cks]) for tk, cks in work]
+    megapixels = sum(c.h * c.w for _, cks in items for c in cks) / 1e6
     if fill:  # slide background outside the tissue mask
-        for c in chunks:
-            _write_fill(job, c, job.background_class)
-        counters["skipped"] = len(chunks)
-        return counters
+        n = 0
+        for _, cks in items:
+            for c in cks:
+                _write_fill(job, c, job.background_class)
+                n += 1
+        return {"chunks": n, "skipped": n, "megapixels": megapixels, "stats": TileStats()}
     r = job.read
-    # small batches (CPU): one shared handle, each block decoded once; large batches (GPU): a
-    # handle per thread so batches are read in parallel (overlaps within a batch stay cached)
-    open_reader = thread_reader if len(keys) >= PARALLEL_READ_BATCH else shared_reader
+    # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
+    # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
+    open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
-    valid: dict[tuple[int, int], np.ndarray | None] = {}
-    if r.skip_empty and getattr(reader, "has_mask", False):
-        for c in list(chunks):
-            v = reader.read_valid(Window(c.y0, c.x0, c.h, c.w))
-            if v is not None and not v.any():
-                _write_fill(job, c, None)
-                chunks.remove(c)
-                counters["skipped"] += 1
-            elif v is not None and not v.all():
-                valid[c.key] = v
-    if not chunks:
-        return counters
-    tiles = np.stack([reader.read(input_window(c, t.chunk_size, t.halo, t.multiple_of)) for c in chunks])
-    counters["content"] = bool(tiles.min() != tiles.max())
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
-    labels, probs = predictor.predict(tiles, job.norm)
-    del tiles
-    for i, c in enumerate(chunks):
-        ys, xs = core_in_window(c, t.halo)
-        lab = labels[i, ys, xs]
-        p = None if probs is None else probs[i, :, ys, xs]
-        v = valid.get(c.key)
-        if v is not None:  # pixels without data take the nodata label, probability 0 for every class
-            lab = np.where(v, lab, job.target.nodata_label).astype(lab.dtype)
-            if p is not None:
-                p = p.copy()
-                p[:, ~v] = 0
-        counters["classes"] |= _class_bits(lab, job.target.nodata_label)
-        write_chunk(job.target, c, lab, p)
-    return counters
-
-
-def _class_bits(labels: np.ndarray, nodata: int) -> int:
-    """Bit set of the class ids present (ids ≥ 62 share the top bit: enough to tell one class from many)."""
-    counts = np.bincount(labels.ravel(), minlength=1)
-    bits = 0
-    for cls in np.flatnonzero(counts):
-        if cls != nodata:
-            bits |= 1 << min(int(cls), 62)
-    return bits
+    stats = infer_tiles(reader, predictor, plan, items, _ZarrSink(job.target), norm=job.norm,
+                        nodata=job.target.nodata_label, batch_size=max(1, len(work)), skip_empty=r.skip_empty,
+                        fill=lambda c, v: _write_fill(job, c, v))
+    return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats}
 
 
 @dataclass
@@ -241,6 +219,7 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "width": info.width,
         "bands": list(settings.read.bands) if settings.read.bands else None,
         "chunk_size": t.chunk_size,
+        "tile_size": TilePlan.of(t, info.height, info.width).tile_size,
         "halo": t.halo,
         "multiple_of": t.multiple_of,
         "settings_key": settings.output_key(),
@@ -283,6 +262,11 @@ def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, set
             changes.append(f"model {key} {old_model[key]} → {value}")
     old_settings = seg.get("settings")
     new_settings = settings.output_settings()
+    if not isinstance(old_settings, dict) and "chunk_size" in seg:
+        # written before settings were recorded by name: what was recorded, tiles = chunks then
+        old_settings = {**new_settings, "chunk_size": seg.get("chunk_size"), "halo": seg.get("halo"),
+                        "multiple_of": seg.get("multiple_of", 32), "tile_size": seg.get("chunk_size"),
+                        "bands": seg.get("bands"), "tta": seg.get("tta", False)}
     if isinstance(old_settings, dict):
         for key, value in new_settings.items():
             if _canonical(old_settings.get(key)) != _canonical(value):
@@ -416,15 +400,16 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.chunks_resumed = len(done)
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
-        todo = (k for k in strip_order(grid) if k not in done and k not in background)
-        fill = (k for k in sorted(background) if k not in done)
+        tplan = TilePlan.of(settings.tiling, info.height, info.width)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm)
         gpu_workers, threads = worker_capacity(client)  # one scheduler round trip per image
-        stats = _run_tasks(client, job, batched(todo, _batch_size(settings.inference, gpu_workers)),
-                           batched(fill, 256), result, progress, gpu_workers, threads)
-        if stats["content"] and stats["classes"] and stats["classes"] & (stats["classes"] - 1) == 0:
-            cls = stats["classes"].bit_length() - 1
+        compute, fill = _tile_work(tplan, done, background)
+        per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
+        stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,
+                           gpu_workers, threads)
+        if stats.content and 0 <= stats.min_label == stats.max_label:
+            cls = stats.min_label
             name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)
             result.notes.append(f"{image.uri}: the model predicted one class ({name}) everywhere; check the "
                                 "model and the input's pixel type and bands")
@@ -466,9 +451,44 @@ def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
     return info, background, norm
 
 
-def batched(keys: Iterator[tuple[int, int]], size: int) -> Iterator[list[tuple[int, int]]]:
-    """Consecutive lists of at most ``size`` keys, produced lazily (an image's plan is never materialised)."""
-    batch: list[tuple[int, int]] = []
+def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
+               ) -> tuple[Iterator[Any], Iterator[Any]]:
+    """Lazily, the (tile, chunks) to compute and the (tile, chunks) to write as background fill.
+
+    Tiles are visited in column strips (see :func:`strip_order`) so a window's neighbours were
+    decoded moments ago; only chunks not yet in the store are written (resume), and a tile whose
+    missing chunks are all slide background is not computed.
+    """
+    tiles = plan.tiles
+
+    def split() -> Iterator[tuple[bool, tuple[tuple[int, int], list[tuple[int, int]]]]]:
+        for tk in strip_order(tiles, strip=max(1, 8 * plan.chunk_size // plan.tile_size)):
+            missing = [c.key for c in plan.chunks(tiles.chunk(*tk)) if c.key not in done]
+            bg = [k for k in missing if k in background]
+            todo = [k for k in missing if k not in background]
+            if todo:
+                yield True, (tk, todo)
+            if bg:
+                yield False, (tk, bg)
+
+    if not background:
+        return (w for _, w in split()), iter(())
+    items = list(split())  # slides: the tile grid of a slide level is small
+    return (w for c, w in items if c), (w for c, w in items if not c)
+
+
+def _tiles_per_task(settings: InferenceSettings, gpu_workers: bool, window_side: int) -> int:
+    """Tiles per Dask task (= per forward batch): ``--batch-size``, else 1 on CPU and, on a GPU, as
+    many as keep a batch near 16 windows of 640² (6.5 MP) whatever the tile size."""
+    if settings.batch_size:
+        return settings.batch_size
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and gpu_workers)
+    return max(1, (16 * 640 * 640) // (window_side * window_side)) if gpu else 1
+
+
+def batched(keys: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items, produced lazily (an image's plan is never materialised)."""
+    batch: list[Any] = []
     for k in keys:
         batch.append(k)
         if len(batch) == size:
@@ -482,17 +502,16 @@ def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int,
     """Chunks outside a slide's tissue mask (computed once at low resolution); empty for other readers."""
     if not hasattr(reader, "thumbnail"):
         return set()
-    from segpipe.io.readers.slide import chunk_has_tissue, tissue_mask
+    from segpipe.io.readers.tissue import chunk_has_tissue, tissue_mask
 
     tm = tissue_mask(reader)
     grid = ChunkGrid(reader.info.height, reader.info.width, settings.tiling.chunk_size)
     return {c.key for c in grid if not chunk_has_tissue(tm.mask, c, tm.scale)}
 
 
-def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[int, int]]],
-               fill_batches: Iterator[list[tuple[int, int]]], result: ImageResult, progress: Progress | None,
-               gpu_workers: bool, threads: int) -> dict[str, Any]:
-    """Run the chunk tasks with a bounded number in flight; returns merged counters.
+def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
+               result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int) -> TileStats:
+    """Run the tile tasks with a bounded number in flight; returns merged counters.
 
     Submitting an image's whole graph at once makes the driver's memory grow with the number
     of chunks (a 200,000² image: 152,000 tasks, GBs before the first chunk is written), so
@@ -506,13 +525,14 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[i
     run = job.target.run_id[:8]
     in_flight = max(8, 4 * max(threads, 1))
 
-    def submit(batch: list[tuple[int, int]], fill: bool) -> Any:
-        kind = "fill" if fill else "chunks"
-        return client.submit(run_chunks, job, batch, fill, pure=False, resources=None if fill else resources,
-                             key=f"segpipe-{kind}-{run}-{batch[0][0]}-{batch[0][1]}-{uuid.uuid4().hex[:6]}")
+    def submit(batch: TileWork, fill: bool) -> Any:
+        kind = "fill" if fill else "tiles"
+        ty, tx = batch[0][0]
+        return client.submit(run_tiles, job, batch, fill, pure=False, resources=None if fill else resources,
+                             key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
 
-    pending = itertools.chain(((b, False) for b in key_batches), ((b, True) for b in fill_batches))
-    stats: dict[str, Any] = {"content": False, "classes": 0}
+    pending = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
+    stats = TileStats()
     queue = as_completed([submit(b, f) for b, f in itertools.islice(pending, in_flight)])
     trim = is_in_process(client)
     try:
@@ -530,8 +550,7 @@ def _run_tasks(client: Client, job: ChunkJob, key_batches: Iterator[list[tuple[i
                 queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])
             result.chunks_skipped += int(counters["skipped"])
-            stats["content"] |= bool(counters.get("content"))
-            stats["classes"] |= int(counters.get("classes", 0))
+            stats.add(counters["stats"])
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
     finally:

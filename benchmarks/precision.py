@@ -25,7 +25,8 @@ def main() -> None:
     from segpipe.core.settings import InferenceSettings, SegmentSettings
     from segpipe.evaluate.evaluation import score_output
     from segpipe.io.storage import list_images
-    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
     from segpipe.train.synthetic import write_scene
     from segpipe.train.synthetic_scene import CLASSES
 

@@ -19,9 +19,10 @@ from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_sett
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.export import Exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
-from segpipe.engine.segment import (
-    ImageResult, ModelRef, assign_outputs, check_model, segment_image, summary_rows, write_image_exports,
-)
+from segpipe.engine.job import ModelRef, check_model
+from segpipe.engine.ownership import assign_outputs
+from segpipe.engine.results import ImageResult, summary_rows
+from segpipe.engine.segment import segment_image, write_image_exports
 
 
 def _transient(task, task_run, state) -> bool:
@@ -138,6 +139,7 @@ def segment_images(
     out: str,
     chunk_size: int = 512,
     halo: int = 64,
+    tile_size: int | None = None,
     batch_size: int | None = None,
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
@@ -165,7 +167,7 @@ def segment_images(
     task run ends Failed; the flow run ends Failed after every other image finished.
     """
     logger = get_run_logger()
-    settings = segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
+    settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite)

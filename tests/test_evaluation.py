@@ -68,7 +68,8 @@ def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
     from segpipe.io.readers import open_image
     from segpipe.io.storage import list_images
     from segpipe.models.artifact import load_artifact
-    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
     from segpipe.train.synthetic import write_scene
     from segpipe.core.geometry import Window
 

@@ -6,7 +6,8 @@ import zarr
 
 from segpipe.core.settings import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
 from segpipe.io.storage import list_images
-from segpipe.engine.segment import check_model, segment_image
+from segpipe.engine.job import check_model
+from segpipe.engine.segment import segment_image
 from tests.helpers import write_geotiff
 
 

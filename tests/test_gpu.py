@@ -22,7 +22,8 @@ def test_auto_device_and_precision_pick_cuda_bf16():
 def test_cuda_bf16_agrees_with_cpu_fp32(tmp_path, scene_tif, model_dir, client):
     from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
 
     ref, _ = check_model(model_dir)
     image = list_images(scene_tif)[0]
@@ -41,7 +42,8 @@ def test_cuda_bf16_agrees_with_cpu_fp32(tmp_path, scene_tif, model_dir, client):
 def test_cuda_tta_and_probabilities(tmp_path, scene_tif, model_dir, client):
     from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
 
     ref, _ = check_model(model_dir)
     s = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=32),

@@ -8,7 +8,8 @@ import zarr
 from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
 from segpipe.io.storage import list_images
 from segpipe.models.artifact import load_artifact
-from segpipe.engine.segment import check_model, segment_image, segment_many
+from segpipe.engine.job import check_model
+from segpipe.engine.segment import segment_image, segment_many
 from segpipe.core.geometry import ChunkGrid, core_in_window, input_window
 
 
@@ -164,7 +165,7 @@ def test_folder_with_good_and_bad_images(tmp_path, photo, model_dir, client):
 
 
 def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
-    import segpipe.engine.segment as P
+    import segpipe.engine.tasks as T
     from segpipe.core.errors import InputError, TransientIOError
 
     calls = []
@@ -175,10 +176,10 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
             raise TransientIOError("s3://b/x.tif", "read failed (HTTP 503 Slow Down)")
         return {"chunks": 1, "skipped": 0, "megapixels": 0.1}
 
-    monkeypatch.setattr(P, "_run_tiles", flaky)
-    monkeypatch.setattr(P.time, "sleep", lambda s: None)
+    monkeypatch.setattr(T, "_run_tiles", flaky)
+    monkeypatch.setattr(T.time, "sleep", lambda s: None)
     job = type("Job", (), {"source": "s3://b/x.tif"})()
-    assert P.run_tiles(job, [((0, 0), [(0, 0)])])["chunks"] == 1 and len(calls) == 3
+    assert T.run_tiles(job, [((0, 0), [(0, 0)])])["chunks"] == 1 and len(calls) == 3
 
     calls.clear()
 
@@ -186,9 +187,9 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
         calls.append(keys)
         raise InputError("x.tif", "corrupt or truncated image")
 
-    monkeypatch.setattr(P, "_run_tiles", bad)
+    monkeypatch.setattr(T, "_run_tiles", bad)
     with pytest.raises(InputError):
-        P.run_tiles(job, [((0, 0), [(0, 0)])])
+        T.run_tiles(job, [((0, 0), [(0, 0)])])
     assert len(calls) == 1
 
 

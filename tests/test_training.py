@@ -241,7 +241,7 @@ def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
 
     from segpipe.core.classes import class_colors, colors_from_spec, palette_rgba
     from segpipe.evaluate.evaluation import Evaluation, write_evaluation_report
-    from segpipe.engine.segment import ModelRef
+    from segpipe.engine.job import ModelRef
     from segpipe.evaluate.figures import class_palette
     from segpipe.io.output import ome_attrs
 

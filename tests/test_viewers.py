@@ -20,7 +20,8 @@ pytest.importorskip("napari_ome_zarr", reason="napari-ome-zarr is not installed 
 def output(tmp_path_factory, scene_tif, model_dir, client) -> str:
     from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
     from segpipe.io.storage import list_images
-    from segpipe.engine.segment import check_model, segment_image
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
 
     settings = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=16),
                                inference=InferenceSettings(device="cpu", precision="fp32"))

@@ -83,6 +83,9 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--chunk-size", type=int, default=512, show_default=True, help="Output chunk side (pixels)."),
         click.option("--halo", type=int, default=64, show_default=True, help="Context pixels on each side of a chunk."),
+        click.option("--tile-size", type=int, default=None,
+                     help="Side the model sees at once (plus the halo), a multiple of --chunk-size "
+                          "[default: 3 × chunk size, never larger than the image]."),
         click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 1 CPU, 16 GPU]."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -108,12 +111,13 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
                    skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
-                   overwrite: bool = False):
+                   overwrite: bool = False, tile_size: int | None = None):
     """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
     from segpipe.core.settings import segment_settings
 
     try:
-        return segment_settings(chunk_size=chunk_size, halo=halo, batch_size=batch_size, device=device,
+        return segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size,
+                                device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite)

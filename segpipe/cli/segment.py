@@ -87,7 +87,8 @@ def print_summary(results: list) -> None:
 @click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
 @click.option("--processes", is_flag=True, help="Embedded cluster: worker processes instead of threads.")
 @handle_errors
-def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
+            batch_size: int | None,
             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
             mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
@@ -105,7 +106,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     from segpipe.engine.segment import segment_many, write_image_exports
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite)
+                              skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
                               processes=processes)
@@ -122,7 +123,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     if report_json:
         import json
 
-        from segpipe.engine.segment import summary_rows
+        from segpipe.engine.results import summary_rows
 
         with open(report_json, "w") as f:
             json.dump(summary_rows(results), f, indent=2)

@@ -51,7 +51,8 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 @click.option("--out", required=True, help="Folder for metrics.json, report.html, report.md, predictions/.")
 @segment_options
 @handle_errors
-def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, batch_size: int | None,
+def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
+             batch_size: int | None,
              device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
              mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
              dask_address: str | None) -> None:
@@ -63,7 +64,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite=True)
+                              skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size)
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segpipe.core.classes import label_dtype
 from segpipe.core.settings import InferenceSettings
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class Predictor:
         # the one place where raw pixels become network input: segpipe.models.artifact.InputNorm folded
         # into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
         self._folded: dict = {}
-        self.label_dtype = np.uint8 if self.spec.num_classes <= 256 else np.uint16
+        self.label_dtype = label_dtype(self.spec.num_classes).type
         # One forward at a time per device, always on the same thread (see predict).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segpipe-compute")
 

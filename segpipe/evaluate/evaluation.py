@@ -25,7 +25,8 @@ from segpipe.core.errors import DatasetError
 from segpipe.io.readers import open_image
 from segpipe.io.storage import SourceImage, join, list_images
 from segpipe.evaluate.metrics import ConfusionMatrix, scores, write_metrics_json
-from segpipe.engine.segment import ModelRef, check_model, segment_image
+from segpipe.engine.job import ModelRef, check_model
+from segpipe.engine.segment import segment_image
 from segpipe.io.output import open_labels
 from segpipe.core.geometry import ChunkGrid, Window
 

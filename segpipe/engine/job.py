@@ -1,0 +1,52 @@
+"""What a tile task needs: the model reference (loaded on workers, never shipped) and the job of one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+
+from segpipe.core.settings import InferenceSettings, ReadSettings, TilingSettings
+from segpipe.models.registry import resolve as resolve_model
+from segpipe.models.artifact import Artifact, ModelSpec, load_artifact
+from segpipe.models.normalization import InputNorm
+from segpipe.io.output import (
+    OutputTarget,
+)
+
+
+if TYPE_CHECKING:
+
+    pass
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What chunk tasks need to load the model on a worker: where it is and which weights."""
+
+    uri: str
+    sha256: str
+    spec: ModelSpec
+
+def check_model(model: str) -> tuple[ModelRef, Artifact]:
+    """Resolve and load an artifact and build its network once, so a bad model fails before any image."""
+    artifact = load_artifact(resolve_model(model))
+    artifact.network()  # validates every tensor's name and shape
+    return ModelRef(artifact.uri, artifact.sha256, artifact.spec), artifact
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything a chunk task needs, all small and picklable."""
+
+    source: str
+    read: ReadSettings
+    model: ModelRef
+    inference: InferenceSettings
+    tiling: TilingSettings
+    target: OutputTarget
+    background_class: int | None = None
+    fingerprint: str = ""
+    #: the image's input normalisation (fixed per pixel type, or a percentile stretch computed once)
+    norm: InputNorm | None = None
+
+TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

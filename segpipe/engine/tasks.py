@@ -1,0 +1,211 @@
+"""The worker side: Dask tasks that run tiles through the engine and write their chunks, and the
+driver loop that submits them with a bounded number in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from segpipe.core.settings import InferenceSettings
+from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.io.readers import shared_reader, thread_reader
+from segpipe.io.output import (
+    OutputTarget, write_chunk,
+)
+from segpipe.core.geometry import Chunk, strip_order
+from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
+
+from segpipe.engine.job import ChunkJob, TileWork
+from segpipe.engine.results import ImageResult, Progress
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+
+log = logging.getLogger("segpipe.engine.segment")
+
+
+def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
+    """A chunk the model does not see: ``value`` everywhere (probability 1 for it), or nodata (all 0)."""
+    label = job.target.nodata_label if value is None else value
+    labels = np.full((chunk.h, chunk.w), label, dtype=job.target.label_dtype)
+    probs = None
+    if job.target.probabilities:
+        probs = np.zeros((job.target.num_classes, chunk.h, chunk.w), np.uint8)
+        if value is not None:
+            probs[value] = 255
+    write_chunk(job.target, chunk, labels, probs)
+
+PARALLEL_READ_BATCH = 4
+
+#: a task's work: (tile key, [chunk keys of that tile to write])
+
+def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
+    """Dask task: predict a few tiles and write their chunks, retrying transient storage errors.
+
+    Bad input (:class:`InputError`) is never retried; a network hiccup or bucket throttling
+    (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
+    Re-running is safe: each chunk is written whole, by this task only. A SegpipeError leaves
+    detached from its cause (see :meth:`SegpipeError.detached`) so it reaches the driver as itself.
+    """
+    error: SegpipeError | None = None
+    for attempt in range(attempts):
+        try:
+            return _run_tiles(job, work, fill)
+        except (TransientIOError, ConnectionError, TimeoutError) as e:
+            if attempt == attempts - 1:
+                error = e.detached() if isinstance(e, SegpipeError) else None
+                if error is None:
+                    raise
+                break
+            log.warning("transient error on %s tiles %s, retrying", job.source, [w[0] for w in work[:2]],
+                        exc_info=True)
+            time.sleep(2**attempt)
+        except SegpipeError as e:
+            log.debug("tiles %s of %s failed", [w[0] for w in work[:2]], job.source, exc_info=True)
+            error = e.detached()  # raised below, outside this block, so it has no chained context
+            break
+    assert error is not None
+    raise error
+
+class _ZarrSink:
+    """Merged chunks into the output: one writer per chunk, class ids last (the completion record)."""
+
+    def __init__(self, target: OutputTarget) -> None:
+        self.target = target
+
+    def write(self, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        write_chunk(self.target, chunk, labels, probs)
+
+def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
+    """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
+    from segpipe.engine.predictor import cached_predictor
+
+    plan = TilePlan.of(job.tiling, job.target.height, job.target.width)
+    grid, tiles = plan.grid, plan.tiles
+    items = [(tiles.chunk(*tk), [grid.chunk(*ck) for ck in cks]) for tk, cks in work]
+    megapixels = sum(c.h * c.w for _, cks in items for c in cks) / 1e6
+    if fill:  # slide background outside the tissue mask
+        n = 0
+        for _, cks in items:
+            for c in cks:
+                _write_fill(job, c, job.background_class)
+                n += 1
+        return {"chunks": n, "skipped": n, "megapixels": megapixels, "stats": TileStats()}
+    r = job.read
+    # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
+    # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
+    open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
+    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
+    predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
+    stats = infer_tiles(reader, predictor, plan, items, _ZarrSink(job.target), norm=job.norm,
+                        nodata=job.target.nodata_label, batch_size=max(1, len(work)), skip_empty=r.skip_empty,
+                        fill=lambda c, v: _write_fill(job, c, v))
+    return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats}
+
+def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
+               ) -> tuple[Iterator[Any], Iterator[Any]]:
+    """Lazily, the (tile, chunks) to compute and the (tile, chunks) to write as background fill.
+
+    Tiles are visited in column strips (see :func:`strip_order`) so a window's neighbours were
+    decoded moments ago; only chunks not yet in the store are written (resume), and a tile whose
+    missing chunks are all slide background is not computed.
+    """
+    tiles = plan.tiles
+
+    def split() -> Iterator[tuple[bool, tuple[tuple[int, int], list[tuple[int, int]]]]]:
+        for tk in strip_order(tiles, strip=max(1, 8 * plan.chunk_size // plan.tile_size)):
+            missing = [c.key for c in plan.chunks(tiles.chunk(*tk)) if c.key not in done]
+            bg = [k for k in missing if k in background]
+            todo = [k for k in missing if k not in background]
+            if todo:
+                yield True, (tk, todo)
+            if bg:
+                yield False, (tk, bg)
+
+    if not background:
+        return (w for _, w in split()), iter(())
+    items = list(split())  # slides: the tile grid of a slide level is small
+    return (w for c, w in items if c), (w for c, w in items if not c)
+
+def _tiles_per_task(settings: InferenceSettings, gpu_workers: bool, window_side: int) -> int:
+    """Tiles per Dask task (= per forward batch): ``--batch-size``, else 1 on CPU and, on a GPU, as
+    many as keep a batch near 16 windows of 640² (6.5 MP) whatever the tile size."""
+    if settings.batch_size:
+        return settings.batch_size
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and gpu_workers)
+    return max(1, (16 * 640 * 640) // (window_side * window_side)) if gpu else 1
+
+def batched(keys: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items, produced lazily (an image's plan is never materialised)."""
+    batch: list[Any] = []
+    for k in keys:
+        batch.append(k)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
+               result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int) -> TileStats:
+    """Run the tile tasks with a bounded number in flight; returns merged counters.
+
+    Submitting an image's whole graph at once makes the driver's memory grow with the number
+    of chunks (a 200,000² image: 152,000 tasks, GBs before the first chunk is written), so
+    tasks are submitted as earlier ones finish: at most a few per worker thread are pending.
+    """
+    from distributed import as_completed
+
+    from segpipe.engine.cluster import is_in_process, trim_memory
+
+    resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
+    run = job.target.run_id[:8]
+    in_flight = max(8, 4 * max(threads, 1))
+
+    def submit(batch: TileWork, fill: bool) -> Any:
+        kind = "fill" if fill else "tiles"
+        ty, tx = batch[0][0]
+        return client.submit(run_tiles, job, batch, fill, pure=False, resources=None if fill else resources,
+                             key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
+
+    pending = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
+    stats = TileStats()
+    queue = as_completed([submit(b, f) for b, f in itertools.islice(pending, in_flight)])
+    trim = is_in_process(client)
+    try:
+        for i, fut in enumerate(queue):
+            if trim and i % 16 == 15:
+                trim_memory()
+            if fut.status == "error":
+                exc = fut.exception()
+                if isinstance(exc, SegpipeError):
+                    raise exc.detached()
+                raise exc.with_traceback(fut.traceback())
+            counters = fut.result()
+            fut.release()
+            for b, f in itertools.islice(pending, 1):
+                queue.add(submit(b, f))
+            result.chunks_computed += int(counters["chunks"] - counters["skipped"])
+            result.chunks_skipped += int(counters["skipped"])
+            stats.add(counters["stats"])
+            if progress:
+                progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
+    finally:
+        for f in list(queue.futures):
+            f.cancel()
+    return stats
+
+def _build_pyramid(target: OutputTarget, client: Client) -> None:
+    from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid
+
+    build_pyramid(target.uri, num_classes=target.num_classes, client=client)
+    if target.probabilities:
+        build_probability_pyramid(target.uri, client=client)

@@ -19,7 +19,7 @@ from segpipe.train.synthetic import write_dataset
 from segpipe.train.loop import train
 from segpipe.train.loss import class_weights
 from segpipe.train.settings import TrainSettings
-from segpipe.train.validate import evaluate_network
+from segpipe.train.validate import validate
 
 #: tiny but real: Unet-resnet18 on 64² patches, 8 steps per epoch. On the CPU so that runs are
 #: bit-identical (CUDA kernels such as weighted nll_loss2d are not deterministic)
@@ -141,7 +141,7 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
     # validation scores by epoch: 0.5, 0.7, 0.6, 0.6 → best epoch 2, stop after 2 worse validations
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])
 
-    def fake_evaluate(net, dataset, **kw):
+    def fake_evaluate(net, dataset, spec, **kw):
         # 1000 pixels of class 0, tp of them right, the rest predicted as class 1:
         # IoU 0 = tp/1000, IoU 1 = 0 → mean IoU = tp/2000
         tp = round(next(scores) * 1000)
@@ -149,7 +149,7 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
         m[0, 0], m[0, 1] = tp, 1000 - tp
         return ConfusionMatrix(5, m)
 
-    monkeypatch.setattr(training, "evaluate_network", fake_evaluate)
+    monkeypatch.setattr(training, "validate", fake_evaluate)
     s = TINY.model_copy(update={"epochs": 5, "patches_per_epoch": 4, "early_stopping_patience": 2})
     r = train(str(data), str(tmp_path / "es"), s, progress=False)
     assert r.epochs_run == 4 and r.best_epoch == 2
@@ -226,10 +226,13 @@ def test_validation_in_tiles_counts_every_pixel(data):
     torch.manual_seed(0)
     from segpipe.models.artifact import build_network
 
+    from segpipe.models.artifact import ModelSpec
+
     net = build_network("Unet", "resnet18", 3, 5)
-    kw = dict(mean=[0.5] * 3, std=[0.25] * 3, input_scale=255.0, device=torch.device("cpu"))
-    tiled = evaluate_network(net, ds, tile=64, halo=16, **kw)
-    whole = evaluate_network(net, ds, tile=1024, **kw)
+    spec = ModelSpec(architecture="Unet", encoder="resnet18", in_channels=3, classes=ds.classes, mean=[0.5] * 3,
+                     std=[0.25] * 3, input_scale=255.0)
+    tiled = validate(net, ds, spec, tile=64, halo=16, device=torch.device("cpu"))
+    whole = validate(net, ds, spec, tile=1024, device=torch.device("cpu"))
     assert tiled.total == whole.total == 96 * 96
     np.testing.assert_array_equal(tiled.matrix.sum(axis=1), whole.matrix.sum(axis=1))  # same truth
 
@@ -282,3 +285,22 @@ def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
     page = Path(html).read_text()
     for color in ("#102030", "#aabbcc", "#ff00ff", "#00ff00"):
         assert f"background:{color}" in page
+
+
+@pytest.mark.slow
+def test_training_validation_and_segpipe_evaluate_agree(data, tmp_path, client):
+    """One engine: validation during training and ``segpipe evaluate`` (Zarr outputs scored chunk by chunk)
+    give the same confusion matrix for the same model, images and tiling."""
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate.evaluation import evaluate
+    from segpipe.models.artifact import load_artifact
+
+    quick = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 8})
+    model = train(str(data), str(tmp_path / "model"), quick, progress=False).uri
+    art = load_artifact(model)
+    ds = load_dataset(str(data), "val")
+    cm = validate(art.network(), ds, art.spec, tile=64, halo=16, device=torch.device("cpu"), precision="fp32")
+    settings = segment_settings(chunk_size=64, tile_size=64, halo=16, precision="fp32", device="cpu")
+    ev = evaluate(model, ds, str(tmp_path / "eval"), settings, client, split="val")
+    assert cm.total > 0 and len(np.flatnonzero(cm.matrix.sum(axis=0))) >= 2  # predictions of several classes
+    np.testing.assert_array_equal(np.array(ev.metrics["confusion_matrix"]), cm.matrix)

@@ -25,7 +25,7 @@ from segpipe.core.settings import InferenceSettings
 if TYPE_CHECKING:
     import torch
 
-    from segpipe.models.artifact import Artifact
+    from segpipe.models.artifact import Artifact, ModelSpec
     from segpipe.models.normalization import InputNorm
 
 log = logging.getLogger("segpipe.engine.predictor")
@@ -100,22 +100,38 @@ class Predictor:
     def __init__(self, artifact: Artifact, settings: InferenceSettings, threads: int | None = None) -> None:
         import torch
 
-        self.spec = artifact.spec
-        self.sha256 = artifact.sha256
-        self.settings = settings
-        self.device = resolve_device(settings.device)
-        self.precision = resolve_precision(settings.precision, self.device)
-        self.batch_size = settings.batch_size or default_batch_size(self.device.type)
-        if self.device.type == "cpu":
+        device = resolve_device(settings.device)
+        if device.type == "cpu":
             torch.set_num_threads(threads or available_cores())
-        net = artifact.network().to(self.device).to(memory_format=torch.channels_last)
-        self.net = net.eval()
-        # the one place where raw pixels become network input: segpipe.models.artifact.InputNorm folded
-        # into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
-        self._folded: dict = {}
-        self.label_dtype = label_dtype(self.spec.num_classes).type
+        net = artifact.network().to(device).to(memory_format=torch.channels_last)
+        self._setup(artifact.spec, settings, device, net.eval(), artifact.sha256)
         # One forward at a time per device, always on the same thread (see predict).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segpipe-compute")
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1,
+                                                                       thread_name_prefix="segpipe-compute")
+
+    @classmethod
+    def from_network(cls, net: torch.nn.Module, spec: ModelSpec, settings: InferenceSettings,
+                     device: torch.device) -> Predictor:
+        """A predictor over a live network (validation during training): same normalisation, batching,
+        precision and argmax as production; runs in the calling thread; the caller sets ``net.eval()``."""
+        self = cls.__new__(cls)
+        self._setup(spec, settings, device, net, "")
+        self._executor = None
+        return self
+
+    def _setup(self, spec: ModelSpec, settings: InferenceSettings, device: torch.device, net: torch.nn.Module,
+               sha256: str) -> None:
+        self.spec = spec
+        self.sha256 = sha256
+        self.settings = settings
+        self.device = device
+        self.precision = resolve_precision(settings.precision, device)
+        self.batch_size = settings.batch_size or default_batch_size(device.type)
+        self.net = net
+        # the one place where raw pixels become network input: segpipe.models.normalization.InputNorm
+        # folded into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
+        self._folded: dict = {}
+        self.label_dtype = label_dtype(spec.num_classes).type
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -184,6 +200,8 @@ class Predictor:
         read and write meanwhile, and the allocator's memory stays in one arena instead of
         growing one per calling thread.
         """
+        if self._executor is None:
+            return self._predict(tiles, norm)
         return self._executor.submit(self._predict, tiles, norm).result()
 
     def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -39,7 +39,7 @@ from segpipe.train.loss import class_weights, make_loss
 from segpipe.train.normalization import band_statistics, default_input_scale
 from segpipe.train.sampler import PatchSampler
 from segpipe.train.settings import TrainSettings, resolve_training_precision, settings_dump
-from segpipe.train.validate import evaluate_network
+from segpipe.train.validate import validate
 
 if TYPE_CHECKING:
     import torch
@@ -179,13 +179,25 @@ def _train_epoch(net, loader, opt, sched, scaler, loss_fn, *, device: torch.devi
     return float(loss_sum), n_steps
 
 
+def _spec_fields(data: _Data, s: TrainSettings) -> dict[str, Any]:
+    """The model contract of what is being trained (validation predicts with it; the artifact records it)."""
+    full = data.full
+    # ``class_colors`` is the contract key the pipeline, exports and viewers read
+    # (segpipe.core.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
+    return dict(architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
+                mean=data.mean, std=data.std, input_scale=data.input_scale, class_colors=list(full.colors))
+
+
+def _spec(data: _Data, s: TrainSettings) -> ModelSpec:
+    return ModelSpec(**_spec_fields(data, s))
+
+
 def _validate(net, data: _Data, prog: Progress, entry: dict[str, Any], *, epoch: int, s: TrainSettings,
               device: torch.device, precision: str) -> None:
     """Score ``net`` on the validation images; record the scores in ``entry``, keep the best weights
     in ``prog`` and set its stop reason once ``early_stopping_patience`` validations brought no gain."""
-    cm = evaluate_network(net, data.val, mean=data.mean, std=data.std, input_scale=data.input_scale,
-                          device=device, precision=precision, tile=s.val_tile, halo=s.val_halo,
-                          batch_size=max(1, min(s.batch_size, 4)))
+    cm = validate(net, data.val, _spec(data, s), device=device, precision=precision, tile=s.val_tile,
+                  halo=s.val_halo, batch_size=1)
     scores = cm.scores(data.full.classes)
     miou = scores["mean_iou"]
     entry["val_mean_iou"] = miou
@@ -308,13 +320,7 @@ def _write_artifact(out_uri: str, net, prog: Progress, data: _Data, s: TrainSett
         "val_pixel_accuracy": best_entry.get("val_pixel_accuracy") if best_entry else None,
     }
     seconds = time.perf_counter() - t_start  # this call (a resumed run: since the resume)
-    full = data.full
-    spec = ModelSpec(
-        architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
-        # ``class_colors`` is the contract key the pipeline, exports and viewers read
-        # (segpipe.core.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
-        mean=data.mean, std=data.std, input_scale=data.input_scale, class_colors=list(full.colors),
-        training={
+    spec = ModelSpec(**_spec_fields(data, s), training={
             "settings": settings_dump(s),
             "epochs_run": prog.epoch,
             "best_epoch": prog.best_epoch,

@@ -3,7 +3,13 @@
 Everything runs side by side in one invocation, each as a whole process the way a user
 runs it, on the same scene, model, device and precision:
 
-    python benchmarks/engine.py --megapixels 50 --device cpu --precision bf16
+    python benchmarks/engine.py --megapixels 50 --device cpu --precision bf16 [--tile-size 1536]
+    python benchmarks/engine.py --megapixels 50 --free-model      # the host path against the I/O floor
+
+``--free-model`` runs the real ``segpipe segment`` with the network's forward replaced by a free
+one (logits = the normalised input; ``benchmarks/_free_segment.py``): what is left is what a GPU
+would wait for. It is compared with the I/O floor: the same chunk + halo windows read with
+rasterio on all cores and the same uint8 chunks zstd-compressed, no framework.
 
 Reports wall time, megapixels/s and peak RSS (summed over the process tree), the raw
 forward on the same number and shape of tiles, the steady-state ratio, the fixed cost
@@ -105,6 +111,39 @@ def monai_run(args: argparse.Namespace) -> None:
     print(json.dumps({"windows_hint": args.overlap}))
 
 
+def io_floor(args: argparse.Namespace) -> None:
+    """The same windows (chunk + halo, clipped to the image) read with rasterio on all cores, the same
+    uint8 chunks zstd-compressed (level 3, as segpipe writes them): no framework, no model."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from numcodecs import Zstd
+    from rasterio.windows import Window
+
+    c, h = args.chunk_size, args.halo
+    with rasterio.open(args.scene) as ds:
+        H, W = ds.height, ds.width
+    keys = [(y, x) for y in range(0, H, c) for x in range(0, W, c)]
+    local = threading.local()
+    zstd = Zstd(level=3)
+
+    def work(key: tuple[int, int]) -> int:
+        ds = getattr(local, "ds", None)
+        if ds is None:
+            ds = local.ds = rasterio.open(args.scene)
+        y, x = key
+        y0, x0 = max(0, y - h), max(0, x - h)
+        a = ds.read(window=Window(x0, y0, min(W, x + c + h) - x0, min(H, y + c + h) - y0))
+        return len(zstd.encode(np.ascontiguousarray(a[0, :c, :c])))
+
+    cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=256 * 2**20), ThreadPoolExecutor(cores) as ex:
+        sum(ex.map(work, keys))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "windows": len(keys), "threads": cores}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--megapixels", type=float, default=50.0)
@@ -112,6 +151,10 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
+    ap.add_argument("--tile-size", type=int, default=None, help="segpipe's --tile-size [default: 3 × chunk].")
+    ap.add_argument("--free-model", action="store_true", help="Forward replaced by a free one; compare with the I/O floor.")
+    ap.add_argument("--compare-tile", action="store_true",
+                    help="Also run with --tile-size = --chunk-size (today's windows) and report the ratio.")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="Keep scenes and outputs here (default: a temp folder).")
     ap.add_argument("--skip-monai", action="store_true")
@@ -120,6 +163,10 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("raw")
     m = sub.add_parser("monai")
+    fl = sub.add_parser("floor")
+    fl.add_argument("--scene", required=True)
+    fl.add_argument("--chunk-size", type=int, default=512)
+    fl.add_argument("--halo", type=int, default=64)
     for p in (r, m):
         p.add_argument("--model", required=True)
         p.add_argument("--device", default="cpu")
@@ -135,6 +182,8 @@ def main() -> None:
         return raw_forward(args)
     if args.cmd == "monai":
         return monai_run(args)
+    if args.cmd == "floor":
+        return io_floor(args)
     run_all(args)
 
 
@@ -154,38 +203,73 @@ def run_all(args: argparse.Namespace) -> None:
         from segpipe.models.artifact import create_artifact
 
         create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
-    from segpipe.engine.predictor import default_batch_size
+    from segpipe.core.geometry import effective_tile_size
 
-    batch = args.batch_size or default_batch_size("cuda" if args.device.startswith("cuda") else "cpu")
-    T = tile_side(args.chunk_size, args.halo)
-    tiles = len(ChunkGrid(side, side, args.chunk_size))
-    segpipe = [PY, "-m", "segpipe.cli.main", "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
+    if args.free_model:
+        model = work / "model-free"
+        if not model.exists():
+            from segpipe.models.artifact import create_artifact
+
+            create_artifact(str(model), "Unet", "resnet18", ["a", "b", "c"], seed=0)
+    tile = effective_tile_size(args.tile_size or 3 * args.chunk_size, args.chunk_size, side, side)
+    batch = args.batch_size or 1
+    T = tile_side(tile, args.halo)
+    tiles = len(ChunkGrid(side, side, tile))
+    runner = [PY, str(Path(__file__).with_name("_free_segment.py"))] if args.free_model else [PY, "-m", "segpipe.cli.main"]
+    segpipe = [*runner, "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
                "--halo", str(args.halo), "--device", args.device, "--precision", args.precision,
-               "--batch-size", str(batch), "--no-progress", *args.segment_args.split()]
+               "--no-progress", *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+               *args.segment_args.split()]
     env = {**os.environ}
-    results: dict = {"scene": f"{side}x{side}", "megapixels": side * side / 1e6, "tiles": tiles, "tile_side": T,
-                     "batch_size": batch, "device": args.device, "precision": args.precision}
+    results: dict = {"scene": f"{side}x{side}", "megapixels": side * side / 1e6, "chunk_size": args.chunk_size,
+                     "tile_size": tile, "tiles": tiles, "window_side": T, "batch_size": batch, "device": args.device,
+                     "precision": args.precision, "free_model": args.free_model, "cores": os.cpu_count()}
 
-    def seg(src: Path, name: str) -> dict:
+    def seg(src: Path, name: str, tile_size: int | None = None) -> dict:
         out = work / f"out-{name}"
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        m = measure([*segpipe, str(src), "--out", str(out)], env=env)
+        m = measure([*segpipe, "--tile-size", str(tile_size or args.tile_size or 3 * args.chunk_size), str(src),
+                     "--out", str(out)], env=env)
         if m.returncode != 0:
             raise SystemExit(f"segpipe failed on {src}:\n{m.stderr[-3000:]}")
         return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb)}
 
+    if args.free_model:
+        results["fixed_cost"] = seg(one, "one")
+        results["pipeline"] = seg(scene, "scene")
+        fl = measure([PY, __file__, "floor", "--scene", str(scene), "--chunk-size", str(args.chunk_size),
+                      "--halo", str(args.halo)], env=env)
+        if fl.returncode != 0:
+            raise SystemExit(fl.stderr[-3000:])
+        floor = json.loads(fl.stdout.strip().splitlines()[-1])
+        steady = results["pipeline"]["seconds"] - results["fixed_cost"]["seconds"]
+        mp = results["megapixels"]
+        results.update({
+            "io_floor": {"seconds": round(floor["seconds"], 2), "threads": floor["threads"]},
+            "steady_state_seconds": round(steady, 2),
+            "steady_state_mp_per_s": round(mp / steady, 2),
+            "steady_state_mp_per_s_per_core": round(mp / steady / (os.cpu_count() or 1), 2),
+            "io_floor_mp_per_s": round(mp / floor["seconds"], 2),
+            "ratio_steady_vs_floor": round(floor["seconds"] / steady, 3),
+        })
+        print(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return
     results["fixed_cost"] = seg(one, "one")
     results["pipeline"] = seg(scene, "scene")
     results["pipeline_small"] = seg(small, "small")
+    if args.compare_tile:
+        results["pipeline_tile_eq_chunk"] = seg(scene, "scene-chunk-tiles", args.chunk_size)
     raw = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision", args.precision,
                    "--side", str(T), "--batch", str(batch), "--tiles", str(tiles)], env=env)
     if raw.returncode != 0:
         raise SystemExit(raw.stderr[-3000:])
     results["raw_forward"] = {"seconds": round(json.loads(raw.stdout.strip().splitlines()[-1])["seconds"], 2)}
     if not args.skip_monai:
-        overlap = 1 - args.chunk_size / T  # same window count: stride = chunk size
+        overlap = 1 - tile / T  # same window count: stride = tile size
         mo = measure([PY, __file__, "monai", "--model", str(model), "--device", args.device, "--precision",
                       args.precision, "--side", str(T), "--batch", str(batch), "--scene", str(scene), "--overlap",
                       str(overlap), "--out", str(work / "out-monai.zarr")], env=env)
@@ -203,6 +287,8 @@ def run_all(args: argparse.Namespace) -> None:
     if "monai" in results:
         results["speedup_vs_monai"] = round(results["monai"]["seconds"] / p["seconds"], 2)
         results["rss_vs_monai"] = round(p["peak_rss_mb"] / results["monai"]["peak_rss_mb"], 3)
+    if args.compare_tile:
+        results["speedup_tile_vs_chunk_windows"] = round(results["pipeline_tile_eq_chunk"]["seconds"] / p["seconds"], 3)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -39,8 +39,8 @@ class RichProgress:
         self._progress.stop()
 
     def plan(self, chunks: int, megapixels: float) -> None:
-        self._progress.update(self._task, total=chunks, description="segment", image="")
-        self._t0 = time.perf_counter()
+        # called from the planning thread, possibly after the first chunks were counted
+        self._progress.update(self._task, total=chunks, description="segment")
 
     def image(self, index: int, count: int, name: str) -> None:
         self._progress.update(self._task, image=f"image {index + 1}/{count} {name}")

@@ -192,12 +192,19 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     return chunks, mp
 
 def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
-                 progress: Progress | None = None) -> list[ImageResult]:
-    """List every source, check the model once, then segment the images one after another.
+                 progress: Progress | None = None, max_concurrent_images: int = 4) -> list[ImageResult]:
+    """List every source, check the model once, then segment the images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
-    Model errors raise (nothing can run without a model).
+    Model errors raise (nothing can run without a model). Up to ``max_concurrent_images``
+    images are in progress at once, so one image's header reads, output creation and scheduler
+    round trips overlap the others' tiles (a folder of small chips is mostly such per-image work);
+    results keep the order of the listing. The progress total is counted from the image headers
+    in a background thread while the first images already run.
     """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from segpipe.engine.cluster import is_in_process
     from segpipe.engine.predictor import prime_predictor
     from segpipe.io.storage import ensure_writable
@@ -216,13 +223,23 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
         prime_predictor(artifact, settings.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory
     names = assign_outputs(images, out)
+    planner = None
     if progress:
-        progress.plan(*_plan(images, settings))
-    for i, image in enumerate(images):
+        planner = threading.Thread(target=lambda: progress.plan(*_plan(images, settings)), daemon=True,
+                                   name="segpipe-plan")
+        planner.start()
+
+    def one(i: int) -> ImageResult:
         if progress and hasattr(progress, "image"):
-            progress.image(i, len(images), image.relative)
-        results.append(segment_image(image, ref, out, settings, client, progress, target_uri=names[image.uri]))
+            progress.image(i, len(images), images[i].relative)
+        return segment_image(images[i], ref, out, settings, client, progress, target_uri=names[images[i].uri])
+
+    with ThreadPoolExecutor(max(1, max_concurrent_images), thread_name_prefix="segpipe-image") as pool:
+        results.extend(pool.map(one, range(len(images))))
+    if planner is not None:
+        planner.join()
     return results
+
 
 def _unique(images: Sequence[SourceImage]) -> list[SourceImage]:
     """Each image once, even when two sources (a folder and a glob) both list it."""

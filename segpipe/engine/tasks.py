@@ -206,6 +206,8 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
     from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid
 
+    if target.height <= target.chunk_size and target.width <= target.chunk_size:
+        return  # one chunk: no lower level to build (levels stop at about one chunk)
     build_pyramid(target.uri, num_classes=target.num_classes, client=client)
     if target.probabilities:
         build_probability_pyramid(target.uri, client=client)

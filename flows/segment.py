@@ -6,6 +6,8 @@ database; a Dask task < 1 ms). Only URIs, settings and counters pass through Pre
 
 from __future__ import annotations
 
+import re
+
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -59,6 +61,22 @@ def load_model(model: str, out: str) -> ModelRef:
     get_run_logger().info("model %s (%s/%s), weights %s", ref.uri, ref.spec.architecture, ref.spec.encoder,
                           ref.sha256[:12])
     return ref
+
+
+_OPTION = re.compile(r"--([a-z][a-z-]*)(?: (\d[\w.,]*))?")
+
+
+def flow_wording(line: str) -> str:
+    """A one-line message in the words of this flow: ``--bands 1,1,1`` → ``bands='1,1,1'``,
+    ``--max-pixels`` → ``max_pixels``, ``pass --overwrite (flow parameter overwrite=True)`` →
+    ``set overwrite=True`` (the library speaks the CLI's option names)."""
+    line = line.replace("pass --overwrite (flow parameter overwrite=True)", "set overwrite=True")
+
+    def repl(m: re.Match) -> str:
+        name = m.group(1).replace("-", "_")
+        return f"{name}={m.group(2)!r}" if m.group(2) else f"parameter {name}"
+
+    return _OPTION.sub(repl, line)
 
 
 class ImagesFailed(SegpipeError):
@@ -118,10 +136,12 @@ def segment_one(image: SourceImage, model: ModelRef, out: str, settings: Segment
     logger = get_run_logger()
     result = segment_image(image, model, out, settings, client_for(scheduler), PrefectProgress(image.relative),
                            target_uri=target_uri)
+    result.notes = [flow_wording(n) for n in result.notes]
     for note in result.notes:
         logger.warning("%s", note)
     write_image_exports(result, exports)
     if result.status == "failed":
+        result.error = flow_wording(result.error or "")
         logger.error("%s", result.error)
         if result.transient:
             raise TransientIOError(None, result.error or "storage error")

@@ -89,3 +89,13 @@ def test_flow_exports(harness, tmp_path, photo, model_dir):
     with rasterio.open(out / "g.tif") as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.crs is not None
     assert (out / "g.gpkg").stat().st_size > 0 and (out / "g.png").stat().st_size > 0
+
+
+def test_flow_messages_name_flow_parameters():
+    from flows.segment import flow_wording
+
+    assert flow_wording("g.tif: has 1 band(s) but the model expects 3; it is grayscale: repeat the band with "
+                        "--bands 1,1,1").endswith("repeat the band with bands='1,1,1'")
+    assert flow_wording("o/s.zarr: is complete with other settings (halo 16 → 8); it was kept: pass --overwrite "
+                        "(flow parameter overwrite=True) to replace it").endswith("set overwrite=True to replace it")
+    assert "--" not in flow_wording("choose another --out; raise --max-pixels")

@@ -21,11 +21,17 @@ def test_round_trip(art_dir):
     net = art.network()
     with torch.inference_mode():
         assert net(torch.zeros(1, 4, 64, 64)).shape == (1, 2, 64, 64)
-    # the weights are exactly the state_dict of smp.create_model(...)
-    import segmentation_models_pytorch as smp
-
-    ref = smp.create_model("FPN", encoder_name="resnet18", encoder_weights=None, in_channels=4, classes=2)
-    assert set(ref.state_dict()) == set(art.weights)
+    # the weights are exactly the state_dict of build_network(...) (smp.create_model): the same
+    # tensor names with the same shapes and dtypes, buffers (BatchNorm running stats, counters) included
+    ref = build_network("FPN", "resnet18", 4, 2).state_dict()
+    layout = lambda sd: {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}  # noqa: E731
+    assert layout(art.weights) == layout(ref)
+    assert art.weights["segmentation_head.0.weight"].shape == (2, 128, 1, 1)  # 2 classes
+    assert art.weights["encoder.conv1.weight"].shape == (64, 4, 7, 7)  # 4 input bands
+    assert art.weights["encoder.bn1.num_batches_tracked"].dtype == torch.int64
+    # and the values are the network's: what was saved is what the loaded network holds
+    loaded = net.state_dict()
+    assert all(torch.equal(loaded[k], art.weights[k]) for k in ref)
 
 
 def test_seeded(tmp_path):

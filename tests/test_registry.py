@@ -102,9 +102,27 @@ def test_versions_are_immutable(artifacts, tmp_path):
     assert [v.version for v in registry.list_versions(reg)] == ["v1", "v3"]
     with pytest.raises(ModelError, match="no such version"):
         registry.resolve(f"{reg}@v2")
-    # files of a version are read-only
-    assert not os.access(Path(reg, "v1", "model.json"), os.W_OK) or os.geteuid() == 0
-    assert oct(Path(reg, "v1", "model.json").stat().st_mode & 0o777) == "0o444"
+    # every file of a version is read-only: no write bit for anyone (checked on the mode bits, which
+    # holds whoever runs the tests; that a write is then refused is test_version_files_refuse_writes)
+    files = sorted(p.name for p in Path(reg, "v1").iterdir())
+    assert files == ["model.json", "registration.json", "weights.safetensors"]
+    assert {name: oct(Path(reg, "v1", name).stat().st_mode & 0o777) for name in files} == dict.fromkeys(files, "0o444")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="running as root: root may write to a 0o444 file, so a refused write cannot be "
+                           "observed here (the mode bits are checked in test_versions_are_immutable)")
+def test_version_files_refuse_writes(artifacts, tmp_path):
+    a, _ = artifacts
+    reg = str(tmp_path / "reg")
+    registry.register(reg, a, metrics=METRICS)
+    for p in sorted(Path(reg, "v1").iterdir()):
+        assert not os.access(p, os.W_OK), p.name
+        with pytest.raises(PermissionError):
+            p.open("r+b")
+        with pytest.raises(PermissionError):
+            p.write_bytes(b"tampered")
+    assert registry.list_versions(reg)[0].weights_sha256 == load_artifact(a).sha256
 
 
 def test_concurrent_registrations_get_distinct_versions(artifacts, tmp_path):

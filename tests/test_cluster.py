@@ -1,0 +1,99 @@
+"""segpipe.engine.cluster: how the embedded cluster is sized, and what worker_capacity reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from segpipe.core.settings import ClusterSettings
+from segpipe.engine import cluster
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cores", "threads"),
+    [
+        (0, 1, 3),  # a CPU: one thread computes, two read and write, whatever the core count
+        (0, 2, 3),
+        (0, 64, 3),
+        (1, 1, 3),  # with a GPU: as many threads as cores, at least 3 ...
+        (1, 2, 3),
+        (1, 8, 8),
+        (1, 12, 12),
+        (1, 64, 12),  # ... and at most 12
+        (2, 2, 3),
+        (2, 6, 6),
+        (2, 64, 12),
+    ],
+)
+def test_default_threads(monkeypatch, gpus, cores, threads):
+    monkeypatch.setattr("segpipe.engine.predictor.available_cores", lambda: cores)
+    assert cluster.default_threads(gpus) == threads
+
+
+def test_gpu_count_is_torchs(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert cluster._gpu_count() == 0  # a count without a usable CUDA runtime is no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cluster._gpu_count() == 3
+
+
+@pytest.mark.parametrize(
+    ("gpus", "settings", "workers", "threads"),
+    [
+        (0, ClusterSettings(), 1, 3),  # the default: one worker of three threads
+        (1, ClusterSettings(), 1, 8),  # one GPU: one worker, threads by default_threads (8 cores here)
+        (2, ClusterSettings(), 1, 8),  # two GPUs without dask-cuda processes: one worker holding both
+        (0, ClusterSettings(n_workers=2, threads_per_worker=2), 2, 2),
+        (2, ClusterSettings(threads_per_worker=4), 1, 4),
+    ],
+)
+def test_embedded_cluster_sizing(monkeypatch, gpus, settings, workers, threads):
+    """The embedded (threaded) cluster for 0, 1 and 2 GPUs, seen through worker_capacity."""
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: gpus)
+    monkeypatch.setattr("segpipe.engine.predictor.available_cores", lambda: 8)
+    with cluster.dask_client(settings) as client:
+        info = client.scheduler_info()["workers"]
+        assert len(info) == workers
+        assert sorted(w["nthreads"] for w in info.values()) == [threads] * workers
+        # a GPU resource per visible device on the worker: GPU tasks request one each
+        assert [w.get("resources", {}).get("GPU") for w in info.values()] == [gpus or None] * workers
+        assert cluster.worker_capacity(client) == (gpus > 0, workers * threads)
+        assert cluster.has_gpu_workers(client) is (gpus > 0)
+        assert cluster.is_in_process(client)
+        assert cluster.client_for(client.scheduler.address) is client
+
+
+def test_worker_capacity_of_the_session_cluster(client):
+    """The fixture's cluster is what the CLI starts: one in-process worker, 3 threads on a CPU."""
+    gpus = cluster._gpu_count()
+    info = client.scheduler_info()["workers"]
+    expected = sum(w["nthreads"] for w in info.values())
+    assert cluster.worker_capacity(client) == (gpus > 0, expected)
+    assert len(info) == 1 and expected == cluster.default_threads(gpus)
+    if not gpus:
+        assert cluster.worker_capacity(client) == (False, 3)
+    assert cluster.is_in_process(client)
+
+
+def test_worker_capacity_counts_every_worker():
+    """Totals over workers and any worker's GPU resource, from the scheduler's answer."""
+
+    class FakeClient:
+        def __init__(self, workers):
+            self.workers = workers
+
+        def scheduler_info(self, n_workers=5):
+            items = list(self.workers.items())
+            return {"workers": dict(items if n_workers == -1 else items[:n_workers])}
+
+    many = {f"tcp://w{i}": {"nthreads": 2, "resources": {}} for i in range(9)}
+    many["tcp://gpu"] = {"nthreads": 4, "resources": {"GPU": 1}}
+    assert cluster.worker_capacity(FakeClient(many)) == (True, 22)  # all 10 workers, not the first 5
+    assert cluster.worker_capacity(FakeClient({"a": {"nthreads": 3}, "b": {}})) == (False, 4)
+    assert cluster.worker_capacity(FakeClient({})) == (False, 0)
+
+
+def test_trim_memory_is_harmless():
+    cluster.trim_memory()
+    cluster.trim_memory()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import uuid
 import warnings
 
 import numpy as np
@@ -17,9 +18,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import rasterize
 from skimage.measure import label as connected_components
-from zarr.codecs import ZstdCodec
 
 from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.geometry import ChunkGrid
 from segpipe.export import (
     export_cog,
     export_confidence,
@@ -30,6 +31,7 @@ from segpipe.export import (
 from segpipe.export.preview import preview_shape
 from segpipe.export.vectors import sieve_block
 from segpipe.engine.pyramid import build_pyramid
+from segpipe.io.output import FORMAT, OutputTarget, finalize, ome_attrs, prepare_output, write_chunk
 
 UTM33 = CRS.from_epsg(32633).to_wkt()
 TRANSFORM = (0.5, 0.0, 500000.0, 0.0, -0.5, 5000000.0)
@@ -66,36 +68,40 @@ def scene(h: int = 1000, w: int = 1300, seed: int = 0) -> np.ndarray:
 
 
 def make_output(path, labels: np.ndarray, *, chunk: int = 256, georef: bool = True, probabilities=None,
-                source: str | None = None, nodata: int | None = 255, reader: dict | None = None) -> str:
-    """A small output written directly (attributes by hand, like the pipeline's provenance).
+                source: str | None = None, nodata: int | None = 255, reader: dict | None = None,
+                ome_colors: list[str] | None = None, complete: bool = True) -> str:
+    """A small output written through the output module, as the pipeline writes one.
 
-    ``nodata`` is written as ``segpipe.nodata_label`` (255 for uint8 class ids, as the pipeline
-    records it); ``None`` makes an output from before the nodata label existed.
+    :func:`segpipe.io.output.prepare_output` creates the arrays (fill value = nodata label,
+    zstd, the chunk grid), :func:`~segpipe.io.output.write_chunk` writes each chunk and
+    :func:`~segpipe.io.output.finalize` marks it complete (``complete=False`` leaves it
+    running). The root attributes are the pipeline's keys (``ome`` from
+    :func:`~segpipe.io.output.ome_attrs`); ``ome_colors`` gives the NGFF ``image-label``
+    colours other than ``segpipe.class_colors``. ``nodata=None`` leaves out ``segpipe.nodata_label``
+    and the nodata entries of ``image-label``, like an output from before the nodata label existed.
     """
-    group = zarr.open_group(str(path), mode="w")
-    arr = group.create_array("0", shape=labels.shape, chunks=(chunk, chunk), dtype="uint8",
-                             compressors=ZstdCodec(level=9), dimension_names=["y", "x"], fill_value=0)
-    arr[:] = labels
-    if probabilities is not None:
-        p = group.create_array("probabilities", shape=probabilities.shape, chunks=(1, chunk, chunk), dtype="uint8",
-                               compressors=ZstdCodec(level=9), dimension_names=["c", "y", "x"], fill_value=0)
-        p[:] = probabilities
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [{"name": "scene", "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-                         "datasets": [{"path": "0",
-                                       "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}]}],
-        "image-label": {"colors": [{"label-value": i, "rgba": [9, 9, 9, 255]} for i in range(4)],
-                        "properties": [{"label-value": i, "class": c} for i, c in enumerate(CLASSES)]},
-    }
-    group.attrs["segpipe"] = {
-        "source": source or "scene.tif", "height": labels.shape[0], "width": labels.shape[1], "chunk_size": chunk,
-        "halo": 16, "classes": CLASSES, "class_colors": COLORS,
+    h, w = labels.shape
+    target = OutputTarget(str(path), h, w, chunk, len(CLASSES), probabilities is not None, uuid.uuid4().hex)
+    assert nodata in (None, target.nodata_label)
+    ome = ome_attrs("scene", CLASSES, ome_colors or COLORS, None)
+    if nodata is None:
+        for key in ("colors", "properties"):
+            ome["image-label"][key] = [e for e in ome["image-label"][key] if e["label-value"] < len(CLASSES)]
+    seg = {
+        "format": FORMAT, "source": source or "scene.tif", "height": h, "width": w, "chunk_size": chunk,
+        "tile_size": chunk, "halo": 16, "classes": CLASSES, "class_colors": COLORS,
         "crs_wkt": UTM33 if georef else None, "transform": list(TRANSFORM) if georef else None,
-        "mpp": None, "status": "complete",
+        "mpp": None, "run_id": target.run_id, "status": "running",
         **({"nodata_label": nodata} if nodata is not None else {}),
         **({"reader": reader} if reader is not None else {}),
     }
+    prepare_output(target, {"ome": ome, "segpipe": seg})
+    grid = ChunkGrid(h, w, chunk)
+    for c in grid:
+        ys, xs = slice(c.y0, c.y0 + c.h), slice(c.x0, c.x0 + c.w)
+        write_chunk(target, c, labels[ys, xs], None if probabilities is None else probabilities[:, ys, xs])
+    if complete:
+        finalize(str(path), {"segpipe": {"chunks": len(grid)}})
     return str(path)
 
 
@@ -106,7 +112,8 @@ def labels() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, labels) -> str:
-    return make_output(tmp_path_factory.mktemp("out") / "scene.zarr", labels)
+    # NGFF image-label colours other than segpipe.class_colors: the exports must take the latter
+    return make_output(tmp_path_factory.mktemp("out") / "scene.zarr", labels, ome_colors=["#090909"] * 4)
 
 
 # ----------------------------------------------------------------------------- COG
@@ -178,13 +185,60 @@ def test_confidence_cog_is_max_probability(tmp_path, labels) -> None:
 
 
 def test_unfinished_output_is_refused(tmp_path, labels) -> None:
-    uri = make_output(tmp_path / "run.zarr", labels[:64, :64])
-    group = zarr.open_group(uri)
-    group.attrs["segpipe"] = {**group.attrs["segpipe"], "status": "running"}
+    uri = make_output(tmp_path / "run.zarr", labels[:64, :64], complete=False)  # prepared, never finalized
+    assert zarr.open_group(uri, mode="r").attrs["segpipe"]["status"] == "running"
     with pytest.raises(InputError, match="not finished"):
         export_cog(uri, str(tmp_path / "r.tif"))
     with pytest.raises(InputError, match="not a segpipe output"):
         read_output_meta(str(tmp_path / "missing.zarr"))
+
+
+@pytest.mark.slow
+def test_exports_of_a_pipeline_output(tmp_path, scene_tif, model_dir, client) -> None:
+    """An output made by segment_image (not by hand): the exports read exactly what the pipeline wrote."""
+    from PIL import Image
+
+    from segpipe.core.classes import class_colors, parse_color
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
+    from segpipe.io.storage import list_images
+    from segpipe.models.artifact import load_artifact
+
+    ref, _ = check_model(model_dir)
+    settings = segment_settings(chunk_size=64, halo=16, precision="fp32", device="cpu")
+    r = segment_image(list_images(scene_tif)[0], ref, str(tmp_path / "out"), settings, client)
+    assert r.status == "done", r.error
+    labels = zarr.open_array(r.output + "/0", mode="r")[:]
+    classes = load_artifact(model_dir).spec.classes
+    assert len(np.unique(labels)) >= 3  # the model really segments: every export below has content
+
+    meta = read_output_meta(r.output)
+    assert meta.classes == tuple(classes) and meta.nodata == 255 and meta.source == scene_tif
+    with rasterio.open(scene_tif) as src:
+        scene_crs, scene_transform, shape = src.crs, src.transform, (src.height, src.width)
+    assert labels.shape == shape
+
+    path = export_cog(r.output, str(tmp_path / "mask.tif"))
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+        assert ds.crs == scene_crs and ds.transform == scene_transform
+        assert ds.nodata == 255 and json.loads(ds.tags()["CLASSES"]) == classes
+        for i, color in enumerate(class_colors(len(classes))):
+            assert ds.colormap(1)[i] == parse_color(color)
+
+    n = export_vectors(r.output, str(tmp_path / "mask.gpkg"))
+    meta_v, geoms, fields = read_vectors(str(tmp_path / "mask.gpkg"))
+    assert len(geoms) == n and CRS.from_user_input(meta_v["crs"]) == scene_crs
+    burned = rasterize(zip(geoms, fields["class_id"].tolist()), out_shape=labels.shape, transform=scene_transform,
+                       fill=255, dtype="uint8")
+    np.testing.assert_array_equal(burned, labels)
+    assert {k: int((fields["class_id"] == k).sum()) for k in np.unique(fields["class_id"])} == \
+        component_counts(labels)
+
+    png = export_preview(r.output, str(tmp_path / "p.png"), max_size=200)
+    ph, pw = preview_shape(*labels.shape, 200)
+    assert max(ph, pw) == 200 and np.asarray(Image.open(png)).shape[1:] == (pw, 4)
 
 
 # ----------------------------------------------------------------------------- vectors
@@ -379,14 +433,17 @@ def write_blobs(path, side: int, chunk: int = 512, period: int = 2048) -> str:
             centre_x = cx * cell + 32 + (h // 17 % 17) - 8
             inside = (yy - centre_y) ** 2 + (xx - centre_x) ** 2 < (12 + h % 30) ** 2
             pattern[inside] = (1 + h % 3)[inside]
-    group = zarr.open_group(str(path), mode="w")
-    arr = group.create_array("0", shape=(side, side), chunks=(chunk, chunk), dtype="uint8",
-                             compressors=ZstdCodec(level=1), dimension_names=["y", "x"], fill_value=0)
-    for y0 in range(0, side, period):
-        for x0 in range(0, side, period):
-            arr[y0 : y0 + period, x0 : x0 + period] = pattern[: side - y0, : side - x0]
-    group.attrs["segpipe"] = {"source": None, "classes": ["bg", "a", "b", "c"], "crs_wkt": UTM33,
-                              "transform": list(TRANSFORM), "status": "complete"}
+    assert period % chunk == 0
+    classes = ["bg", "a", "b", "c"]
+    target = OutputTarget(str(path), side, side, chunk, len(classes), False, uuid.uuid4().hex, zstd_level=1)
+    prepare_output(target, {"ome": ome_attrs("blobs", classes, None, None),
+                            "segpipe": {"format": FORMAT, "source": None, "classes": classes, "crs_wkt": UTM33,
+                                        "transform": list(TRANSFORM), "nodata_label": target.nodata_label,
+                                        "run_id": target.run_id, "status": "running"}})
+    for c in ChunkGrid(side, side, chunk):
+        y0, x0 = c.y0 % period, c.x0 % period
+        write_chunk(target, c, pattern[y0:y0 + c.h, x0:x0 + c.w])
+    finalize(str(path), {})
     return str(path)
 
 

@@ -181,13 +181,59 @@ def test_markdown_table_with_challenger(metrics_pair: tuple[dict, dict]) -> None
     assert mean_row[3].startswith("+")
 
 
+def _md_section(md: str, heading: str) -> str:
+    """The text of one ``## heading`` section of a Markdown report."""
+    start = md.index(f"## {heading}")
+    end = md.find("\n## ", start + 1)
+    return md[start:] if end < 0 else md[start:end]
+
+
 def test_markdown_report_file(full_report: tuple[Path, Path], metrics_pair: tuple[dict, dict]) -> None:
     champion, challenger = metrics_pair
     md = full_report[1].read_text(encoding="utf-8")
-    assert md.startswith("# Evaluation of unet-resnet18 v2")
-    assert markdown_table(champion, challenger) in md
-    assert verdict(champion, challenger) in md
+    assert md.startswith("# Evaluation of unet-resnet18 v2\n")
+    assert _md_section(md, "Verdict").strip() == f"## Verdict\n\n{verdict(champion, challenger)}"
+    assert verdict(champion, challenger).startswith("Challenger is better")
+    scores = _md_section(md, "Scores (champion vs challenger)")
+    assert markdown_table(champion, challenger) in scores
+    # the confusion matrix printed is the champion's, count for count
+    cm = _md_rows(_md_section(md, "Confusion matrix"))
+    assert cm[0] == ["truth \\ prediction", *NAMES]
+    assert [[int(v.replace(",", "")) for v in r[1:]] for r in cm[1:]] == champion["confusion_matrix"]
+    assert champion["confusion_matrix"] != challenger["confusion_matrix"]
     assert "report.html" in md
+
+
+@pytest.mark.parametrize("with_challenger", [False, True])
+def test_report_with_and_without_a_champion(tmp_path: Path, metrics_pair: tuple[dict, dict],
+                                            with_challenger: bool) -> None:
+    """A first run (one model, nothing to compare) and a comparison differ in what they claim and show."""
+    champion, challenger = metrics_pair
+    single = not with_challenger
+    html_path, md_path = write_report(tmp_path, champion, title="t", challenger=None if single else challenger)
+    md, text = md_path.read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
+    parser = _Images()
+    parser.feed(text)
+    if single:
+        body = text[text.index("<body>"):]
+        assert "## Verdict" not in md and 'class="verdict' not in body
+        assert "challenger" not in md.lower() and "challenger" not in body.lower()
+        assert "## Scores\n" in md and markdown_table(champion) in md
+        rows = {r[0]: r for r in _md_rows(markdown_table(champion))}
+        for name in NAMES:  # the numbers of the one model, per class
+            c = champion["per_class"][name]
+            assert rows[name][1:5] == [_fmt(c["iou"]), _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"])]
+            assert f"{c['iou']:.4f}" in text
+        assert len(parser.images) == 1  # one confusion heatmap
+    else:
+        assert verdict(champion, challenger) in md and 'class="verdict up"' in text
+        assert markdown_table(champion, challenger) in md
+        for name in NAMES:
+            for m in (champion, challenger):
+                assert f"{m['per_class'][name]['iou']:.4f}" in text
+        assert len(parser.images) == 2  # champion and challenger heatmaps
+    support = sum(int(c["support"]) for c in champion["per_class"].values())
+    assert f"{support:,} scored pixels" + ("" if single else " (champion)") in text
 
 
 def test_undefined_scores_and_all_ignored(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Evaluation with the production engine, promotion rules, the retrain flow, the demo."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,8 +122,33 @@ def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
     assert second["version"] == "v2" and not second["promoted"] and champion(reg) == "v1"
     assert [v.version for v in list_versions(reg)] == ["v1", "v2"]
     assert resolve(reg).endswith("v1") and resolve(reg + "@v2").endswith("v2")
-    html = (tmp_path / "runs").rglob("report.html")
-    assert any("champion" in p.read_text().lower() for p in html)
+    from pathlib import Path
+
+    from segpipe.evaluate.reports import markdown_table, verdict
+
+    def metrics(run: str, which: str) -> dict:
+        return json.loads(Path(run, f"eval-{which}", "metrics.json").read_text())
+
+    # the first run had no champion: its report is the challenger's alone, nothing was evaluated as champion
+    assert first["run"] != second["run"] and first["champion_mean_iou"] is None
+    assert not Path(first["run"], "eval-champion").exists()
+    md1 = Path(first["report"]).with_name("report.md").read_text()
+    v1 = metrics(first["run"], "challenger")
+    assert md1.startswith("# retrain: challenger (no champion yet)\n")
+    assert "## Verdict" not in md1 and markdown_table(v1) in md1
+    assert first["challenger_mean_iou"] == v1["mean_iou"]
+    # the registry keeps the metrics v1 was promoted on
+    assert json.loads(Path(reg, "v1", "metrics.json").read_text())["confusion_matrix"] == v1["confusion_matrix"]
+
+    # the second run compared its challenger with champion v1, on the same split with the same engine
+    champ, chall = metrics(second["run"], "champion"), metrics(second["run"], "challenger")
+    assert champ["confusion_matrix"] == v1["confusion_matrix"]  # v1 again, the same pixels scored the same
+    assert (second["champion_mean_iou"], second["challenger_mean_iou"]) == (champ["mean_iou"], chall["mean_iou"])
+    md2 = Path(second["report"]).with_name("report.md").read_text()
+    assert md2.startswith("# retrain: challenger vs champion v1\n")
+    assert f"## Verdict\n\n{verdict(champ, chall)}\n" in md2
+    assert markdown_table(champ, chall) in md2
+    assert "report.md" in os.listdir(Path(reg, "v2"))
 
 
 @pytest.mark.slow
@@ -141,7 +167,26 @@ def test_demo_quick(tmp_path):
     assert g.attrs["segpipe"]["status"] == "complete" and g["0"].shape == (700, 700)
     for key in ("retrain_report", "scene_report", "preview"):
         assert __import__("pathlib").Path(summary[key]).exists(), key
-    assert 0.0 <= summary["scene_mean_iou"] <= 1.0
+    # the scene's scores, recomputed here with numpy from the Zarr output and the true mask
+    import rasterio
+
+    from segpipe.train.synthetic_scene import CLASSES
+
+    k = len(CLASSES)
+    pred = g["0"][:].astype(np.int64).ravel()
+    with rasterio.open(__import__("pathlib").Path(tmp_path, "d", "scene-truth", "scene.tif")) as ds:
+        truth = ds.read(1).astype(np.int64).ravel()
+    keep = (truth != 255) & (pred != 255)  # ignored truth, nodata prediction
+    cm = np.bincount(truth[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
+    saved = json.loads((tmp_path / "d" / "scene-eval" / "metrics.json").read_text())
+    assert saved["classes"] == list(CLASSES)
+    np.testing.assert_array_equal(np.array(saved["confusion_matrix"]), cm)
+    tp, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+    iou = tp[union > 0] / union[union > 0]
+    assert summary["scene_mean_iou"] == pytest.approx(iou.mean(), abs=1e-12)
+    assert summary["scene_pixel_accuracy"] == pytest.approx(tp.sum() / cm.sum(), abs=1e-12)
+    assert cm.sum() > 0.9 * 700 * 700  # nearly every pixel was scored
+    assert summary["scene_mean_iou"] > 0.0  # the retrained model predicts something right
 
 
 def test_score_output_leaves_out_nodata_and_ignored_pixels(tmp_path):

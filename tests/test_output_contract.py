@@ -220,9 +220,6 @@ def test_write_chunk_of_only_nodata_still_leaves_its_key(tmp_path):
     assert (open_labels(t.uri)[:] == 255).all()
 
 
-@pytest.mark.xfail(strict=True, reason="write_chunk's zarr-python fallback (arrays whose codecs are not "
-                   "bytes+zstd) opens the arrays with zarr's default write_empty_chunks=False, so an all-nodata "
-                   "chunk leaves no key: done_chunks misses it and a resumed run computes it again")
 def test_fallback_path_also_leaves_keys_of_nodata_chunks(tmp_path):
     from zarr.codecs import BloscCodec
 

@@ -25,14 +25,14 @@ from segpipe.io.readers import ImageInfo, open_image
 from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
 from segpipe.io.output import (
-    OutputTarget, done_chunks, finalize, inspect_output, ome_attrs, prepare_output,
+    OutputTarget, done_chunks, output_arrays_exist, finalize, inspect_output, ome_attrs, prepare_output,
     read_attrs,
 )
 from segpipe.core.geometry import ChunkGrid
 from segpipe.engine.tiled import TilePlan
 
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
-from segpipe.engine.ownership import assign_outputs, plan_output, provenance
+from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
 from segpipe.engine.results import ImageResult, Progress
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 
@@ -82,8 +82,8 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if plan.action == "skip":
             result.status = "skipped"
             return result
-        if plan.action == "refuse":
-            raise OutputError(target_uri, plan.reason)
+        # the lock comes before any refusal: a folder another run is creating looks foreign until its
+        # metadata is written, and a live lock says whose it is
         held = acquire_lock(target_uri)
         if not isinstance(held, OutputLock):
             result.status = "skipped"
@@ -97,6 +97,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             result.status = "skipped"
             return result
         if plan.reason:
+            result.notes.append(f"{target_uri}: {plan.reason}")
+        if plan.action == "resume" and not output_arrays_exist(target_uri, settings.inference.probabilities):
+            plan = OutputPlan("replace", "replacing an output whose creation was interrupted")
             result.notes.append(f"{target_uri}: {plan.reason}")
         if plan.action == "resume":
             attrs = read_attrs(target_uri) or {}

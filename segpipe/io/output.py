@@ -194,13 +194,23 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
         if target.probabilities:
             arrays[PROBABILITIES] = _array_meta([target.num_classes, target.height, target.width], [1, c, c], "uint8",
                                                 0, 3, ["class", "y", "x"])
+        # the group's zarr.json first: it marks the path as this run's segpipe output (status "running")
+        # before anything else exists, so an interrupted creation is recognised and replaced, never
+        # mistaken for a foreign folder (see output_arrays_exist)
         fs.makedirs(path, exist_ok=True)
+        write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=False)
         for name, meta in arrays.items():
             fs.makedirs(join(path, name), exist_ok=True)
             write_atomic(fs, join(path, name, "zarr.json"), json.dumps(meta, indent=2).encode(), durable=False)
-        write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=False)
     except OSError as e:
         raise output_error(uri, e) or OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
+
+
+def output_arrays_exist(uri: str, probabilities: bool) -> bool:
+    """True when the output's arrays were created (their metadata is written after the group's)."""
+    fs, path = filesystem(strip_file_scheme(uri))
+    names = [LEVEL0, PROBABILITIES] if probabilities else [LEVEL0]
+    return all(fs.exists(join(path, n, "zarr.json")) for n in names)
 
 
 def done_chunks(uri: str) -> set[tuple[int, int]]:
@@ -240,8 +250,13 @@ class _ChunkStore:
         self.zstd_probs = Zstd(level=3)
         self.zarr_arrays: tuple[Any, Any] | None = None
         if not self.fast:
-            group = _open_group(target.uri, "r+")
-            self.zarr_arrays = (group[LEVEL0], group[PROBABILITIES] if target.probabilities else None)
+            import zarr
+
+            def open_array(name: str) -> Any:  # every chunk leaves its key: it is the completion record
+                array = zarr.open_array(strip_file_scheme(join(target.uri, name)), mode="r+", zarr_format=3)
+                return array.with_config({"write_empty_chunks": True})
+
+            self.zarr_arrays = (open_array(LEVEL0), open_array(PROBABILITIES) if target.probabilities else None)
 
     @staticmethod
     def _arrays(target: OutputTarget) -> list[str]:

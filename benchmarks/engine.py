@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
-    ap.add_argument("--tile-size", type=int, default=None, help="segpipe's --tile-size [default: 3 × chunk].")
+    ap.add_argument("--tile-size", type=int, default=None, help="segpipe's --tile-size [default: 2 × chunk].")
     ap.add_argument("--free-model", action="store_true", help="Forward replaced by a free one; compare with the I/O floor.")
     ap.add_argument("--compare-tile", action="store_true",
                     help="Also run with --tile-size = --chunk-size (today's windows) and report the ratio.")
@@ -211,7 +211,7 @@ def run_all(args: argparse.Namespace) -> None:
             from segpipe.models.artifact import create_artifact
 
             create_artifact(str(model), "Unet", "resnet18", ["a", "b", "c"], seed=0)
-    tile = effective_tile_size(args.tile_size or 3 * args.chunk_size, args.chunk_size, side, side)
+    tile = effective_tile_size(args.tile_size or 2 * args.chunk_size, args.chunk_size, side, side)
     batch = args.batch_size or 1
     T = tile_side(tile, args.halo)
     tiles = len(ChunkGrid(side, side, tile))
@@ -230,7 +230,7 @@ def run_all(args: argparse.Namespace) -> None:
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-        m = measure([*segpipe, "--tile-size", str(tile_size or args.tile_size or 3 * args.chunk_size), str(src),
+        m = measure([*segpipe, "--tile-size", str(tile_size or args.tile_size or 2 * args.chunk_size), str(src),
                      "--out", str(out)], env=env)
         if m.returncode != 0:
             raise SystemExit(f"segpipe failed on {src}:\n{m.stderr[-3000:]}")

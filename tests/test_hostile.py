@@ -126,12 +126,12 @@ def test_changed_settings_rerun_says_what_changed(tmp_path, photo, model_dir):
     r = CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(out), "--chunk-size", "32",
                                   "--halo", "16", "--precision", "fp32", "--no-progress"])
     assert r.exit_code == 1
-    assert error_lines(r.stderr) == [f"error: {out}/s.zarr: is complete with other settings (chunk_size 64 → 32; tile_size 192 → 96); "
+    assert error_lines(r.stderr) == [f"error: {out}/s.zarr: is complete with other settings (chunk_size 64 → 32; tile_size 128 → 64); "
                                      "it was kept: pass --overwrite (flow parameter overwrite=True) to replace it"]
     r = CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(out), "--chunk-size", "32",
                                   "--halo", "16", "--precision", "fp32", "--no-progress", "--overwrite"])
     assert r.exit_code == 0
-    assert f"note: {out}/s.zarr: replacing the complete output (chunk_size 64 → 32; tile_size 192 → 96)" in r.stderr
+    assert f"note: {out}/s.zarr: replacing the complete output (chunk_size 64 → 32; tile_size 128 → 64)" in r.stderr
     assert zarr.open_array(str(out / "s.zarr" / "0"), mode="r").chunks == (32, 32)
 
 

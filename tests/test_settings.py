@@ -71,7 +71,7 @@ def test_settings_are_frozen():
 def test_tile_size_must_be_a_multiple_of_chunk_size(chunk, tile, ok):
     if ok:
         t = TilingSettings(chunk_size=chunk, tile_size=tile)
-        assert t.tile == (tile if tile is not None else 3 * chunk)
+        assert t.tile == (tile if tile is not None else 2 * chunk)
     else:
         with pytest.raises(ValidationError, match=f"tile_size {tile} must be a multiple of chunk_size {chunk}"):
             TilingSettings(chunk_size=chunk, tile_size=tile)
@@ -112,10 +112,10 @@ BASE = SegmentSettings()
 
 #: one change per field of output_settings(); each must change the output key
 PIXEL_CHANGES = {
-    "chunk_size": {"tiling": TilingSettings(chunk_size=256, tile_size=1536)},  # the same tile (3 × 512)
+    "chunk_size": {"tiling": TilingSettings(chunk_size=256, tile_size=1024)},  # the same tile (2 × 512)
     "halo": {"tiling": TilingSettings(halo=32)},
     "multiple_of": {"tiling": TilingSettings(multiple_of=64)},
-    "tile_size": {"tiling": TilingSettings(tile_size=1024)},
+    "tile_size": {"tiling": TilingSettings(tile_size=1536)},
     "bands": {"read": ReadSettings(bands=(3, 2, 1))},
     "level": {"read": ReadSettings(level=1)},
     "mpp": {"read": ReadSettings(mpp=0.5)},
@@ -164,10 +164,10 @@ def test_output_key_ignores_run_settings(field):
 
 def test_output_key_is_stable_and_uses_the_effective_tile():
     assert SegmentSettings().output_key() == SegmentSettings().output_key()
-    # the default tile (None) is 3 × chunk_size: the same output as asking for it explicitly
+    # the default tile (None) is 2 × chunk_size: the same output as asking for it explicitly
     a = SegmentSettings(tiling=TilingSettings(chunk_size=256))
-    b = SegmentSettings(tiling=TilingSettings(chunk_size=256, tile_size=768))
-    assert a.output_settings()["tile_size"] == 768 and a.output_key() == b.output_key()
+    b = SegmentSettings(tiling=TilingSettings(chunk_size=256, tile_size=512))
+    assert a.output_settings()["tile_size"] == 512 and a.output_key() == b.output_key()
     # the builder gives the same key as the models for the same values
     assert segment_settings(chunk_size=256, halo=32, device="cpu", batch_size=3).output_key() == \
         SegmentSettings(tiling=TilingSettings(chunk_size=256, halo=32)).output_key()

@@ -85,7 +85,7 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--halo", type=int, default=64, show_default=True, help="Context pixels on each side of a chunk."),
         click.option("--tile-size", type=int, default=None,
                      help="Side the model sees at once (plus the halo), a multiple of --chunk-size "
-                          "[default: 3 × chunk size, never larger than the image]."),
+                          "[default: 2 × chunk size, never larger than the image]."),
         click.option("--batch-size", type=int, default=None, help="Tiles per forward pass [default: 1 CPU, 16 GPU]."),
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",

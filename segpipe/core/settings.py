@@ -45,7 +45,8 @@ class TilingSettings(_Settings):
         None, ge=16, le=16384,
         description="Side of the region the model sees at once (plus the halo), a multiple of chunk_size; it is "
         "cut into chunk_size × chunk_size Zarr chunks after inference. Bigger tiles compute less halo: a 512 "
-        "chunk with a 64 halo computes (640/512)² = 1.56× its pixels, a 1,536 tile 1.18×. None = 3 × chunk_size "
+        "chunk with a 64 halo computes (640/512)² = 1.56× its pixels, a 1,024 tile 1.27×, a 1,536 tile 1.18×, at "
+        "more activation memory (Unet-resnet18, CPU: +0.35 GB at 1,024, +0.85 GB at 1,536). None = 2 × chunk_size "
         "(the same on every device, so outputs do not depend on where they ran); never larger than the image.",
     )
 
@@ -57,8 +58,8 @@ class TilingSettings(_Settings):
 
     @property
     def tile(self) -> int:
-        """The requested tile side (``tile_size``, default 3 × ``chunk_size``)."""
-        return self.tile_size if self.tile_size is not None else 3 * self.chunk_size
+        """The requested tile side (``tile_size``, default 2 × ``chunk_size``)."""
+        return self.tile_size if self.tile_size is not None else 2 * self.chunk_size
 
 
 class ReadSettings(_Settings):

@@ -33,14 +33,22 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def measure(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> Measured:
-    """Wall time and the peak of the summed RSS over the process and all its children (sampled)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    ps = psutil.Process(p.pid)
-    peak = 0
-    while p.poll() is None:
-        peak = max(peak, _tree_rss(ps))
-        time.sleep(interval)
-    out, err = p.communicate()
-    seconds = time.perf_counter() - t0
-    return Measured(seconds, peak / 2**20, p.returncode, out, err)
+    """Wall time and the peak of the summed RSS over the process and all its children (sampled).
+
+    stdout/stderr go to temporary files, not pipes: a process printing more than a pipe holds
+    (a 600-row summary table) would block on a full pipe while we only poll it.
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
+        ps = psutil.Process(p.pid)
+        peak = 0
+        while p.poll() is None:
+            peak = max(peak, _tree_rss(ps))
+            time.sleep(interval)
+        seconds = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        return Measured(seconds, peak / 2**20, p.returncode, out_f.read(), err_f.read())

@@ -83,3 +83,17 @@ def competing_classes_model(out: Path, image: np.ndarray, classes=("a", "b", "c"
         head.bias.sub_(m).div_(s)
     save_artifact(str(out), spec, net.state_dict())
     return out
+
+
+def segment_to_zarr(source: str, model_dir: str, out_dir, client, chunk: int = 128, halo: int = 16) -> str:
+    """Run the real pipeline on one image (fp32 on the CPU) and return its output's URI."""
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
+    from segpipe.io.storage import list_images
+
+    settings = segment_settings(chunk_size=chunk, halo=halo, device="cpu", precision="fp32")
+    ref, _ = check_model(model_dir)
+    result = segment_image(list_images(source)[0], ref, str(out_dir), settings, client)
+    assert result.status == "done", result.error
+    return result.output

@@ -346,20 +346,25 @@ def test_line_plot_edge_cases() -> None:
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(full_report: tuple[Path, Path], tmp_path: Path) -> None:
-    if not Path("/usr/bin/chromium").exists():
-        pytest.skip("/usr/bin/chromium is not installed (CI installs chromium and chromium-driver)")
+    import shutil
+
+    browser, driver_bin = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+    if not Path(browser).exists() or driver_bin is None:
+        missing = " and ".join(n for n, ok in (("chromium", Path(browser).exists()), ("chromium-driver", driver_bin))
+                               if not ok)
+        pytest.skip(f"{missing} not installed: apt-get install chromium chromium-driver (.ci/run does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = browser
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = webdriver.Chrome(service=Service(driver_bin), options=options)
     try:
         driver.set_page_load_timeout(60)
         driver.get(full_report[0].resolve().as_uri())

@@ -25,17 +25,9 @@ def _centres(transform, height: int, width: int) -> tuple[np.ndarray, np.ndarray
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, scene_tif, model_dir, client) -> str:
     """A real output of the pipeline (with its pyramid) for the 433×389 georeferenced scene."""
-    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
-    from segpipe.io.storage import list_images
-    from segpipe.engine.job import check_model
-    from segpipe.engine.segment import segment_image
+    from tests.helpers import segment_to_zarr
 
-    settings = SegmentSettings(tiling=TilingSettings(chunk_size=128, halo=16),
-                               inference=InferenceSettings(device="cpu", precision="fp32"))
-    ref, _ = check_model(model_dir)
-    result = segment_image(list_images(scene_tif)[0], ref, str(tmp_path_factory.mktemp("xr")), settings, client)
-    assert result.status == "done", result.error
-    return result.output
+    return segment_to_zarr(scene_tif, model_dir, tmp_path_factory.mktemp("xr"), client)
 
 
 @pytest.mark.slow

@@ -81,3 +81,10 @@ def test_strip_order():
                                  (0, 2), (0, 3), (1, 2), (1, 3), (2, 2), (2, 3),
                                  (0, 4), (1, 4), (2, 4)]
     assert sorted(strip_order(g, 3)) == sorted(c.key for c in g)
+
+
+@pytest.mark.parametrize(("h", "w"), [(-1, 4), (4, -1), (-3, -3)])
+def test_window_refuses_negative_sizes(h, w):
+    with pytest.raises(ValueError, match="negative size"):
+        Window(0, 0, h, w)
+    assert Window(-5, -5, 0, 0).h == 0  # empty and off-image windows are fine

@@ -46,12 +46,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Window:
-    """A rectangle in image pixels; may extend past the image on any side."""
+    """A rectangle in image pixels; may extend past the image on any side (but never has a negative size)."""
 
     y0: int
     x0: int
     h: int
     w: int
+
+    def __post_init__(self) -> None:
+        if self.h < 0 or self.w < 0:
+            raise ValueError(f"a window cannot have a negative size, got {self.h}×{self.w}")
 
     @property
     def y1(self) -> int:

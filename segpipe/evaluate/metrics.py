@@ -6,7 +6,7 @@ every worker turns its chunks into a K×K confusion matrix (:func:`confusion_mat
 :func:`scores` derives every number of ``metrics.json`` from the final matrix in one place.
 Averaging per-chunk IoUs instead would weight a nearly empty chunk like a full one.
 
-Conventions (the ``metrics.json`` contract, see ARCHITECTURE.md):
+Conventions (the ``metrics.json`` contract, see docs/architecture.md):
 
 * rows are the true class, columns the predicted class;
 * pixels whose truth equals ``ignore_index`` (a mask's own "don't score" value, 255 in the

@@ -139,6 +139,11 @@ def _downsample_batch(
 
     Runs on a worker: opens the arrays itself so only paths and indices travel.
     """
+    from segpipe.io.output import RawChunks
+
+    raw_src, raw_dst = RawChunks.open(group_uri, src_path), RawChunks.open(group_uri, dst_path)
+    if raw_src is not None and raw_dst is not None:  # plain chunks: read/write them directly
+        return _downsample_raw(raw_src, raw_dst, reduction, num_classes, keys)
     import zarr
 
     group = zarr.open_group(group_uri, mode="r+")
@@ -160,6 +165,25 @@ def _downsample_batch(
         else:
             out = downsample_mean(block)
         dst[tuple(dst_sel)] = out.astype(dst.dtype, copy=False)
+        written += int(np.prod(out.shape))
+    return written
+
+
+def _downsample_raw(src: Any, dst: Any, reduction: Reduction, num_classes: int, keys: list[tuple[int, ...]]) -> int:
+    """:func:`_downsample_batch` on plain chunks: the same selections and reductions, whole-chunk I/O."""
+    written = 0
+    for key in keys:
+        dst_sel, src_sel = [], []
+        for axis, (i, c) in enumerate(zip(key, dst.chunks)):
+            lo, hi = i * c, min((i + 1) * c, dst.shape[axis])
+            dst_sel.append(slice(lo, hi))
+            if axis < len(dst.shape) - 2:  # leading axes (classes) are not downsampled
+                src_sel.append(slice(lo, hi))
+            else:
+                src_sel.append(slice(2 * lo, min(2 * hi, src.shape[axis])))
+        block = src.read(src_sel)
+        out = downsample_mode(block, num_classes) if reduction == "mode" else downsample_mean(block)
+        dst.write(key, out)
         written += int(np.prod(out.shape))
     return written
 

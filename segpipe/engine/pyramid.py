@@ -139,7 +139,7 @@ def _downsample_batch(
 
     Runs on a worker: opens the arrays itself so only paths and indices travel.
     """
-    from segpipe.io.output import RawChunks
+    from segpipe.io.chunks import RawChunks
 
     raw_src, raw_dst = RawChunks.open(group_uri, src_path), RawChunks.open(group_uri, dst_path)
     if raw_src is not None and raw_dst is not None:  # plain chunks: read/write them directly

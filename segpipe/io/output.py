@@ -19,7 +19,6 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,8 @@ import numpy as np
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
 from segpipe.io.storage import filesystem, is_local, join, output_error, strip_file_scheme, write_atomic
-from segpipe.core.geometry import Chunk, ceil_div
+from segpipe.core.geometry import Chunk
+from segpipe.io.chunks import padded
 
 LEVEL0 = "0"
 PROBABILITIES = "probabilities"
@@ -288,85 +288,6 @@ class _ChunkStore:
             self.fs.pipe_file(path, data)  # a single PUT is atomic on object stores
 
 
-class RawChunks:
-    """Whole-chunk reads and writes of one plain array (bytes + zstd, default '/' keys, no shards)
-    straight from the store: the pyramid's path (zarr-python's read/write machinery cost ~10 ms per
-    destination chunk, most of a level's time). :meth:`open` returns None for any other layout."""
-
-    def __init__(self, fs: Any, path: str, meta: dict[str, Any]) -> None:
-        from numcodecs import Zstd
-
-        self.fs, self.path = fs, path
-        self.shape = tuple(meta["shape"])
-        self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.fill = meta["fill_value"]
-        self.zstd = Zstd(level=meta["codecs"][1].get("configuration", {}).get("level", 3))
-        self.local = is_local(fs)
-
-    @classmethod
-    def open(cls, group_uri: str, name: str) -> RawChunks | None:
-        fs, root = filesystem(strip_file_scheme(group_uri))
-        path = join(root, name)
-        try:
-            meta = json.loads(fs.cat_file(join(path, "zarr.json")))
-        except (OSError, ValueError):
-            return None
-        codecs = [c.get("name") for c in meta.get("codecs", [])]
-        encoding = meta.get("chunk_key_encoding", {})
-        endian = (meta["codecs"][0].get("configuration") or {}).get("endian", "little") if codecs else None
-        if (codecs != ["bytes", "zstd"] or endian != "little" or encoding.get("name") != "default"
-                or (encoding.get("configuration") or {}).get("separator", "/") != "/"
-                or meta.get("chunk_grid", {}).get("name") != "regular"):
-            return None
-        return cls(fs, path, meta)
-
-    def _key(self, index: Sequence[int]) -> str:
-        return join(self.path, "c", *(str(i) for i in index))
-
-    def read(self, selection: Sequence[slice]) -> np.ndarray:
-        """The pixels of ``selection`` (one slice per axis, inside the array); missing chunks read as fill."""
-        import itertools
-
-        out = np.full([s.stop - s.start for s in selection], self.fill, dtype=self.dtype)
-        ranges = [range(s.start // c, ceil_div(s.stop, c)) for s, c in zip(selection, self.chunks)]
-        for index in itertools.product(*ranges):
-            try:
-                data = self.fs.cat_file(self._key(index))
-            except FileNotFoundError:
-                continue
-            chunk = np.frombuffer(self.zstd.decode(data), dtype=self.dtype).reshape(self.chunks)
-            src, dst = [], []
-            for i, s, c in zip(index, selection, self.chunks):
-                lo, hi = max(s.start, i * c), min(s.stop, (i + 1) * c)
-                src.append(slice(lo - i * c, hi - i * c))
-                dst.append(slice(lo - s.start, hi - s.start))
-            out[tuple(dst)] = chunk[tuple(src)]
-        return out
-
-    def write(self, index: Sequence[int], block: np.ndarray) -> None:
-        """Write the chunk ``index`` whole (``block`` is its part inside the array; the rest is fill)."""
-        data = self.zstd.encode(_padded(block.astype(self.dtype, copy=False), self.chunks, self.fill))
-        path = self._key(index)
-        if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
-
-
-def _padded(block: np.ndarray, shape: tuple[int, ...], fill: int) -> np.ndarray:
-    """``block`` in a full chunk of ``shape`` (zarr stores edge chunks at the full chunk shape)."""
-    if block.shape == shape:
-        return np.ascontiguousarray(block)
-    full = np.full(shape, fill, dtype=block.dtype)
-    full[tuple(slice(0, n) for n in block.shape)] = block
-    return full
-
-
 _stores: dict[tuple[str, str], _ChunkStore] = {}
 _stores_lock = threading.Lock()
 
@@ -397,9 +318,9 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
             return
         if target.probabilities and probs is not None:
             for k in range(probs.shape[0]):
-                data = store.zstd_probs.encode(_padded(probs[k].astype(np.uint8, copy=False), (c, c), 0))
+                data = store.zstd_probs.encode(padded(probs[k].astype(np.uint8, copy=False), (c, c), 0))
                 store.put(f"{PROBABILITIES}/c/{k}/{chunk.iy}/{chunk.ix}", data)
-        block = _padded(labels.astype(target.label_dtype, copy=False), (c, c), target.nodata_label)
+        block = padded(labels.astype(target.label_dtype, copy=False), (c, c), target.nodata_label)
         store.put(f"{LEVEL0}/c/{chunk.iy}/{chunk.ix}", store.zstd.encode(block.astype(block.dtype.newbyteorder("<"),
                                                                                      copy=False)))
     except OSError as e:

@@ -63,11 +63,15 @@ class PixelwisePredictor:
         self.probabilities = probabilities
         self.batches: list[int] = []
 
-    def predict(self, tiles: np.ndarray, norm=None) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, tiles: np.ndarray, norm=None, crop=None) -> tuple[np.ndarray, np.ndarray | None]:
         n, _, h, w = tiles.shape
         assert (h, w) == (self.side, self.side)  # every window has the same size, so tiles batch together
         self.batches.append(n)
         labels = label_of(tiles[:, 0])
+        if crop is not None:  # the predictor's contract: only [offset, offset + side) of both axes
+            o, side = crop
+            assert o + side <= min(h, w)
+            labels = labels[:, o:o + side, o:o + side]
         probs = None
         if self.probabilities:
             probs = (np.arange(K)[None, :, None, None] == labels[:, None]).astype(np.uint8) * 255

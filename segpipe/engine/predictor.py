@@ -190,24 +190,29 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self.net(x)
 
-    def predict(self, tiles: np.ndarray, norm: InputNorm | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
+                crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
         ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here,
         by ``norm`` (the image's, from :func:`segpipe.models.artifact.image_normalization`; resolved once per
-        image) or, when None, the model's fixed rule for the tiles' dtype.
+        image) or, when None, the model's fixed rule for the tiles' dtype. With ``crop = (offset,
+        side)`` only ``[offset, offset + side)`` of both axes is returned: the argmax, softmax and
+        copies skip the halo, whose predictions are discarded anyway.
         Every forward runs on the predictor's one compute thread: the calling threads (Dask's)
         read and write meanwhile, and the allocator's memory stays in one arena instead of
         growing one per calling thread.
         """
         if self._executor is None:
-            return self._predict(tiles, norm)
-        return self._executor.submit(self._predict, tiles, norm).result()
+            return self._predict(tiles, norm, crop)
+        return self._executor.submit(self._predict, tiles, norm, crop).result()
 
-    def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
+                 crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         want_probs = self.settings.probabilities
+        o, n = crop or (0, max(tiles.shape[-2:]))
         with torch.inference_mode():
             x = self._to_input(tiles, norm)
             if self.settings.tta:
@@ -218,17 +223,26 @@ class Predictor:
                     p = torch.softmax(self._forward(xi).float(), dim=1)
                     p = torch.flip(p, dims) if dims else p
                     probs = p if probs is None else probs.add_(p)
-                probs = probs.mul_(0.25)
-                labels = probs.argmax(dim=1)
+                probs = probs[..., o:o + n, o:o + n].mul_(0.25)
+                labels = _argmax(probs)
             else:
-                logits = self._forward(x)
-                labels = logits.argmax(dim=1)
+                logits = self._forward(x)[..., o:o + n, o:o + n]
+                labels = _argmax(logits)
                 probs = torch.softmax(logits.float(), dim=1) if want_probs else None
             labels_np = labels.to(torch.int32 if self.label_dtype == np.uint16 else torch.uint8).cpu().numpy()
             probs_np = None
             if want_probs:
                 probs_np = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
         return labels_np.astype(self.label_dtype, copy=False), probs_np
+
+
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum over the class axis (dim 1). For float32 channels-last scores
+    ``max(dim).indices`` is 1.5× faster than ``argmax`` on this torch; for bf16 it is slower.
+    Both return the first maximal index on ties."""
+    import torch
+
+    return scores.max(dim=1).indices if scores.dtype == torch.float32 else scores.argmax(dim=1)
 
 
 @dataclass(frozen=True)

@@ -77,18 +77,21 @@ class ChunkSink(Protocol):
 class Predicts(Protocol):
     """What the engine needs from a predictor: raw windows (N, bands, T, T) → labels (N, T, T), probabilities."""
 
-    def predict(self, tiles: np.ndarray, norm: Any = None) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def predict(self, tiles: np.ndarray, norm: Any = None,
+                crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 def merge(plan: TilePlan, tile: Chunk, labels: np.ndarray, probs: np.ndarray | None, chunks: Iterable[Chunk],
-          valid: np.ndarray | None = None, nodata: int = 255) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray | None]]:
-    """Crop each of ``chunks`` (cells of ``tile``) out of the tile's window-shaped prediction.
+          valid: np.ndarray | None = None, nodata: int = 255, cropped: bool = False,
+          ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray | None]]:
+    """Crop each of ``chunks`` (cells of ``tile``) out of the tile's window-shaped prediction
+    (``cropped``: a prediction that starts at the tile core's origin, the halo already cut).
 
     ``valid`` is the tile core's valid-data mask (core.h, core.w) or None (all valid): pixels
     without data take the ``nodata`` label and probability 0 for every class.
     """
     for c in chunks:
-        ys, xs = chunk_in_tile_window(c, tile, plan.halo)
+        ys, xs = chunk_in_tile_window(c, tile, 0 if cropped else plan.halo)
         lab = labels[ys, xs]
         p = None if probs is None else probs[:, ys, xs]
         if valid is not None:
@@ -185,10 +188,12 @@ def _predict_batch(reader: Any, predictor: Predicts, plan: TilePlan,
     stack = windows[0][None] if len(windows) == 1 else np.stack(windows)
     del windows
     stats.content |= bool(stack.min() != stack.max())
-    labels, probs = predictor.predict(stack, norm)
+    # only the tile cores come back: the halo's predictions are never used
+    labels, probs = predictor.predict(stack, norm, crop=(plan.halo, plan.tile_size))
     del stack
     for i, (tile, chunks, valid) in enumerate(batch):
-        for c, lab, p in merge(plan, tile, labels[i], None if probs is None else probs[i], chunks, valid, nodata):
+        for c, lab, p in merge(plan, tile, labels[i], None if probs is None else probs[i], chunks, valid, nodata,
+                               cropped=True):
             stats.labels_seen(lab, nodata)
             sink.write(c, lab, p)
 

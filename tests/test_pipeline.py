@@ -213,3 +213,52 @@ def test_unexpected_error_fails_only_that_image(tmp_path, photo, model_dir, clie
     by = {r.source.rsplit("/", 1)[-1]: r for r in results}
     assert by["a.tif"].status == "failed" and by["a.tif"].error.endswith("unexpected RuntimeError: a bug")
     assert by["b.tif"].status == "done"
+
+
+@pytest.mark.parametrize(("tile", "pyramid_computes"), [(128, 0), (256, 0), (192, 16)])
+def test_level1_from_the_tiles_equals_the_mode_of_level0(tmp_path, scene_tif, model_dir, client, monkeypatch, tile,
+                                                         pyramid_computes):
+    """Tiles an even number of chunks wide write pyramid level 1 from their labels in memory: it equals
+    the 2×2 mode of level 0, and the pyramid pass computes only the level-1 chunks the tiles could not
+    (all 16 for a tile 3 chunks wide; after a resume, the one whose tile was incomplete)."""
+    from segpipe.engine import pyramid
+    from segpipe.engine.pyramid import downsample_mode
+
+    # Dask pickles the task function by value (a closure here), so the spy records to a file
+    record = tmp_path / "level1-computed-by-the-pyramid.txt"
+    record.write_text("")
+    original = pyramid._downsample_batch
+
+    def spy(group_uri, src, dst, reduction, num_classes, keys):
+        if dst == "1":
+            with open(record, "a") as f:
+                f.writelines(f"{k[0]} {k[1]}\n" for k in keys)
+        return original(group_uri, src, dst, reduction, num_classes, keys)
+
+    def computed() -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in line.split()) for line in record.read_text().splitlines()]
+
+    monkeypatch.setattr(pyramid, "_downsample_batch", spy)
+    ref_model, _ = check_model(model_dir)
+    image = list_images(scene_tif)[0]
+    s = settings(chunk=64, halo=16, tile=tile)
+    result = segment_image(image, ref_model, str(tmp_path), s, client)
+    assert result.status == "done", result.error
+    level0 = zarr.open_array(result.output + "/0", mode="r")[:]
+    level1 = zarr.open_array(result.output + "/1", mode="r")
+    assert level1.shape == (217, 195) and level1.chunks == (64, 64)
+    np.testing.assert_array_equal(level1[:], downsample_mode(level0, 4))
+    assert len(computed()) == pyramid_computes
+    if tile != 128:
+        return
+    # an interrupted run: one level-0 chunk and its level-1 chunk missing; the resumed task writes one
+    # chunk of that tile, so its level 1 is left to the pyramid pass
+    g = zarr.open_group(result.output, mode="r+")
+    g.attrs["segpipe"] = {**g.attrs["segpipe"], "status": "running"}
+    (tmp_path / "scene.zarr" / "0" / "c" / "2" / "3").unlink()
+    (tmp_path / "scene.zarr" / "1" / "c" / "1" / "1").unlink()
+    record.write_text("")
+    resumed = segment_image(image, ref_model, str(tmp_path), s, client)
+    assert resumed.status == "done" and resumed.chunks_computed == 1, resumed.error
+    assert computed() == [(1, 1)]
+    np.testing.assert_array_equal(zarr.open_array(result.output + "/1", mode="r")[:], level1[:])

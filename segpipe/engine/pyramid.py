@@ -214,10 +214,23 @@ def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
         return list(pool.map(fn, task_args))
 
 
+def _existing_level(group: Any, path: str, base: Any, shape: tuple[int, ...]) -> Any:
+    """The array ``path`` when it exists with the layout the level needs (else None: it is recreated)."""
+    try:
+        dst = group[path]
+    except KeyError:
+        return None
+    same = (tuple(dst.shape) == shape and dst.chunks == base.chunks and dst.shards == base.shards
+            and dst.dtype == base.dtype)
+    return dst if same else None
+
+
 def _build_levels(
     group_uri: str, array: str, reduction: Reduction, num_classes: int, min_size: int | None, client: Any,
+    keep_written: bool = False,
 ) -> list[tuple[str, int]]:
-    """Write levels 1, 2, … of ``array``; returns ``[(path, level), …]``."""
+    """Write levels 1, 2, … of ``array``; returns ``[(path, level), …]``. With ``keep_written``, a level
+    array that exists with the right layout is kept and only its chunks not in the store are computed."""
     import zarr
 
     group_uri = strip_file_scheme(group_uri)
@@ -237,13 +250,21 @@ def _build_levels(
     src = base
     for level, (h, w) in enumerate(shapes[1:], start=1):
         path = level_path(array, level)
-        dst = group.create_array(
-            name=path, shape=tuple(base.shape[:-2]) + (h, w), chunks=base.chunks, shards=base.shards,
-            dtype=base.dtype, compressors=base.compressors, filters=base.filters, serializer=base.serializer,
-            fill_value=base.fill_value, dimension_names=base.metadata.dimension_names, overwrite=True,
-        )
+        shape = tuple(base.shape[:-2]) + (h, w)
+        dst = _existing_level(group, path, base, shape) if keep_written else None
+        if dst is None:
+            dst = group.create_array(
+                name=path, shape=shape, chunks=base.chunks, shards=base.shards,
+                dtype=base.dtype, compressors=base.compressors, filters=base.filters, serializer=base.serializer,
+                fill_value=base.fill_value, dimension_names=base.metadata.dimension_names, overwrite=True,
+            )
         grid = [range(ceil_div(n, c)) for n, c in zip(dst.shape, unit)]
         keys = [tuple(int(i) for i in k) for k in np.ndindex(*[len(r) for r in grid])]
+        if keep_written and dst.ndim == 2 and base.shards is None:
+            from segpipe.io.output import done_chunks
+
+            written_keys = done_chunks(group_uri, path)  # written by the tile tasks (level 1) or a pass cut short
+            keys = [k for k in keys if k not in written_keys]
         # partial of a module-level function: picklable for Dask process workers
         fn = partial(_downsample_batch, group_uri, src.path, dst.path, reduction, num_classes)
         _run_tasks(fn, batches(keys, _CHUNKS_PER_TASK), client)
@@ -257,6 +278,7 @@ def _build_levels(
 
 def build_pyramid(
     group_uri: str, *, array: str = "0", num_classes: int, min_size: int | None = None, client: Any = None,
+    keep_written: bool = False,
 ) -> list[str]:
     """Write mode-downsampled levels of the class-id ``array`` and list them in the NGFF metadata.
 
@@ -264,12 +286,15 @@ def build_pyramid(
     Dask ``client`` one task per few output chunks is submitted with ``client.map`` and
     only pixel counters are gathered; without one, a local thread pool writes the chunks.
     When ``array`` is the first dataset of ``ome.multiscales[0]`` the datasets list is
-    rewritten to level 0 plus the new levels. Returns the new level paths.
+    rewritten to level 0 plus the new levels. Returns the new level paths. ``keep_written``: chunks
+    already in the store (level 1 written by the tile tasks from the labels in memory, or an earlier
+    pass of the same run) are kept, not recomputed; only for outputs of one run, whose level 0 they
+    were computed from.
     """
     import zarr
 
     label_dtype(num_classes)  # validates num_classes
-    levels = _build_levels(group_uri, array, "mode", num_classes, min_size, client)
+    levels = _build_levels(group_uri, array, "mode", num_classes, min_size, client, keep_written)
     group = zarr.open_group(strip_file_scheme(group_uri), mode="r+")
     ome = dict(group.attrs.get("ome") or {})
     multiscales = list(ome.get("multiscales") or [])

@@ -110,7 +110,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             done = set()
         target = OutputTarget(target_uri, info.height, info.width, settings.tiling.chunk_size,
                               model.spec.num_classes, settings.inference.probabilities, run_id,
-                              settings.output.zstd_level)
+                              settings.output.zstd_level, settings.output.pyramid)
         if plan.action in ("new", "replace"):
             name = posixpath.splitext(posixpath.basename(image.relative))[0]
             colors = colors_from_spec(model.spec.model_extra)

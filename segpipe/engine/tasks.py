@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("segpipe.engine.segment")
 
 
-def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
+def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> np.ndarray:
     """A chunk the model does not see: ``value`` everywhere (probability 1 for it), or nodata (all 0)."""
     label = job.target.nodata_label if value is None else value
     labels = np.full((chunk.h, chunk.w), label, dtype=job.target.label_dtype)
@@ -42,6 +42,7 @@ def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> None:
         if value is not None:
             probs[value] = 255
     write_chunk(job.target, chunk, labels, probs)
+    return labels
 
 PARALLEL_READ_BATCH = 4
 
@@ -76,13 +77,59 @@ def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int =
     raise error
 
 class _ZarrSink:
-    """Merged chunks into the output: one writer per chunk, class ids last (the completion record)."""
+    """Merged chunks into the output: one writer per chunk, class ids last (the completion record).
 
-    def __init__(self, target: OutputTarget) -> None:
-        self.target = target
+    Pyramid level 1 from memory: when this task writes every chunk of a tile and the tile is an
+    even number of chunks wide (the default tile is 2 × 2 chunks: exactly one level-1 chunk), the
+    tile's labels are gathered as its chunks go by and its level-1 chunks are written at once,
+    so the pyramid pass starts at level 2 instead of reading level 0 back. Other tiles (resumed
+    ones, slide background, odd tile sizes) are left to the pyramid pass, which computes every
+    level-1 chunk not in the store.
+    """
+
+    def __init__(self, job: ChunkJob, plan: TilePlan | None = None,
+                 items: list[tuple[Chunk, list[Chunk]]] | None = None) -> None:
+        self.target = job.target
+        self.plan = plan
+        self.tiles: dict[tuple[int, int], tuple[Chunk, np.ndarray, set[tuple[int, int]]]] = {}
+        k = plan.tile_size // plan.chunk_size if plan else 1
+        if plan is not None and items and self.target.has_level1 and k % 2 == 0:
+            for tile, chunks in items:
+                if len(chunks) == len(plan.chunks(tile)):  # this task writes all of the tile
+                    canvas = np.empty((tile.h, tile.w), dtype=self.target.label_dtype)
+                    entry = (tile, canvas, {c.key for c in chunks})  # one entry, shared by the tile's chunks
+                    self.tiles.update({c.key: entry for c in chunks})
 
     def write(self, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None) -> None:
         write_chunk(self.target, chunk, labels, probs)
+        self._gather(chunk, labels)
+
+    def fill(self, job: ChunkJob, chunk: Chunk, value: int | None) -> None:
+        labels = _write_fill(job, chunk, value)
+        self._gather(chunk, labels)
+
+    def _gather(self, chunk: Chunk, labels: np.ndarray) -> None:
+        entry = self.tiles.pop(chunk.key, None)
+        if entry is None:
+            return
+        tile, canvas, missing = entry
+        canvas[chunk.y0 - tile.y0:chunk.y0 - tile.y0 + chunk.h, chunk.x0 - tile.x0:chunk.x0 - tile.x0 + chunk.w] = labels
+        missing.discard(chunk.key)
+        if not missing:
+            self._write_level1(tile, canvas)
+
+    def _write_level1(self, tile: Chunk, labels: np.ndarray) -> None:
+        from segpipe.engine.pyramid import downsample_mode
+        from segpipe.io.output import write_level1_chunk
+
+        c = self.target.chunk_size
+        down = downsample_mode(labels, self.target.num_classes)  # the pyramid's own reduction
+        y1, x1 = tile.y0 // 2, tile.x0 // 2  # level-1 origin of the tile (tile.y0 is a multiple of 2c)
+        for iy in range(y1 // c, (y1 + down.shape[0] + c - 1) // c):
+            for ix in range(x1 // c, (x1 + down.shape[1] + c - 1) // c):
+                block = down[iy * c - y1:(iy + 1) * c - y1, ix * c - x1:(ix + 1) * c - x1]
+                if not write_level1_chunk(self.target, (iy, ix), block):
+                    return
 
 def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
@@ -105,9 +152,10 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
-    stats = infer_tiles(reader, predictor, plan, items, _ZarrSink(job.target), norm=job.norm,
+    sink = _ZarrSink(job, plan, items)
+    stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
                         nodata=job.target.nodata_label, batch_size=max(1, len(work)), skip_empty=r.skip_empty,
-                        fill=lambda c, v: _write_fill(job, c, v))
+                        fill=lambda c, v: sink.fill(job, c, v))
     return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats}
 
 def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
@@ -208,6 +256,6 @@ def _build_pyramid(target: OutputTarget, client: Client) -> None:
 
     if target.height <= target.chunk_size and target.width <= target.chunk_size:
         return  # one chunk: no lower level to build (levels stop at about one chunk)
-    build_pyramid(target.uri, num_classes=target.num_classes, client=client)
+    build_pyramid(target.uri, num_classes=target.num_classes, client=client, keep_written=True)
     if target.probabilities:
         build_probability_pyramid(target.uri, client=client)

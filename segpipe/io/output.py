@@ -25,10 +25,11 @@ import numpy as np
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
 from segpipe.io.storage import filesystem, join, output_error, strip_file_scheme, write_atomic
-from segpipe.core.geometry import Chunk
+from segpipe.core.geometry import Chunk, ceil_div
 from segpipe.io.chunks import RawChunks
 
 LEVEL0 = "0"
+LEVEL1 = "1"  #: the first pyramid level: created with the output, written by the tile tasks where they can
 PROBABILITIES = "probabilities"
 FORMAT = "segpipe-output/1"
 
@@ -84,6 +85,7 @@ class OutputTarget:
     probabilities: bool
     run_id: str
     zstd_level: int = 3
+    pyramid: bool = True  #: lower-resolution levels are written after level 0
 
     @property
     def label_dtype(self) -> str:
@@ -92,6 +94,11 @@ class OutputTarget:
     @property
     def nodata_label(self) -> int:
         return nodata_label(self.num_classes)
+
+    @property
+    def has_level1(self) -> bool:
+        """Whether the output gets pyramid levels (they stop at about one chunk; see engine.pyramid)."""
+        return self.pyramid and max(self.height, self.width) > self.chunk_size
 
 
 def _open_group(uri: str, mode: str):
@@ -191,6 +198,9 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
         c = target.chunk_size
         arrays = {LEVEL0: _array_meta([target.height, target.width], [c, c], target.label_dtype, target.nodata_label,
                                       target.zstd_level, ["y", "x"])}
+        if target.has_level1:  # the tile tasks write level 1 from the labels in memory (engine.tasks)
+            arrays[LEVEL1] = _array_meta([ceil_div(target.height, 2), ceil_div(target.width, 2)], [c, c],
+                                         target.label_dtype, target.nodata_label, target.zstd_level, ["y", "x"])
         if target.probabilities:
             arrays[PROBABILITIES] = _array_meta([target.num_classes, target.height, target.width], [1, c, c], "uint8",
                                                 0, 3, ["class", "y", "x"])
@@ -213,10 +223,11 @@ def output_arrays_exist(uri: str, probabilities: bool) -> bool:
     return all(fs.exists(join(path, n, "zarr.json")) for n in names)
 
 
-def done_chunks(uri: str) -> set[tuple[int, int]]:
-    """Chunks whose level-0 data is in the store (one listing, not one request per chunk)."""
+def done_chunks(uri: str, array: str = LEVEL0) -> set[tuple[int, int]]:
+    """Chunks of a 2-D ``array`` (level 0 by default) that are in the store (one listing, not one
+    request per chunk)."""
     fs, path = filesystem(strip_file_scheme(uri))
-    prefix = join(path, LEVEL0, "c")
+    prefix = join(path, array, "c")
     try:
         keys = fs.find(prefix)
     except FileNotFoundError:
@@ -241,6 +252,7 @@ class _ChunkStore:
 
     def __init__(self, target: OutputTarget) -> None:
         self.level0 = RawChunks.open(target.uri, LEVEL0)
+        self.level1 = RawChunks.open(target.uri, LEVEL1) if target.has_level1 else None
         self.probs = RawChunks.open(target.uri, PROBABILITIES) if target.probabilities else None
         self.fast = self.level0 is not None and (self.probs is not None or not target.probabilities)
         self.zarr_arrays: tuple[Any, Any] | None = None
@@ -290,6 +302,22 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
         if err is None:
             raise
         raise err from None
+
+
+def write_level1_chunk(target: OutputTarget, index: tuple[int, int], labels: np.ndarray) -> bool:
+    """Write one chunk of pyramid level 1 whole (``labels``: its part inside the array); False when
+    the output has no plain level-1 array to write into (the pyramid pass then computes it)."""
+    store = _store_for(target)
+    if store.level1 is None:
+        return False
+    try:
+        store.level1.write(index, labels)
+    except OSError as e:
+        err = output_error(target.uri, e)
+        if err is None:
+            raise
+        raise err from None
+    return True
 
 
 def finalize(uri: str, attrs: dict[str, Any]) -> None:

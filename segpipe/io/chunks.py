@@ -30,6 +30,7 @@ class RawChunks:
         from numcodecs import Zstd
 
         self.fs, self.path = fs, path
+        self.meta = meta  #: the array's zarr.json
         self.shape = tuple(meta["shape"])
         self.chunks = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")

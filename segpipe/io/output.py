@@ -338,6 +338,19 @@ def finalize(uri: str, attrs: dict[str, Any]) -> None:
         raise err from None
 
 
+def write_attrs(uri: str, attrs: dict[str, Any]) -> None:
+    """Replace the root attributes of an output (one atomic replace of the group's ``zarr.json``; the
+    pyramid lists its levels this way, without zarr-python's group machinery)."""
+    try:
+        fs, path = filesystem(strip_file_scheme(uri))
+        write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=False)
+    except OSError as e:
+        err = output_error(uri, e)
+        if err is None:
+            raise
+        raise err from None
+
+
 def open_labels(uri: str, level: str = LEVEL0):
     """The class-id array of an output (read-only)."""
     return _open_group(uri, "r")[level]

@@ -97,3 +97,25 @@ def test_worker_capacity_counts_every_worker():
 def test_trim_memory_is_harmless():
     cluster.trim_memory()
     cluster.trim_memory()
+
+
+def test_recent_worker_capacity_asks_the_scheduler_at_most_every_max_age():
+    """One scheduler round trip per client and period, not per image; a worker that joins is seen after it."""
+
+    class CountingClient:
+        def __init__(self, cid):
+            self.id, self.calls, self.workers = cid, 0, {"a": {"nthreads": 2}}
+
+        def scheduler_info(self, n_workers=5):
+            self.calls += 1
+            return {"workers": dict(self.workers)}
+
+    c = CountingClient("client-under-test")
+    assert [cluster.recent_worker_capacity(c, max_age=60) for _ in range(5)] == [(False, 2)] * 5
+    assert c.calls == 1
+    c.workers["b"] = {"nthreads": 4, "resources": {"GPU": 1}}
+    assert cluster.recent_worker_capacity(c, max_age=60) == (False, 2)  # still the recent answer
+    assert cluster.recent_worker_capacity(c, max_age=0) == (True, 6)  # older than max_age: asked again
+    assert c.calls == 2
+    other = CountingClient("another-client")
+    assert cluster.recent_worker_capacity(other, max_age=60) == (False, 2) and other.calls == 1

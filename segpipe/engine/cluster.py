@@ -116,6 +116,27 @@ def worker_capacity(client: Client) -> tuple[bool, int]:
     return gpu, sum(int(w.get("nthreads", 1)) for w in workers)
 
 
+_capacity: dict[str, tuple[float, tuple[bool, int]]] = {}
+
+
+def recent_worker_capacity(client: Client, max_age: float = 10.0) -> tuple[bool, int]:
+    """:func:`worker_capacity`, asked of the scheduler at most every ``max_age`` seconds per client:
+    a folder of chips otherwise pays one scheduler round trip per image, and workers that join an
+    adaptive cluster are still seen within ``max_age``."""
+    import time
+
+    key = str(getattr(client, "id", id(client)))
+    now = time.monotonic()
+    hit = _capacity.get(key)
+    if hit is not None and now - hit[0] < max_age:
+        return hit[1]
+    capacity = worker_capacity(client)
+    if len(_capacity) > 64:
+        _capacity.clear()
+    _capacity[key] = (now, capacity)
+    return capacity
+
+
 def _accepts_n_workers(client: Client) -> bool:
     import inspect
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from segpipe.core.classes import colors_from_spec
-from segpipe.engine.cluster import worker_capacity
+from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.core.settings import SegmentSettings
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.io.locks import OutputLock
@@ -124,7 +124,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm)
-        gpu_workers, threads = worker_capacity(client)  # one scheduler round trip per image
+        gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
         compute, fill = _tile_work(tplan, done, background)
         per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,

@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# one pip call, so the resolver agrees on s3fs/aiobotocore and moto/boto3 pins
 	$(VENV)/bin/pip install --quiet $(TORCH) -e '.[dev]'
 	$(VENV)/bin/pip check
+	# the editable install is not byte-compiled, and with PYTHONDONTWRITEBYTECODE=1 (set on CI machines)
+	# every process would compile segpipe again (~60 ms of each start); compileall writes the .pyc anyway
+	$(VENV)/bin/python -m compileall -q segpipe flows deployments benchmarks > /dev/null
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -165,6 +165,27 @@ def test_an_output_locked_by_a_live_run_is_left_to_it(tmp_path, photo, model_dir
     lock.release()
 
 
+def test_lock_heartbeats_are_refreshed_by_one_thread_and_stop_at_release(tmp_path, monkeypatch):
+    """Held locks get fresh heartbeats from the process's one heartbeat thread (so a run on another
+    host does not take them over as stale); a released lock is gone and never written again."""
+    import threading
+
+    from segpipe.io import locks
+
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.3)
+    monkeypatch.setattr(locks, "_heartbeats", locks._Heartbeats())
+    held = [locks.acquire(str(tmp_path / f"o{i}.zarr")) for i in range(3)]
+    first = [locks.read_lock(str(tmp_path / f"o{i}.zarr")).heartbeat for i in range(3)]
+    time.sleep(1.2)
+    assert [locks.read_lock(str(tmp_path / f"o{i}.zarr")).heartbeat > first[i] for i in range(3)] == [True] * 3
+    assert sum(t.name == "segpipe-lock-heartbeat" and t.is_alive() for t in threading.enumerate()) >= 1
+    assert sum(t is locks._heartbeats._thread for t in threading.enumerate()) == 1
+    for lock in held:
+        lock.release()
+    time.sleep(0.8)
+    assert not any((tmp_path / f"o{i}.zarr.lock").exists() for i in range(3))
+
+
 @pytest.mark.slow
 def test_two_runs_at_once_both_end_well(tmp_path, photo, model_dir):
     src, out = tmp_path / "src", tmp_path / "out"

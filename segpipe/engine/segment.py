@@ -21,7 +21,7 @@ from segpipe.core.settings import SegmentSettings
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
-from segpipe.io.readers import ImageInfo, open_image
+from segpipe.io.readers import ImageInfo, open_image, shared_reader
 from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
 from segpipe.io.output import (
@@ -157,17 +157,19 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
 
 def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
                  ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm]:
-    """Header, checks, slide background and the image's input normalisation, with one open reader."""
+    """Header, checks, slide background and the image's input normalisation, with one open reader.
+
+    The reader is the process's shared one for this image (:func:`shared_reader`, same key as the
+    tile tasks'): on the embedded cluster the tasks then read through it instead of opening the
+    image a second time (~3 ms a 256² PNG chip; a header request per remote COG).
+    """
     r = settings.read
-    reader = open_image(image.uri, r.bands, level=r.level, mpp=r.mpp)
-    try:
-        info = reader.info
-        norm = check_image(image.uri, info, model, settings)
-        if norm is None:
-            norm = image_normalization(model.spec, reader, image.uri)
-        background = _background_chunks(reader, settings) if r.skip_empty else set()
-    finally:
-        reader.close()
+    reader = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint)
+    info = reader.info
+    norm = check_image(image.uri, info, model, settings)
+    if norm is None:
+        norm = image_normalization(model.spec, reader, image.uri)
+    background = _background_chunks(reader, settings) if r.skip_empty else set()
     return info, background, norm
 
 def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int, int]]:

@@ -56,6 +56,22 @@ def test_shared_reader_is_one_handle_safe_across_threads(tmp_path):
         np.testing.assert_array_equal(g, padded[:, w.y0 + 200:w.y1 + 200, w.x0 + 200:w.x1 + 200])
 
 
+def test_a_reader_evicted_from_the_shared_cache_still_reads(tmp_path, monkeypatch):
+    """More images in flight than the cache keeps: the evicted reader is closed, and a task still
+    holding it gets it reopened on its next read (not a closed handle)."""
+    from segpipe.io.readers import cache
+
+    monkeypatch.setattr(cache, "_MAX_SHARED", 1)
+    monkeypatch.setattr(cache, "_shared", type(cache._shared)())
+    a_img, b_img = sample_photo(200, 180), sample_photo(150, 170)[:, ::-1].copy()
+    a = shared_reader(str(write_geotiff(tmp_path / "a.tif", a_img)))
+    b = shared_reader(str(write_geotiff(tmp_path / "b.tif", b_img)))  # evicts and closes a
+    assert a._reader is None
+    np.testing.assert_array_equal(a.read(Window(10, 20, 30, 40)), a_img[:, 10:40, 20:60])
+    assert a.has_mask is False and b.info.height == 150
+    np.testing.assert_array_equal(b.read(Window(0, 0, 5, 5)), b_img[:, :5, :5])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

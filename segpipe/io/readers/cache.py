@@ -25,29 +25,43 @@ class SharedReader:
     nothing on a CPU; the header of a remote COG is read once per process, not per chunk.
     """
 
-    def __init__(self, reader: ImageReader) -> None:
-        self._reader = reader
+    def __init__(self, reader: ImageReader, reopen: Any = None) -> None:
+        self._reader: ImageReader | None = reader
+        self._reopen = reopen  #: opens the same image again (after an eviction from the cache closed it)
         self.info = reader.info
         self._lock = threading.Lock()
 
+    def _open(self) -> ImageReader:
+        """The handle; an evicted reader that a task still holds reopens itself (called under the lock)."""
+        if self._reader is None:
+            if self._reopen is None:
+                raise ValueError("the reader was closed")
+            self._reader = self._reopen()
+        return self._reader
+
     def read(self, window: Window) -> np.ndarray:
         with self._lock:
-            return self._reader.read(window)
+            return self._open().read(window)
 
     def __getattr__(self, name: str) -> Any:  # has_mask, read_valid, thumbnail, …
-        attr = getattr(self._reader, name)
+        if name.startswith("__") or name in ("_reader", "_reopen", "_lock"):
+            raise AttributeError(name)
+        with self._lock:
+            attr = getattr(self._open(), name)
         if not callable(attr):
             return attr
 
         def locked(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
-                return attr(*args, **kwargs)
+                return getattr(self._open(), name)(*args, **kwargs)
 
         return locked
 
     def close(self) -> None:
         with self._lock:
-            self._reader.close()
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
 
 _shared: OrderedDict = OrderedDict()
@@ -68,7 +82,10 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | Non
         if reader is not None:
             _shared.move_to_end(key)
             return reader
-    opened = SharedReader(open_image(uri, bands, level=level, mpp=mpp))
+    # the cache closes the readers it evicts; a task still holding one (more images in flight than the
+    # cache keeps) gets it reopened on its next read instead of a closed handle
+    opened = SharedReader(open_image(uri, bands, level=level, mpp=mpp),
+                          reopen=lambda: open_image(uri, bands, level=level, mpp=mpp))
     with _shared_lock:
         reader = _shared.setdefault(key, opened)
         _shared.move_to_end(key)

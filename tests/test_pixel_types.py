@@ -417,7 +417,7 @@ def small_model(tmp_path_factory):
     return d
 
 
-def _predictor(art_dir, **update):
+def _predictor(art_dir, batch_size=None, **update):
     from segpipe.core.settings import InferenceSettings
     from segpipe.engine.predictor import Predictor
     from segpipe.models.artifact import load_artifact
@@ -426,7 +426,8 @@ def _predictor(art_dir, **update):
     if update:
         spec = ModelSpec.model_validate({**art.spec.model_dump(), **update})
         art = type(art)(art.uri, spec, art.weights, art.sha256)
-    return Predictor(art, InferenceSettings(device="cpu", precision="fp32", probabilities=True), threads=1)
+    return Predictor(art, InferenceSettings(device="cpu", precision="fp32", probabilities=True, batch_size=batch_size),
+                     threads=1)
 
 
 def test_predictor_normalises_like_the_rule(small_model):
@@ -462,3 +463,49 @@ def test_predictor_uses_the_images_normalisation(small_model):
     norm = InputNorm("percentile", (0.0,) * 3, (65535.0,) * 3, True, "uint16")
     l, _ = pct.predict(a16, norm)
     np.testing.assert_array_equal(l, l8)
+
+
+def test_concurrent_requests_share_one_forward(small_model, monkeypatch):
+    """Windows of several callers (tile tasks of different images on one worker) are merged into one
+    forward, up to the batch size, and each caller gets its own rows: what it gets when alone."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segpipe.engine import predictor
+
+    monkeypatch.setattr(predictor, "BATCH_UNIT_PIXELS", 64 * 64)  # batch size 4 = four 64² windows
+    pred = _predictor(small_model, batch_size=4)
+    assert not pred.coalesce  # a CPU predictor keeps each request's batch (exact reruns)
+    pred.coalesce = True  # as on a GPU: the merging itself is device-independent
+    tiles = [rgb(i, 64, 64).transpose(2, 0, 1)[None] for i in range(6)]
+    alone = [pred._predict(t, None, None) for t in tiles]
+    batches, entered, gate = [], threading.Event(), threading.Event()
+    forward = pred._forward
+
+    def recording(x):
+        batches.append(x.shape[0])
+        if len(batches) == 1:  # hold the compute thread so the other requests queue up
+            entered.set()
+            gate.wait(30)
+        return forward(x)
+
+    pred._forward = recording
+    with ThreadPoolExecutor(6) as pool:
+        first = pool.submit(pred.predict, tiles[0])
+        assert entered.wait(30)
+        rest = [pool.submit(pred.predict, t) for t in tiles[1:]]
+        deadline = time.monotonic() + 30
+        while len(pred._coalescer._queue) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        got = [first.result(), *(f.result() for f in rest)]
+    assert batches == [1, 4, 1]  # 6 requests, 3 forwards: the 5 queued ones went 4 + 1
+    for (labels, probs), (labels_alone, probs_alone) in zip(got, alone):
+        assert labels.shape == labels_alone.shape == (1, 64, 64)
+        assert (labels == labels_alone).mean() > 0.999  # a batch may pick other kernels: rounding only
+        assert np.abs(probs.astype(int) - probs_alone).max() <= 1
+    # an error in the forward reaches its caller (every caller of a merged batch gets it)
+    pred._forward = lambda x: (_ for _ in ()).throw(RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        pred.predict(tiles[0])

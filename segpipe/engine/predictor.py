@@ -15,7 +15,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -108,6 +108,11 @@ class Predictor:
         # One forward at a time per device, always on the same thread (see predict).
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1,
                                                                        thread_name_prefix="segpipe-compute")
+        self._coalescer = _Coalescer(self._predict, self.batch_size * BATCH_UNIT_PIXELS, self._executor)
+        #: merge small requests of several threads into one forward: on a GPU, where one tiny forward
+        #: per chip wastes the device. Not on a CPU, where it would not be faster and would make a chip's
+        #: result depend (by float rounding) on which other chips shared its batch.
+        self.coalesce = device.type == "cuda"
 
     @classmethod
     def from_network(cls, net: torch.nn.Module, spec: ModelSpec, settings: InferenceSettings,
@@ -205,6 +210,8 @@ class Predictor:
         """
         if self._executor is None:
             return self._predict(tiles, norm, crop)
+        if self.coalesce and _pixels(tiles) < self._coalescer.limit:  # merge with other threads' requests
+            return self._coalescer.predict(tiles, norm, crop)
         return self._executor.submit(self._predict, tiles, norm, crop).result()
 
     def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
@@ -234,6 +241,70 @@ class Predictor:
             if want_probs:
                 probs_np = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
         return labels_np.astype(self.label_dtype, copy=False), probs_np
+
+
+#: what one unit of ``batch_size`` means in pixels when requests are merged: a 640² window (a 512
+#: chunk + 64 halo), so a GPU's default 16 is ~6.5 MP per forward whatever the window size
+BATCH_UNIT_PIXELS = 640 * 640
+
+
+def _pixels(tiles: np.ndarray) -> int:
+    return int(tiles.shape[0]) * int(tiles.shape[-2]) * int(tiles.shape[-1])
+
+
+class _Coalescer:
+    """Requests of several calling threads merged into one forward (dynamic batching).
+
+    A folder of chips gives one window per tile task, so a GPU would run one tiny forward per image.
+    Each request joins a queue and schedules a drain on the predictor's one compute thread; while a
+    forward runs, later requests wait in the queue, and the next drain takes every compatible one
+    (same window shape, pixel type, normalisation and crop) up to ``limit`` pixels into a single
+    forward, then hands each caller its own rows. Windows of different images batch together this way,
+    with nothing changed on the driver. Used on GPUs only (:attr:`Predictor.coalesce`).
+    """
+
+    def __init__(self, run: Any, limit: int, executor: ThreadPoolExecutor) -> None:
+        self._run, self.limit, self._executor = run, limit, executor
+        self._queue: list[tuple[np.ndarray, Any, Any, Any]] = []
+        self._lock = threading.Lock()
+
+    def predict(self, tiles: np.ndarray, norm: Any, crop: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        with self._lock:
+            self._queue.append((tiles, norm, crop, done))
+        self._executor.submit(self._drain)
+        return done.result()
+
+    @staticmethod
+    def _key(request: tuple) -> tuple:
+        tiles, norm, crop, _ = request
+        return tiles.shape[1:], tiles.dtype.str, norm, crop
+
+    def _drain(self) -> None:
+        """On the compute thread: one forward for the oldest request and every compatible one queued."""
+        with self._lock:
+            if not self._queue:
+                return  # an earlier drain took this request along
+            key, group, n = self._key(self._queue[0]), [], 0
+            for request in self._queue:
+                if self._key(request) == key and (not group or n + _pixels(request[0]) <= self.limit):
+                    group.append(request)
+                    n += _pixels(request[0])
+            self._queue = [r for r in self._queue if not any(r is g for g in group)]
+        tiles = group[0][0] if len(group) == 1 else np.concatenate([r[0] for r in group])
+        try:
+            labels, probs = self._run(tiles, group[0][1], group[0][2])
+        except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error, or waits forever
+            for r in group:
+                r[3].set_exception(e)
+            return
+        i = 0
+        for r in group:
+            k = len(r[0])
+            r[3].set_result((labels[i:i + k], None if probs is None else probs[i:i + k]))
+            i += k
 
 
 def _argmax(scores: torch.Tensor) -> torch.Tensor:

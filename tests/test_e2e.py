@@ -161,6 +161,13 @@ def test_s3_bucket_in_and_out(tmp_path, photo, model_dir):
                 assert g.attrs["segpipe"]["status"] == "complete"
                 assert g.attrs["segpipe"]["source"] == f"s3://imagery/in/{rel}.tif"
                 np.testing.assert_array_equal(g["0"][:], labels(tmp_path / "localout" / f"{rel}.zarr"))
+                # the pyramid (level 1 written by the tile tasks, the rest by the pyramid pass) as on a local disk
+                here = zarr.open_group(str(tmp_path / "localout" / f"{rel}.zarr"), mode="r")
+                levels = [d["path"] for d in here.attrs["ome"]["multiscales"][0]["datasets"]]
+                assert len(levels) >= 3
+                assert [d["path"] for d in g.attrs["ome"]["multiscales"][0]["datasets"]] == levels
+                for level in levels[1:]:
+                    np.testing.assert_array_equal(g[level][:], here[level][:])
             # rerun: everything skipped
             report = tmp_path / "r.json"
             segment_cli("s3://imagery/in/", model_dir, "s3://imagery/out", "--report-json", str(report), env=env)

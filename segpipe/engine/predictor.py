@@ -287,12 +287,14 @@ class _Coalescer:
         with self._lock:
             if not self._queue:
                 return  # an earlier drain took this request along
-            key, group, n = self._key(self._queue[0]), [], 0
+            key, group, rest, n = self._key(self._queue[0]), [], [], 0
             for request in self._queue:
                 if self._key(request) == key and (not group or n + _pixels(request[0]) <= self.limit):
                     group.append(request)
                     n += _pixels(request[0])
-            self._queue = [r for r in self._queue if not any(r is g for g in group)]
+                else:
+                    rest.append(request)
+            self._queue = rest
         tiles = group[0][0] if len(group) == 1 else np.concatenate([r[0] for r in group])
         try:
             labels, probs = self._run(tiles, group[0][1], group[0][2])

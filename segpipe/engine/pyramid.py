@@ -160,19 +160,8 @@ def _downsample_batch(
     unit = _write_unit(dst)
     written = 0
     for key in keys:
-        dst_sel, src_sel = [], []
-        for axis, (i, c) in enumerate(zip(key, unit)):
-            lo, hi = i * c, min((i + 1) * c, dst.shape[axis])
-            dst_sel.append(slice(lo, hi))
-            if axis < dst.ndim - 2:  # leading axes (classes) are not downsampled
-                src_sel.append(slice(lo, hi))
-            else:
-                src_sel.append(slice(2 * lo, min(2 * hi, src.shape[axis])))
-        block = src[tuple(src_sel)]
-        if reduction == "mode":
-            out = downsample_mode(block, num_classes)
-        else:
-            out = downsample_mean(block)
+        dst_sel, src_sel = _selections(key, unit, dst.shape, src.shape)
+        out = _reduce(src[tuple(src_sel)], reduction, num_classes)
         dst[tuple(dst_sel)] = out.astype(dst.dtype, copy=False)
         written += int(np.prod(out.shape))
     return written
@@ -182,19 +171,30 @@ def _downsample_raw(src: Any, dst: Any, reduction: Reduction, num_classes: int, 
     """:func:`_downsample_batch` on plain chunks: the same selections and reductions, whole-chunk I/O."""
     written = 0
     for key in keys:
-        dst_sel, src_sel = [], []
-        for axis, (i, c) in enumerate(zip(key, dst.chunks)):
-            lo, hi = i * c, min((i + 1) * c, dst.shape[axis])
-            dst_sel.append(slice(lo, hi))
-            if axis < len(dst.shape) - 2:  # leading axes (classes) are not downsampled
-                src_sel.append(slice(lo, hi))
-            else:
-                src_sel.append(slice(2 * lo, min(2 * hi, src.shape[axis])))
-        block = src.read(src_sel)
-        out = downsample_mode(block, num_classes) if reduction == "mode" else downsample_mean(block)
+        _, src_sel = _selections(key, dst.chunks, dst.shape, src.shape)
+        out = _reduce(src.read(src_sel), reduction, num_classes)
         dst.write(key, out)
         written += int(np.prod(out.shape))
     return written
+
+
+def _selections(key: tuple[int, ...], unit: Sequence[int], dst_shape: Sequence[int], src_shape: Sequence[int],
+                ) -> tuple[list[slice], list[slice]]:
+    """The destination block ``key`` (one write unit) and the source block it is reduced from: the last
+    two axes twice as large (clipped to the source), leading axes (classes) the same."""
+    dst_sel, src_sel = [], []
+    for axis, (i, c) in enumerate(zip(key, unit)):
+        lo, hi = i * c, min((i + 1) * c, dst_shape[axis])
+        dst_sel.append(slice(lo, hi))
+        if axis < len(dst_shape) - 2:
+            src_sel.append(slice(lo, hi))
+        else:
+            src_sel.append(slice(2 * lo, min(2 * hi, src_shape[axis])))
+    return dst_sel, src_sel
+
+
+def _reduce(block: np.ndarray, reduction: Reduction, num_classes: int) -> np.ndarray:
+    return downsample_mode(block, num_classes) if reduction == "mode" else downsample_mean(block)
 
 
 def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
@@ -214,27 +214,17 @@ def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
         return list(pool.map(fn, task_args))
 
 
-def _existing_level(group: Any, path: str, base: Any, shape: tuple[int, ...]) -> Any:
-    """The array ``path`` when it exists with the layout the level needs (else None: it is recreated)."""
-    try:
-        dst = group[path]
-    except KeyError:
-        return None
-    same = (tuple(dst.shape) == shape and dst.chunks == base.chunks and dst.shards == base.shards
-            and dst.dtype == base.dtype)
-    return dst if same else None
-
-
 def _build_levels(
     group_uri: str, array: str, reduction: Reduction, num_classes: int, min_size: int | None, client: Any,
     keep_written: bool = False,
 ) -> list[tuple[str, int]]:
     """Write levels 1, 2, … of ``array``; returns ``[(path, level), …]``. With ``keep_written``, a level
-    array that exists with the right layout is kept and only its chunks not in the store are computed."""
+    array that exists with the right layout is kept and only its chunks not in the store are computed
+    (plain arrays, which is what segpipe writes; other layouts are rebuilt whole through zarr-python)."""
     from segpipe.io.chunks import RawChunks
 
     plain = RawChunks.open(group_uri, array)
-    if plain is not None:
+    if plain is not None and len(plain.shape) >= 2:
         return _build_plain_levels(group_uri, array, plain, reduction, num_classes, min_size, client, keep_written)
     import zarr
 
@@ -255,21 +245,13 @@ def _build_levels(
     src = base
     for level, (h, w) in enumerate(shapes[1:], start=1):
         path = level_path(array, level)
-        shape = tuple(base.shape[:-2]) + (h, w)
-        dst = _existing_level(group, path, base, shape) if keep_written else None
-        if dst is None:
-            dst = group.create_array(
-                name=path, shape=shape, chunks=base.chunks, shards=base.shards,
-                dtype=base.dtype, compressors=base.compressors, filters=base.filters, serializer=base.serializer,
-                fill_value=base.fill_value, dimension_names=base.metadata.dimension_names, overwrite=True,
-            )
+        dst = group.create_array(
+            name=path, shape=tuple(base.shape[:-2]) + (h, w), chunks=base.chunks, shards=base.shards,
+            dtype=base.dtype, compressors=base.compressors, filters=base.filters, serializer=base.serializer,
+            fill_value=base.fill_value, dimension_names=base.metadata.dimension_names, overwrite=True,
+        )
         grid = [range(ceil_div(n, c)) for n, c in zip(dst.shape, unit)]
         keys = [tuple(int(i) for i in k) for k in np.ndindex(*[len(r) for r in grid])]
-        if keep_written and dst.ndim == 2 and base.shards is None:
-            from segpipe.io.output import done_chunks
-
-            written_keys = done_chunks(group_uri, path)  # written by the tile tasks (level 1) or a pass cut short
-            keys = [k for k in keys if k not in written_keys]
         # partial of a module-level function: picklable for Dask process workers
         fn = partial(_downsample_batch, group_uri, src.path, dst.path, reduction, num_classes)
         _run_tasks(fn, batches(keys, _CHUNKS_PER_TASK), client)

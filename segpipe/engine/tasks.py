@@ -87,13 +87,10 @@ class _ZarrSink:
     level-1 chunk not in the store.
     """
 
-    def __init__(self, job: ChunkJob, plan: TilePlan | None = None,
-                 items: list[tuple[Chunk, list[Chunk]]] | None = None) -> None:
+    def __init__(self, job: ChunkJob, plan: TilePlan, items: list[tuple[Chunk, list[Chunk]]]) -> None:
         self.target = job.target
-        self.plan = plan
         self.tiles: dict[tuple[int, int], tuple[Chunk, np.ndarray, set[tuple[int, int]]]] = {}
-        k = plan.tile_size // plan.chunk_size if plan else 1
-        if plan is not None and items and self.target.has_level1 and k % 2 == 0:
+        if self.target.has_level1 and (plan.tile_size // plan.chunk_size) % 2 == 0:
             for tile, chunks in items:
                 if len(chunks) == len(plan.chunks(tile)):  # this task writes all of the tile
                     canvas = np.empty((tile.h, tile.w), dtype=self.target.label_dtype)

@@ -24,7 +24,7 @@ import numpy as np
 
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
-from segpipe.io.storage import filesystem, join, output_error, strip_file_scheme, write_atomic
+from segpipe.io.storage import filesystem, join, output_error, output_errors, strip_file_scheme, write_atomic
 from segpipe.core.geometry import Chunk, ceil_div
 from segpipe.io.chunks import RawChunks
 
@@ -284,7 +284,7 @@ def _store_for(target: OutputTarget) -> _ChunkStore:
 
 def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None = None) -> None:
     """Write one chunk's core: probabilities first, class ids last (the completion record)."""
-    try:
+    with output_errors(target.uri):
         store = _store_for(target)
         if not store.fast:
             level0, parr = store.zarr_arrays  # type: ignore[misc]
@@ -297,11 +297,6 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
             for k in range(probs.shape[0]):
                 store.probs.write((k, chunk.iy, chunk.ix), probs[k:k + 1])
         store.level0.write((chunk.iy, chunk.ix), labels)  # type: ignore[union-attr]
-    except OSError as e:
-        err = output_error(target.uri, e)
-        if err is None:
-            raise
-        raise err from None
 
 
 def write_level1_chunk(target: OutputTarget, index: tuple[int, int], labels: np.ndarray) -> bool:
@@ -310,45 +305,29 @@ def write_level1_chunk(target: OutputTarget, index: tuple[int, int], labels: np.
     store = _store_for(target)
     if store.level1 is None:
         return False
-    try:
+    with output_errors(target.uri):
         store.level1.write(index, labels)
-    except OSError as e:
-        err = output_error(target.uri, e)
-        if err is None:
-            raise
-        raise err from None
     return True
 
 
 def finalize(uri: str, attrs: dict[str, Any]) -> None:
     """Merge ``attrs`` into the root attributes with ``status: complete``: the last write of a run
-    (one atomic replace of the group's ``zarr.json``)."""
-    try:
-        fs, path = filesystem(strip_file_scheme(uri))
+    (one atomic, durable replace of the group's ``zarr.json``)."""
+    with output_errors(uri):
         current = read_attrs(uri)
-        if current is None:
-            raise OutputError(uri, "disappeared while it was being written")
-        seg = {**current.get("segpipe", {}), **attrs.get("segpipe", {}), "status": "complete", "finished": now_iso()}
-        merged = {**current, **{k: v for k, v in attrs.items() if k != "segpipe"}, "segpipe": seg}
-        write_atomic(fs, join(path, "zarr.json"), _group_meta(merged), durable=True)
-    except OSError as e:
-        err = output_error(uri, e)
-        if err is None:
-            raise
-        raise err from None
+    if current is None:
+        raise OutputError(uri, "disappeared while it was being written")
+    seg = {**current.get("segpipe", {}), **attrs.get("segpipe", {}), "status": "complete", "finished": now_iso()}
+    merged = {**current, **{k: v for k, v in attrs.items() if k != "segpipe"}, "segpipe": seg}
+    write_attrs(uri, merged, durable=True)
 
 
-def write_attrs(uri: str, attrs: dict[str, Any]) -> None:
+def write_attrs(uri: str, attrs: dict[str, Any], durable: bool = False) -> None:
     """Replace the root attributes of an output (one atomic replace of the group's ``zarr.json``; the
     pyramid lists its levels this way, without zarr-python's group machinery)."""
-    try:
+    with output_errors(uri):
         fs, path = filesystem(strip_file_scheme(uri))
-        write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=False)
-    except OSError as e:
-        err = output_error(uri, e)
-        if err is None:
-            raise
-        raise err from None
+        write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=durable)
 
 
 def open_labels(uri: str, level: str = LEVEL0):

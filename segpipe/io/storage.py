@@ -8,11 +8,13 @@ usual AWS credential variables or profiles.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -172,6 +174,19 @@ def output_error(uri: str, exc: BaseException) -> OutputError | None:
     if reason is None:
         return None
     return OutputError(uri, f"cannot be written: {reason}")
+
+
+@contextlib.contextmanager
+def output_errors(uri: str) -> Iterator[None]:
+    """Permanent storage errors inside the block leave as :func:`output_error`'s one line (without a
+    chained cause); transient ones (connection, time-out) and others leave as they are, to be retried."""
+    try:
+        yield
+    except OSError as e:
+        err = output_error(uri, e)
+        if err is None:
+            raise
+        raise err from None
 
 
 def ensure_writable(out: str) -> None:

@@ -50,7 +50,7 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[st
     from segpipe.train.settings import TrainSettings
     from segpipe.evaluate.evaluation import score_output
     from segpipe.export import export_preview
-    from segpipe.evaluate.metrics import write_metrics_json
+    from segpipe.io.metrics import write_metrics_json
     from segpipe.evaluate.reports import markdown_table, write_report
     from segpipe.train.synthetic import write_dataset, write_scene
     from segpipe.train.synthetic_scene import CLASS_COLORS, CLASSES

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from segpipe.train.augment import NO_AUGMENT, AugmentSettings, resize_pair
-from segpipe.train.dataset import IGNORE_INDEX, load_dataset, seeded_split, split_dataset
+from segpipe.labels.dataset import IGNORE_INDEX, load_dataset, seeded_split, split_dataset
 from segpipe.train.index import class_pixel_counts, index_masks
 from segpipe.train.normalization import band_statistics
 from segpipe.train.sampler import PatchSampler
@@ -393,7 +393,7 @@ def test_palette_masks_are_read_as_class_ids(five):
     """A colour-mapped mask (the usual PNG label format): its indices are the class ids, not RGB."""
     import rasterio
 
-    from segpipe.train.dataset import open_mask
+    from segpipe.labels.dataset import open_mask
     from segpipe.core.geometry import Window
 
     ids = np.zeros((40, 48), np.uint8)

@@ -37,7 +37,7 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     """metrics.json equals scikit-learn on the stitched predictions read back from Zarr."""
     from sklearn.metrics import confusion_matrix as sk_cm
 
-    from segpipe.train.dataset import load_dataset, open_mask
+    from segpipe.labels.dataset import load_dataset, open_mask
     from segpipe.evaluate.evaluation import evaluate
     from segpipe.models.artifact import create_artifact
     from segpipe.core.geometry import Window

@@ -9,14 +9,8 @@ import pytest
 from sklearn import metrics as skm
 
 from segpipe.core.errors import DatasetError, InputError
-from segpipe.evaluate.metrics import (
-    METRICS_KEYS,
-    ConfusionMatrix,
-    confusion_matrix,
-    read_metrics_json,
-    scores,
-    write_metrics_json,
-)
+from segpipe.core.metrics import METRICS_KEYS, ConfusionMatrix, confusion_matrix, scores
+from segpipe.io.metrics import read_metrics_json, write_metrics_json
 
 IGNORE = 255
 

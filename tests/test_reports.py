@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from segpipe.core.errors import ConfigError, DatasetError
-from segpipe.evaluate.metrics import ConfusionMatrix
+from segpipe.core.metrics import ConfusionMatrix
 from segpipe.evaluate.figures import class_palette, confusion_png, line_plot_png
 from segpipe.evaluate.overlays import ERROR_RGB, MIN_PANEL, Sample, error_rgb, sample_png
 from segpipe.evaluate.reports import markdown_table, verdict, write_report

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from segpipe.train.dataset import load_dataset
+from segpipe.labels.dataset import load_dataset
 from segpipe.core.errors import ConfigError
 from segpipe.models.artifact import load_artifact
 from segpipe.train.synthetic import write_dataset
@@ -136,7 +136,7 @@ def test_damaged_checkpoint_is_skipped(data, tmp_path, caplog):
 
 def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
     import segpipe.train.loop as training
-    from segpipe.evaluate.metrics import ConfusionMatrix
+    from segpipe.core.metrics import ConfusionMatrix
 
     # validation scores by epoch: 0.5, 0.7, 0.6, 0.6 → best epoch 2, stop after 2 worse validations
     scores = iter([0.5, 0.7, 0.6, 0.6, 0.9])

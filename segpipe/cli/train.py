@@ -59,7 +59,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
     """Predict a split with the production engine and write metrics and a report."""
     from segpipe.engine.cluster import dask_client
     from segpipe.core.settings import ClusterSettings
-    from segpipe.train.dataset import load_dataset
+    from segpipe.labels.dataset import load_dataset
     from segpipe.evaluate.evaluation import evaluate as run_evaluate, write_evaluation_report
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it

@@ -4,7 +4,7 @@ The predictions are made exactly as ``segment`` makes them (same chunk size, hal
 chunk tasks on Dask) into ``OUT/predictions/<name>.zarr``; truth and prediction are then
 compared chunk by chunk, so evaluation images can be as large as production images.
 
-Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.train.dataset.IGNORE_INDEX`)
+Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.labels.dataset.IGNORE_INDEX`)
 and pixels whose truth or prediction is the nodata label (:func:`segpipe.core.classes.nodata_label`:
 the output writes it where the source has no data). ``metrics.json`` records how many pixels
 that left out under ``data.unscored_pixels``.
@@ -20,11 +20,12 @@ import numpy as np
 
 from segpipe.core.settings import SegmentSettings
 from segpipe.core.classes import colors_from_spec
-from segpipe.train.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
 from segpipe.core.errors import DatasetError
 from segpipe.io.readers import open_image
 from segpipe.io.storage import SourceImage, join, list_images
-from segpipe.evaluate.metrics import ConfusionMatrix, scores, write_metrics_json
+from segpipe.core.metrics import ConfusionMatrix, scores
+from segpipe.io.metrics import write_metrics_json
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
 from segpipe.io.output import open_labels
@@ -79,7 +80,7 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
 def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionMatrix:
     """Confusion matrix of a segpipe output against a mask, one output chunk at a time.
 
-    Truth pixels equal to :data:`~segpipe.train.dataset.IGNORE_INDEX` and pixels whose truth or prediction
+    Truth pixels equal to :data:`~segpipe.labels.dataset.IGNORE_INDEX` and pixels whose truth or prediction
     is the nodata label of ``num_classes`` are not counted.
     """
     pred = open_labels(output_uri)

@@ -322,7 +322,7 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
                  class_colors: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/report.md``; returns both paths.
 
-    ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.evaluate.metrics.scores`);
+    ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.core.metrics.scores`);
     ``history`` is a list of per-epoch dicts (``{"epoch": 1, "train_loss": …, "val_mean_iou": …}``);
     ``class_colors`` are hex strings in class order (a model's ``class_colors``); missing ones come
     from :func:`segpipe.core.classes.class_colors`, as in the Zarr outputs.

@@ -18,7 +18,7 @@ from segpipe.evaluate.evaluation import Evaluation, evaluate, write_evaluation_r
 from segpipe.evaluate.reports import markdown_table
 from segpipe.io.storage import join
 from segpipe.models.registry import champion, init_registry, promote, register, resolve
-from segpipe.train.dataset import load_dataset
+from segpipe.labels.dataset import load_dataset
 from segpipe.train.loop import TrainResult, train
 from segpipe.train.settings import TrainSettings
 

@@ -30,7 +30,7 @@ MIN_INPUT_SCALE = 1e-6
 MAX_INPUT_SCALE = 1e12
 
 #: the dtype a model was made for when model.json does not say (``input_dtype``), by ``input_scale``
-#: (what :func:`segpipe.train.dataset.default_input_scale` gives for each dtype when training)
+#: (what :func:`segpipe.train.normalization.default_input_scale` gives for each dtype when training)
 DTYPE_BY_SCALE = {255.0: "uint8", 65535.0: "uint16", 32767.0: "int16", 1.0: "float32"}
 
 PIXEL_TYPES_DOC = "docs/pixel-types.md"

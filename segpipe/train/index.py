@@ -17,7 +17,7 @@ import numpy as np
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
-from segpipe.train.dataset import IGNORE_INDEX, Dataset, Item, open_mask
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item, open_mask
 
 #: side of the windows in which masks and images are scanned (never a whole raster at once)
 SCAN_WINDOW = 1024

@@ -1,6 +1,6 @@
 """Training: patches from a dataset → a model artifact, resumable epoch by epoch.
 
-``train(data_root, out_uri, settings)`` reads the dataset layout of :mod:`segpipe.train.dataset`,
+``train(data_root, out_uri, settings)`` reads the dataset layout of :mod:`segpipe.labels.dataset`,
 trains an smp network built by :func:`segpipe.models.artifact.build_network` on lazily read
 patches (:mod:`segpipe.train.sampler`), validates on whole validation images each ``val_every``
 epochs (:mod:`segpipe.train.validate`), keeps the weights of the best validation mean IoU and
@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.core.errors import ConfigError, DatasetError, ModelError
-from segpipe.evaluate.metrics import write_metrics_json
+from segpipe.io.metrics import write_metrics_json
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.models.artifact import ModelSpec, build_network, save_artifact
 from segpipe.train.checkpoint import (
     Progress, check_resumable, clear_checkpoints, load_checkpoint, restore_checkpoint, save_checkpoint,
 )
-from segpipe.train.dataset import Dataset, load_dataset, split_dataset
+from segpipe.labels.dataset import Dataset, load_dataset, split_dataset
 from segpipe.train.index import index_masks
 from segpipe.train.loss import class_weights, make_loss
 from segpipe.train.normalization import band_statistics, default_input_scale

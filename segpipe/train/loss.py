@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segpipe.train.dataset import IGNORE_INDEX
+from segpipe.labels.dataset import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,7 @@ import numpy as np
 
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window
-from segpipe.train.dataset import Dataset, open_reader
+from segpipe.labels.dataset import Dataset, open_reader
 
 
 def default_input_scale(dtype: str) -> float:

@@ -8,7 +8,7 @@ index of :mod:`segpipe.train.index`, and centres the patch near it. Augmentation
 
 Readers: each thread (and DataLoader worker) keeps its own small LRU of open dataset readers
 (:class:`_Readers`). It does not use :func:`segpipe.io.readers.cache.thread_reader`: masks must be
-opened with :func:`segpipe.train.dataset.open_mask` (a palette mask read as its class ids, which
+opened with :func:`segpipe.labels.dataset.open_mask` (a palette mask read as its class ids, which
 ``thread_reader``'s ``open_image`` would expand to RGB colours), unreadable files must raise
 :class:`~segpipe.core.errors.DatasetError` naming the file, and an image and its mask per
 training image need more than ``thread_reader``'s 4 handles per thread.
@@ -27,7 +27,7 @@ from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
 from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
-from segpipe.train.dataset import Dataset, open_mask, open_reader
+from segpipe.labels.dataset import Dataset, open_mask, open_reader
 from segpipe.train.index import MaskIndex, index_masks
 
 

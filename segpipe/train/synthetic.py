@@ -3,7 +3,7 @@ GeoTIFF (:func:`write_scene`), for the demo, the tests and benchmarks.
 
 The scenes come from :mod:`segpipe.train.synthetic_scene` (same seed, same pixels); this module
 owns their georeference (:data:`PIXEL_SIZE`, :data:`CRS`), the GeoTIFF profiles, the mask
-colour table and the dataset layout that :mod:`segpipe.train.dataset` reads. A large scene is
+colour table and the dataset layout that :mod:`segpipe.labels.dataset` reads. A large scene is
 written strip by strip, so its size is bounded by disk, not RAM.
 """
 
@@ -51,7 +51,7 @@ def _geotiff_profile(height: int, width: int, count: int, block: int, x0: float,
 def write_dataset(root: str | Path, n_images: int, size: int | tuple[int, int], seed: int) -> Path:
     """Write a training dataset of ``n_images`` scenes under ``root``; returns ``root``.
 
-    Layout (what :mod:`segpipe.train.dataset` reads)::
+    Layout (what :mod:`segpipe.labels.dataset` reads)::
 
         root/images/<name>.tif   RGB uint8 GeoTIFF (tiled 256, deflate, EPSG:32633, 0.5 m pixels)
         root/masks/<name>.tif    single-band uint8 class ids, same grid, with a colour table

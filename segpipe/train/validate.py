@@ -20,9 +20,9 @@ from segpipe.core.geometry import Chunk, Window
 from segpipe.core.settings import InferenceSettings, TilingSettings
 from segpipe.engine.predictor import Predictor
 from segpipe.engine.tiled import TilePlan, infer_tiles, whole_image_work
-from segpipe.evaluate.metrics import ConfusionMatrix
+from segpipe.core.metrics import ConfusionMatrix
 from segpipe.models.normalization import check_input, image_normalization
-from segpipe.train.dataset import IGNORE_INDEX, Dataset, open_mask, open_reader
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_mask, open_reader
 
 if TYPE_CHECKING:
     import torch

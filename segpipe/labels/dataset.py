@@ -45,7 +45,7 @@ from segpipe.core.errors import ConfigError, DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
 
-log = logging.getLogger("segpipe.train.dataset")
+log = logging.getLogger("segpipe.labels.dataset")
 
 #: mask value that is not trained on nor scored; the same value as the nodata label of a
 #: ≤ 255-class output (:func:`segpipe.core.classes.nodata_label`), so an output used as a mask

@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.segpipe-installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not gpu and not slow and not e2e" -q
+
+# layer contracts (import-linter, pyproject.toml), lint rules (ruff) and types (mypy); .ci/run runs it before the tests
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine.py --megapixels 50 --precision bf16 --json docs/bench-engine.json

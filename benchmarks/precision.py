@@ -21,12 +21,12 @@ def main() -> None:
 
     import zarr
 
-    from segpipe.engine.cluster import dask_client
     from segpipe.core.settings import InferenceSettings, SegmentSettings
-    from segpipe.evaluate.evaluation import score_output
-    from segpipe.io.storage import list_images
+    from segpipe.engine.cluster import dask_client
     from segpipe.engine.job import check_model
     from segpipe.engine.segment import segment_image
+    from segpipe.evaluate.evaluation import score_output
+    from segpipe.io.storage import list_images
     from segpipe.train.synthetic import write_scene
     from segpipe.train.synthetic_scene import CLASSES
 

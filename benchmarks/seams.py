@@ -32,14 +32,14 @@ def main() -> None:
     import torch
     import zarr
 
-    from segpipe.engine.cluster import dask_client
+    from segpipe.core.geometry import Window
     from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
-    from segpipe.io.readers import open_image
-    from segpipe.io.storage import list_images
+    from segpipe.engine.cluster import dask_client
     from segpipe.engine.job import check_model
     from segpipe.engine.segment import segment_image
+    from segpipe.io.readers import open_image
+    from segpipe.io.storage import list_images
     from segpipe.train.synthetic import write_scene
-    from segpipe.core.geometry import Window
 
     work = Path(tempfile.mkdtemp(prefix="segpipe-seams-"))
     scene = write_scene(work / "scene.tif", args.side, args.side, seed=args.seed)

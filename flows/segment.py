@@ -7,7 +7,6 @@ database; a Dask task < 1 ms). Only URIs, settings and counters pass through Pre
 from __future__ import annotations
 
 import re
-
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -16,15 +15,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Completed, Failed, State
 
-from segpipe.engine.cluster import client_for, dashboard_link, dask_client
-from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.core.errors import SegpipeError, TransientIOError
-from segpipe.export import Exports
-from segpipe.io.storage import SourceImage, ensure_writable, list_images
+from segpipe.core.results import ImageResult, summary_rows
+from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
+from segpipe.engine.cluster import client_for, dashboard_link, dask_client
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.ownership import assign_outputs
-from segpipe.engine.results import ImageResult, summary_rows
-from segpipe.engine.segment import segment_image, write_image_exports
+from segpipe.engine.segment import segment_image
+from segpipe.export import Exports
+from segpipe.export.results import write_image_exports
+from segpipe.io.storage import SourceImage, ensure_writable, list_images
 
 
 def _transient(task, task_run, state) -> bool:

@@ -46,12 +46,12 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, echo: Callable[[st
     from segpipe.core.settings import segment_settings
     from segpipe.engine.cluster import dask_client
     from segpipe.engine.segment import segment_many
-    from segpipe.evaluate.retrain import retrain
-    from segpipe.train.settings import TrainSettings
     from segpipe.evaluate.evaluation import score_output
+    from segpipe.evaluate.reports import markdown_table, write_report
+    from segpipe.evaluate.retrain import retrain
     from segpipe.export import export_preview
     from segpipe.io.metrics import write_metrics_json
-    from segpipe.evaluate.reports import markdown_table, write_report
+    from segpipe.train.settings import TrainSettings
     from segpipe.train.synthetic import write_dataset, write_scene
     from segpipe.train.synthetic_scene import CLASS_COLORS, CLASSES
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segpipe.train.augment import NO_AUGMENT, AugmentSettings, resize_pair
+from segpipe.core.errors import DatasetError
 from segpipe.labels.dataset import IGNORE_INDEX, load_dataset, seeded_split, split_dataset
+from segpipe.train.augment import NO_AUGMENT, AugmentSettings, resize_pair
 from segpipe.train.index import class_pixel_counts, index_masks
 from segpipe.train.normalization import band_statistics
 from segpipe.train.sampler import PatchSampler
-from segpipe.core.errors import DatasetError
 from tests.helpers import write_png
 
 CLASSES = {"classes": [{"name": "background", "color": "#000000"}, {"name": "water"}, {"name": "road",
@@ -393,8 +393,8 @@ def test_palette_masks_are_read_as_class_ids(five):
     """A colour-mapped mask (the usual PNG label format): its indices are the class ids, not RGB."""
     import rasterio
 
-    from segpipe.labels.dataset import open_mask
     from segpipe.core.geometry import Window
+    from segpipe.labels.dataset import open_mask
 
     ids = np.zeros((40, 48), np.uint8)
     ids[:, 20:] = 2

@@ -37,10 +37,10 @@ def test_evaluate_matches_independent_confusion_matrix(tmp_path, landcover, mode
     """metrics.json equals scikit-learn on the stitched predictions read back from Zarr."""
     from sklearn.metrics import confusion_matrix as sk_cm
 
-    from segpipe.labels.dataset import load_dataset, open_mask
-    from segpipe.evaluate.evaluation import evaluate
-    from segpipe.models.artifact import create_artifact
     from segpipe.core.geometry import Window
+    from segpipe.evaluate.evaluation import evaluate
+    from segpipe.labels.dataset import load_dataset, open_mask
+    from segpipe.models.artifact import create_artifact
 
     model = tmp_path / "m5"
     create_artifact(str(model), "Unet", "resnet18", ["bare_soil", "water", "vegetation", "building", "road"], seed=4)
@@ -66,13 +66,13 @@ def test_seams_of_a_trained_model(trained_model, landcover, tmp_path, client):
     """Tiled labels at the default halo agree with one whole-image forward pass on ≥ 99.9 % of pixels."""
     import torch
 
+    from segpipe.core.geometry import Window
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
     from segpipe.io.readers import open_image
     from segpipe.io.storage import list_images
     from segpipe.models.artifact import load_artifact
-    from segpipe.engine.job import check_model
-    from segpipe.engine.segment import segment_image
     from segpipe.train.synthetic import write_scene
-    from segpipe.core.geometry import Window
 
     scene = write_scene(tmp_path / "scene.tif", 704, 640, seed=77)
     art = load_artifact(trained_model)

@@ -21,6 +21,7 @@ from skimage.measure import label as connected_components
 
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.geometry import ChunkGrid
+from segpipe.engine.pyramid import build_pyramid
 from segpipe.export import (
     export_cog,
     export_confidence,
@@ -30,7 +31,6 @@ from segpipe.export import (
 )
 from segpipe.export.preview import preview_shape
 from segpipe.export.vectors import sieve_block
-from segpipe.engine.pyramid import build_pyramid
 from segpipe.io.output import FORMAT, OutputTarget, finalize, ome_attrs, prepare_output, write_chunk
 
 UTM33 = CRS.from_epsg(32633).to_wkt()

@@ -393,9 +393,9 @@ def test_slide_vectors_are_level0_geojson_for_qupath(tmp_path, model_dir, client
         SegmentSettings,
         TilingSettings,
     )
-    from segpipe.io.storage import list_images
     from segpipe.engine.job import check_model
     from segpipe.engine.segment import segment_image
+    from segpipe.io.storage import list_images
     from tests.test_slide import H, W, synthetic_slide, write_aperio
 
     svs = write_aperio(tmp_path / "slide.svs", synthetic_slide(0), mpp=0.25)
@@ -459,9 +459,9 @@ def test_pipeline_nodata_reaches_every_export(tmp_path, photo, model_dir, client
         SegmentSettings,
         TilingSettings,
     )
-    from segpipe.io.storage import list_images
     from segpipe.engine.job import check_model
     from segpipe.engine.segment import segment_image
+    from segpipe.io.storage import list_images
     from tests.helpers import write_geotiff
 
     img = photo[:, :192, :256].copy()

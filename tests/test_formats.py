@@ -5,9 +5,9 @@ import pytest
 import zarr
 
 from segpipe.core.settings import InferenceSettings, ReadSettings, SegmentSettings, TilingSettings
-from segpipe.io.storage import list_images
 from segpipe.engine.job import check_model
 from segpipe.engine.segment import segment_image
+from segpipe.io.storage import list_images
 from tests.helpers import write_geotiff
 
 

@@ -298,9 +298,9 @@ def test_segpipe_errors_cross_a_real_dask_worker_as_themselves(tmp_path, photo, 
         assert type(err) is InputError and err.subject.endswith("junk.tif") and err.problem == "is truncated"
         # the whole path: a truncated GeoTIFF segmented on the real worker is one line, not "unexpected"
         from segpipe.core.settings import segment_settings
-        from segpipe.io.storage import list_images
         from segpipe.engine.job import check_model
         from segpipe.engine.segment import segment_image
+        from segpipe.io.storage import list_images
 
         ref, _ = check_model(model_dir)
         settings = segment_settings(chunk_size=64, halo=16, precision="fp32", device="cpu")

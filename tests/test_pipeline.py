@@ -5,12 +5,12 @@ import pytest
 import torch
 import zarr
 
+from segpipe.core.geometry import ChunkGrid, core_in_window, input_window
 from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
-from segpipe.io.storage import list_images
-from segpipe.models.artifact import load_artifact
 from segpipe.engine.job import check_model
 from segpipe.engine.segment import segment_image, segment_many
-from segpipe.core.geometry import ChunkGrid, core_in_window, input_window
+from segpipe.io.storage import list_images
+from segpipe.models.artifact import load_artifact
 
 
 def settings(chunk=128, halo=16, tile=None, **inference) -> SegmentSettings:

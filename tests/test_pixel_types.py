@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from segpipe.core.errors import InputError, ModelError
+from segpipe.core.geometry import Window
 from segpipe.io.readers import open_image
 from segpipe.models.artifact import ModelSpec
 from segpipe.models.normalization import (
@@ -21,7 +22,6 @@ from segpipe.models.normalization import (
     image_normalization,
     normalization_for,
 )
-from segpipe.core.geometry import Window
 from tests.helpers import write_geotiff
 
 H, W = 37, 53  # not square, not a multiple of anything: rotations and windows show

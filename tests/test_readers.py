@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from segpipe.core.errors import InputError
+from segpipe.core.geometry import Window
 from segpipe.io.readers import open_image, shared_reader
 from segpipe.io.storage import list_images, output_uri, safe_relative
-from segpipe.core.geometry import Window
 from tests.helpers import sample_photo, write_geotiff, write_jpeg, write_png
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from segpipe.models import registry
 from segpipe.core.errors import ModelError
+from segpipe.models import registry
 from segpipe.models.artifact import create_artifact, load_artifact
 
 METRICS = {"classes": ["bg", "fg"], "confusion_matrix": [[5, 1], [2, 4]], "per_class": {}, "mean_iou": 0.61,

@@ -17,7 +17,6 @@ from segpipe.core.settings import (
     segment_settings,
 )
 
-
 # ----------------------------------------------------------------------------- unknown keys
 
 

@@ -10,13 +10,13 @@ import tifffile
 from scipy.ndimage import binary_dilation
 
 from segpipe.core.errors import ConfigError, InputError
+from segpipe.core.geometry import Chunk, Window
 from segpipe.io.readers import open_image
+from segpipe.io.readers.levels import area_resample, area_weights, choose_level
 from segpipe.io.readers.raster import RasterioReader
 from segpipe.io.readers.registry import READERS
-from segpipe.io.readers.levels import area_resample, area_weights, choose_level
 from segpipe.io.readers.slide import OmeTiffReader, OpenSlideReader, open_slide, rgba_to_rgb
 from segpipe.io.readers.tissue import chunk_has_tissue, otsu_threshold, tissue_mask
-from segpipe.core.geometry import Chunk, Window
 
 openslide = pytest.importorskip("openslide")
 
@@ -44,7 +44,7 @@ def write_aperio(path, levels: list[np.ndarray], mpp: float = 0.25) -> str:
     """An Aperio-style SVS: tiled RGB pages with the 'Aperio Image Library' description OpenSlide looks for."""
     h, w = levels[0].shape[:2]
     with tifffile.TiffWriter(str(path)) as tw:
-        for i, level in enumerate(levels):
+        for level in levels:
             lh, lw = level.shape[:2]
             desc = (f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (256x256) -> {lw}x{lh} RAW"
                     f"|AppMag = 40|MPP = {mpp}")

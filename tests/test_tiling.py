@@ -2,7 +2,15 @@ import numpy as np
 import pytest
 
 from segpipe.core.geometry import (
-    ChunkGrid, Window, batches, core_in_window, input_window, reflect_index, source_indices, strip_order, tile_side,
+    ChunkGrid,
+    Window,
+    batches,
+    core_in_window,
+    input_window,
+    reflect_index,
+    source_indices,
+    strip_order,
+    tile_side,
 )
 
 

@@ -12,13 +12,13 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from segpipe.labels.dataset import load_dataset
 from segpipe.core.errors import ConfigError
+from segpipe.labels.dataset import load_dataset
 from segpipe.models.artifact import load_artifact
-from segpipe.train.synthetic import write_dataset
 from segpipe.train.loop import train
 from segpipe.train.loss import class_weights
 from segpipe.train.settings import TrainSettings
+from segpipe.train.synthetic import write_dataset
 from segpipe.train.validate import validate
 
 #: tiny but real: Unet-resnet18 on 64² patches, 8 steps per epoch. On the CPU so that runs are
@@ -224,9 +224,7 @@ def test_validation_in_tiles_counts_every_pixel(data):
     """A validation image larger than the tile is predicted chunk by chunk and every pixel is scored once."""
     ds = load_dataset(str(data), "val")
     torch.manual_seed(0)
-    from segpipe.models.artifact import build_network
-
-    from segpipe.models.artifact import ModelSpec
+    from segpipe.models.artifact import ModelSpec, build_network
 
     net = build_network("Unet", "resnet18", 3, 5)
     spec = ModelSpec(architecture="Unet", encoder="resnet18", in_channels=3, classes=ds.classes, mean=[0.5] * 3,
@@ -243,8 +241,8 @@ def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
     import shutil
 
     from segpipe.core.classes import class_colors, colors_from_spec, palette_rgba
-    from segpipe.evaluate.evaluation import Evaluation, write_evaluation_report
     from segpipe.engine.job import ModelRef
+    from segpipe.evaluate.evaluation import Evaluation, write_evaluation_report
     from segpipe.evaluate.figures import class_palette
     from segpipe.io.output import ome_attrs
 

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 
 from segpipe.core.classes import parse_color
 from segpipe.core.settings import segment_settings
-from segpipe.export import export_cog
-from segpipe.io.storage import list_images
 from segpipe.engine.job import check_model
 from segpipe.engine.segment import segment_image
+from segpipe.export import export_cog
+from segpipe.io.storage import list_images
 from tests.helpers import sample_photo, write_geotiff
 
 # every test here needs a real pipeline run (the module's output alone takes ~6 s on 2 cores)

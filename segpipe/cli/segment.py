@@ -11,8 +11,14 @@ import time
 
 import click
 
-from segpipe.cli.common import (EXIT_FAILED_IMAGES, build_settings, console, debug_requested, handle_errors,
-                                segment_options)
+from segpipe.cli.common import (
+    EXIT_FAILED_IMAGES,
+    build_settings,
+    console,
+    debug_requested,
+    handle_errors,
+    segment_options,
+)
 from segpipe.cli.logs import log_path, quiet_library_loggers
 
 
@@ -61,7 +67,8 @@ def print_summary(results: list) -> None:
         size = f"{r.width}×{r.height}" if r.height else "-"
         status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
         computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
-        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}", f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
+        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}",
+                      f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
                       status, r.output or "-")
     console().print(table)
 
@@ -100,10 +107,11 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     their extension (hopper.jpg.zarr, hopper.png.zarr). A path that is not a segpipe output of
     the same image is never touched.
     """
-    from segpipe.engine.cluster import dask_client
     from segpipe.core.settings import ClusterSettings
+    from segpipe.engine.cluster import dask_client
+    from segpipe.engine.segment import segment_many
     from segpipe.export import Exports
-    from segpipe.engine.segment import segment_many, write_image_exports
+    from segpipe.export.results import write_image_exports
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
                               skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size)
@@ -123,7 +131,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     if report_json:
         import json
 
-        from segpipe.engine.results import summary_rows
+        from segpipe.core.results import summary_rows
 
         with open(report_json, "w") as f:
             json.dump(summary_rows(results), f, indent=2)

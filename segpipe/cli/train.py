@@ -57,10 +57,11 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
              mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
              dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
-    from segpipe.engine.cluster import dask_client
     from segpipe.core.settings import ClusterSettings
+    from segpipe.engine.cluster import dask_client
+    from segpipe.evaluate.evaluation import evaluate as run_evaluate
+    from segpipe.evaluate.evaluation import write_evaluation_report
     from segpipe.labels.dataset import load_dataset
-    from segpipe.evaluate.evaluation import evaluate as run_evaluate, write_evaluation_report
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 from segpipe.core.classes import nodata_label
-from segpipe.core.errors import DatasetError, InputError
+from segpipe.core.errors import DatasetError
 
 #: keys every metrics.json holds (the public contract)
 METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequency_weighted_iou", "pixel_accuracy")

@@ -105,7 +105,8 @@ class InferenceSettings(_Settings):
         "AMX/AVX-512-BF16), fp32 elsewhere.",
     )
     batch_size: int | None = Field(
-        None, ge=1, le=1024, description="Tiles per forward pass; None picks 1 on CPU (same speed, half the activation memory of 2), 16 on CUDA.",
+        None, ge=1, le=1024, description="Tiles per forward pass; None picks 1 on CPU (same speed, half the activation "
+        "memory of 2), 16 on CUDA.",
     )
     tta: bool = Field(False, description="Average softmax over horizontal/vertical flips (4 passes).")
     probabilities: bool = Field(

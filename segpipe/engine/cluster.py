@@ -18,8 +18,8 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from segpipe.core.settings import ClusterSettings
 from segpipe.core.errors import ConfigError
+from segpipe.core.settings import ClusterSettings
 
 if TYPE_CHECKING:
     from distributed import Client

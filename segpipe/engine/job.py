@@ -6,15 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-
 from segpipe.core.settings import InferenceSettings, ReadSettings, TilingSettings
-from segpipe.models.registry import resolve as resolve_model
-from segpipe.models.artifact import Artifact, ModelSpec, load_artifact
-from segpipe.models.normalization import InputNorm
 from segpipe.io.output import (
     OutputTarget,
 )
-
+from segpipe.models.artifact import Artifact, ModelSpec, load_artifact
+from segpipe.models.normalization import InputNorm
+from segpipe.models.registry import resolve as resolve_model
 
 if TYPE_CHECKING:
 

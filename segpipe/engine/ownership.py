@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-
 from segpipe import __version__
 from segpipe.core.classes import class_colors, colors_from_spec, nodata_label
 from segpipe.core.settings import SegmentSettings
+from segpipe.engine.job import ModelRef
+from segpipe.engine.tiled import TilePlan
+from segpipe.io.output import (
+    FORMAT,
+    Existing,
+    inspect_output,
+    now_iso,
+)
 from segpipe.io.readers import ImageInfo
 from segpipe.io.storage import SourceImage, output_uri
 from segpipe.models.normalization import InputNorm
-from segpipe.io.output import (
-    FORMAT, Existing, inspect_output, now_iso,
-)
-from segpipe.engine.tiled import TilePlan
-
-from segpipe.engine.job import ModelRef
 
 if TYPE_CHECKING:
 

@@ -32,8 +32,8 @@ import numpy as np
 
 from segpipe.core.classes import label_dtype
 from segpipe.core.errors import OutputError
-from segpipe.io.storage import strip_file_scheme
 from segpipe.core.geometry import batches, ceil_div
+from segpipe.io.storage import strip_file_scheme
 
 Reduction = Literal["mode", "mean"]
 

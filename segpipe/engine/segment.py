@@ -14,32 +14,34 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-
 from segpipe.core.classes import colors_from_spec
-from segpipe.engine.cluster import recent_worker_capacity
-from segpipe.core.settings import SegmentSettings
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
-from segpipe.io.locks import OutputLock
-from segpipe.io.locks import acquire as acquire_lock
-from segpipe.io.readers import ImageInfo, open_image, shared_reader
-from segpipe.io.storage import SourceImage, list_images, output_error, output_uri
-from segpipe.models.normalization import InputNorm, check_input, image_normalization
-from segpipe.io.output import (
-    OutputTarget, done_chunks, output_arrays_exist, finalize, inspect_output, ome_attrs, prepare_output,
-    read_attrs,
-)
 from segpipe.core.geometry import ChunkGrid
-from segpipe.engine.tiled import TilePlan
-
+from segpipe.core.results import ImageResult, Progress
+from segpipe.core.settings import SegmentSettings
+from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
-from segpipe.engine.results import ImageResult, Progress
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
+from segpipe.engine.tiled import TilePlan
+from segpipe.io.locks import OutputLock
+from segpipe.io.locks import acquire as acquire_lock
+from segpipe.io.output import (
+    OutputTarget,
+    done_chunks,
+    finalize,
+    inspect_output,
+    ome_attrs,
+    output_arrays_exist,
+    prepare_output,
+    read_attrs,
+)
+from segpipe.io.readers import ImageInfo, open_image, shared_reader
+from segpipe.io.storage import SourceImage, list_images, output_uri
+from segpipe.models.normalization import InputNorm, check_input, image_normalization
 
 if TYPE_CHECKING:
     from distributed import Client
-
-    from segpipe.export import Exports
 
 log = logging.getLogger("segpipe.engine.segment")
 
@@ -250,20 +252,3 @@ def _unique(images: Sequence[SourceImage]) -> list[SourceImage]:
     """Each image once, even when two sources (a folder and a glob) both list it."""
     seen: set[str] = set()
     return [i for i in images if not (i.uri in seen or seen.add(i.uri))]
-
-def write_image_exports(result: ImageResult, exports: Exports) -> None:
-    """COG / vectors / preview next to a finished output (CLI and flow alike); a failure fails the image."""
-    if not exports or result.status not in ("done", "skipped") or not result.output:
-        return
-    from segpipe.export import write_exports
-
-    try:
-        result.extra["exports"] = write_exports(result.output, result.source, exports,
-                                                recompute=result.status == "done")
-    except SegpipeError as e:
-        result.status, result.error = "failed", f"export of {result.output}: {e}"
-    except OSError as e:
-        err = output_error(result.output, e)
-        if err is None:
-            raise
-        result.status, result.error = "failed", f"export of {result.output}: {err}"

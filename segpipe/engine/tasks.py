@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.core.settings import InferenceSettings
 from segpipe.core.errors import SegpipeError, TransientIOError
-from segpipe.io.readers import shared_reader, thread_reader
-from segpipe.io.output import (
-    OutputTarget, write_chunk,
-)
 from segpipe.core.geometry import Chunk, strip_order
-from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
-
+from segpipe.core.results import ImageResult, Progress
+from segpipe.core.settings import InferenceSettings
 from segpipe.engine.job import ChunkJob, TileWork
-from segpipe.engine.results import ImageResult, Progress
+from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
+from segpipe.io.output import (
+    OutputTarget,
+    write_chunk,
+)
+from segpipe.io.readers import shared_reader, thread_reader
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -27,7 +27,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from segpipe.core.geometry import (
-    Chunk, ChunkGrid, Window, chunk_in_tile_window, chunks_in_tile, effective_tile_size, input_window, tile_side,
+    Chunk,
+    ChunkGrid,
+    Window,
+    chunk_in_tile_window,
+    chunks_in_tile,
+    effective_tile_size,
+    input_window,
+    tile_side,
 )
 from segpipe.core.settings import TilingSettings
 

@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.core.settings import SegmentSettings
 from segpipe.core.classes import colors_from_spec
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
 from segpipe.core.errors import DatasetError
-from segpipe.io.readers import open_image
-from segpipe.io.storage import SourceImage, join, list_images
+from segpipe.core.geometry import ChunkGrid, Window
 from segpipe.core.metrics import ConfusionMatrix, scores
-from segpipe.io.metrics import write_metrics_json
+from segpipe.core.settings import SegmentSettings
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
+from segpipe.io.metrics import write_metrics_json
 from segpipe.io.output import open_labels
-from segpipe.core.geometry import ChunkGrid, Window
+from segpipe.io.readers import open_image
+from segpipe.io.storage import SourceImage, join, list_images
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
 
 if TYPE_CHECKING:
     from distributed import Client

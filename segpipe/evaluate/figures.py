@@ -212,7 +212,7 @@ def line_plot_png(series: dict[str, list[tuple[float, float]]], title: str, xlab
     tw, _ = text_size(font, xlabel)
     draw.text((left + (pw - tw) / 2, top + ph + 26), xlabel, font=font, fill=(73, 80, 87))
 
-    for (name, s), color in zip(series.items(), palette):
+    for s, color in zip(series.values(), palette):
         line = [(px(x), py(y)) for x, y in sorted(s)]
         if len(line) > 1:
             draw.line(line, fill=color, width=2, joint="curve")

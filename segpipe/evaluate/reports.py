@@ -22,7 +22,7 @@ import html
 import io
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -336,7 +336,7 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
     if challenger is not None:
         extra = [str(n) for n in challenger["classes"] if str(n) not in colors]
         colors.update(zip(extra, class_palette(len(names) + len(extra))[len(names):]))
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     esc = html.escape
 
     parts = [f"<h1>{esc(title)}</h1>", f'<p class="meta">Generated {esc(generated)} · '

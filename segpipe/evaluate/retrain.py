@@ -17,8 +17,8 @@ from segpipe.evaluate.decision import decide, run_dir
 from segpipe.evaluate.evaluation import Evaluation, evaluate, write_evaluation_report
 from segpipe.evaluate.reports import markdown_table
 from segpipe.io.storage import join
-from segpipe.models.registry import champion, init_registry, promote, register, resolve
 from segpipe.labels.dataset import load_dataset
+from segpipe.models.registry import champion, init_registry, promote, register, resolve
 from segpipe.train.loop import TrainResult, train
 from segpipe.train.settings import TrainSettings
 
@@ -69,7 +69,7 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
             evaluate_step: Callable[..., Evaluation] = evaluate_model) -> RetrainResult:
     """Train a challenger, evaluate challenger and champion on ``split``, register it, promote when better."""
     init_registry(registry)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     paths = run_dir(workdir or join(registry, "runs"), stamp)
     trained = train_step(data, paths["challenger"], tsettings)
     challenger_ev = evaluate_step("challenger", trained.uri, data, split, paths["eval_challenger"], ssettings,

@@ -113,7 +113,8 @@ def _resize_nearest(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 def colorize(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """(h, w) label values → (h, w, 4) RGBA through ``lut`` (:func:`~segpipe.export.style.label_lut`); values past its end are grey."""
+    """(h, w) label values → (h, w, 4) RGBA through ``lut`` (:func:`~segpipe.export.style.label_lut`);
+    values past its end are grey."""
     top = int(labels.max(initial=0))
     if top >= len(lut):
         lut = np.concatenate([lut, np.tile(np.array([[128, 128, 128, 255]], np.uint8), (top + 1 - len(lut), 1))])

@@ -24,9 +24,9 @@ import numpy as np
 
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
-from segpipe.io.storage import filesystem, join, output_error, output_errors, strip_file_scheme, write_atomic
 from segpipe.core.geometry import Chunk, ceil_div
 from segpipe.io.chunks import RawChunks
+from segpipe.io.storage import filesystem, join, output_error, output_errors, strip_file_scheme, write_atomic
 
 LEVEL0 = "0"
 LEVEL1 = "1"  #: the first pyramid level: created with the output, written by the tile tasks where they can
@@ -34,7 +34,7 @@ PROBABILITIES = "probabilities"
 FORMAT = "segpipe-output/1"
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def ome_attrs(name: str, classes: list[str], colors: list[str] | None, mpp: float | None) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
     with output_errors(target.uri):
         store = _store_for(target)
         if not store.fast:
-            level0, parr = store.zarr_arrays  # type: ignore[misc]
+            level0, parr = store.zarr_arrays
             ys, xs = slice(chunk.y0, chunk.y0 + chunk.h), slice(chunk.x0, chunk.x0 + chunk.w)
             if parr is not None and probs is not None:
                 parr[:, ys, xs] = probs
@@ -296,7 +296,7 @@ def write_chunk(target: OutputTarget, chunk: Chunk, labels: np.ndarray, probs: n
         if store.probs is not None and probs is not None:
             for k in range(probs.shape[0]):
                 store.probs.write((k, chunk.iy, chunk.ix), probs[k:k + 1])
-        store.level0.write((chunk.iy, chunk.ix), labels)  # type: ignore[union-attr]
+        store.level0.write((chunk.iy, chunk.ix), labels)
 
 
 def write_level1_chunk(target: OutputTarget, index: tuple[int, int], labels: np.ndarray) -> bool:

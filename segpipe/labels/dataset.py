@@ -222,7 +222,8 @@ def load_dataset(root: str, split: str | None = None, seed: int = 0) -> Dataset:
 
     Checks every image's and mask's header (sizes, band counts, dtypes), ``classes.json`` and
     ``split.json``. Class ids inside the masks are checked by
-    :func:`segpipe.train.index.index_masks` (one windowed pass), not here, so loading stays cheap. ``seed`` decides the default split (no split.json).
+    :func:`segpipe.train.index.index_masks` (one windowed pass), not here, so loading stays cheap.
+    ``seed`` decides the default split (no split.json).
     """
     return split_dataset(_load_all(root), split, seed)
 
@@ -322,7 +323,7 @@ def _serve_palette_indices(reader: ImageReader, uri: str) -> None:
     if ds is None or not hasattr(reader, "_lut") or not hasattr(reader, "_indexes"):
         reader.close()
         raise DatasetError(uri, "is a palette image whose class ids this reader cannot serve")
-    reader._lut = None  # type: ignore[attr-defined]
-    reader._indexes = [1]  # type: ignore[attr-defined]
+    reader._lut = None
+    reader._indexes = [1]
     reader.info = dataclasses.replace(reader.info, count=1, dtype=str(np.dtype(ds.dtypes[0])),
                                       extra={**reader.info.extra, "layout": "palette indices"})

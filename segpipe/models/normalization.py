@@ -129,9 +129,14 @@ def per_band(values: list[float], bands: int) -> list[float]:
 class SpecLike(Protocol):
     """What this module reads of a :class:`segpipe.models.artifact.ModelSpec`."""
 
-    in_channels: int
-    input_scale: float | dict[str, float]
-    normalization: ScaleNormalization | MinMaxNormalization | PercentileNormalization | None
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def input_scale(self) -> float | dict[str, float]: ...
+
+    @property
+    def normalization(self) -> ScaleNormalization | MinMaxNormalization | PercentileNormalization | None: ...
 
     def input_dtypes(self) -> list[str] | None: ...
 

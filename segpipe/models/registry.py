@@ -59,7 +59,7 @@ _SELECTOR_RE = re.compile(r"^(.+)@(v\d+)$")
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

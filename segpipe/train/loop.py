@@ -29,11 +29,16 @@ import numpy as np
 from segpipe.core.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.storage import filesystem, join, strip_file_scheme
+from segpipe.labels.dataset import Dataset, load_dataset, split_dataset
 from segpipe.models.artifact import ModelSpec, build_network, save_artifact
 from segpipe.train.checkpoint import (
-    Progress, check_resumable, clear_checkpoints, load_checkpoint, restore_checkpoint, save_checkpoint,
+    Progress,
+    check_resumable,
+    clear_checkpoints,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
 )
-from segpipe.labels.dataset import Dataset, load_dataset, split_dataset
 from segpipe.train.index import index_masks
 from segpipe.train.loss import class_weights, make_loss
 from segpipe.train.normalization import band_statistics, default_input_scale
@@ -280,7 +285,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                                 loss="-")
             loss_sum, n_steps = _train_epoch(
                 net, loader, opt, sched, scaler, loss_fn, device=device, amp_dtype=amp_dtype, epoch=epoch, s=s,
-                on_steps=lambda n, mean_loss: bar.update(task, completed=n, loss=f"{mean_loss:.4f}"))
+                on_steps=lambda n, mean_loss, task=task: bar.update(task, completed=n, loss=f"{mean_loss:.4f}"))
             train_seconds = time.perf_counter() - t0
             entry: dict[str, Any] = {
                 "epoch": epoch + 1,

@@ -26,8 +26,8 @@ import numpy as np
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
-from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
 from segpipe.labels.dataset import Dataset, open_mask, open_reader
+from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
 from segpipe.train.index import MaskIndex, index_masks
 
 

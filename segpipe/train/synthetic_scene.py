@@ -226,11 +226,11 @@ class Scene:
         for sl, (py, px) in paint:
             rgb[sl][py, px] = _PAINT
         dy, dx = self.shadow
-        for sl, u, v, inside, in_shadow, roof in footprints:
+        for sl, _u, _v, _inside, in_shadow, _roof in footprints:
             # cast shadows darken the ground only (a roof in the shadow of a neighbour stays lit)
             target = in_shadow & (labels[sl] != BUILDING)
             rgb[sl][target] *= np.float32(0.5)
-        for sl, u, v, inside, in_shadow, roof in footprints:
+        for sl, u, v, inside, _in_shadow, roof in footprints:
             rgb[sl][inside] = self._roof(u[inside], v[inside], roof)
         self._camera(rgb, rows, cols)
         out = np.clip(rgb, 0, 255, out=rgb)

@@ -17,12 +17,12 @@ import numpy as np
 from segpipe.core.classes import nodata_label
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Chunk, Window
+from segpipe.core.metrics import ConfusionMatrix
 from segpipe.core.settings import InferenceSettings, TilingSettings
 from segpipe.engine.predictor import Predictor
 from segpipe.engine.tiled import TilePlan, infer_tiles, whole_image_work
-from segpipe.core.metrics import ConfusionMatrix
-from segpipe.models.normalization import check_input, image_normalization
 from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_mask, open_reader
+from segpipe.models.normalization import check_input, image_normalization
 
 if TYPE_CHECKING:
     import torch

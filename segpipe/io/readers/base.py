@@ -45,3 +45,8 @@ class ImageReader(Protocol):
         """Pixels of ``window`` as (bands, h, w) in the source dtype; reflected outside the image."""
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> ImageReader:
+        """Readers are context managers: ``with open_image(uri) as r:`` closes the handle."""
+
+    def __exit__(self, *exc: object) -> None: ...

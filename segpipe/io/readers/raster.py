@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import InputError, TransientIOError
-from segpipe.io.storage import has_scheme, strip_file_scheme
 from segpipe.core.geometry import Window, source_indices
 from segpipe.io.readers.base import ImageInfo
 from segpipe.io.readers.orientation import exif_orientation, orient_block, oriented_size, stored_window
+from segpipe.io.storage import has_scheme, strip_file_scheme
 
 
 def gdal_options() -> dict[str, str | int]:
@@ -94,7 +94,7 @@ _HTTP_STATUS = re.compile(r"HTTP (?:response|error) code\s*:\s*(\d{3})")
 
 
 def _transient_class(exc: BaseException) -> bool:
-    from rasterio import _err
+    from rasterio import _err  # noqa: PLC2701 - GDAL's error classes are public only there
 
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True

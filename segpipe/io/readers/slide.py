@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import InputError
+from segpipe.core.geometry import Window, source_indices
 from segpipe.io.readers.base import ImageInfo
 from segpipe.io.readers.levels import area_resample, choose_level, resampled_size
 from segpipe.io.readers.raster import select_bands
 from segpipe.io.storage import has_scheme, strip_file_scheme
-from segpipe.core.geometry import Window, source_indices
 
 #: output rows per strip when a thumbnail is reduced from a level
 _THUMB_STRIP = 256

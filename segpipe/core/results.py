@@ -1,18 +1,13 @@
-"""The outcome of one image (a row of the run summary) and the progress protocol.
+"""The outcome of one image (a row of the run summary) and the progress protocol: pure values,
+shared by the engine that fills them, the exports that extend them and the applications that show them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-
-
-
-if TYPE_CHECKING:
-
-    pass
 
 class Progress(Protocol):
     """Receives totals once (``plan``) and increments as chunk tasks finish (``advance``)."""

@@ -122,7 +122,7 @@ def test_changed_settings_rerun_says_what_changed(tmp_path, photo, model_dir):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     write_png(src / "s.png", photo[:, :100, :100])
-    assert segment(str(src), "--model", model_dir, "--out", str(out)).exit_code == 0
+    assert segment(str(src), "--model", model_dir, "--out", str(out), "--precision", "fp32").exit_code == 0
     r = CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(out), "--chunk-size", "32",
                                   "--halo", "16", "--precision", "fp32", "--no-progress"])
     assert r.exit_code == 1
@@ -133,6 +133,39 @@ def test_changed_settings_rerun_says_what_changed(tmp_path, photo, model_dir):
     assert r.exit_code == 0
     assert f"note: {out}/s.zarr: replacing the complete output (chunk_size 64 → 32; tile_size 128 → 64)" in r.stderr
     assert zarr.open_array(str(out / "s.zarr" / "0"), mode="r").chunks == (32, 32)
+
+
+def test_precision_is_part_of_the_output_identity(tmp_path, photo, model_dir):
+    """A bf16 output is neither skipped by an fp32 run nor resumed in fp32; auto is recorded resolved."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    write_png(src / "s.png", photo[:, :100, :100])
+
+    def run(precision: str, to: Path):
+        return CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(to),
+                                         "--chunk-size", "64", "--halo", "16", "--precision", precision,
+                                         "--no-progress"])
+
+    assert run("bf16", out).exit_code == 0
+    seg = zarr.open_group(str(out / "s.zarr"), mode="r").attrs["segpipe"]
+    assert seg["settings"]["precision"] == seg["inference"]["precision"] == "bf16"
+    r = run("fp32", out)
+    assert r.exit_code == 1
+    assert error_lines(r.stderr) == [f"error: {out}/s.zarr: is complete with other settings (precision bf16 → fp32); "
+                                     "it was kept: pass --overwrite (flow parameter overwrite=True) to replace it"]
+    # an unfinished bf16 output is recomputed in fp32, never completed with fp32 chunks
+    g = zarr.open_group(str(out / "s.zarr"), mode="r+")
+    g.attrs["segpipe"] = {**g.attrs["segpipe"], "status": "running"}
+    r = run("fp32", out)
+    assert r.exit_code == 0, r.stderr
+    assert f"note: {out}/s.zarr: replacing an unfinished output (precision bf16 → fp32)" in r.stderr
+    seg = zarr.open_group(str(out / "s.zarr"), mode="r").attrs["segpipe"]
+    assert seg["inference"]["precision"] == "fp32" and seg["chunks_resumed"] == 0
+    # auto is recorded as what it resolved to on the workers, never as "auto"
+    r = run("auto", tmp_path / "auto")
+    assert r.exit_code == 0
+    seg = zarr.open_group(str(tmp_path / "auto" / "s.zarr"), mode="r").attrs["segpipe"]
+    assert seg["settings"]["precision"] in ("bf16", "fp32")
 
 
 # ----------------------------------------------------------------------------- locks

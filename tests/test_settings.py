@@ -120,6 +120,7 @@ PIXEL_CHANGES = {
     "mpp": {"read": ReadSettings(mpp=0.5)},
     "skip_empty": {"read": ReadSettings(skip_empty=False)},
     "tta": {"inference": InferenceSettings(tta=True)},
+    "precision": {"inference": InferenceSettings(precision="bf16")},
     "probabilities": {"inference": InferenceSettings(probabilities=True)},
     "background_class": {"output": OutputSettings(background_class=0)},
 }

@@ -302,3 +302,34 @@ def test_training_validation_and_segpipe_evaluate_agree(data, tmp_path, client):
     ev = evaluate(model, ds, str(tmp_path / "eval"), settings, client, split="val")
     assert cm.total > 0 and len(np.flatnonzero(cm.matrix.sum(axis=0))) >= 2  # predictions of several classes
     np.testing.assert_array_equal(np.array(ev.metrics["confusion_matrix"]), cm.matrix)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float64", "int32", "uint32", "int8"])
+def test_training_on_other_pixel_types_validates_and_segments_its_own_images(data, tmp_path, dtype):
+    """A model trained on float64/int32/uint32/int8 images reads those images back: validation and
+    segmentation used to refuse them, since input_scale 1.0 read as "made for float32"."""
+    import rasterio
+
+    from segpipe.models.normalization import check_input
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").symlink_to(data / "masks", target_is_directory=True)
+    for name in ("classes.json", "split.json"):
+        (root / name).write_bytes((data / name).read_bytes())
+    for src in sorted((data / "images").glob("*.tif")):
+        with rasterio.open(src) as s:
+            a = s.read()
+            profile = {**s.profile, "dtype": dtype, "predictor": 1}
+        values = a.astype(np.float64) / 255.0 if dtype == "float64" else a.astype(np.int64) - (128 if dtype == "int8" else 0)
+        with rasterio.open(root / "images" / src.name, "w", **profile) as d:
+            d.write(values.astype(dtype))
+    s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 8})
+    result = train(str(root), str(tmp_path / "model"), s, progress=False)
+    assert result.history[-1]["val_mean_iou"] is not None
+    art = load_artifact(str(tmp_path / "model"))
+    assert art.spec.input_dtype == dtype
+    with rasterio.open(next((root / "images").glob("*.tif"))) as ds:
+        info = type("Info", (), {"count": ds.count, "dtype": ds.dtypes[0]})()
+    assert check_input(art.spec, info, "x.tif") is not None  # the model reads its own training images

@@ -149,8 +149,15 @@ class SegmentSettings(_Settings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
 
+    def with_precision(self, precision: str) -> SegmentSettings:
+        """These settings with ``auto`` replaced by the precision the workers resolved it to."""
+        if precision == self.inference.precision:
+            return self
+        return self.model_copy(update={"inference": self.inference.model_copy(update={"precision": precision})})
+
     def output_key(self) -> str:
-        """Hash of the settings that change output pixels (device and batch size do not)."""
+        """Hash of the settings that change output pixels (device and batch size do not; precision does:
+        bf16 and fp32 labels differ on a fraction of pixels, so an output is computed in one precision)."""
         blob = json.dumps(self.output_settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -164,6 +171,7 @@ class SegmentSettings(_Settings):
             "mpp": self.read.mpp,
             "skip_empty": self.read.skip_empty,
             "tta": self.inference.tta,
+            "precision": self.inference.precision,
             "probabilities": self.inference.probabilities,
             "background_class": self.output.background_class,
         }

@@ -32,8 +32,13 @@ if TYPE_CHECKING:
     pass
 
 def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: SegmentSettings,
-               run_id: str, norm: InputNorm | None = None) -> dict[str, Any]:
-    """The ``segpipe`` root attributes written when an output is created."""
+               run_id: str, norm: InputNorm | None = None, merged_batches: bool = False) -> dict[str, Any]:
+    """The ``segpipe`` root attributes written when an output is created.
+
+    ``inference`` says how labels were computed: the resolved precision, and whether a chip's
+    forward may be batched with chips of other images (GPU workers merge small requests): then
+    under bf16/fp16 its labels can depend on which chips shared the batch, on a few pixels.
+    """
     t = settings.tiling
     num_classes = model.spec.num_classes
     return {
@@ -51,6 +56,8 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "settings_key": settings.output_key(),
         "settings": settings.output_settings(),
         "tta": settings.inference.tta,
+        "inference": {"precision": settings.inference.precision, "merged_batches": merged_batches,
+                      "labels_depend_on_batch": merged_batches and settings.inference.precision != "fp32"},
         "model": {**model.spec.core(), "uri": model.uri, "weights_sha256": model.sha256},
         "classes": model.spec.classes,
         "class_colors": class_colors(num_classes, colors_from_spec(model.spec.model_extra)),
@@ -68,6 +75,10 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=list)
+
+#: settings added to the output identity after outputs were first written
+_RECORDED_SINCE = {"precision"}
+
 
 def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, settings: SegmentSettings,
                    norm: InputNorm | None = None) -> list[str]:
@@ -93,6 +104,8 @@ def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, set
                         "bands": seg.get("bands"), "tta": seg.get("tta", False)}
     if isinstance(old_settings, dict):
         for key, value in new_settings.items():
+            if key in _RECORDED_SINCE and key not in old_settings:
+                continue  # an output from before the key was recorded: unknown, not a change
             if _canonical(old_settings.get(key)) != _canonical(value):
                 changes.append(f"{key} {old_settings.get(key)} → {value}")
     elif seg.get("settings_key") != settings.output_key():

@@ -22,6 +22,7 @@ from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
+from segpipe.engine.predictor import resolve_run_precision
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock
@@ -74,6 +75,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     result = ImageResult(source=image.uri, output=target_uri)
     lock: OutputLock | None = None
     try:
+        # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
+        settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+        gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
         info, background, norm = _read_header(image, model, settings)
         result.height, result.width = info.height, info.width
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
@@ -118,7 +122,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             colors = colors_from_spec(model.spec.model_extra)
             prepare_output(target, {
                 "ome": ome_attrs(name, model.spec.classes, colors, info.mpp),
-                "segpipe": provenance(image, info, model, settings, run_id, norm),
+                "segpipe": provenance(image, info, model, settings, run_id, norm, merged_batches=gpu_workers),
             }, replace=plan.action == "replace")
         result.chunks_resumed = len(done)
         if progress and done:
@@ -126,7 +130,6 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm)
-        gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
         compute, fill = _tile_work(tplan, done, background)
         per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,
@@ -226,6 +229,7 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     images = _unique(images)
     ref, artifact = check_model(model)
     ensure_writable(out)
+    settings = settings.with_precision(resolve_run_precision(client, settings.inference))
     if is_in_process(client):
         prime_predictor(artifact, settings.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory

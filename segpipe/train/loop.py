@@ -189,8 +189,11 @@ def _spec_fields(data: _Data, s: TrainSettings) -> dict[str, Any]:
     full = data.full
     # ``class_colors`` is the contract key the pipeline, exports and viewers read
     # (segpipe.core.classes.colors_from_spec still reads the legacy ``colors`` of older artifacts)
+    # ``input_dtype``: the pixel type trained on, always recorded. Without it the type is guessed from
+    # input_scale (1.0 → float32), and a model trained on float64/int32/uint32/int8 images refused them.
     return dict(architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
-                mean=data.mean, std=data.std, input_scale=data.input_scale, class_colors=list(full.colors))
+                mean=data.mean, std=data.std, input_scale=data.input_scale, input_dtype=full.dtype,
+                class_colors=list(full.colors))
 
 
 def _spec(data: _Data, s: TrainSettings) -> ModelSpec:

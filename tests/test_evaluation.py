@@ -22,6 +22,11 @@ def seg_settings(chunk=64, halo=16):
         (None, {"mean_iou": 0.1}, 0.01, True),
         ({"mean_iou": 0.80}, {"mean_iou": 0.82}, 0.01, True),
         ({"mean_iou": 0.80}, {"mean_iou": 0.805}, 0.01, False),
+        # exactly old + margin promotes ("by at least margin"), also where the sum rounds up in binary
+        ({"mean_iou": 0.80}, {"mean_iou": 0.81}, 0.01, True),
+        ({"mean_iou": 0.5}, {"mean_iou": 0.75}, 0.25, True),
+        ({"mean_iou": 0.1}, {"mean_iou": 0.3}, 0.2, True),  # 0.1 + 0.2 == 0.30000000000000004
+        ({"mean_iou": 0.80}, {"mean_iou": 0.8099}, 0.01, False),
         ({"mean_iou": 0.80}, {"mean_iou": 0.79}, 0.0, False),
         ({"mean_iou": 0.80}, {"mean_iou": None}, 0.0, False),
         ({"mean_iou": None}, {"mean_iou": 0.3}, 0.0, True),
@@ -209,3 +214,37 @@ def test_score_output_leaves_out_nodata_and_ignored_pixels(tmp_path):
                                   [0, 1, 1],
                                   [0, 0, 1]]
     assert cm.total == 5
+
+
+def test_report_samples_read_the_image_and_mask_in_bounded_strips(tmp_path, monkeypatch):
+    """The image | truth | prediction thumbnails never read a whole image: strips of ≤ STRIP_PIXELS."""
+    import segpipe.evaluate.evaluation as ev
+    import segpipe.io.readers.decimate as dec
+    from tests.helpers import write_geotiff
+
+    rng = np.random.default_rng(0)
+    h, w = 1100, 700
+    img = rng.integers(0, 255, (3, h, w), dtype=np.uint8)
+    mask = rng.integers(0, 4, (1, h, w), dtype=np.uint8)
+    write_geotiff(tmp_path / "i.tif", img)
+    write_geotiff(tmp_path / "m.tif", mask)
+    windows: list[int] = []
+
+    def recording(open_fn):
+        def opened(uri, *a, **k):
+            r = open_fn(uri, *a, **k)
+            read = r.read
+            r.read = lambda win: windows.append(win.h * win.w) or read(win)
+            return r
+        return opened
+
+    monkeypatch.setattr(ev, "open_image", recording(ev.open_image))
+    monkeypatch.setattr(ev, "open_mask", recording(ev.open_mask))
+    monkeypatch.setattr(dec, "STRIP_PIXELS", 50_000)
+    pred = rng.integers(0, 4, (h, w), dtype=np.uint8)
+    s = ev._sample("i", str(tmp_path / "i.tif"), str(tmp_path / "m.tif"), pred, h, w)
+    step = -(-max(h, w) // ev.SAMPLE_SIDE)
+    np.testing.assert_array_equal(s.image, img[:, ::step, ::step].transpose(1, 2, 0))
+    np.testing.assert_array_equal(s.truth, mask[0, ::step, ::step])
+    np.testing.assert_array_equal(s.prediction, pred[::step, ::step])
+    assert windows and max(windows) <= 50_000 + step * w  # one strip, never the 770,000-pixel image

@@ -11,6 +11,9 @@ from typing import Any
 
 from segpipe.io.storage import join
 
+#: metrics are recorded to ~4 decimals; a difference this small is float rounding, not a real one
+_EPS = 1e-9
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -36,7 +39,8 @@ def decide(champion: dict[str, Any] | None, challenger: dict[str, Any], margin: 
         return Decision(False, "challenger has no mean IoU (nothing scored)", old, new)
     if old is None:
         return Decision(True, "champion has no mean IoU on this split", old, new)
-    if new >= old + margin:
+    # "by at least margin", in decimal terms: 0.3 beats 0.1 by 0.2 although 0.1 + 0.2 > 0.3 in binary
+    if new - old >= margin - _EPS:
         return Decision(True, f"mean IoU {new:.4f} beats champion {old:.4f} by ≥ {margin:g}", old, new)
     return Decision(False, f"mean IoU {new:.4f} does not beat champion {old:.4f} by {margin:g}", old, new)
 

@@ -28,6 +28,7 @@ from segpipe.engine.segment import segment_image
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.output import open_labels
 from segpipe.io.readers import open_image
+from segpipe.io.readers.decimate import read_decimated
 from segpipe.io.storage import SourceImage, join, list_images
 from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
 
@@ -63,16 +64,16 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
     from segpipe.evaluate.overlays import Sample
 
     step = max(1, -(-max(h, w) // SAMPLE_SIDE))
-    with open_image(image_uri) as r:
+    with open_image(image_uri) as r:  # strip by strip: evaluation images may be as large as production ones
         bands = min(3, r.info.count)
-        img = r.read(Window(0, 0, h, w))[:bands, ::step, ::step]
+        img = read_decimated(r, step, bands)
     if img.dtype != np.uint8:  # stretch other dtypes to 0..255 for display
         lo, hi = np.percentile(img, (1, 99))
         img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     if bands == 1:
         img = np.repeat(img, 3, axis=0)
     with open_mask(mask_uri) as r:
-        truth = r.read(Window(0, 0, h, w))[0, ::step, ::step]
+        truth = read_decimated(r, step, 1)[0]
     return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), truth.astype(np.int64),
                   np.asarray(pred[::step, ::step]).astype(np.int64))
 

@@ -11,9 +11,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.failures import install_one_line_failures
 from segpipe.core.settings import segment_settings
 from segpipe.evaluate import retrain as lib
-from segpipe.train.settings import TrainSettings
+from segpipe.train.settings import TRAIN_DEFAULTS as D
+from segpipe.train.settings import train_settings
 
 train_challenger = task(name="train-challenger", cache_policy=NO_CACHE)(lib.train_challenger)
 evaluate_model = task(name="evaluate", task_run_name="evaluate {label}", cache_policy=NO_CACHE)(lib.evaluate_model)
@@ -24,14 +26,14 @@ def retrain(
     data: str,
     registry: str,
     workdir: str | None = None,
-    architecture: str = "Unet",
-    encoder: str = "resnet18",
-    epochs: int = 20,
-    batch_size: int = 8,
-    patch_size: int = 256,
+    architecture: str = D["architecture"],
+    encoder: str = D["encoder"],
+    epochs: int = D["epochs"],
+    batch_size: int = D["batch_size"],
+    patch_size: int = D["patch_size"],
     patches_per_epoch: int | None = None,
-    lr: float = 1e-3,
-    class_balanced: bool = True,
+    lr: float = D["lr"],
+    class_balanced: bool = D["class_balanced"],
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     seed: int = 0,
@@ -43,10 +45,11 @@ def retrain(
 ) -> dict:
     """Train a challenger on ``data``, evaluate challenger and champion on ``split``, promote when better."""
     logger = get_run_logger()
-    tsettings = TrainSettings(
+    install_one_line_failures()  # a dataset error ends the run Failed with one line, not the engine's traceback
+    tsettings = train_settings(
         architecture=architecture, encoder=encoder, epochs=epochs, batch_size=batch_size, patch_size=patch_size,
-        lr=lr, class_balanced=class_balanced, device=device, precision=precision, seed=seed,
-        **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}),
+        patches_per_epoch=patches_per_epoch, lr=lr, class_balanced=class_balanced, device=device,
+        precision=precision, seed=seed,
     )
     ssettings = segment_settings(chunk_size=chunk_size, halo=halo, device=device, precision=precision)
     result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,

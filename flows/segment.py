@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Completed, Failed, State
 
+from flows.failures import install_one_line_failures
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
@@ -187,6 +188,7 @@ def segment_images(
     task run ends Failed; the flow run ends Failed after every other image finished.
     """
     logger = get_run_logger()
+    install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,

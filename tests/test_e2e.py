@@ -78,8 +78,24 @@ def test_deployment_run_against_served_deployments(tmp_path, photo, model_dir):
                 env=env, capture_output=True, text=True, timeout=360)
             assert weekly.returncode == 0, weekly.stdout[-2000:] + weekly.stderr[-2000:]
             assert "Completed" in weekly.stdout
+            # a nightly run with a truncated image ends Failed, and says so in one line: no engine
+            # traceback in the flow-run logs, no Dask "Compute Failed" block on the serve terminal
+            bad = tmp_path / "bad"
+            bad.mkdir()
+            good = write_geotiff(bad / "ok.tif", photo[:, :100, :100])
+            (bad / "cut.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+            failed = subprocess.run(
+                [str(BIN / "prefect"), "deployment", "run", "segment-images/nightly", "-p", f"source={bad}",
+                 "-p", f"model={model_dir}", "-p", f"out={tmp_path / 'out-bad'}", "-p", "chunk_size=64",
+                 "-p", "halo=16", "-p", "precision=fp32", "--watch", "--watch-timeout", "300"],
+                env=env, capture_output=True, text=True, timeout=360)
+            assert "Failed" in failed.stdout, failed.stdout[-2000:]
         finally:
             stop(serve)
+    log = (tmp_path / "serve.log").read_text()
+    assert "flow run failed: " in log and "cut.tif" in log, log[-3000:]
+    assert "Engine execution exited with unexpected exception" not in log, log[-3000:]
+    assert "Compute Failed" not in log and "ImagesFailed" not in log, log[-3000:]
     from segpipe.models.registry import champion
 
     assert champion(str(reg)) == "v1"

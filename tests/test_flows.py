@@ -99,3 +99,47 @@ def test_flow_messages_name_flow_parameters():
     assert flow_wording("o/s.zarr: is complete with other settings (halo 16 → 8); it was kept: pass --overwrite "
                         "(flow parameter overwrite=True) to replace it").endswith("set overwrite=True to replace it")
     assert "--" not in flow_wording("choose another --out; raise --max-pixels")
+
+
+def test_train_and_retrain_have_one_set_of_defaults():
+    """segpipe train, segpipe retrain and the retrain flow: same option defaults, from TrainSettings."""
+    import inspect
+
+    from flows.retrain import retrain as retrain_flow
+    from segpipe.cli.train import retrain as retrain_cli
+    from segpipe.cli.train import train as train_cli
+    from segpipe.train.settings import TRAIN_DEFAULTS, TrainSettings, train_settings
+
+    names = {"arch": "architecture"}
+    for cmd in (train_cli, retrain_cli):
+        for p in cmd.params:
+            key = names.get(p.name, p.name)
+            if key in ("architecture", "encoder", "epochs", "batch_size", "patch_size", "lr", "class_balanced"):
+                assert p.default == TRAIN_DEFAULTS[key], (cmd.name, key)
+    flow_params = inspect.signature(retrain_flow.fn).parameters
+    for key in ("architecture", "encoder", "epochs", "batch_size", "patch_size", "lr", "class_balanced"):
+        assert flow_params[key].default == TRAIN_DEFAULTS[key], key
+    assert train_settings() == TrainSettings()
+
+
+def test_a_failed_run_logs_one_line_not_the_engine_traceback(caplog):
+    """What a deployment's runner logs when the flow ends Failed on failed images: one line, no traceback."""
+    import logging
+
+    from flows.failures import ENGINE_LOGGER, install_one_line_failures
+    from flows.segment import ImagesFailed
+
+    install_one_line_failures()
+    install_one_line_failures()  # once per process, however many runs
+    logger = logging.getLogger(ENGINE_LOGGER)
+    assert sum(type(f).__name__ == "OneLineForSegpipeErrors" for f in logger.filters) == 1
+    with caplog.at_level(logging.ERROR, logger=ENGINE_LOGGER):
+        for exc in (ImagesFailed("src/", "1 of 3 image(s) failed: src/b.tif: is truncated"), ValueError("a bug")):
+            try:
+                raise exc
+            except Exception:  # what prefect.flow_engine.run_flow does with its error_logger
+                logger.error("Engine execution exited with unexpected exception", exc_info=True)
+    one, bug = caplog.records
+    assert one.getMessage() == "flow run failed: src/: 1 of 3 image(s) failed: src/b.tif: is truncated"
+    assert one.exc_info is None and caplog.text.count("Traceback") == 1  # the bug's only
+    assert bug.exc_info is not None  # a bug keeps its traceback

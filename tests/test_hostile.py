@@ -341,6 +341,10 @@ def test_segpipe_errors_cross_a_real_dask_worker_as_themselves(tmp_path, photo, 
         assert result.status == "failed" and "unexpected" not in result.error, result.error
         assert result.error.startswith(f"{cut}: ") and "\n" not in result.error
         assert status(tmp_path / "out" / "cut.zarr") != "complete"
+    # an input error is one line from the driver, not a "Compute Failed" traceback in the worker's log
+    # (the two deliberate raises above do log one each)
+    log = (tmp_path / "logs" / "worker0.log").read_text()
+    assert log.count("Compute Failed") == 2 and "Key:       segpipe-tiles" not in log, log
 
 
 def run_chunks_raising(uri: str) -> None:

@@ -9,20 +9,21 @@ from __future__ import annotations
 import click
 
 from segpipe.cli.common import build_settings, handle_errors, segment_options
+from segpipe.train.settings import TRAIN_DEFAULTS as D
 
 
 @click.command()
 @click.option("--data", required=True, help="Dataset root (images/, masks/, classes.json[, split.json]).")
 @click.option("--out", required=True, help="Artifact folder to write.")
-@click.option("--arch", default="Unet", show_default=True)
-@click.option("--encoder", default="resnet34", show_default=True)
+@click.option("--arch", default=D["architecture"], show_default=True)
+@click.option("--encoder", default=D["encoder"], show_default=True)
 @click.option("--encoder-weights", default=None, help="e.g. imagenet (needs a network); default: from scratch.")
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--epochs", type=int, default=D["epochs"], show_default=True)
+@click.option("--batch-size", type=int, default=D["batch_size"], show_default=True)
+@click.option("--patch-size", type=int, default=D["patch_size"], show_default=True)
 @click.option("--patches-per-epoch", type=int, default=None)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--class-balanced/--no-class-balanced", default=True, show_default=True)
+@click.option("--lr", type=float, default=D["lr"], show_default=True)
+@click.option("--class-balanced/--no-class-balanced", default=D["class_balanced"], show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -33,12 +34,11 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
           precision: str, seed: int, resume: bool) -> None:
     """Train a model on a dataset and write an artifact."""
     from segpipe.train.loop import train as run_train
-    from segpipe.train.settings import TrainSettings
+    from segpipe.train.settings import train_settings
 
-    settings = TrainSettings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
-                             batch_size=batch_size, patch_size=patch_size, lr=lr, class_balanced=class_balanced,
-                             device=device, precision=precision, seed=seed,
-                             **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    settings = train_settings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
+                              batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
+                              class_balanced=class_balanced, device=device, precision=precision, seed=seed)
     result = run_train(data, out, settings, resume=resume)
     click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
                f"val mean IoU {result.metrics.get('val_mean_iou')} ({result.stop_reason})")
@@ -79,13 +79,14 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.command()
 @click.option("--data", required=True, help="Dataset root.")
 @click.option("--registry", required=True, help="Registry folder or bucket URL.")
-@click.option("--arch", default="Unet", show_default=True)
-@click.option("--encoder", default="resnet18", show_default=True)
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--patch-size", type=int, default=256, show_default=True)
+@click.option("--arch", default=D["architecture"], show_default=True)
+@click.option("--encoder", default=D["encoder"], show_default=True)
+@click.option("--epochs", type=int, default=D["epochs"], show_default=True)
+@click.option("--batch-size", type=int, default=D["batch_size"], show_default=True)
+@click.option("--patch-size", type=int, default=D["patch_size"], show_default=True)
 @click.option("--patches-per-epoch", type=int, default=None)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=D["lr"], show_default=True)
+@click.option("--class-balanced/--no-class-balanced", default=D["class_balanced"], show_default=True)
 @click.option("--margin", type=float, default=0.005, show_default=True,
               help="Promote only when challenger mean IoU ≥ champion's + margin.")
 @click.option("--device", default="auto", show_default=True)
@@ -94,18 +95,18 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--dask-address", default=None)
 @handle_errors
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
-            patches_per_epoch: int | None, lr: float, margin: float, device: str, precision: str, seed: int,
+            patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str, seed: int,
             dask_address: str | None) -> None:
     """Train a challenger, compare it with the champion on the same split, promote if better."""
     import json
 
     from segpipe.core.settings import segment_settings
     from segpipe.evaluate.retrain import retrain as run_retrain
-    from segpipe.train.settings import TrainSettings
+    from segpipe.train.settings import train_settings
 
-    tsettings = TrainSettings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
-                              patch_size=patch_size, lr=lr, class_balanced=True, device=device, precision=precision, seed=seed,
-                              **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}))
+    tsettings = train_settings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
+                               patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
+                               class_balanced=class_balanced, device=device, precision=precision, seed=seed)
     ssettings = segment_settings(device=device, precision=precision)
     result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address)
     click.echo(json.dumps(result.as_dict(), indent=2))

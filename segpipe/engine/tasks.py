@@ -53,8 +53,11 @@ def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int =
 
     Bad input (:class:`InputError`) is never retried; a network hiccup or bucket throttling
     (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
-    Re-running is safe: each chunk is written whole, by this task only. A SegpipeError leaves
-    detached from its cause (see :meth:`SegpipeError.detached`) so it reaches the driver as itself.
+    Re-running is safe: each chunk is written whole, by this task only. A SegpipeError (bad input,
+    storage gone) is *returned* as ``{"error": e}``, detached from its cause (see
+    :meth:`SegpipeError.detached`): a task that raises makes every Dask worker log a "Compute Failed"
+    block with a traceback, while an input error deserves one line, printed once by the driver.
+    Anything else (a bug) still raises, with its traceback.
     """
     error: SegpipeError | None = None
     for attempt in range(attempts):
@@ -74,7 +77,7 @@ def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int =
             error = e.detached()  # raised below, outside this block, so it has no chained context
             break
     assert error is not None
-    raise error
+    return {"error": error}
 
 class _ZarrSink:
     """Merged chunks into the output: one writer per chunk, class ids last (the completion record).
@@ -236,6 +239,8 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
                 raise exc.with_traceback(fut.traceback())
             counters = fut.result()
             fut.release()
+            if "error" in counters:
+                raise counters["error"]
             for b, f in itertools.islice(pending, 1):
                 queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])

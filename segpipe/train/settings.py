@@ -25,7 +25,7 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     architecture: str = Field("Unet", description="smp architecture, e.g. Unet, FPN, DeepLabV3Plus.")
-    encoder: str = Field("resnet34", description="smp encoder, e.g. resnet18, resnet34, efficientnet-b0, tu-*.")
+    encoder: str = Field("resnet18", description="smp encoder, e.g. resnet18, resnet34, efficientnet-b0, tu-*.")
     encoder_weights: str | None = Field(
         None, description="Pretrained encoder weights to start from (e.g. 'imagenet'; needs a network), "
         "None = random initialisation.",
@@ -43,7 +43,7 @@ class TrainSettings(BaseModel):
         "decay) or cosine decay from lr.",
     )
     class_balanced: bool = Field(
-        False, description="Centre patches on pixels of a class drawn with probability ∝ freq^-class_balance_power "
+        True, description="Centre patches on pixels of a class drawn with probability ∝ freq^-class_balance_power "
         "instead of uniformly random positions.",
     )
     class_balance_power: float = Field(
@@ -94,6 +94,30 @@ class TrainSettings(BaseModel):
             raise ValueError(f"patches_per_epoch ({self.patches_per_epoch}) must be at least batch_size "
                              f"({self.batch_size})")
         return self
+
+
+#: the defaults of every option of ``segpipe train``/``retrain`` and the ``retrain`` flow (one set)
+TRAIN_DEFAULTS: dict[str, Any] = {name: f.default for name, f in TrainSettings.model_fields.items()
+                                  if not f.is_required() and f.default_factory is None}
+
+
+def train_settings(*, architecture: str = TRAIN_DEFAULTS["architecture"], encoder: str = TRAIN_DEFAULTS["encoder"],
+                   encoder_weights: str | None = None, epochs: int = TRAIN_DEFAULTS["epochs"],
+                   batch_size: int = TRAIN_DEFAULTS["batch_size"], patch_size: int = TRAIN_DEFAULTS["patch_size"],
+                   patches_per_epoch: int | None = None, lr: float = TRAIN_DEFAULTS["lr"],
+                   class_balanced: bool = TRAIN_DEFAULTS["class_balanced"], device: str = "auto",
+                   precision: str = "auto", seed: int = 0) -> TrainSettings:
+    """The one settings builder of ``segpipe train``, ``segpipe retrain`` and the ``retrain`` flow:
+    same option names, same defaults (:data:`TRAIN_DEFAULTS`), same checks.
+
+    ``patches_per_epoch`` None keeps the default; the other settings keep theirs too.
+    """
+    return TrainSettings.model_validate({
+        "architecture": architecture, "encoder": encoder, "encoder_weights": encoder_weights, "epochs": epochs,
+        "batch_size": batch_size, "patch_size": patch_size, "lr": lr, "class_balanced": class_balanced,
+        "device": device, "precision": precision, "seed": seed,
+        **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}),
+    })
 
 
 def settings_dump(s: TrainSettings) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed, State
 
 from flows.failures import install_one_line_failures
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
+from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.engine.cluster import client_for, dashboard_link, dask_client
 from segpipe.engine.job import ModelRef, check_model
@@ -168,7 +169,7 @@ def segment_images(
     probabilities: bool = False,
     bands: str | None = None,
     dask_address: str | None = None,
-    max_concurrent_images: int = 2,
+    max_concurrent_images: int = IMAGES_IN_FLIGHT,
     level: int | None = None,
     mpp: float | None = None,
     skip_empty: bool = True,
@@ -210,21 +211,22 @@ def segment_images(
         if dashboard_link(client):
             logger.info("Dask dashboard: %s", dashboard_link(client))
         scheduler = client.scheduler.address
-        # a few images at a time keep the workers busy between one image's last chunks and the next one's first
-        step = max(1, max_concurrent_images)
-        for i in range(0, len(images), step):
-            batch = images[i:i + step]
-            futures = [segment_one.submit(img, ref, out, settings, scheduler, exports, names[img.uri])
-                       for img in batch]
-            wait(futures)
-            for img, fut in zip(batch, futures):
-                value = fut.state.result(raise_on_failure=False)
-                if isinstance(value, ImageResult):
-                    results.append(value)
-                else:
-                    results.append(ImageResult(source=img.uri, output=names[img.uri], status="failed",
-                                               error=str(value) if isinstance(value, SegpipeError)
-                                               else str(fut.state.message or "task failed")))
+        # a sliding window of images (the CLI's policy): the next image starts as soon as any one finishes,
+        # so the workers stay busy between one image's last chunks and the next one's first
+        by_index: dict[int, ImageResult] = {}
+        for i, fut in sliding_window(
+                images, lambda img: segment_one.submit(img, ref, out, settings, scheduler, exports, names[img.uri]),
+                lambda running: next(as_completed(running)), max_concurrent_images):
+            img = images[i]
+            fut.wait()  # as_completed may yield before the future holds its final state
+            value = fut.state.result(raise_on_failure=False)
+            if isinstance(value, ImageResult):
+                by_index[i] = value
+            else:
+                by_index[i] = ImageResult(source=img.uri, output=names[img.uri], status="failed",
+                                          error=str(value) if isinstance(value, SegpipeError)
+                                          else str(fut.state.message or "task failed"))
+        results.extend(by_index[i] for i in range(len(images)))
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
     failed = [r for r in results if r.status == "failed"]

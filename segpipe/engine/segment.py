@@ -18,6 +18,7 @@ from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.core.geometry import ChunkGrid
 from segpipe.core.results import ImageResult, Progress
+from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
@@ -202,18 +203,19 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     return chunks, mp
 
 def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
-                 progress: Progress | None = None, max_concurrent_images: int = 4) -> list[ImageResult]:
+                 progress: Progress | None = None, max_concurrent_images: int = IMAGES_IN_FLIGHT) -> list[ImageResult]:
     """List every source, check the model once, then segment the images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
     Model errors raise (nothing can run without a model). Up to ``max_concurrent_images``
-    images are in progress at once, so one image's header reads, output creation and scheduler
+    images are in progress at once, in a sliding window (:func:`segpipe.core.scheduling.sliding_window`,
+    the flow's policy too), so one image's header reads, output creation and scheduler
     round trips overlap the others' tiles (a folder of small chips is mostly such per-image work);
     results keep the order of the listing. The progress total is counted from the image headers
     in a background thread while the first images already run.
     """
     import threading
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from segpipe.engine.cluster import is_in_process
     from segpipe.engine.predictor import prime_predictor
@@ -245,8 +247,13 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
             progress.image(i, len(images), images[i].relative)
         return segment_image(images[i], ref, out, settings, client, progress, target_uri=names[images[i].uri])
 
+    done: dict[int, ImageResult] = {}
     with ThreadPoolExecutor(max(1, max_concurrent_images), thread_name_prefix="segpipe-image") as pool:
-        results.extend(pool.map(one, range(len(images))))
+        for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
+                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)),
+                                     max_concurrent_images):
+            done[i] = fut.result()
+    results.extend(done[i] for i in range(len(images)))
     if planner is not None:
         planner.join()
     return results

@@ -24,6 +24,20 @@ def test_model_create_and_info(tmp_path):
     assert info["architecture"] == "FPN" and info["classes"] == ["a", "b", "c"] and len(info["weights_sha256"]) == 64
 
 
+def test_model_create_sets_class_colours(tmp_path):
+    r = run("model", "create", "--classes", "bg,building,water", "--class-colors", "#000,#ff0000,#0000FF",
+            "--out", str(tmp_path / "m"))
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["class_colors"] == ["#000000", "#ff0000", "#0000ff"]
+    r = run("model", "create", "--classes", "bg,building", "--class-colors", "#000", "--out", str(tmp_path / "n"))
+    assert r.exit_code == 2 and r.stderr.strip() == ("error: --class-colors: gives 1 colour(s) for 2 class(es); "
+                                                     "give one per class, in --classes order")
+    r = run("model", "create", "--classes", "bg,building", "--class-colors", "#000,blue", "--out", str(tmp_path / "n"))
+    assert r.exit_code == 2 and r.stderr.strip() == "error: blue: is not a colour; expected '#rrggbb'"
+    assert not (tmp_path / "n").exists()
+
+
 def test_unknown_architecture_is_one_line(tmp_path):
     r = run("model", "create", "--arch", "Unett", "--classes", "a,b", "--out", str(tmp_path / "m"))
     assert r.exit_code == 2

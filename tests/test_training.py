@@ -229,7 +229,9 @@ def test_validation_in_tiles_counts_every_pixel(data):
     net = build_network("Unet", "resnet18", 3, 5)
     spec = ModelSpec(architecture="Unet", encoder="resnet18", in_channels=3, classes=ds.classes, mean=[0.5] * 3,
                      std=[0.25] * 3, input_scale=255.0)
-    tiled = validate(net, ds, spec, tile=64, halo=16, device=torch.device("cpu"))
+    seen: list[int] = []  # the progress callback: once per image, its pixels
+    tiled = validate(net, ds, spec, tile=64, halo=16, device=torch.device("cpu"), on_image=seen.append)
+    assert seen == [it.height * it.width for it in ds.items]
     whole = validate(net, ds, spec, tile=1024, device=torch.device("cpu"))
     assert tiled.total == whole.total == 96 * 96
     np.testing.assert_array_equal(tiled.matrix.sum(axis=1), whole.matrix.sum(axis=1))  # same truth
@@ -302,6 +304,22 @@ def test_training_validation_and_segpipe_evaluate_agree(data, tmp_path, client):
     ev = evaluate(model, ds, str(tmp_path / "eval"), settings, client, split="val")
     assert cm.total > 0 and len(np.flatnonzero(cm.matrix.sum(axis=0))) >= 2  # predictions of several classes
     np.testing.assert_array_equal(np.array(ev.metrics["confusion_matrix"]), cm.matrix)
+
+
+@pytest.mark.slow
+def test_train_command_prints_a_rounded_mean_iou(data, tmp_path):
+    import re
+
+    from click.testing import CliRunner
+
+    from segpipe.cli.main import main
+
+    r = CliRunner().invoke(main, ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--epochs", "1",
+                                  "--batch-size", "4", "--patch-size", "64", "--patches-per-epoch", "8",
+                                  "--device", "cpu", "--precision", "fp32"])
+    assert r.exit_code == 0, r.output
+    line = [x for x in r.stdout.splitlines() if x.startswith("wrote ")][-1]
+    assert re.search(r"val mean IoU (\d\.\d{4}|n/a) \(completed\)$", line), line
 
 
 @pytest.mark.slow

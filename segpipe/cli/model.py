@@ -16,16 +16,29 @@ def model() -> None:
 @click.option("--arch", default="Unet", show_default=True, help="smp architecture (Unet, FPN, DeepLabV3Plus, …).")
 @click.option("--encoder", default="resnet18", show_default=True, help="smp encoder (resnet18, resnet34, …).")
 @click.option("--classes", required=True, help="Comma-separated class names, index = class id.")
+@click.option("--class-colors", default=None,
+              help="Comma-separated colours, one per class in --classes order (#rrggbb or #rgb); written as "
+                   "model.json class_colors, the colours of every output, export and report. Default: segpipe's palette.")
 @click.option("--in-channels", type=int, default=3, show_default=True)
 @click.option("--out", required=True, help="Artifact folder to write.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
-def model_create(arch: str, encoder: str, classes: str, in_channels: int, out: str, seed: int) -> None:
+def model_create(arch: str, encoder: str, classes: str, class_colors: str | None, in_channels: int, out: str,
+                 seed: int) -> None:
     """Write a randomly initialised artifact (for smoke runs and benchmarks)."""
+    from segpipe.core.classes import parse_color, to_hex
+    from segpipe.core.errors import ConfigError
     from segpipe.models.artifact import create_artifact
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    spec = create_artifact(out, arch, encoder, names, in_channels=in_channels, seed=seed)
+    extra = {}
+    if class_colors is not None:
+        colors = [c.strip() for c in class_colors.split(",")]
+        if len(colors) != len(names):
+            raise ConfigError("--class-colors", f"gives {len(colors)} colour(s) for {len(names)} class(es); "
+                                                "give one per class, in --classes order")
+        extra["class_colors"] = [to_hex(parse_color(c)) for c in colors]
+    spec = create_artifact(out, arch, encoder, names, in_channels=in_channels, seed=seed, **extra)
     click.echo(f"wrote {out}: {spec.architecture}/{spec.encoder}, {spec.in_channels} band(s), "
                f"{spec.num_classes} classes")
 

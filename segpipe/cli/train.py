@@ -40,8 +40,9 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
                               batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
                               class_balanced=class_balanced, device=device, precision=precision, seed=seed)
     result = run_train(data, out, settings, resume=resume)
+    miou = result.metrics.get("val_mean_iou")
     click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
-               f"val mean IoU {result.metrics.get('val_mean_iou')} ({result.stop_reason})")
+               f"val mean IoU {'n/a' if miou is None else f'{miou:.4f}'} ({result.stop_reason})")
 
 
 @click.command()

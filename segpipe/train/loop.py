@@ -201,11 +201,11 @@ def _spec(data: _Data, s: TrainSettings) -> ModelSpec:
 
 
 def _validate(net, data: _Data, prog: Progress, entry: dict[str, Any], *, epoch: int, s: TrainSettings,
-              device: torch.device, precision: str) -> None:
+              device: torch.device, precision: str, on_image: Callable[[int], None] | None = None) -> None:
     """Score ``net`` on the validation images; record the scores in ``entry``, keep the best weights
     in ``prog`` and set its stop reason once ``early_stopping_patience`` validations brought no gain."""
     cm = validate(net, data.val, _spec(data, s), device=device, precision=precision, tile=s.val_tile,
-                  halo=s.val_halo, batch_size=1)
+                  halo=s.val_halo, batch_size=1, on_image=on_image)
     scores = cm.scores(data.full.classes)
     miou = scores["mean_iou"]
     entry["val_mean_iou"] = miou
@@ -297,7 +297,9 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                 "patches_per_s": n_steps * s.batch_size / train_seconds if train_seconds > 0 else None,
             }
             if val_ds.items and ((epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs):
-                _validate(net, data, prog, entry, epoch=epoch, s=s, device=device, precision=precision)
+                vtask = bar.add_task(f"validation {epoch + 1}/{s.epochs}", total=data.val.pixels, loss="-")
+                _validate(net, data, prog, entry, epoch=epoch, s=s, device=device, precision=precision,
+                          on_image=lambda px, vtask=vtask: bar.advance(vtask, px))
             entry["seconds"] = time.perf_counter() - t0
             prog.history.append(entry)
             prog.epoch = epoch + 1

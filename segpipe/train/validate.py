@@ -10,6 +10,7 @@ weights of the best validation mean IoU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,8 +46,12 @@ class ConfusionSink:
 
 
 def validate(net: torch.nn.Module, dataset: Dataset, spec: ModelSpec, *, device: torch.device,
-             precision: str = "fp32", tile: int = 1024, halo: int = 32, batch_size: int = 1) -> ConfusionMatrix:
+             precision: str = "fp32", tile: int = 1024, halo: int = 32, batch_size: int = 1,
+             on_image: Callable[[int], None] | None = None) -> ConfusionMatrix:
     """Confusion matrix of ``net`` over the whole images of ``dataset`` (255 in the masks is ignored).
+
+    ``on_image(pixels)`` is called after each image (for a progress bar: validation of large images
+    takes as long as an epoch).
 
     Images are cut into ``tile``² tiles with ``halo`` context (one tile when the image is smaller),
     exactly as ``segpipe segment --chunk-size TILE --tile-size TILE --halo HALO`` would.
@@ -67,6 +72,8 @@ def validate(net: torch.nn.Module, dataset: Dataset, spec: ModelSpec, *, device:
                 plan = TilePlan.of(tiling, image.info.height, image.info.width)
                 infer_tiles(image, predictor, plan, whole_image_work(plan), ConfusionSink(cm, mask, item.mask_uri),
                             norm=norm, nodata=nodata, batch_size=batch_size)
+                if on_image is not None:
+                    on_image(image.info.height * image.info.width)
             finally:
                 image.close()
                 mask.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from segpipe.cli.common import handle_errors
@@ -31,7 +33,7 @@ def model_create(arch: str, encoder: str, classes: str, class_colors: str | None
     from segpipe.models.artifact import create_artifact
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    extra = {}
+    extra: dict[str, Any] = {}
     if class_colors is not None:
         colors = [c.strip() for c in class_colors.split(",")]
         if len(colors) != len(names):

@@ -351,3 +351,41 @@ def test_tissue_mask_of_a_plain_reader(tmp_path) -> None:
     assert mask[30:45, 45:70].all() and not mask[:20].any()
     assert chunk_has_tissue(mask, Chunk(0, 0, 120, 160, 32, 32), scale)
     assert not chunk_has_tissue(mask, Chunk(0, 0, 0, 0, 64, 64), scale)
+
+
+def test_glass_inside_a_computed_chunk_is_background_too(svs, model_dir, client, tmp_path) -> None:
+    """Background is removed per pixel: a chunk that holds tissue and glass gives the glass the nodata
+    label (or the background class), not a class of the model — a QuPath export then outlines the tissue."""
+    import zarr
+
+    from segpipe.core.classes import nodata_label
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
+    from segpipe.io.readers.tissue import tissue_pixels
+    from segpipe.io.storage import list_images
+
+    ref, _ = check_model(model_dir)
+    image = list_images(svs)[0]
+    with open_image(svs) as reader:
+        mask, scale = tissue_mask(reader)
+    whole = Chunk(0, 0, 0, 0, H, W)
+    tissue = tissue_pixels(mask, whole, scale)
+    for background, expected in ((None, nodata_label(ref.spec.num_classes)), (0, 0)):
+        settings = segment_settings(chunk_size=256, halo=16, precision="fp32", device="cpu",
+                                    background_class=background)
+        out = tmp_path / f"bg{background}"
+        result = segment_image(image, ref, str(out), settings, client)
+        assert result.status == "done", result.error
+        assert 0 < result.chunks_skipped < result.chunks  # some chunks skipped whole, some computed
+        labels = zarr.open_array(str(out / "slide.zarr" / "0"), mode="r")[:]
+        assert (labels[~tissue] == expected).all()  # glass, also inside computed chunks
+        # the chunks that were computed hold glass as well: the rule applies inside them
+        computed = np.zeros_like(tissue)
+        for iy in range(0, H, 256):
+            for ix in range(0, W, 256):
+                if tissue[iy:iy + 256, ix:ix + 256].any():
+                    computed[iy:iy + 256, ix:ix + 256] = True
+        assert (computed & ~tissue).sum() > 10_000
+    truth = ((np.mgrid[0:H, 0:W][0] - 700) / 250.0) ** 2 + ((np.mgrid[0:H, 0:W][1] - 500) / 350.0) ** 2 < 1
+    assert tissue[truth].all()  # no tissue pixel is lost to the rule (the mask is dilated)

@@ -46,5 +46,8 @@ class ChunkJob:
     fingerprint: str = ""
     #: the image's input normalisation (fixed per pixel type, or a percentile stretch computed once)
     norm: InputNorm | None = None
+    #: a slide whose background is removed: pixels outside the tissue mask get ``background_class``
+    #: (or nodata) inside computed chunks too; each worker computes the mask once per image
+    tissue: bool = False
 
 TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

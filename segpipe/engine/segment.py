@@ -79,7 +79,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
         gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
-        info, background, norm = _read_header(image, model, settings)
+        info, background, norm, tissue = _read_header(image, model, settings)
         result.height, result.width = info.height, info.width
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
         result.chunks = len(grid)
@@ -130,7 +130,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.background_class, image.fingerprint, norm)
+                       settings.output.background_class, image.fingerprint, norm, tissue=tissue)
         compute, fill = _tile_work(tplan, done, background)
         per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,
@@ -162,8 +162,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     return result
 
 def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
-                 ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm]:
-    """Header, checks, slide background and the image's input normalisation, with one open reader.
+                 ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm, bool]:
+    """Header, checks, slide background, the image's input normalisation, and whether its background is
+    removed per pixel (a slide with ``skip_empty``), with one open reader.
 
     The reader is the process's shared one for this image (:func:`shared_reader`, same key as the
     tile tasks'): on the embedded cluster the tasks then read through it instead of opening the
@@ -175,8 +176,9 @@ def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
     norm = check_image(image.uri, info, model, settings)
     if norm is None:
         norm = image_normalization(model.spec, reader, image.uri)
-    background = _background_chunks(reader, settings) if r.skip_empty else set()
-    return info, background, norm
+    tissue = r.skip_empty and hasattr(reader, "thumbnail")
+    background = _background_chunks(reader, settings) if tissue else set()
+    return info, background, norm, tissue
 
 def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int, int]]:
     """Chunks outside a slide's tissue mask (computed once at low resolution); empty for other readers."""

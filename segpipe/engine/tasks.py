@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from segpipe.io.output import (
     write_chunk,
 )
 from segpipe.io.readers import shared_reader, thread_reader
+from segpipe.io.readers.tissue import TissueMask, tissue_mask, tissue_pixels
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -90,8 +92,10 @@ class _ZarrSink:
     level-1 chunk not in the store.
     """
 
-    def __init__(self, job: ChunkJob, plan: TilePlan, items: list[tuple[Chunk, list[Chunk]]]) -> None:
+    def __init__(self, job: ChunkJob, plan: TilePlan, items: list[tuple[Chunk, list[Chunk]]],
+                 tissue: TissueMask | None = None) -> None:
         self.target = job.target
+        self.tissue, self.background = tissue, job.background_class
         self.tiles: dict[tuple[int, int], tuple[Chunk, np.ndarray, set[tuple[int, int]]]] = {}
         if self.target.has_level1 and (plan.tile_size // plan.chunk_size) % 2 == 0:
             for tile, chunks in items:
@@ -101,6 +105,16 @@ class _ZarrSink:
                     self.tiles.update({c.key: entry for c in chunks})
 
     def write(self, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        if self.tissue is not None:
+            glass = ~tissue_pixels(self.tissue.mask, chunk, self.tissue.scale)
+            if glass.any():
+                labels = labels.copy()
+                labels[glass] = self.target.nodata_label if self.background is None else self.background
+                if probs is not None:
+                    probs = probs.copy()
+                    probs[:, glass] = 0
+                    if self.background is not None:
+                        probs[self.background][glass] = 255
         write_chunk(self.target, chunk, labels, probs)
         self._gather(chunk, labels)
 
@@ -131,6 +145,25 @@ class _ZarrSink:
                 if not write_level1_chunk(self.target, (iy, ix), block):
                     return
 
+_tissue_cache: dict[tuple[Any, ...], TissueMask] = {}
+_tissue_lock = threading.Lock()
+
+
+def worker_tissue_mask(reader: Any, source: str, fingerprint: str, read: Any) -> TissueMask:
+    """This process's tissue mask of an image: computed from one thumbnail on first use, then reused
+    by every tile task of the image (a few recent images are kept)."""
+    key = (source, fingerprint, read.bands, read.level, read.mpp)
+    with _tissue_lock:
+        hit = _tissue_cache.get(key)
+    if hit is None:
+        hit = tissue_mask(reader)  # the driver's rule, so skipped chunks and glass pixels agree
+        with _tissue_lock:
+            while len(_tissue_cache) >= 8:
+                _tissue_cache.pop(next(iter(_tissue_cache)))
+            _tissue_cache[key] = hit
+    return hit
+
+
 def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
     from segpipe.engine.predictor import cached_predictor
@@ -152,7 +185,8 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
-    sink = _ZarrSink(job, plan, items)
+    tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
+    sink = _ZarrSink(job, plan, items, tissue)
     stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
                         nodata=job.target.nodata_label, batch_size=max(1, len(work)), skip_empty=r.skip_empty,
                         fill=lambda c, v: sink.fill(job, c, v))

@@ -5,7 +5,9 @@ all-tissue slide keeps its tissue; :func:`otsu_threshold`) and dilates the resul
 skipping a chunk is always conservative; :func:`chunk_has_tissue` says whether a chunk of the
 reader's image overlaps it. Works with any reader: slides give a thumbnail from their
 coarsest pyramid level (:meth:`segpipe.io.readers.slide.OpenSlideReader.thumbnail`), other
-readers are decimated tile by tile. Used by :mod:`segpipe.engine.segment` to skip empty chunks.
+readers are decimated tile by tile. Used by :mod:`segpipe.engine.segment` to skip empty chunks,
+and by the tile tasks (:func:`tissue_pixels`) to give the glass inside a computed chunk the
+background (or nodata) label too: background is removed per pixel, not per chunk.
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ def tissue_mask(reader: Any, *, max_side: int = 1024, max_threshold: float = 0.1
     grown[:, 1:] |= grown[:, :-1].copy()
     grown[:, :-1] |= grown[:, 1:].copy()
     return TissueMask(grown, reader.info.width / mask.shape[1])
+
+
+def tissue_pixels(mask: np.ndarray, chunk: Chunk, scale: float) -> np.ndarray:
+    """(chunk.h, chunk.w) bool: the low-resolution ``mask`` upsampled (nearest) onto ``chunk``'s pixels.
+
+    Pixel (r, c) of the image takes mask pixel ``(floor((r + 0.5) / scale), floor((c + 0.5) / scale))``,
+    clipped to the mask: the mask pixel whose footprint holds the pixel's centre.
+    """
+    h, w = mask.shape
+    rows = np.minimum(((np.arange(chunk.y0, chunk.y0 + chunk.h) + 0.5) / scale).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(chunk.x0, chunk.x0 + chunk.w) + 0.5) / scale).astype(np.int64), w - 1)
+    return mask[rows[:, None], cols[None, :]]
 
 
 def chunk_has_tissue(mask: np.ndarray, chunk: Chunk, scale: float) -> bool:

@@ -338,10 +338,26 @@ def test_confusion_png_any_class_count(k: int) -> None:
     assert img.format == "PNG" and min(img.size) >= 26 * k
 
 
-def test_line_plot_edge_cases() -> None:
-    for series in ({"loss": [(1.0, 0.5)]}, {"a": [(1.0, 2.0), (2.0, 2.0)]}, {}):
-        img = Image.open(io.BytesIO(line_plot_png(series, "t")))
-        assert img.size == (540, 320)
+def test_line_plot_draws_its_series() -> None:
+    """The line goes where the data goes: a rising series rises, a flat one is level, none draws nothing."""
+    from segpipe.evaluate.figures import class_palette
+
+    color = np.array(class_palette(2)[1][:3])
+
+    def series_pixels(series) -> np.ndarray:
+        a = np.asarray(Image.open(io.BytesIO(line_plot_png(series, "t"))).convert("RGB"))
+        assert a.shape == (320, 540, 3)
+        ys, xs = np.nonzero((a == color).all(axis=2))
+        plot = xs < 400  # the legend's colour swatch sits right of the plot
+        return np.stack([ys[plot], xs[plot]], axis=1)
+
+    rising = series_pixels({"loss": [(float(e), e / 10) for e in range(1, 11)]})
+    left, right = rising[rising[:, 1] < rising[:, 1].min() + 5], rising[rising[:, 1] > rising[:, 1].max() - 5]
+    assert left[:, 0].mean() > right[:, 0].mean() + 100  # image rows grow downwards: higher value, smaller row
+    flat = series_pixels({"a": [(1.0, 2.0), (2.0, 2.0)]})
+    assert np.ptp(flat[:, 0]) <= 8 and np.ptp(flat[:, 1]) > 200  # a level line across the plot (dots ±3 px)
+    assert len(series_pixels({"loss": [(1.0, 0.5)]})) > 0  # one point is still drawn
+    assert len(series_pixels({})) == 0
 
 
 @pytest.mark.slow

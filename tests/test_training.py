@@ -237,6 +237,36 @@ def test_validation_in_tiles_counts_every_pixel(data):
     np.testing.assert_array_equal(tiled.matrix.sum(axis=1), whole.matrix.sum(axis=1))  # same truth
 
 
+def test_validation_scores_the_predictions_pixel_by_pixel(data):
+    """With a network whose prediction depends on each pixel alone, validation's confusion matrix must
+    equal one counted by hand from the truth and a numpy prediction: tiled or whole, every pixel once."""
+    import rasterio
+
+    from segpipe.models.artifact import ModelSpec
+
+    ds = load_dataset(str(data), "val")
+    k = ds.num_classes
+    net = torch.nn.Conv2d(3, k, 1)  # logits of class c: w_c · normalised pixel + b_c
+    with torch.no_grad():
+        net.weight.copy_(torch.linspace(-2, 2, 3 * k).reshape(k, 3, 1, 1))
+        net.bias.copy_(torch.linspace(0.5, -0.5, k))
+    spec = ModelSpec(architecture="Unet", encoder="resnet18", in_channels=3, classes=ds.classes, mean=[0.5] * 3,
+                     std=[0.25] * 3, input_scale=255.0)
+    want = np.zeros((k, k), np.int64)
+    for item in ds.items:
+        with rasterio.open(item.image_uri) as s, rasterio.open(item.mask_uri) as m:
+            x = (s.read().astype(np.float64) / 255.0 - 0.5) / 0.25
+            truth = m.read(1).astype(np.int64)
+        w, b = net.weight.detach().numpy()[:, :, 0, 0].astype(np.float64), net.bias.detach().numpy()
+        pred = np.argmax(np.einsum("kc,chw->khw", w, x) + b[:, None, None], axis=0)
+        keep = truth != 255
+        want += np.bincount(truth[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
+    assert (want.sum(axis=0) > 0).sum() > 1  # the network predicts more than one class
+    for tile in (64, 1024):
+        got = validate(net, ds, spec, tile=tile, halo=16, device=torch.device("cpu"))
+        np.testing.assert_array_equal(got.matrix, want)
+
+
 @pytest.mark.slow
 def test_artifact_carries_the_class_colours_of_classes_json(data, tmp_path):
     """classes.json colours → model.json ``class_colors`` → the same colours in outputs and reports."""

@@ -234,7 +234,9 @@ def analyse(trace_dir: Path, start: float, end: float) -> dict:
 
 #: (function name, path fragment) → stage; a thread's stage is that of its innermost matching frame
 _STAGES: list[tuple[str, str, str]] = [
+    ("_run", "segpipe/io/locks", "idle"),  # the lock heartbeat sleeps in C: no frame shows the sleep
     ("run", "_sim_device", "device"),
+    ("_predict", "_sim_device", "labels-copy"),  # the host side of the device stage: labels come back
     ("_predict", "segpipe/engine/predictor", "device"),
     ("predict", "segpipe/engine/predictor", "wait-device"),
     ("write_chunk", "segpipe/io/output", "write"),
@@ -267,6 +269,8 @@ def classify(frame: Any) -> str:
         code = f.f_code
         for name, path, stage in _STAGES:
             if code.co_name == name and path in code.co_filename:
+                if stage == "idle":
+                    return stage
                 if stage in _WAITING_STAGES and innermost in _WAITS:
                     return "idle"
                 return f"{stage}:{innermost}" if os.environ.get("SEGPIPE_SIM_DEBUG") else stage
@@ -275,10 +279,10 @@ def classify(frame: Any) -> str:
         return "idle"
     f = frame
     while f is not None:  # Dask's own work: comms, the scheduler, task bookkeeping
-        if "/distributed/" in f.f_code.co_filename or "/tornado/" in f.f_code.co_filename:
+        if any(p in f.f_code.co_filename for p in ("/distributed/", "/tornado/", "/asyncio/")):
             return "dask"
         f = f.f_back
-    return "other"
+    return f"other:{innermost}" if os.environ.get("SEGPIPE_SIM_DEBUG") else "other"
 
 
 def _sampler(path: str, interval: float = 0.01) -> None:

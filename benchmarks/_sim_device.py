@@ -301,13 +301,41 @@ def _sampler(path: str, interval: float = 0.01) -> None:
 _installed: dict[str, Any] = {}
 
 
+def sim_patches(device: SimDevice, gpu: bool = True) -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value) triples that put ``device`` in place of the network's device stage
+    (apply them with ``setattr``, or ``monkeypatch.setattr`` in tests). With ``gpu`` the engine also
+    takes its GPU path: one visible "GPU", a forward batch of 16 units, request merging."""
+    from segpipe.engine import cluster, predictor
+
+    def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None) -> Any:
+        device.run(int(tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1]))
+        labels = sim_labels(tiles, self.spec.num_classes, crop, self.label_dtype)
+        probs = None
+        if self.settings.probabilities:
+            k = np.arange(self.spec.num_classes, dtype=labels.dtype)[None, :, None, None]
+            probs = (k == labels[:, None]).astype(np.uint8) * np.uint8(255)
+        return labels, probs
+
+    patches: list[tuple[Any, str, Any]] = [(predictor.Predictor, "_predict", _predict)]
+    if gpu:
+        init = predictor.Predictor.__init__
+
+        def __init__(self: Any, *a: Any, **k: Any) -> None:
+            init(self, *a, **k)
+            self.coalesce = True
+
+        patches += [(cluster, "_gpu_count", lambda: 1), (predictor, "default_batch_size", lambda device_type: 16),
+                    (predictor.Predictor, "__init__", __init__)]
+    return patches
+
+
 def install(rate: str | None = None, trace_dir: str | None = None, lock_path: str | None = None) -> None:
     """Replace this process's device stage with the simulated device (or instrument the real one with
     ``rate="real"``), and make the engine take its GPU path. Idempotent; arguments default to the
     ``SEGPIPE_SIM_RATE`` / ``SEGPIPE_SIM_TRACE`` / ``SEGPIPE_SIM_LOCK`` environment variables."""
     if _installed:
         return
-    from segpipe.engine import cluster, predictor
+    from segpipe.engine import predictor
 
     rate = rate or os.environ.get("SEGPIPE_SIM_RATE", "real")
     trace_dir = trace_dir or os.environ.get("SEGPIPE_SIM_TRACE")
@@ -321,38 +349,22 @@ def install(rate: str | None = None, trace_dir: str | None = None, lock_path: st
         trace = str(Path(trace_dir) / f"busy-{dev}@{pid}.tsv")
         threading.Thread(target=_sampler, args=(str(Path(trace_dir) / f"host-{pid}.tsv"),), daemon=True,
                          name="sim-sampler").start()
-    real = rate == "real"
-    original = predictor.Predictor._predict
-    if real:
+    if rate == "real":
         device = SimDevice(1.0, trace=trace)
+        original = predictor.Predictor._predict
 
         def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None) -> Any:
             t0 = time.monotonic()
             out = original(self, tiles, norm, crop)  # ends with the labels' copy to the host: synchronised
             device.record(t0, time.monotonic(), int(tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1]))
             return out
+
+        patches = [(predictor.Predictor, "_predict", _predict)]
     else:
         device = SimDevice(float(rate), lock_path=lock_path, trace=trace)
-        # the engine's GPU path on this CPU: one visible "GPU", its forward batch, request merging
-        cluster._gpu_count = lambda: 1  # type: ignore[attr-defined]
-        predictor.default_batch_size = lambda device_type: 16  # type: ignore[assignment]
-        init = predictor.Predictor.__init__
-
-        def __init__(self: Any, *a: Any, **k: Any) -> None:
-            init(self, *a, **k)
-            self.coalesce = True
-
-        predictor.Predictor.__init__ = __init__  # type: ignore[method-assign]
-
-        def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None) -> Any:
-            device.run(int(tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1]))
-            labels = sim_labels(tiles, self.spec.num_classes, crop, self.label_dtype)
-            probs = None
-            if self.settings.probabilities:
-                k = np.arange(self.spec.num_classes, dtype=labels.dtype)[None, :, None, None]
-                probs = (k == labels[:, None]).astype(np.uint8) * np.uint8(255)
-            return labels, probs
-    predictor.Predictor._predict = _predict  # type: ignore[method-assign]
+        patches = sim_patches(device)
+    for obj, name, value in patches:
+        setattr(obj, name, value)
     _installed.update(device=device, rate=rate)
 
 

@@ -48,5 +48,7 @@ class ChunkJob:
     fingerprint: str = ""
     #: the image's input normalisation (fixed per pixel type, or a percentile stretch computed once)
     norm: InputNorm | None = None
+    #: tiles per forward pass inside a task (tasks may carry more tiles than one forward: --task-seconds)
+    forward_batch: int | None = None
 
 TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

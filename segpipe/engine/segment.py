@@ -34,7 +34,7 @@ from segpipe.engine.tiled import TilePlan
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
 from segpipe.engine.results import ImageResult, Progress
-from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
+from segpipe.engine.tasks import TaskSizer, _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -122,13 +122,15 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
-        job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.background_class, image.fingerprint, norm)
         gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
-        compute, fill = _tile_work(tplan, done, background)
         per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
-        stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,
-                           gpu_workers, threads)
+        job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
+                       settings.output.background_class, image.fingerprint, norm, forward_batch=per_task)
+        compute, fill = _tile_work(tplan, done, background)
+        sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
+                          (model.sha256, settings.inference.device))
+        stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
+                           gpu_workers, threads, sizer)
         if stats.content and 0 <= stats.min_label == stats.max_label:
             cls = stats.min_label
             name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)

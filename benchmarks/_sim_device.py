@@ -298,9 +298,6 @@ def _sampler(path: str, interval: float = 0.01) -> None:
 
 # ---------------------------------------------------------------- installing it in a segpipe process
 
-_installed: dict[str, Any] = {}
-
-
 def sim_patches(device: SimDevice, gpu: bool = True) -> list[tuple[Any, str, Any]]:
     """(object, attribute, value) triples that put ``device`` in place of the network's device stage
     (apply them with ``setattr``, or ``monkeypatch.setattr`` in tests). With ``gpu`` the engine also
@@ -333,9 +330,13 @@ def install(rate: str | None = None, trace_dir: str | None = None, lock_path: st
     """Replace this process's device stage with the simulated device (or instrument the real one with
     ``rate="real"``), and make the engine take its GPU path. Idempotent; arguments default to the
     ``SEGPIPE_SIM_RATE`` / ``SEGPIPE_SIM_TRACE`` / ``SEGPIPE_SIM_LOCK`` environment variables."""
-    if _installed:
-        return
     from segpipe.engine import predictor
+
+    # the flag lives on the patched module: this file may be imported twice in one process (as __main__
+    # and as the Dask preload ``_sim_device``), and must install once
+    if getattr(predictor, "_sim_installed", False):
+        return
+    predictor._sim_installed = True  # type: ignore[attr-defined]
 
     rate = rate or os.environ.get("SEGPIPE_SIM_RATE", "real")
     trace_dir = trace_dir or os.environ.get("SEGPIPE_SIM_TRACE")
@@ -365,7 +366,6 @@ def install(rate: str | None = None, trace_dir: str | None = None, lock_path: st
         patches = sim_patches(device)
     for obj, name, value in patches:
         setattr(obj, name, value)
-    _installed.update(device=device, rate=rate)
 
 
 def dask_setup(worker: Any = None) -> None:

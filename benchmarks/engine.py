@@ -274,7 +274,9 @@ def sim_sweep(args: argparse.Namespace) -> dict:
                 rate = token
             runs = [("", inp["src"])] + ([("small", inp["small"])] if args.sim_memory and "small" in inp else [])
             for tag, src in runs:
-                run = _sim_run(work, model, src, inp["opts"], rate, env, f"{name}-{token}{tag}", args.segment_args)
+                device = ["--device", args.device, "--precision", args.precision] if rate == "real" else []
+                run = _sim_run(work, model, src, [*inp["opts"], *device], rate, env, f"{name}-{token}{tag}",
+                               args.segment_args)
                 run["rate"], run["rate_token"] = rate, token
                 mp = inp["mp"] / (16 if tag else 1)
                 if run["steady_s"] > 0:
@@ -286,6 +288,8 @@ def sim_sweep(args: argparse.Namespace) -> dict:
                     run["throughput_vs_bound"] = round(mp / run["steady_s"] / bound, 3)
                     if floor_mp_s:
                         run["throughput_vs_floor"] = round(mp / run["steady_s"] / floor_mp_s, 3)
+                    if "image_seconds" in run:  # the image's whole time: first read to the pyramid's end
+                        run["image_throughput_vs_bound"] = round(mp / run["image_seconds"] / bound, 3)
                 if tag:
                     res["runs"][-1]["rss_ratio_16x_pixels"] = round(res["runs"][-1]["peak_rss_mb"] / run["peak_rss_mb"], 3)
                     res["runs"][-1]["small"] = {k: run[k] for k in ("seconds", "peak_rss_mb")}
@@ -314,7 +318,11 @@ def _sim_run(work: Path, model: Path, src: Path, opts: list[str], rate: str, env
     m = measure(cmd, env={**env, "SEGPIPE_SIM_RATE": rate, "SEGPIPE_SIM_TRACE": str(trace)})
     if m.returncode != 0:
         raise SystemExit(f"segpipe on the simulated device failed on {src}:\n{m.stderr[-3000:]}")
-    return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb),
+    outputs = list(out.glob("*.zarr/zarr.json"))
+    image = {}
+    if len(outputs) == 1:  # one image: its own time as segpipe recorded it (header to finalize)
+        image["image_seconds"] = json.loads(outputs[0].read_text())["attributes"]["segpipe"]["seconds"]
+    return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb), **image,
             **analyse(trace, t0, t0 + m.seconds)}
 
 

@@ -217,7 +217,7 @@ def sim_sweep(args: argparse.Namespace) -> dict:
     inputs: dict[str, dict] = {}
     want = args.sim_inputs.split(",")
     if "scene" in want:
-        side = int(round(math.sqrt(args.megapixels * 1e6)))
+        side = round(math.sqrt(args.megapixels * 1e6))
         scene = work / f"scene-{side}.tif"
         if not scene.exists():
             make_scene(scene, side)
@@ -232,8 +232,8 @@ def sim_sweep(args: argparse.Namespace) -> dict:
     if "slide" in want:
         from slide import ensure_slide
 
-        w = int(round(math.sqrt(args.slide_megapixels * 1e6 * 0.75))) // 256 * 256
-        h = int(round(args.slide_megapixels * 1e6 / w)) // 256 * 256
+        w = round(math.sqrt(args.slide_megapixels * 1e6 * 0.75)) // 256 * 256
+        h = round(args.slide_megapixels * 1e6 / w) // 256 * 256
         slide, facts = ensure_slide(work, w, h, "zlib")
         inputs["slide"] = {"src": slide, "floor_src": None, "mp": w * h / 1e6, "facts": facts,
                            "opts": ["--chunk-size", "512", "--halo", "64"],

@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.helpers import sample_photo, write_geotiff
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import _sim_device as sim  # noqa: E402
+import _sim_device as sim
 
 
 class FakeClock:
@@ -164,7 +163,7 @@ def test_two_processes_per_device_same_output(sim_inputs, tmp_path):
                "--out", str(tmp_path / name), "--chunk-size", "128", "--halo", "32", "--tile-size", "256",
                "--batch-size", "1", "--no-progress", *extra]  # 15 tasks of one tile: both processes get some
         run_env = {**env, "SEGPIPE_SIM_TRACE": str(trace), **({"SEGPIPE_SIM_LOCK": str(lock)} if lock else {})}
-        p = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(cmd, check=False, env=run_env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         outs[name] = _chunks(tmp_path / name / "scene.zarr")
         if lock:

@@ -6,10 +6,18 @@ runs it, on the same scene, model, device and precision:
     python benchmarks/engine.py --megapixels 50 --device cpu --precision bf16 [--tile-size 1536]
     python benchmarks/engine.py --megapixels 50 --free-model      # the host path against the I/O floor
 
+    python benchmarks/engine.py --megapixels 50 --sim-device 0.25x,0.5x,1x,2x,8x   # device utilisation
+
 ``--free-model`` runs the real ``segpipe segment`` with the network's forward replaced by a free
 one (logits = the normalised input; ``benchmarks/_free_segment.py``): what is left is what a GPU
-would wait for. It is compared with the I/O floor: the same chunk + halo windows read with
-rasterio on all cores and the same uint8 chunks zstd-compressed, no framework.
+would wait for. It is compared with the I/O floor, which does the same work: the same windows as
+segpipe's tiles (tile + halo) read with rasterio on all cores, the argmax of each tile core over the
+bands, the same uint8 chunks zstd-compressed; no framework.
+
+``--sim-device RATE,…`` sweeps a simulated device (``benchmarks/_sim_device.py``: normalisation,
+forward and argmax are device work held for window pixels / RATE) on a scene, a whole slide and a
+folder of chips, and reports device utilisation (busy / wall) and throughput against
+min(device-limited, I/O floor); that floor skips the argmax, which is device work there.
 
 Reports wall time, megapixels/s and peak RSS (summed over the process tree), the raw
 forward on the same number and shape of tiles, the steady-state ratio, the fixed cost
@@ -114,8 +122,11 @@ def monai_run(args: argparse.Namespace) -> None:
 
 
 def io_floor(args: argparse.Namespace) -> None:
-    """The same windows (chunk + halo, clipped to the image) read with rasterio on all cores, the same
-    uint8 chunks zstd-compressed (level 3, as segpipe writes them): no framework, no model."""
+    """The host's floor, doing the same work as segpipe: the same windows (segpipe's tile + halo,
+    clipped to the image) read with rasterio on all cores, the labels of each tile core taken (the
+    argmax over the bands, as the free model does; with ``--no-argmax`` band 0, as the simulated device
+    returns them), and the same uint8 chunks zstd-compressed (level 3, as segpipe writes them). No
+    framework, no model. ``--scene`` may be repeated (a folder of chips: each chip is its own image)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -123,27 +134,196 @@ def io_floor(args: argparse.Namespace) -> None:
     from numcodecs import Zstd
     from rasterio.windows import Window
 
-    c, h = args.chunk_size, args.halo
-    with rasterio.open(args.scene) as ds:
-        H, W = ds.height, ds.width
-    keys = [(y, x) for y in range(0, H, c) for x in range(0, W, c)]
+    from segpipe.core.settings import TilingSettings
+    from segpipe.engine.tiled import TilePlan
+
+    tiling = TilingSettings(chunk_size=args.chunk_size, halo=args.halo, tile_size=args.tile_size)
+    jobs = []
+    for scene in args.scene:
+        with rasterio.open(scene) as ds:
+            plan = TilePlan.of(tiling, ds.height, ds.width)
+        jobs.extend((scene, plan, tile) for tile in plan.tiles)
     local = threading.local()
     zstd = Zstd(level=3)
 
-    def work(key: tuple[int, int]) -> int:
-        ds = getattr(local, "ds", None)
+    def work(job: tuple) -> int:
+        scene, plan, tile = job
+        handles = getattr(local, "handles", None)
+        if handles is None:
+            handles = local.handles = {}
+        ds = handles.get(scene)
         if ds is None:
-            ds = local.ds = rasterio.open(args.scene)
-        y, x = key
-        y0, x0 = max(0, y - h), max(0, x - h)
-        a = ds.read(window=Window(x0, y0, min(W, x + c + h) - x0, min(H, y + c + h) - y0))
-        return len(zstd.encode(np.ascontiguousarray(a[0, :c, :c])))
+            if len(handles) > 8:  # chips: a few open at a time
+                for h in handles.values():
+                    h.close()
+                handles.clear()
+            ds = handles[scene] = rasterio.open(scene)
+        win = plan.window(tile)
+        y0, x0 = max(0, win.y0), max(0, win.x0)
+        y1, x1 = min(plan.height, win.y0 + win.h), min(plan.width, win.x0 + win.w)
+        a = ds.read(window=Window(x0, y0, x1 - x0, y1 - y0))
+        core = a[:, tile.y0 - y0:tile.y0 - y0 + tile.h, tile.x0 - x0:tile.x0 - x0 + tile.w]
+        labels = core.argmax(axis=0).astype(np.uint8) if args.argmax else np.ascontiguousarray(core[0])
+        n = 0
+        for c in plan.chunks(tile):
+            n += len(zstd.encode(np.ascontiguousarray(
+                labels[c.y0 - tile.y0:c.y0 - tile.y0 + c.h, c.x0 - tile.x0:c.x0 - tile.x0 + c.w])))
+        return n
 
     cores = os.cpu_count() or 1
     t0 = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=256 * 2**20), ThreadPoolExecutor(cores) as ex:
-        sum(ex.map(work, keys))
-    print(json.dumps({"seconds": time.perf_counter() - t0, "windows": len(keys), "threads": cores}))
+        sum(ex.map(work, jobs))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "windows": len(jobs), "threads": cores}))
+
+
+def run_floor(scenes: list[Path], chunk: int, halo: int, tile: int | None, argmax: bool, env: dict) -> dict:
+    """:func:`io_floor` as a whole process (its own imports and GDAL cache, like segpipe's)."""
+    fl = measure([PY, __file__, "floor", *[a for s in scenes for a in ("--scene", str(s))], "--chunk-size",
+                  str(chunk), "--halo", str(halo), *(["--tile-size", str(tile)] if tile else []),
+                  *([] if argmax else ["--no-argmax"])], env=env)
+    if fl.returncode != 0:
+        raise SystemExit(fl.stderr[-3000:])
+    return json.loads(fl.stdout.strip().splitlines()[-1])
+
+
+def window_ratio(height: int, width: int, chunk: int, halo: int, tile: int | None) -> float:
+    """Window pixels the device computes per image pixel (halo and padding included) for segpipe's tiles."""
+    from segpipe.core.settings import TilingSettings
+    from segpipe.engine.tiled import TilePlan
+
+    plan = TilePlan.of(TilingSettings(chunk_size=chunk, halo=halo, tile_size=tile), height, width)
+    return len(plan.tiles) * plan.window_side**2 / (height * width)
+
+
+def sim_sweep(args: argparse.Namespace) -> dict:
+    """Device utilisation and throughput of the real ``segpipe segment`` with a simulated device at each RATE.
+
+    RATE is the device's speed in megapixels of input windows per second; ``0.5x`` means half the
+    input's I/O floor (the device-limited image throughput is then half the floor's). For each input
+    and rate: whole process wall and peak RSS, device busy / wall over the whole process and over the
+    steady span (first forward to last), the longest idle gaps with what the host threads did in them,
+    and the steady throughput against min(device-limited, I/O floor).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ}
+    model = work / "model"
+    if not model.exists():
+        from segpipe.models.artifact import create_artifact
+
+        create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
+    inputs: dict[str, dict] = {}
+    want = args.sim_inputs.split(",")
+    if "scene" in want:
+        side = round(math.sqrt(args.megapixels * 1e6))
+        scene = work / f"scene-{side}.tif"
+        if not scene.exists():
+            make_scene(scene, side)
+        small = work / f"scene-{side // 4}.tif"
+        if args.sim_memory and not small.exists():
+            make_scene(small, side // 4)
+        inputs["scene"] = {"src": scene, "floor_src": [scene], "mp": side * side / 1e6, "small": small,
+                           "opts": ["--chunk-size", str(args.chunk_size), "--halo", str(args.halo),
+                                    *(["--tile-size", str(args.tile_size)] if args.tile_size else [])],
+                           "floor": (args.chunk_size, args.halo, args.tile_size),
+                           "ratio": window_ratio(side, side, args.chunk_size, args.halo, args.tile_size)}
+    if "slide" in want:
+        from slide import ensure_slide
+
+        w = round(math.sqrt(args.slide_megapixels * 1e6 * 0.75)) // 256 * 256
+        h = round(args.slide_megapixels * 1e6 / w) // 256 * 256
+        slide, facts = ensure_slide(work, w, h, "zlib")
+        inputs["slide"] = {"src": slide, "floor_src": None, "mp": w * h / 1e6, "facts": facts,
+                           "opts": ["--chunk-size", "512", "--halo", "64"],
+                           "ratio": window_ratio(h, w, 512, 64, None)}
+    if "chips" in want:
+        from many import make_inputs
+
+        chips = work / "chips"
+        if not chips.exists():
+            make_inputs(work, args.chips, args.chip_side)
+        files = sorted(chips.glob("*.png"))
+        c = args.chip_side
+        inputs["chips"] = {"src": chips, "floor_src": files, "mp": len(files) * c * c / 1e6,
+                           "opts": ["--chunk-size", str(c), "--tile-size", str(c), "--halo", "32"],
+                           "floor": (c, 32, c), "ratio": window_ratio(c, c, c, 32, c)}
+    results: dict = {"cores": os.cpu_count(), "inputs": {}}
+    scene_floor = None
+    for name, inp in inputs.items():
+        res: dict = {"megapixels": round(inp["mp"], 2), "window_pixels_per_pixel": round(inp["ratio"], 3),
+                     "runs": []}
+        floor_mp_s = None
+        if inp["floor_src"]:
+            fl = run_floor(inp["floor_src"], *inp["floor"], False, env)
+            floor_mp_s = inp["mp"] / fl["seconds"]
+            res["io_floor"] = {"seconds": round(fl["seconds"], 2), "mp_per_s": round(floor_mp_s, 1),
+                               "windows": fl["windows"], "threads": fl["threads"]}
+            scene_floor = scene_floor or floor_mp_s
+        base = floor_mp_s or scene_floor
+        for token in args.sim_device.split(","):
+            token = token.strip()
+            if token == "real":
+                rate: str = "real"
+            elif token.endswith("x"):
+                if base is None:
+                    raise SystemExit(f"{token}: a rate relative to the floor needs the scene or chips input first")
+                rate = f"{float(token[:-1]) * base * inp['ratio']:.2f}"
+            else:
+                rate = token
+            runs = [("", inp["src"])] + ([("small", inp["small"])] if args.sim_memory and "small" in inp else [])
+            for tag, src in runs:
+                device = ["--device", args.device, "--precision", args.precision] if rate == "real" else []
+                run = _sim_run(work, model, src, [*inp["opts"], *device], rate, env, f"{name}-{token}{tag}",
+                               args.segment_args)
+                run["rate"], run["rate_token"] = rate, token
+                mp = inp["mp"] / (16 if tag else 1)
+                if run["steady_s"] > 0:
+                    run["steady_mp_per_s"] = round(mp / run["steady_s"], 2)
+                    device_mp_s = mp / run["busy_s"] if run["busy_s"] > 0 else float("inf")
+                    bound = min(device_mp_s, floor_mp_s or float("inf"))
+                    run["device_limit_mp_per_s"] = round(device_mp_s, 2)
+                    run["bound_mp_per_s"] = round(bound, 2)
+                    run["throughput_vs_bound"] = round(mp / run["steady_s"] / bound, 3)
+                    if floor_mp_s:
+                        run["throughput_vs_floor"] = round(mp / run["steady_s"] / floor_mp_s, 3)
+                    if "image_seconds" in run:  # the image's whole time: first read to the pyramid's end
+                        run["image_throughput_vs_bound"] = round(mp / run["image_seconds"] / bound, 3)
+                if tag:
+                    res["runs"][-1]["rss_ratio_16x_pixels"] = round(res["runs"][-1]["peak_rss_mb"] / run["peak_rss_mb"], 3)
+                    res["runs"][-1]["small"] = {k: run[k] for k in ("seconds", "peak_rss_mb")}
+                else:
+                    res["runs"].append(run)
+                print(json.dumps({"input": name, **{k: v for k, v in run.items() if k != "longest_idle_gaps"}}),
+                      file=sys.stderr)
+        results["inputs"][name] = res
+    return results
+
+
+def _sim_run(work: Path, model: Path, src: Path, opts: list[str], rate: str, env: dict, name: str,
+             extra: str) -> dict:
+    """One whole ``segpipe segment`` process on the simulated (or instrumented real) device, analysed."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _sim_device import analyse
+
+    out, trace = work / f"out-sim-{name}", work / f"trace-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(trace, ignore_errors=True)
+    cmd = [PY, str(Path(__file__).with_name("_sim_device.py")), "segment", str(src), "--model", str(model),
+           "--out", str(out), "--no-progress", *opts, *extra.split()]
+    t0 = time.monotonic()
+    m = measure(cmd, env={**env, "SEGPIPE_SIM_RATE": rate, "SEGPIPE_SIM_TRACE": str(trace)})
+    if m.returncode != 0:
+        raise SystemExit(f"segpipe on the simulated device failed on {src}:\n{m.stderr[-3000:]}")
+    outputs = list(out.glob("*.zarr/zarr.json"))
+    image = {}
+    if len(outputs) == 1:  # one image: its own time as segpipe recorded it (header to finalize)
+        image["image_seconds"] = json.loads(outputs[0].read_text())["attributes"]["segpipe"]["seconds"]
+    return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb), **image,
+            **analyse(trace, t0, t0 + m.seconds)}
 
 
 def main() -> None:
@@ -162,13 +342,23 @@ def main() -> None:
     ap.add_argument("--skip-monai", action="store_true")
     ap.add_argument("--segment-args", default="", help="Extra `segpipe segment` options, e.g. '--workers 4 --processes'.")
     ap.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    ap.add_argument("--sim-device", default=None, metavar="RATE[,RATE…]",
+                    help="Sweep a simulated device (benchmarks/_sim_device.py) at these rates: MP/s of input "
+                    "windows, or Nx = N × the input's I/O floor, or 'real' (the real device, instrumented).")
+    ap.add_argument("--sim-inputs", default="scene,slide,chips", help="Inputs of the sweep (scene, slide, chips).")
+    ap.add_argument("--slide-megapixels", type=float, default=50.0)
+    ap.add_argument("--chips", type=int, default=600)
+    ap.add_argument("--chip-side", type=int, default=256)
+    ap.add_argument("--sim-memory", action="store_true", help="Also run the scene with 1/16 of the pixels at each rate.")
     sub = ap.add_subparsers(dest="cmd")
     r = sub.add_parser("raw")
     m = sub.add_parser("monai")
     fl = sub.add_parser("floor")
-    fl.add_argument("--scene", required=True)
+    fl.add_argument("--scene", action="append", required=True)
     fl.add_argument("--chunk-size", type=int, default=512)
     fl.add_argument("--halo", type=int, default=64)
+    fl.add_argument("--tile-size", type=int, default=None)
+    fl.add_argument("--no-argmax", dest="argmax", action="store_false")
     for p in (r, m):
         p.add_argument("--model", required=True)
         p.add_argument("--device", default="cpu")
@@ -186,6 +376,12 @@ def main() -> None:
         return monai_run(args)
     if args.cmd == "floor":
         return io_floor(args)
+    if args.sim_device:
+        results = sim_sweep(args)
+        print(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return
     run_all(args)
 
 
@@ -244,11 +440,7 @@ def run_all(args: argparse.Namespace) -> None:
     if args.free_model:
         results["fixed_cost"] = seg(one, "one")
         results["pipeline"] = seg(scene, "scene")
-        fl = measure([PY, __file__, "floor", "--scene", str(scene), "--chunk-size", str(args.chunk_size),
-                      "--halo", str(args.halo)], env=env)
-        if fl.returncode != 0:
-            raise SystemExit(fl.stderr[-3000:])
-        floor = json.loads(fl.stdout.strip().splitlines()[-1])
+        floor = run_floor([scene], args.chunk_size, args.halo, args.tile_size, True, env)
         steady = results["pipeline"]["seconds"] - results["fixed_cost"]["seconds"]
         image = results["pipeline"]["image_seconds"]
         mp = results["megapixels"]

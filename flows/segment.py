@@ -170,6 +170,7 @@ def segment_images(
     bands: str | None = None,
     dask_address: str | None = None,
     max_concurrent_images: int = IMAGES_IN_FLIGHT,
+    task_seconds: float | None = None,
     level: int | None = None,
     mpp: float | None = None,
     skip_empty: bool = True,
@@ -193,7 +194,7 @@ def segment_images(
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
-                                background_class=background_class, overwrite=overwrite)
+                                background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     results: list[ImageResult] = []
     listing = ingest.submit(source)

@@ -111,7 +111,7 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
                    skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
-                   overwrite: bool = False, tile_size: int | None = None):
+                   overwrite: bool = False, tile_size: int | None = None, task_seconds: float | None = None):
     """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
     from segpipe.core.settings import segment_settings
 
@@ -120,6 +120,6 @@ def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: s
                                 device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
-                                background_class=background_class, overwrite=overwrite)
+                                background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     except ConfigError as e:  # name the option as the user typed it
         raise ConfigError(f"--{e.subject}", e.problem) from None

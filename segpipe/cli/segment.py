@@ -93,6 +93,9 @@ def print_summary(results: list) -> None:
               help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
 @click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
 @click.option("--processes", is_flag=True, help="Embedded cluster: worker processes instead of threads.")
+@click.option("--task-seconds", type=float, default=None,
+              help="Target device seconds per Dask tile task (fleets: fewer, larger tasks per scheduler) "
+                   "[default: one forward batch per task].")
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
             batch_size: int | None,
@@ -100,7 +103,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
             mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
             min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
-            worker_threads: int | None, processes: bool) -> None:
+            worker_threads: int | None, processes: bool, task_seconds: float | None) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
 
     Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
@@ -114,7 +117,8 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     from segpipe.export.results import write_image_exports
 
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size)
+                              skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size,
+                              task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
                               processes=processes)

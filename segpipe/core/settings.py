@@ -108,6 +108,14 @@ class InferenceSettings(_Settings):
         None, ge=1, le=1024, description="Tiles per forward pass; None picks 1 on CPU (same speed, half the activation "
         "memory of 2), 16 on CUDA.",
     )
+    task_seconds: float | None = Field(
+        None, gt=0, le=3600,
+        description="Target device time of one Dask tile task. None: today's size (1 tile on a CPU, ~6.5 MP on a "
+        "GPU: ~40 tasks/s per H100, so one scheduler feeds tens of GPUs). Set (e.g. 2), tasks grow to about "
+        "this many seconds of forwards, measured on the workers as they run, but never so large that the "
+        "image has fewer than two tasks per worker thread; forward batches keep their size. Outputs do not "
+        "change: every chunk is still written once, by the one task that holds its tile.",
+    )
     tta: bool = Field(False, description="Average softmax over horizontal/vertical flips (4 passes).")
     probabilities: bool = Field(
         False, description="Also write a (class, y, x) uint8 'probabilities' array (p × 255).",
@@ -195,7 +203,7 @@ class ClusterSettings(_Settings):
 
 
 def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | None = None,
-                     batch_size: int | None = None, device: str = "auto",
+                     batch_size: int | None = None, device: str = "auto", task_seconds: float | None = None,
                      precision: str = "auto", tta: bool = False, probabilities: bool = False,
                      bands: str | None = None, level: int | None = None, mpp: float | None = None,
                      skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
@@ -206,7 +214,7 @@ def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | 
         read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, skip_empty=skip_empty,
                           max_pixels=max_pixels),
         inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
-                                    probabilities=probabilities),
+                                    probabilities=probabilities, task_seconds=task_seconds),
         output=OutputSettings(background_class=background_class, overwrite=overwrite),
     )
 

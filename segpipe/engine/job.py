@@ -49,5 +49,7 @@ class ChunkJob:
     #: a slide whose background is removed: pixels outside the tissue mask get ``background_class``
     #: (or nodata) inside computed chunks too; each worker computes the mask once per image
     tissue: bool = False
+    #: tiles per forward pass inside a task (tasks may carry more tiles than one forward: --task-seconds)
+    forward_batch: int | None = None
 
 TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

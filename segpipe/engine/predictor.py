@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,7 @@ class Predictor:
         # One forward at a time per device, always on the same thread (see predict).
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(max_workers=1,
                                                                        thread_name_prefix="segpipe-compute")
-        self._coalescer = _Coalescer(self._predict, self.batch_size * BATCH_UNIT_PIXELS, self._executor)
+        self._coalescer = _Coalescer(self._timed, self.batch_size * BATCH_UNIT_PIXELS, self._executor)
         #: merge small requests of several threads into one forward: on a GPU, where one tiny forward
         #: per chip wastes the device. Not on a CPU, where it would not be faster and would make a chip's
         #: result depend (by float rounding) on which other chips shared its batch.
@@ -137,6 +138,7 @@ class Predictor:
         # folded into  x = clamp(pixel * scale + bias, lo, hi), per band; one set of tensors per rule
         self._folded: dict = {}
         self.label_dtype = label_dtype(spec.num_classes).type
+        self.device_seconds, self.device_pixels = 0.0, 0  #: time on the compute thread, window pixels
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -212,7 +214,21 @@ class Predictor:
             return self._predict(tiles, norm, crop)
         if self.coalesce and _pixels(tiles) < self._coalescer.limit:  # merge with other threads' requests
             return self._coalescer.predict(tiles, norm, crop)
-        return self._executor.submit(self._predict, tiles, norm, crop).result()
+        return self._executor.submit(self._timed, tiles, norm, crop).result()
+
+    def _timed(self, tiles: np.ndarray, norm: InputNorm | None = None,
+               crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`_predict` on the compute thread, its time counted (queueing excluded): the device's rate."""
+        t0 = time.perf_counter()
+        out = self._predict(tiles, norm, crop)
+        self.device_seconds += time.perf_counter() - t0
+        self.device_pixels += _pixels(tiles)
+        return out
+
+    @property
+    def seconds_per_megapixel(self) -> float | None:
+        """Device seconds per megapixel of input windows so far (None before the first forward)."""
+        return self.device_seconds / self.device_pixels * 1e6 if self.device_pixels else None
 
     def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
                  crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:

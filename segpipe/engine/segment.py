@@ -24,7 +24,7 @@ from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
 from segpipe.engine.predictor import resolve_run_precision
-from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
+from segpipe.engine.tasks import TaskSizer, _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
@@ -129,12 +129,15 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
-        job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
-                       settings.output.background_class, image.fingerprint, norm, tissue=tissue)
-        compute, fill = _tile_work(tplan, done, background)
         per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
-        stats = _run_tasks(client, job, batched(compute, per_task), batched(fill, 32), result, progress,
-                           gpu_workers, threads)
+        job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
+                       settings.output.background_class, image.fingerprint, norm, tissue=tissue,
+                       forward_batch=per_task)
+        compute, fill = _tile_work(tplan, done, background)
+        sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
+                          (model.sha256, settings.inference.device))
+        stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
+                           gpu_workers, threads, sizer)
         if stats.content and 0 <= stats.min_label == stats.max_label:
             cls = stats.min_label
             name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)

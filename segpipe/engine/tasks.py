@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,10 @@ def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> np.ndarray:
     return labels
 
 PARALLEL_READ_BATCH = 4
+
+#: tile tasks that share one GPU at once (a power of two: the shares add up exactly); the worker's
+#: threads bound it further
+TASKS_PER_DEVICE = 8
 
 #: a task's work: (tile key, [chunk keys of that tile to write])
 
@@ -188,9 +192,10 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)
     stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
-                        nodata=job.target.nodata_label, batch_size=max(1, len(work)), skip_empty=r.skip_empty,
-                        fill=lambda c, v: sink.fill(job, c, v))
-    return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats}
+                        nodata=job.target.nodata_label, batch_size=job.forward_batch or max(1, len(work)),
+                        skip_empty=r.skip_empty, fill=lambda c, v: sink.fill(job, c, v))
+    return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats,
+            "seconds_per_megapixel": predictor.seconds_per_megapixel}
 
 def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
                ) -> tuple[Iterator[Any], Iterator[Any]]:
@@ -225,19 +230,56 @@ def _tiles_per_task(settings: InferenceSettings, gpu_workers: bool, window_side:
     gpu = settings.device.startswith("cuda") or (settings.device == "auto" and gpu_workers)
     return max(1, (16 * 640 * 640) // (window_side * window_side)) if gpu else 1
 
-def batched(keys: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of at most ``size`` items, produced lazily (an image's plan is never materialised)."""
+def batched(keys: Iterator[Any], size: int | Callable[[], int]) -> Iterator[list[Any]]:
+    """Consecutive lists of at most ``size`` items, produced lazily (an image's plan is never materialised).
+    ``size`` may be a callable, asked at the start of each list (task sizes that adapt as tasks finish)."""
+    size_of = size if callable(size) else (lambda: size)
     batch: list[Any] = []
+    n = max(1, size_of())
     for k in keys:
         batch.append(k)
-        if len(batch) == size:
+        if len(batch) >= n:
             yield batch
             batch = []
+            n = max(1, size_of())
     if batch:
         yield batch
 
+
+#: the last device rate seen per (model weights, device): the next image's tasks start at the right size
+_rates: dict[tuple[str, str], float] = {}
+
+
+class TaskSizer:
+    """Tiles per tile task from a target device time (``--task-seconds``), measured as tasks finish.
+
+    Starts at ``base`` tiles (today's size: one forward batch), or at the rate the last image measured;
+    then each finished task reports its worker's device seconds per megapixel of windows, and later
+    tasks carry ``task_seconds / (that × window megapixels)`` tiles — never fewer than ``base``, and
+    never so many that the image has fewer than two tasks per worker thread (``cap``). How tiles are
+    grouped never changes the output: each chunk is in exactly one tile, each tile in exactly one task.
+    """
+
+    def __init__(self, task_seconds: float | None, base: int, window_side: int, tiles: int, threads: int,
+                 key: tuple[str, str] = ("", "")) -> None:
+        self.task_seconds, self.base, self.key = task_seconds, base, key
+        self.window_mp = window_side * window_side / 1e6
+        self.cap = max(base, -(-tiles // (2 * max(1, threads))))
+        self.rate = _rates.get(key) if task_seconds else None
+
+    def size(self) -> int:
+        if not self.task_seconds or not self.rate:
+            return self.base
+        return max(self.base, min(self.cap, int(self.task_seconds / (self.rate * self.window_mp))))
+
+    def observe(self, counters: dict[str, Any]) -> None:
+        rate = counters.get("seconds_per_megapixel")
+        if self.task_seconds and rate:
+            self.rate = _rates[self.key] = float(rate)
+
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
-               result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int) -> TileStats:
+               result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
+               sizer: TaskSizer | None = None) -> TileStats:
     """Run the tile tasks with a bounded number in flight; returns merged counters.
 
     Submitting an image's whole graph at once makes the driver's memory grow with the number
@@ -248,7 +290,11 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
 
     from segpipe.engine.cluster import is_in_process, trim_memory
 
-    resources = {"GPU": 1} if job.inference.device != "cpu" and gpu_workers else None
+    # a tile task takes a share of a GPU, not all of it: several run on one device at once, one in the
+    # forward while the others read their windows and write their chunks (the predictor runs one
+    # forward at a time and merges small requests); a whole GPU per task left the device idle during
+    # every task's reads and writes (simulated device at half the host's floor: busy 0.65 of the time)
+    resources = {"GPU": 1 / TASKS_PER_DEVICE} if job.inference.device != "cpu" and gpu_workers else None
     run = job.target.run_id[:8]
     in_flight = max(8, 4 * max(threads, 1))
 
@@ -275,6 +321,8 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
             fut.release()
             if "error" in counters:
                 raise counters["error"]
+            if sizer is not None:
+                sizer.observe(counters)  # before the next batch is cut: it takes the new size
             for b, f in itertools.islice(pending, 1):
                 queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])

@@ -187,7 +187,7 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
     # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
-    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
+    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint, gsd=r.gsd)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)

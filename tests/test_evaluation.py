@@ -155,6 +155,23 @@ def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
     assert markdown_table(champ, chall) in md2
     assert "report.md" in os.listdir(Path(reg, "v2"))
 
+    # an idle week: same data, labels, champion and settings → nothing trained, a note says why
+    third = retrain(**kw, margin=1.0)
+    assert third["skipped"] and third["version"] == "v2" and third["reason"].startswith("skipped: data, labels, ")
+    assert [v.version for v in list_versions(reg)] == ["v1", "v2"]
+    # any change to the dataset (here a mask rewritten) is a new round
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate.retrain import round_fingerprint
+    from segpipe.train.settings import train_settings
+
+    def fp() -> str:
+        return round_fingerprint(landcover, "v1", train_settings(), segment_settings(), "val", 1.0)
+
+    before = fp()
+    mask = sorted(Path(landcover, "masks").iterdir())[0]
+    os.utime(mask, (mask.stat().st_atime, mask.stat().st_mtime + 10))
+    assert fp() != before
+
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):

@@ -70,6 +70,27 @@ def _fingerprint(info: dict) -> str:
     return f"{size}"
 
 
+def tree_fingerprint(uri: str) -> str:
+    """sha256 of every file under ``uri`` (relative path, size, mtime/ETag); ``""`` when nothing is there.
+
+    Cheap (one listing, no file read): a retrain compares it with the last run's to know whether its
+    data changed. A file rewritten in place changes its mtime/ETag, so it counts as changed.
+    """
+    import hashlib
+
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        if not fs.exists(path):
+            return ""
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        return ""
+    h = hashlib.sha256()
+    for p in sorted(found):
+        h.update(f"{p[len(path):]}\0{_fingerprint(found[p])}\n".encode())
+    return h.hexdigest()
+
+
 def _protocol_prefix(fs: fsspec.AbstractFileSystem, uri: str) -> str:
     if not has_scheme(uri):
         return ""

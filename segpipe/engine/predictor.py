@@ -154,7 +154,7 @@ class Predictor:
         norm = normalization_for(self.spec, dtype)
         if norm is None:
             raise ModelError(None, "this model normalises each image from its own statistics (percentile): "
-                             "pass the image's normalisation (segpipe.models.artifact.image_normalization) to predict")
+                             "pass the image's normalisation (segpipe.models.normalization.image_normalization) to predict")
         return norm
 
     def _fold(self, norm: InputNorm) -> tuple:
@@ -202,7 +202,7 @@ class Predictor:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
         ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here,
-        by ``norm`` (the image's, from :func:`segpipe.models.artifact.image_normalization`; resolved once per
+        by ``norm`` (the image's, from :func:`segpipe.models.normalization.image_normalization`; resolved once per
         image) or, when None, the model's fixed rule for the tiles' dtype. With ``crop = (offset,
         side)`` only ``[offset, offset + side)`` of both axes is returned: the argmax, softmax and
         copies skip the halo, whose predictions are discarded anyway.

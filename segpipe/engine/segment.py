@@ -52,7 +52,7 @@ def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSet
     """Refuse an image the model cannot read, or one that declares an absurd size, with one line.
 
     Returns the fixed input normalisation for its pixel type, or None when the model's is per
-    image (percentile stretch: :func:`segpipe.models.artifact.image_normalization`).
+    image (percentile stretch: :func:`segpipe.models.normalization.image_normalization`).
     """
     pixels = info.height * info.width
     if pixels > settings.read.max_pixels:

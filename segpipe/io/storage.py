@@ -162,7 +162,7 @@ def output_uri(out: str, relative: str, suffix: str = ".zarr", keep_extension: b
 
     ``keep_extension`` gives ``OUT/<relative path>.zarr`` (``hopper.png.zarr``): the name
     used when several images of a run would otherwise share one output (see
-    :func:`segpipe.engine.segment.assign_outputs`).
+    :func:`segpipe.engine.ownership.assign_outputs`).
     """
     rel = safe_relative(relative)
     stem = rel if keep_extension else posixpath.splitext(rel)[0]

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from segpipe.core.errors import ConfigError
-from segpipe.core.settings import ClusterSettings
+from segpipe.core.settings import ClusterSettings, InferenceSettings
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -188,3 +188,43 @@ def _libc():
     import ctypes.util
 
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _worker_precision(device: str, precision: str) -> str:
+    from segpipe.engine.predictor import resolve_device, resolve_precision
+
+    return resolve_precision(precision, resolve_device(device))
+
+
+_run_precision: dict[tuple[str, str, str], str] = {}
+
+
+def resolve_run_precision(client: Client, settings: InferenceSettings) -> str:
+    """The precision the workers will compute in, resolved before an output is created.
+
+    The resolved precision is part of an output's identity (its skip/resume key and provenance):
+    ``auto`` gives bf16 on one machine and fp32 on another, and a resumed output must not mix
+    chunks of both. An explicit precision is checked against this process's devices only where
+    workers share them; ``auto`` is asked of every worker (once per client, cached), and workers
+    that disagree are refused — a mixed fleet needs an explicit ``--precision``.
+    """
+    from segpipe.core.errors import ConfigError
+
+    if settings.precision != "auto":
+        return settings.precision
+    key = (str(getattr(client, "id", id(client))), settings.device, settings.precision)
+    hit = _run_precision.get(key)
+    if hit is not None:
+        return hit
+    per_worker: dict[str, str] = client.run(_worker_precision, settings.device, settings.precision)
+    found = sorted(set(per_worker.values()))
+    if not found:
+        raise ConfigError("--precision auto", "no Dask worker is connected to resolve it; start workers first")
+    if len(found) > 1:
+        where = ", ".join(f"{p} on {next(w for w, v in per_worker.items() if v == p)}" for p in found)
+        raise ConfigError("--precision auto", f"the workers resolve it differently ({where}); an output must be "
+                                              "computed in one precision: pass --precision explicitly")
+    if len(_run_precision) > 64:
+        _run_precision.clear()
+    _run_precision[key] = found[0]
+    return found[0]

@@ -20,10 +20,9 @@ from segpipe.core.geometry import ChunkGrid
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
 from segpipe.core.settings import SegmentSettings
-from segpipe.engine.cluster import recent_worker_capacity
+from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
-from segpipe.engine.predictor import resolve_run_precision
 from segpipe.engine.tasks import TaskSizer, _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock

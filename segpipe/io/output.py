@@ -24,7 +24,9 @@ import numpy as np
 
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
-from segpipe.io.storage import filesystem, join, output_error, output_errors, strip_file_scheme, write_atomic
+from segpipe.io.storage import (
+    filesystem, join, output_error, output_errors, storage_error, strip_file_scheme, write_atomic,
+)
 from segpipe.core.geometry import Chunk, ceil_div
 from segpipe.io.chunks import RawChunks
 
@@ -108,16 +110,23 @@ def _open_group(uri: str, mode: str):
 
 
 def read_attrs(uri: str) -> dict[str, Any] | None:
-    """Root attributes of an existing output, or None when there is none (or it is unreadable).
+    """Root attributes of an existing output, or None when there is none (no group ``zarr.json``, or
+    one that is not a Zarr group's JSON).
 
-    Read from the group's ``zarr.json`` directly: one small read, no zarr-python group machinery
-    (which cost ~4 ms per image on a folder of chips)."""
+    A storage fault is raised (:func:`segpipe.io.storage.storage_error`), never read as "no output":
+    a bucket's 5xx would otherwise make a run's own output look foreign (refused) or, in
+    :func:`finalize`, vanished. Read from the group's ``zarr.json`` directly: one small read, no
+    zarr-python group machinery (which cost ~4 ms per image on a folder of chips)."""
     fs, path = filesystem(strip_file_scheme(uri))
     try:
-        meta = json.loads(fs.cat_file(join(path, "zarr.json")))
+        raw = fs.cat_file(join(path, "zarr.json"))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    except (OSError, ValueError):
+    except OSError as e:
+        raise storage_error(uri, e, "read") from None
+    try:
+        meta = json.loads(raw)
+    except ValueError:  # not JSON: not a segpipe output (whose metadata is replaced atomically)
         return None
     if not isinstance(meta, dict) or meta.get("node_type") != "group":
         return None

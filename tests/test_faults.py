@@ -1,0 +1,75 @@
+"""Storage faults are reported, never mistaken for something else: a real S3 endpoint (moto behind
+:class:`tests.services.FaultProxy`) answers chosen requests with a server error.
+
+Each case is a defect of issue 16 whose test failed before its fix: a bucket's 5xx made an owned output
+look foreign (4), switched the chunk writer to another code path (12), or escaped a reader as a bug (9).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from segpipe.core.errors import OutputError, SegpipeError, TransientIOError
+from segpipe.core.geometry import ChunkGrid
+from segpipe.io.output import FORMAT, OutputTarget, inspect_output, ome_attrs, prepare_output, read_attrs, write_chunk
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The faulty endpoint for this module: the AWS variables set in this process, a bucket, the proxy."""
+    import s3fs
+
+    from tests.services import faulty_s3
+
+    with faulty_s3(tmp_path_factory.mktemp("moto")) as (aws, proxy):
+        saved = {k: os.environ.get(k) for k in aws}
+        os.environ.update(aws)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            s3fs.S3FileSystem().mkdir("faults")
+            yield proxy
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def proxy(s3):
+    s3.clear()
+    yield s3
+    s3.clear()
+
+
+def new_output(name: str, h: int = 40, w: int = 40, chunk: int = 16) -> OutputTarget:
+    t = OutputTarget(f"s3://faults/{name}-{uuid.uuid4().hex[:6]}.zarr", h, w, chunk, 3, False, uuid.uuid4().hex)
+    prepare_output(t, {"ome": ome_attrs("x", ["a", "b", "c"], None, None),
+                       "segpipe": {"format": FORMAT, "run_id": t.run_id, "status": "running"}})
+    return t
+
+
+def test_a_bucket_error_on_an_outputs_metadata_is_reported_not_read_as_foreign(proxy):
+    """Defect 4: read_attrs returned None on any OSError, so a 5xx made a run's own output 'foreign'."""
+    t = new_output("owned")
+    assert inspect_output(t.uri).kind == "segpipe"
+    key = t.uri.removeprefix("s3://") + "/zarr.json"
+    proxy.fail("GET", f"^/{key}", times=2)
+    with pytest.raises(TransientIOError) as err:
+        read_attrs(t.uri)
+    assert str(err.value).startswith(f"{t.uri}: cannot be read (") and "\n" not in str(err.value)
+    with pytest.raises(TransientIOError):
+        inspect_output(t.uri)  # never "foreign": that would refuse the run its own output
+    assert inspect_output(t.uri).kind == "segpipe"  # the fault passed: the same output, as it is
+    proxy.fail("GET", f"^/{key}", status=403, code="AccessDenied", times=1)
+    with pytest.raises(OutputError, match="cannot be read: permission denied"):
+        read_attrs(t.uri)
+    assert read_attrs(t.uri + "-missing") is None  # nothing there is still "no output"

@@ -73,3 +73,21 @@ def test_a_bucket_error_on_an_outputs_metadata_is_reported_not_read_as_foreign(p
     with pytest.raises(OutputError, match="cannot be read: permission denied"):
         read_attrs(t.uri)
     assert read_attrs(t.uri + "-missing") is None  # nothing there is still "no output"
+
+
+def test_a_bucket_error_on_array_metadata_is_reported_not_a_switch_to_zarr_python(proxy):
+    """Defect 12: RawChunks.open returned None on any OSError, so one 5xx silently moved the whole output to
+    zarr-python's write path. Now the fault is raised (and retried by the tile task); the next write goes
+    through the plain path."""
+    from segpipe.io.output import _store_for
+
+    t = new_output("meta")
+    key = t.uri.removeprefix("s3://") + "/0/zarr.json"
+    proxy.fail("GET", f"^/{key}", times=1)
+    chunk = ChunkGrid(40, 40, 16).chunk(0, 0)
+    with pytest.raises(TransientIOError, match="cannot be read"):
+        write_chunk(t, chunk, np.ones((16, 16), np.uint8))
+    write_chunk(t, chunk, np.ones((16, 16), np.uint8))
+    assert _store_for(t).fast and _store_for(t).fallback is None
+    assert any(m == "PUT" and p.startswith(f"/{t.uri.removeprefix('s3://')}/0/c/0/0") and s == 200
+               for m, p, s in proxy.log)

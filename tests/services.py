@@ -176,6 +176,7 @@ class FaultProxy:
                 fault = self._fault()
                 if fault is not None:
                     status, code = fault
+                    proxy.log.append((self.command, self.path, status))  # before answering: the client may go on
                     xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected "
                            f"{code}</Message><RequestId>fault</RequestId></Error>").encode()
                     self.send_response(status)
@@ -184,13 +185,13 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(xml)
-                    proxy.log.append((self.command, self.path, status))
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                proxy.log.append((self.command, self.path, resp.status))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length", "server",
@@ -202,7 +203,6 @@ class FaultProxy:
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
-                proxy.log.append((self.command, self.path, resp.status))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -91,3 +91,23 @@ def test_a_bucket_error_on_array_metadata_is_reported_not_a_switch_to_zarr_pytho
     assert _store_for(t).fast and _store_for(t).fallback is None
     assert any(m == "PUT" and p.startswith(f"/{t.uri.removeprefix('s3://')}/0/c/0/0") and s == 200
                for m, p, s in proxy.log)
+
+
+def test_a_bucket_error_while_reading_a_mask_is_an_input_error_not_a_bug(proxy, tmp_path, photo):
+    """Defect 9: read_valid let rasterio's RasterioIOError out (exit 3, "unexpected", never retried)."""
+    import s3fs
+
+    from segpipe.core.geometry import Window
+    from segpipe.io.readers import open_image
+    from tests.helpers import write_geotiff
+
+    local = write_geotiff(tmp_path / "masked.tif", photo[:, :400, :400], compress=None, nodata=0)
+    uri = f"s3://faults/masked-{uuid.uuid4().hex[:6]}.tif"
+    s3fs.S3FileSystem().put(str(local), uri)
+    with open_image(uri) as reader:
+        assert reader.has_mask
+        proxy.fail("GET", f"^/{uri.removeprefix('s3://')}")
+        with pytest.raises(SegpipeError) as err:
+            reader.read_valid(Window(256, 256, 144, 144))  # the last tile: not in GDAL's cache yet
+    assert err.value.subject == uri and "\n" not in str(err.value)
+    assert any(m == "GET" and s == 500 for m, p, s in proxy.log)

@@ -340,13 +340,17 @@ class RasterioReader:
         and transparent palette entries are no data.
         """
         import rasterio
+        from rasterio.errors import RasterioError
 
         if not self.has_mask:
             return None
         ds, o = self._ds, self._orientation
         sy, sx, sh, sw = stored_window(o, ds.height, ds.width, window.y0, window.x0, window.h, window.w)
-        with rasterio.Env(**self._gdal):
-            return np.ascontiguousarray(orient_block(o, self._valid_stored(sy, sx, sh, sw)))
+        try:
+            with rasterio.Env(**self._gdal):
+                return np.ascontiguousarray(orient_block(o, self._valid_stored(sy, sx, sh, sw)))
+        except RasterioError as e:  # a mask is read from the file like the pixels: the same errors
+            raise _gdal_error(self.info.uri, e, "corrupt or truncated image") from e
 
     def overview(self, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
         """(bands, h, w) pixels of the whole image at most ``max_side`` a side (GDAL overviews when the

@@ -329,6 +329,9 @@ def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo,
     src.mkdir()
     good = write_geotiff(src / "good.tif", photo[:, :160, :160])
     (src / "cut.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # uncompressed with a nodata value: its tile tasks read the valid mask first (defects 9 and 13)
+    masked = write_geotiff(tmp_path / "m.tif", photo[:, :160, :160], compress=None, nodata=0)
+    (src / "cut_masked.tif").write_bytes(masked.read_bytes()[: masked.stat().st_size // 2])
     png = write_png(tmp_path / "p.png", photo[:, :160, :160])
     (src / "cut.png").write_bytes(png.read_bytes()[: png.stat().st_size // 2])
     jpg = write_jpeg(tmp_path / "j.jpg", photo[:, :160, :160])
@@ -341,10 +344,16 @@ def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo,
     # nothing but our own lines: no GDAL/libpng/Dask/tifffile noise, no traceback
     assert all(line.startswith(("error:", "note:", "warning:", "details:")) for line in lines), proc.stderr
     errors = error_lines(proc.stderr)
-    assert sorted(e.split(": ", 2)[1] for e in errors) == sorted(str(src / n) for n in ("cut.jpg", "cut.png", "cut.tif"))
+    names = ("cut.jpg", "cut.png", "cut.tif", "cut_masked.tif")
+    assert sorted(e.split(": ", 2)[1] for e in errors) == sorted(str(src / n) for n in names)
     assert all("unexpected" not in e for e in errors)
+    # the line carries GDAL's own cause, not rasterio's "Read failed. See previous exception for details."
+    for name in ("cut.tif", "cut_masked.tif"):
+        line = next(e for e in errors if e.startswith(f"error: {src / name}: "))
+        assert line.startswith(f"error: {src / name}: corrupt or truncated image (") and "previous exception" not in line
+    assert next(e for e in errors if "cut_masked" in e).endswith("expected 196608)")  # one 256² RGB tile
     assert status(tmp_path / "out" / "good.zarr") == "complete"
-    for name in ("cut.jpg", "cut.png", "cut.tif"):
+    for name in names:
         out = tmp_path / "out" / (name + ".zarr")
         assert not out.exists() or status(out) != "complete"
 

@@ -111,3 +111,27 @@ def test_a_bucket_error_while_reading_a_mask_is_an_input_error_not_a_bug(proxy, 
             reader.read_valid(Window(256, 256, 144, 144))  # the last tile: not in GDAL's cache yet
     assert err.value.subject == uri and "\n" not in str(err.value)
     assert any(m == "GET" and s == 500 for m, p, s in proxy.log)
+
+
+def test_a_lock_that_cannot_be_removed_does_not_abort_the_other_images(proxy, tmp_path, photo, model_dir, client):
+    """Defect 5: OutputLock.release raised inside segment_image's ``finally``, replacing the image's result and
+    aborting segment_many's pool.map (the other images' results were lost). Now the image keeps its result,
+    with a note naming the lock, and a lock left behind is taken over once its heartbeat is old."""
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.segment import segment_many
+    from segpipe.io.locks import STALE_AFTER_S, read_lock
+    from tests.helpers import write_geotiff
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        write_geotiff(src / f"{name}.tif", photo[:, :64, :64])
+    out = f"s3://faults/locks-{uuid.uuid4().hex[:6]}"
+    proxy.fail("DELETE", r"/a\.zarr\.lock")
+    settings = segment_settings(chunk_size=64, halo=16, device="cpu", precision="fp32")
+    results = segment_many([str(src)], model_dir, out, settings, client, max_concurrent_images=1)
+    assert [(r.source.rsplit("/", 1)[-1], r.status) for r in results] == [("a.tif", "done"), ("b.tif", "done")]
+    assert any(n.startswith(f"{out}/a.zarr.lock: the lock could not be removed (") for n in results[0].notes)
+    assert read_lock(f"{out}/b.zarr") is None
+    left = read_lock(f"{out}/a.zarr")
+    assert left is not None and not left.is_stale() and left.is_stale(left.heartbeat + STALE_AFTER_S + 1)

@@ -265,3 +265,49 @@ def test_report_samples_read_the_image_and_mask_in_bounded_strips(tmp_path, monk
     np.testing.assert_array_equal(s.truth, mask[0, ::step, ::step])
     np.testing.assert_array_equal(s.prediction, pred[::step, ::step])
     assert windows and max(windows) <= 50_000 + step * w  # one strip, never the 770,000-pixel image
+
+
+@pytest.mark.slow
+def test_a_prediction_another_run_is_writing_is_not_scored(tmp_path, landcover, client):
+    """Defect 8: evaluate scored an output that another run (a live second process holding its lock) was
+    still writing: segment_image came back "skipped" and the half-written prediction was counted."""
+    import dataclasses
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from segpipe.evaluate.evaluation import evaluate, score_output
+    from segpipe.io.output import read_attrs, write_attrs
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.models.artifact import create_artifact
+
+    model = tmp_path / "m5"
+    create_artifact(str(model), "Unet", "resnet18", ["bare_soil", "water", "vegetation", "building", "road"], seed=4)
+    full = load_dataset(landcover, "train")
+    ds = dataclasses.replace(full, items=full.items[:2])
+    out = tmp_path / "ev"
+    evaluate(str(model), ds, str(out), seg_settings(), client, split="train")
+    busy = ds.items[0]
+    pred = str(out / "predictions" / f"{busy.name}.zarr")
+    attrs = read_attrs(pred)
+    write_attrs(pred, {**attrs, "segpipe": {**attrs["segpipe"], "status": "running"}})  # as mid-run
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        now = time.time()
+        (out / "predictions" / f"{busy.name}.zarr.lock").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": holder.pid, "run_id": "other", "started": now, "heartbeat": now}))
+        ev = evaluate(str(model), ds, str(out), seg_settings(), client, split="train")
+    finally:
+        holder.kill()
+        holder.wait()
+    rest = ds.items[1:]
+    assert ev.images == len(rest)
+    [skipped] = ev.metrics["data"]["not_scored"]
+    assert skipped["image"] == busy.image_uri and "being written by another run" in skipped["reason"]
+    expected = sum((score_output(str(out / "predictions" / f"{i.name}.zarr"), i.mask_uri, 5) for i in rest[1:]),
+                   score_output(str(out / "predictions" / f"{rest[0].name}.zarr"), rest[0].mask_uri, 5))
+    np.testing.assert_array_equal(np.array(ev.metrics["confusion_matrix"]), expected.matrix)
+    assert ev.metrics["data"]["pixels"] == sum(i.height * i.width for i in rest)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["data"]["not_scored"] == ev.metrics["data"]["not_scored"]

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
         try:
             yield client
         finally:
+            close_clients(settings.address)
             client.close()
         return
 
@@ -90,6 +92,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     try:
         yield client
     finally:
+        close_clients(cluster.scheduler_address)
         client.close()
         cluster.close()
 
@@ -149,11 +152,18 @@ def is_in_process(client: Client) -> bool:
     return cluster is not None and not getattr(cluster, "processes", True) and hasattr(cluster, "scheduler")
 
 
-def client_for(address: str) -> Client:
-    """A client for ``address``: the one already connected in this process when there is one.
+_clients: dict[str, Client] = {}
+_clients_lock = threading.Lock()
 
-    Prefect tasks run in threads of the flow's process; they reuse the flow's client
-    (which also works for the embedded cluster's in-process address) instead of opening one each.
+
+def client_for(address: str) -> Client:
+    """A client for ``address``: the default client when it is connected there, else this process's one
+    client for that address (opened on first use, reused after; closed by :func:`close_clients`).
+
+    Prefect tasks run in threads of the flow's process; they reuse the flow's client (which also works
+    for the embedded cluster's in-process address) instead of opening one each. The default client is
+    the last one made in the process, so under ``deployments/serve.py`` (two flows, each with its own
+    cluster) it is often another flow's: opening a client per image then leaked one per image.
     """
     from distributed import Client, default_client
 
@@ -163,7 +173,22 @@ def client_for(address: str) -> Client:
             return client
     except ValueError:
         pass
-    return Client(address, set_as_default=False)
+    with _clients_lock:
+        client = _clients.get(address)
+        if client is not None and client.status == "running":
+            return client
+        client = _clients[address] = Client(address, set_as_default=False)
+        return client
+
+
+def close_clients(address: str | None = None) -> None:
+    """Close the clients :func:`client_for` opened (for ``address``, or all): when a cluster goes away."""
+    with _clients_lock:
+        gone = [a for a in _clients if address is None or a == address]
+        closing = [_clients.pop(a) for a in gone]
+    for client in closing:
+        with contextlib.suppress(Exception):  # noqa: BLE001 - closing a client to a scheduler that is gone
+            client.close()
 
 
 def trim_memory() -> None:

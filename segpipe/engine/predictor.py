@@ -210,11 +210,16 @@ class Predictor:
         read and write meanwhile, and the allocator's memory stays in one arena instead of
         growing one per calling thread.
         """
-        if self._executor is None:
+        executor = self._executor
+        if executor is None:  # a live network (training), or closed: a task still holding it runs here
             return self._predict(tiles, norm, crop)
         if self.coalesce and _pixels(tiles) < self._coalescer.limit:  # merge with other threads' requests
             return self._coalescer.predict(tiles, norm, crop)
-        return self._executor.submit(self._timed, tiles, norm, crop).result()
+        try:
+            future = executor.submit(self._timed, tiles, norm, crop)
+        except RuntimeError:  # closed between the check and the submit
+            return self._predict(tiles, norm, crop)
+        return future.result()
 
     def _timed(self, tiles: np.ndarray, norm: InputNorm | None = None,
                crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -229,6 +234,17 @@ class Predictor:
     def seconds_per_megapixel(self) -> float | None:
         """Device seconds per megapixel of input windows so far (None before the first forward)."""
         return self.device_seconds / self.device_pixels * 1e6 if self.device_pixels else None
+
+    def close(self) -> None:
+        """Stop the compute thread once the forwards queued on it are done.
+
+        Called when :func:`cached_predictor` evicts this predictor: without it each eviction left a thread
+        (and, through it, the network) behind, and two settings on one device evict each other per image.
+        A task that still holds the predictor runs its forwards in its own thread after this.
+        """
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
                  crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -290,7 +306,10 @@ class _Coalescer:
         done: Future = Future()
         with self._lock:
             self._queue.append((tiles, norm, crop, done))
-        self._executor.submit(self._drain)
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError:  # the predictor was closed (evicted): drain in this thread
+            self._drain()
         return done.result()
 
     @staticmethod
@@ -362,7 +381,7 @@ def cached_predictor(model_uri: str, sha256: str, settings: InferenceSettings) -
             if artifact.sha256 != sha256:
                 raise ModelError(model_uri, "weights changed while the run was in progress")
             for old in [k for k in _cache if k.settings.device == settings.device]:
-                del _cache[old]
+                _cache.pop(old).close()
             pred = Predictor(artifact, settings)
             _cache[key] = pred
             log.info("loaded %s (%s/%s) on %s, %s", model_uri, artifact.spec.architecture,

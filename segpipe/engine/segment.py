@@ -193,8 +193,8 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.error = f"{image.uri}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.exception("unexpected error on %s (the other images go on)", image.uri)
     finally:
-        if lock is not None:
-            lock.release()
+        if lock is not None and (problem := lock.release()) is not None:
+            result.notes.append(problem)  # the image's own result stands
         result.seconds = time.perf_counter() - t0
     return result
 

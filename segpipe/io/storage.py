@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from segpipe.core.errors import InputError, OutputError
+from segpipe.core.errors import InputError, OutputError, TransientIOError
 
 #: extensions searched for when a source is a folder or prefix
 IMAGE_EXTENSIONS = (
@@ -186,12 +186,14 @@ _PERMANENT_ERRNOS = {
 def output_error(uri: str, exc: BaseException) -> OutputError | None:
     """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None.
 
-    Classified by ``errno`` (never by words in the message). Connection errors and time-outs
+    Classified by ``errno`` or the exception's class (never by words in the message). Connection errors and time-outs
     are ``OSError`` too but may succeed when retried, so they are not converted.
     """
     if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError):
         return None
     reason = _PERMANENT_ERRNOS.get(exc.errno or -1)
+    if reason is None and isinstance(exc, PermissionError):  # s3fs's AccessDenied carries no errno
+        reason = _PERMANENT_ERRNOS[errno.EACCES]
     if reason is None:
         return None
     return OutputError(uri, f"cannot be written: {reason}")
@@ -208,6 +210,21 @@ def output_errors(uri: str) -> Iterator[None]:
         if err is None:
             raise
         raise err from None
+
+
+def storage_error(uri: str, exc: OSError, doing: str = "read") -> OutputError | TransientIOError:
+    """The one-line error for a failed storage call on an output (``doing``: "read" or "written").
+
+    A permanent error (:data:`_PERMANENT_ERRNOS`, by ``errno``) is an :class:`OutputError`; anything
+    else (a bucket's 5xx, a dropped connection, a time-out, a local I/O error) is a
+    :class:`TransientIOError`, which the tile tasks and the flow retry. Never None: callers use it where a
+    storage fault must be *reported*, not mistaken for "nothing there" or handled by another code path.
+    """
+    err = output_error(uri, exc)
+    if err is not None:
+        return OutputError(uri, err.problem.replace("cannot be written", f"cannot be {doing}", 1))
+    reason = _reason(exc).strip().splitlines()
+    return TransientIOError(uri, f"cannot be {doing} ({reason[0] if reason else type(exc).__name__})")
 
 
 def ensure_writable(out: str) -> None:

@@ -177,3 +177,34 @@ def test_errors_name_the_output(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(OutputError, match="no 'segpipe' attributes"):
         open_output(str(tmp_path / "plain.zarr"))
+
+
+def test_exports_and_xarray_read_one_metadata(output, tmp_path):
+    """io.meta is the one parser: the xarray view and the exports agree on classes, colours, nodata,
+    georeference and every level's scale — also for an output whose colours live only in NGFF."""
+    import zarr
+
+    from segpipe.export.meta import _level_factor, read_output_meta
+
+    for uri in (output, str(tmp_path / "ngff-colours.zarr")):
+        if uri != output:  # a copy whose segpipe.class_colors was dropped: colours from NGFF image-label
+            src = zarr.open_group(output, mode="r")
+            dst = zarr.open_group(uri, mode="w")
+            for name in src.array_keys():
+                zarr.create_array(dst.store, name=name, data=src[name][:], chunks=src[name].chunks)
+            attrs = dict(src.attrs)
+            attrs["segpipe"] = {k: v for k, v in attrs["segpipe"].items() if k != "class_colors"}
+            label = dict(attrs["ome"].get("image-label") or {})
+            label["colors"] = [{"label-value": i, "rgba": [10 * i, 20, 30, 255]} for i in range(4)]
+            attrs["ome"] = {**attrs["ome"], "image-label": label}
+            dst.attrs.update(attrs)
+        meta = read_output_meta(uri)
+        for level, path in enumerate(meta.levels):
+            da = open_output(uri, level=level)
+            assert list(da.attrs["classes"]) == list(meta.classes)
+            assert list(da.attrs["class_colors"]) == list(meta.class_colors)
+            assert da.attrs["nodata"] == meta.nodata
+            group = zarr.open_group(uri, mode="r")
+            step = float(da.x[1] - da.x[0])  # the pixel size of this level, as both read it
+            assert step == pytest.approx(meta.transform[0] * _level_factor(group, path))
+    assert meta.class_colors[:2] == ("#00141e", "#0a141e")  # the NGFF colours, read by both

@@ -2,9 +2,9 @@
 
 This module owns what every export needs to know about an output before reading pixels:
 
-* :class:`OutputMeta` / :func:`read_output_meta` — the output's root attributes (size, class
-  table, colours, CRS and transform, source, pyramid levels, nodata label, reader record),
-  refusing outputs whose status says unfinished;
+* :func:`read_output_meta` — the output's root attributes, parsed by :mod:`segpipe.io.meta`
+  (:class:`~segpipe.io.meta.OutputMeta`: size, class table, colours, CRS and transform, source,
+  pyramid levels, nodata label, reader record), refusing outputs whose status says unfinished;
 * :func:`_level_factor` and :func:`_georef` — a pyramid level's scale and transform;
 * :class:`Level0` / :func:`level0_mapping` — whole-slide outputs (segmented at any pyramid
   level or mpp) map to the slide's **level-0 pixel coordinates**, which is what QuPath and
@@ -14,133 +14,50 @@ This module owns what every export needs to know about an output before reading 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from segpipe.core.classes import class_colors, palette_rgba
-from segpipe.core.errors import ConfigError, InputError
-from segpipe.io.storage import strip_file_scheme
-
-#: readers that read a level (and optionally an mpp) of a whole-slide pyramid
-_SLIDE_DRIVERS = frozenset({"openslide", "ome-tiff"})
+from segpipe.core.classes import palette_rgba
+from segpipe.core.errors import ConfigError, InputError, OutputError
+from segpipe.io.meta import OutputMeta, level_factors, open_output_group, output_colors, output_meta
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- reading an output
-
-
-@dataclass(frozen=True)
-class OutputMeta:
-    """What the exports need from an output's root attributes."""
-
-    uri: str
-    height: int
-    width: int
-    classes: tuple[str, ...]
-    #: (K, 4) uint8 RGBA per class id
-    colors: np.ndarray
-    crs_wkt: str | None
-    #: rasterio Affine order (a, b, c, d, e, f), or None when not georeferenced
-    transform: tuple[float, ...] | None
-    source: str | None
-    #: NGFF dataset paths, level 0 first
-    levels: tuple[str, ...]
-    #: the label value meaning "no data" (``segpipe.nodata_label``); None for outputs written before it existed
-    nodata: int | None = None
-    #: ``#rrggbb[aa]`` per class id (the same colours as :attr:`colors`)
-    class_colors: tuple[str, ...] = ()
-    #: what the reader recorded (``segpipe.reader``: driver, level, resample_factor, …)
-    reader: dict = field(default_factory=dict)
-    mpp: float | None = None
-
-    @property
-    def is_slide(self) -> bool:
-        """The source was a whole-slide / OME-TIFF pyramid read at some level or mpp."""
-        return self.transform is None and not self.crs_wkt and self.reader.get("driver") in _SLIDE_DRIVERS
-
-
-def output_colors(attrs: dict, num_classes: int) -> list[str]:
-    """Hex colour per class: ``segpipe.class_colors``, else NGFF ``image-label.colors``, else the defaults.
-
-    All parsing and defaults are :mod:`segpipe.core.classes`' (:func:`~segpipe.core.classes.class_colors`).
-    """
-    given: list[Any] = [None] * num_classes
-    label_colors = ((attrs.get("ome") or {}).get("image-label") or {}).get("colors") or []
-    for entry in label_colors:
-        value, rgba = entry.get("label-value"), entry.get("rgba")
-        if isinstance(value, int) and 0 <= value < num_classes and rgba and len(rgba) == 4:
-            given[value] = list(rgba)
-    hexes = (attrs.get("segpipe") or {}).get("class_colors") or []
-    for i, color in enumerate(hexes[:num_classes]):
-        if color:
-            given[i] = color
-    return class_colors(num_classes, given)
+# The attributes are parsed by segpipe.io.meta (one reader for the exports and the xarray view);
+# the exports refuse an unfinished output where the xarray view only warns.
 
 
 def output_palette(attrs: dict, num_classes: int) -> np.ndarray:
-    """(K, 4) RGBA per class (see :func:`output_colors`)."""
+    """(K, 4) RGBA per class (see :func:`segpipe.io.meta.output_colors`)."""
     return palette_rgba(num_classes, output_colors(attrs, num_classes))
 
 
 def _open_group(zarr_uri: str) -> Any:
-    import zarr
-
     try:
-        return zarr.open_group(strip_file_scheme(zarr_uri), mode="r")
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(zarr_uri, f"is not a segpipe output (no Zarr group: {e})") from None
+        return open_output_group(zarr_uri)
+    except OutputError as e:
+        raise InputError(zarr_uri, e.problem) from None
 
 
 def read_output_meta(zarr_uri: str) -> OutputMeta:
     """Read and check an output's attributes (refuses outputs whose status says unfinished)."""
     group = _open_group(zarr_uri)
-    attrs = dict(group.attrs)
-    seg = attrs.get("segpipe") or {}
-    status = seg.get("status")
+    status = (group.attrs.get("segpipe") or {}).get("status")
     if status is not None and status != "complete":
         raise InputError(zarr_uri, f"is not finished (status {status!r}); run the segmentation again")
-    if "0" not in group:
-        raise InputError(zarr_uri, "has no array '0' (class ids)")
-    height, width = group["0"].shape[-2:]
-    classes = tuple(seg.get("classes") or ())
-    if not classes:
-        props = ((attrs.get("ome") or {}).get("image-label") or {}).get("properties") or []
-        names = {p["label-value"]: str(p.get("class", p["label-value"])) for p in props if "label-value" in p}
-        classes = tuple(names.get(i, str(i)) for i in range(max(names, default=-1) + 1))
-    num = max(len(classes), 1)
-    multiscales = (attrs.get("ome") or {}).get("multiscales") or [{}]
-    levels = tuple(d["path"] for d in multiscales[0].get("datasets") or [] if d.get("path") in group) or ("0",)
-    transform = seg.get("transform")
-    nodata = seg.get("nodata_label")
-    hexes = output_colors(attrs, num)
-    return OutputMeta(
-        uri=zarr_uri, height=int(height), width=int(width), classes=classes,
-        colors=palette_rgba(num, hexes), crs_wkt=seg.get("crs_wkt"),
-        transform=tuple(float(v) for v in transform) if transform else None,
-        source=seg.get("source"), levels=levels,
-        nodata=int(nodata) if nodata is not None else None, class_colors=tuple(hexes),
-        reader=dict(seg.get("reader") or {}), mpp=seg.get("mpp"),
-    )
+    try:
+        return output_meta(zarr_uri, group)
+    except OutputError as e:
+        raise InputError(zarr_uri, e.problem) from None
 
 
 def _level_factor(group: Any, level: str) -> float:
-    """Level-0 pixels per ``level`` pixel: from the NGFF scales, else the shape ratio rounded to 2^k."""
-    if level == "0":
-        return 1.0
-    datasets = ((group.attrs.get("ome") or {}).get("multiscales") or [{}])[0].get("datasets") or []
-    scales = {}
-    for d in datasets:
-        for t in d.get("coordinateTransformations") or []:
-            if t.get("type") == "scale":
-                scales[d["path"]] = float(t["scale"][-1])
-    if level in scales and "0" in scales:
-        return scales[level] / scales["0"]
-    ratio = group["0"].shape[-1] / group[level].shape[-1]
-    return float(2 ** round(math.log2(ratio)))
+    """Level-0 pixels per ``level`` pixel along x (:func:`segpipe.io.meta.level_factors`)."""
+    return level_factors(group, dict(group.attrs), level)[1]
 
 
 def _georef(meta: OutputMeta, factor: float) -> tuple[float, ...] | None:

@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.core.classes import class_colors, colors_from_spec, nodata_label
+from segpipe.core.classes import nodata_label
 from segpipe.core.errors import OutputError
+from segpipe.io.meta import level_factors, level_path, ngff, open_output_group, output_meta
 from segpipe.io.storage import strip_file_scheme
 
 if TYPE_CHECKING:
@@ -54,41 +55,6 @@ log = logging.getLogger("segpipe.io.xarray")
 
 #: name of the scalar coordinate that carries the CRS (rioxarray's default)
 GRID_MAPPING = "spatial_ref"
-
-
-def _ngff(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The NGFF block: under ``ome`` (NGFF 0.5, Zarr v3), or at the root (NGFF ≤ 0.4)."""
-    return attrs.get("ome") or attrs
-
-
-def _scale(dataset: dict[str, Any]) -> list[float] | None:
-    for t in dataset.get("coordinateTransformations") or []:
-        if t.get("type") == "scale" and t.get("scale"):
-            return [float(v) for v in t["scale"]]
-    return None
-
-
-def _level_path_and_factor(group: Any, attrs: dict[str, Any], level: int, uri: str) -> tuple[str, tuple[float, float]]:
-    """Array path of ``level`` and its (y, x) downsampling factor relative to level 0."""
-    multiscales = _ngff(attrs).get("multiscales") or []
-    datasets = (multiscales[0].get("datasets") or []) if multiscales else []
-    if datasets:
-        if not 0 <= level < len(datasets):
-            raise OutputError(uri, f"has no pyramid level {level} (levels 0..{len(datasets) - 1})")
-        path = str(datasets[level]["path"])
-        s0, sl = _scale(datasets[0]), _scale(datasets[level])
-        if s0 and sl and len(s0) >= 2 and len(sl) >= 2 and s0[-1] and s0[-2]:
-            return path, (sl[-2] / s0[-2], sl[-1] / s0[-1])
-        base = str(datasets[0]["path"])
-    else:  # no NGFF metadata: levels are named 0, 1, 2, …
-        path, base = str(level), "0"
-    if path not in group:
-        levels = sorted((k for k in group.array_keys() if k.isdigit()), key=int)
-        raise OutputError(uri, f"has no pyramid level {level} (arrays: {', '.join(levels) or 'none'})")
-    h0, w0 = group[base].shape[-2:]
-    h, w = group[path].shape[-2:]
-    # levels halve with ceil: 433 → 217 is a factor 2, not 1.995
-    return path, (float(max(1, round(h0 / h))), float(max(1, round(w0 / w))))
 
 
 def _linear_units(crs_wkt: str) -> str | None:
@@ -126,13 +92,9 @@ def open_output(uri: str, level: int = 0, *, storage_options: dict[str, Any] | N
     except ImportError:
         raise ImportError("segpipe.io.xarray.open_output needs xarray: pip install xarray") from None
     import dask.array as da
-    import zarr
 
     path = strip_file_scheme(uri).rstrip("/")
-    try:
-        group = zarr.open_group(path, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as e:
-        raise OutputError(uri, f"is not a segpipe output (no Zarr group: {e})") from None
+    group = open_output_group(uri, storage_options)
     attrs = dict(group.attrs)
     seg = dict(attrs.get("segpipe") or {})
     if not seg:
@@ -142,21 +104,23 @@ def open_output(uri: str, level: int = 0, *, storage_options: dict[str, Any] | N
                     "read as the fill value", uri, seg.get("status"))
     if isinstance(level, bool) or not isinstance(level, int):
         raise OutputError(uri, f"level must be an integer, got {level!r}")
-    array_path, (fy, fx) = _level_path_and_factor(group, attrs, level, uri)
+    array_path = level_path(group, attrs, level, uri)
     try:
         arr = group[array_path]
     except KeyError:
         raise OutputError(uri, f"lists pyramid level {level} at {array_path!r}, which is missing") from None
+    fy, fx = level_factors(group, attrs, array_path)
     height, width = arr.shape[-2:]
     data = da.from_zarr(arr)
 
-    classes = [str(c) for c in seg.get("classes") or (seg.get("model") or {}).get("classes") or []]
+    meta = output_meta(uri, group)  # the one parser of classes, colours, nodata and georeference
+    classes = [str(c) for c in meta.classes]
     n = len(classes)
-    colors = class_colors(n, seg.get("class_colors") or colors_from_spec(seg.get("model"))) if n else []
-    nodata = int(seg["nodata_label"]) if seg.get("nodata_label") is not None else (nodata_label(n) if n else None)
-    crs_wkt = seg.get("crs_wkt") or None
-    transform = seg.get("transform")
-    mpp = seg.get("mpp")
+    colors = list(meta.class_colors) if n else []
+    nodata = meta.nodata if meta.nodata is not None else (nodata_label(n) if n else None)
+    crs_wkt = meta.crs_wkt
+    transform = meta.transform
+    mpp = meta.mpp
     if transform:
         a, b, c, d, e, f = (float(v) for v in transform[:6])
         units = _linear_units(crs_wkt) if crs_wkt else None
@@ -189,7 +153,7 @@ def open_output(uri: str, level: int = 0, *, storage_options: dict[str, Any] | N
         coords[GRID_MAPPING] = ((), np.int64(0), {"crs_wkt": crs_wkt, "spatial_ref": crs_wkt,
                                                   "GeoTransform": geotransform})
 
-    multiscales = _ngff(attrs).get("multiscales") or [{}]
+    multiscales = ngff(attrs).get("multiscales") or [{}]
     name = multiscales[0].get("name") or str(seg.get("source", "labels")).rstrip("/").rsplit("/", 1)[-1]
     out_attrs: dict[str, Any] = {
         "long_name": "class id",

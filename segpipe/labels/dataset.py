@@ -38,19 +38,18 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segpipe.core.classes import class_colors, parse_color, to_hex
-from segpipe.core.errors import ConfigError, DatasetError, InputError
+from segpipe.core.errors import DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
+# IGNORE_INDEX (255) is re-exported: the mask value that is not trained on nor scored; the same
+# value as the nodata label of a ≤ 255-class output (segpipe.core.classes.nodata_label), so an
+# output used as a mask leaves its no-data pixels out too
+from segpipe.labels.classes import IGNORE_INDEX as IGNORE_INDEX
+from segpipe.labels.classes import LabelClasses, parse_label_classes
 
 log = logging.getLogger("segpipe.labels.dataset")
 
-#: mask value that is not trained on nor scored; the same value as the nodata label of a
-#: ≤ 255-class output (:func:`segpipe.core.classes.nodata_label`), so an output used as a mask
-#: leaves its no-data pixels out too
-IGNORE_INDEX = 255
 #: fraction of images that go to validation when there is no split.json
 VAL_FRACTION = 0.2
 
@@ -95,38 +94,6 @@ class Dataset:
 # --------------------------------------------------------------------------- layout
 
 
-class _ClassEntry(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(min_length=1)
-    color: str | None = None
-
-    @field_validator("color")
-    @classmethod
-    def _color(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        try:
-            return to_hex(parse_color(v))  # the one parser: #rgb, #rrggbb, #rrggbbaa
-        except ConfigError:
-            raise ValueError(f"{v!r} is not a colour; expected '#rrggbb'") from None
-
-
-class _ClassesFile(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    classes: list[_ClassEntry] = Field(min_length=1, max_length=IGNORE_INDEX)
-
-    @field_validator("classes")
-    @classmethod
-    def _unique(cls, v: list[_ClassEntry]) -> list[_ClassEntry]:
-        names = [c.name for c in v]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup is not None:
-            raise ValueError(f"class name {dup!r} appears twice")
-        return v
-
-
 def _read_json(fs, path: str, uri: str) -> object:
     try:
         text = fs.cat_file(path)
@@ -138,24 +105,21 @@ def _read_json(fs, path: str, uri: str) -> object:
         raise DatasetError(uri, f"is not valid JSON ({e})") from None
 
 
-def read_classes(root: str) -> tuple[list[str], list[str]]:
-    """Class names and colours from ``ROOT/classes.json``; missing colours come from
-    :func:`segpipe.core.classes.class_colors`, so every output shows the same colours."""
+def read_label_classes(root: str) -> LabelClasses:
+    """The class table of ``ROOT/classes.json`` with its label rules (aliases, ignore,
+    unlabelled, priority, regions, burning): see :mod:`segpipe.labels.classes`."""
     uri = join(strip_file_scheme(root), "classes.json")
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise DatasetError(uri, "missing (expected {\"classes\": [{\"name\": ..., \"color\": \"#rrggbb\"}, ...]})")
-    data = _read_json(fs, path, uri)
-    try:
-        parsed = _ClassesFile.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "top level"
-        raise DatasetError(uri, f"{where}: {err['msg']} (expected {{\"classes\": [{{\"name\": ..., "
-                                f"\"color\": \"#rrggbb\"}}, ...]}})") from None
-    names = [c.name for c in parsed.classes]
-    colors = class_colors(len(names), [c.color for c in parsed.classes])
-    return names, colors
+    return parse_label_classes(_read_json(fs, path, uri), uri)
+
+
+def read_classes(root: str) -> tuple[list[str], list[str]]:
+    """Class names and colours from ``ROOT/classes.json``; missing colours come from
+    :func:`segpipe.core.classes.class_colors`, so every output shows the same colours."""
+    lc = read_label_classes(root)
+    return list(lc.names), list(lc.colors)
 
 
 def _read_split_file(root: str, names: Sequence[str]) -> dict[str, list[str]] | None:

@@ -1,0 +1,211 @@
+"""Labels: classes.json rules and burning (pure), with pixels counted by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+
+from segpipe.core.errors import DatasetError
+from segpipe.core.geometry import Window
+from segpipe.labels.burn import BurnStats, burn_window, cover_window, prepare_shapes
+from segpipe.labels.classes import IGNORE_INDEX, parse_label_classes
+
+CLASSES = {
+    "classes": [{"name": "background"}, {"name": "building", "aliases": ["house", "Gebäude"]},
+                {"name": "water", "aliases": ["lake"]}],
+    "ignore": ["unsure"],
+    "unlabelled": "background",
+}
+
+
+def _burn(geoms, values, ranks=None, *, size=(10, 10), fill=0, **kw):
+    h, w = size
+    shapes = prepare_shapes(geoms, values, ranks if ranks is not None else [0] * len(geoms), height=h, width=w, **kw)
+    return burn_window(shapes, Window(0, 0, h, w), fill=fill), shapes.stats
+
+
+# --------------------------------------------------------------------------- classes.json
+
+
+def test_class_names_resolve_exactly_then_by_alias_then_ignoring_case():
+    lc = parse_label_classes(CLASSES, "DATA/classes.json")
+    r = lambda v: lc.resolve(v, uri="l.gpkg", feature="feature 0", where="near x=1, y=2")  # noqa: E731
+    assert [r("building"), r("house"), r("Gebäude"), r(" HOUSE "), r("Lake"), r(2), r("unsure"), r("UNSURE")] == \
+        [1, 1, 1, 1, 2, 2, IGNORE_INDEX, IGNORE_INDEX]
+    assert r(2.0) == 2 and r(IGNORE_INDEX) == IGNORE_INDEX
+    assert lc.unlabelled == 0
+    with pytest.raises(DatasetError) as e:
+        r("tree")
+    msg = str(e.value)
+    assert msg.startswith("l.gpkg: feature 0 near x=1, y=2: unknown class 'tree'") and "aliases" in msg
+    with pytest.raises(DatasetError, match="class id 3 is out of range"):
+        r(3)
+    with pytest.raises(DatasetError, match="'Unclassified'"):
+        r(None)  # a feature without a class is "Unclassified": an error until ignore or an alias says otherwise
+    lc2 = parse_label_classes({**CLASSES, "ignore": ["Unclassified"]}, "c.json")
+    assert lc2.resolve(None, uri="u", feature="f", where="") == IGNORE_INDEX
+
+
+@pytest.mark.parametrize("data, problem", [
+    ({"classes": [{"name": "a", "aliases": ["x"]}, {"name": "b", "aliases": ["X"]}]}, "alias of 'b' 'X' also names 'a'"),
+    ({"classes": [{"name": "a"}], "ignore": ["A"]}, "ignore name 'A' also names 'a'"),
+    ({"classes": [{"name": "a"}], "unlabelled": "b"}, "unlabelled: 'b' is neither"),
+    ({"classes": [{"name": "a"}], "priority": ["b"]}, "priority: 'b' is not a class"),
+    ({"classes": [{"name": "a"}], "region_classes": ["A"]}, "region_classes: 'A' is also a class"),
+    ({"classes": [{"name": "a"}], "burn": {"buffer": -1}}, "burn.buffer"),
+    ({"classes": [{"name": "a"}], "burn": {"alltouched": True}}, "burn.alltouched"),
+])
+def test_classes_json_errors_name_the_file_and_the_key(data, problem):
+    with pytest.raises(DatasetError) as e:
+        parse_label_classes(data, "DATA/classes.json")
+    assert str(e.value).startswith("DATA/classes.json: ") and problem in str(e.value)
+
+
+def test_unlabelled_and_priority():
+    assert parse_label_classes({**CLASSES, "unlabelled": "ignore"}, "c").unlabelled == IGNORE_INDEX
+    assert parse_label_classes({"classes": [{"name": "a"}]}, "c").unlabelled is None  # not declared
+    lc = parse_label_classes(CLASSES, "c")
+    # default: ignore on top, then the last class down to the first
+    assert lc.rank(IGNORE_INDEX) > lc.rank(2) > lc.rank(1) > lc.rank(0)
+    lc = parse_label_classes({**CLASSES, "priority": ["house", "background"]}, "c")
+    assert lc.rank(1) > lc.rank(0) > lc.rank(IGNORE_INDEX) > lc.rank(2)
+    assert lc.is_region("region*") and not lc.is_region("building")
+
+
+# --------------------------------------------------------------------------- burning
+
+
+def test_pixel_centres_and_all_touched():
+    # box x 1.2..3.6, y 0.6..2.4: centres x ∈ {1.5, 2.5, 3.5}, y ∈ {1.5} → 3 pixels
+    box = shapely.box(1.2, 0.6, 3.6, 2.4)
+    a, _ = _burn([box], [1])
+    assert a.sum() == 3 and a[1, 1:4].tolist() == [1, 1, 1]
+    # all touched: columns 1..3, rows 0..2 → 9
+    t = burn_window(prepare_shapes([box], [1], [0], height=10, width=10), Window(0, 0, 10, 10), fill=0,
+                    all_touched=True)
+    assert t.sum() == 9 and t[0:3, 1:4].all()
+
+
+def test_holes_are_holes():
+    # 8×8 shell at (1,1) with a 4×4 hole at (3,3): 64 − 16 = 48 pixels
+    poly = shapely.Polygon([(1, 1), (9, 1), (9, 9), (1, 9)], [[(3, 3), (7, 3), (7, 7), (3, 7)]])
+    a, stats = _burn([poly], [2])
+    assert (a == 2).sum() == 48 and not a[3:7, 3:7].any() and stats == BurnStats(1, 0, 0, 0)
+    # a hole drawn with the wrong winding, as some editors write it, is still a hole
+    rev = shapely.Polygon(poly.exterior.coords[::-1], [poly.interiors[0].coords[::-1]])
+    assert (_burn([rev], [2])[0] == a).all()
+
+
+def test_overlaps_follow_the_priority_then_the_smaller_feature():
+    lc = parse_label_classes(CLASSES, "c")
+    big = shapely.box(0, 0, 6, 6)      # building, 36 px
+    small = shapely.box(4, 4, 8, 8)    # water, 16 px, overlaps big on 2×2 = 4 px
+    a, _ = _burn([big, small], [1, 2], [lc.rank(1), lc.rank(2)])
+    # default rank: water (later in classes.json) on top → building 36 − 4 = 32, water 16
+    assert ((a == 1).sum(), (a == 2).sum()) == (32, 16)
+    # an explicit priority puts building on top: building 36, water 16 − 4 = 12; file order does not matter
+    lc = parse_label_classes({**CLASSES, "priority": ["building"]}, "c")
+    for order in ([0, 1], [1, 0]):
+        g, v = [[big, small][i] for i in order], [[1, 2][i] for i in order]
+        a, _ = _burn(g, v, [lc.rank(x) for x in v])
+        assert ((a == 1).sum(), (a == 2).sum()) == (36, 12)
+    # same class rank: the smaller feature is on top, wherever it is in the file
+    inner = shapely.box(2, 2, 4, 4)  # 4 px island of water inside a 36 px building, same rank
+    for g, v in (([big, inner], [1, 2]), ([inner, big], [2, 1])):
+        a, _ = _burn(g, v, [0, 0])
+        assert ((a == 1).sum(), (a == 2).sum()) == (32, 4)
+    # ignore names are on top by default: an "unsure" box inside a building burns 255
+    lc = parse_label_classes(CLASSES, "c")
+    a, _ = _burn([inner, big], [IGNORE_INDEX, 1], [lc.rank(IGNORE_INDEX), lc.rank(1)])
+    assert ((a == 1).sum(), (a == IGNORE_INDEX).sum()) == (32, 4)
+
+
+@pytest.mark.parametrize("vertical", [False, True])
+def test_shared_edges_give_each_pixel_to_exactly_one_polygon(vertical):
+    # the shared edge x = 5.5 runs through a column of pixel centres: each of them goes to exactly one side
+    left, right = shapely.box(0, 0, 5.5, 10), shapely.box(5.5, 0, 10, 10)
+    if vertical:
+        left, right = (shapely.transform(g, lambda xy: xy[:, ::-1]) for g in (left, right))
+    a, _ = _burn([left, right], [1, 2], size=(10, 10))
+    la, _ = _burn([left], [1])
+    ra, _ = _burn([right], [2])
+    assert (a > 0).all()  # no gap
+    assert ((la > 0) & (ra > 0)).sum() == 0  # no pixel in both
+    assert (la > 0).sum() + (ra > 0).sum() == 100
+    # GDAL's scanline rule: a centre on a vertical edge goes to the polygon on its left (columns
+    # 0..5 = 60 px), one on a horizontal edge to the polygon below it (rows 5..9 = 50 px)
+    assert ((la > 0).sum(), (ra > 0).sum()) == ((50, 50) if vertical else (60, 40))
+    # integer edges (between centres) need no rule: 5 + 5 columns
+    a, _ = _burn([shapely.box(0, 0, 5, 10), shapely.box(5, 0, 10, 10)], [1, 2])
+    assert ((a == 1).sum(), (a == 2).sum()) == (50, 50)
+
+
+def test_bow_tie_is_repaired_into_two_triangles():
+    # edges y = 1.25·x and y = 10 − 1.25·x cross at (4, 5); no pixel centre lies on either
+    # (4j + 2 = 5i + 2.5 has no integer solution). Left triangle: i + ½ < min(y, 10 − y) / 1.25
+    # row by row (y = j + ½): 0,1,2,3,4,4,3,2,1,0 = 20; right triangle (i + ½ > max(y, 10 − y) / 1.25,
+    # i < 8): 0,1,2,3,4,4,3,2,1,0 = 20.
+    bow = shapely.Polygon([(0, 0), (8, 10), (8, 0), (0, 10)])
+    assert not bow.is_valid
+    a, stats = _burn([bow], [1])
+    assert stats.repaired == 1
+    assert a[:, :4].sum() == 20 and a[:, 4:].sum() == 20
+    assert a.sum(axis=1).tolist() == [0, 2, 4, 6, 8, 8, 6, 4, 2, 0]
+
+
+def test_geometry_collection_keeps_its_polygons_and_z_is_dropped():
+    gc = shapely.GeometryCollection([shapely.box(0, 0, 2, 2), shapely.box(5, 5, 8, 7)])
+    a, _ = _burn([gc], [1])
+    assert a.sum() == 4 + 6
+    z = shapely.Polygon([(0, 0, 5.0), (3, 0, 5.0), (3, 3, 7.0), (0, 3, 1.0)])
+    a, _ = _burn([z], [1])
+    assert a.sum() == 9
+
+
+def test_lines_and_points_are_refused_without_a_buffer():
+    line = shapely.LineString([(1, 5), (9, 5)])
+    with pytest.raises(DatasetError) as e:
+        prepare_shapes([shapely.box(0, 0, 1, 1), line], [1, 1], [0, 0], height=10, width=10, source="l.geojson",
+                       idents=["feature 0", "feature 1 (id 'x')"])
+    assert str(e.value).startswith("l.geojson: feature 1 (id 'x') near x=5.0, y=5.0 (pixels) is a LineString")
+    with pytest.raises(DatasetError, match="GeometryCollection with lines or points"):
+        prepare_shapes([shapely.GeometryCollection([shapely.box(0, 0, 1, 1), shapely.Point(3, 3)])], [1], [0],
+                       height=10, width=10)
+    # a 1-px buffer: the line becomes a 2-px-high band y 4..6 over x 0..10 (round caps): centres
+    # y ∈ {4.5, 5.5}, x from 0.5 (inside the cap: (0.5−1)² + 0.5² < 1) to 9.5 → 2 × 10 = 20
+    a, _ = _burn([line], [1], buffer=1.0)
+    assert a.sum() == 20 and a[4:6].all()
+    p, _ = _burn([shapely.Point(5, 5)], [1], buffer=1.0)
+    assert p.sum() == 4  # centres (4.5|5.5, 4.5|5.5) lie 0.71 px from the point
+
+
+def test_counts_of_repaired_dropped_and_outside():
+    feats = [shapely.box(0, 0, 2, 2), None, shapely.Polygon(), shapely.box(20, 20, 30, 30),
+             shapely.Polygon([(0, 0), (4, 4), (4, 0), (0, 4)]),       # bow-tie: repaired
+             shapely.Polygon([(1, 1), (2, 2), (3, 3), (1, 1)])]        # no area: dropped
+    shapes = prepare_shapes(feats, [1] * 6, [0] * 6, height=10, width=10)
+    assert shapes.stats == BurnStats(features=6, repaired=1, dropped=3, outside=1)
+    assert len(shapes) == 2
+
+
+def test_windows_equal_the_whole_burn_and_reach_past_the_image():
+    rng = np.random.default_rng(3)
+    geoms, vals = [], []
+    for _ in range(60):
+        x, y, s = rng.uniform(-5, 45), rng.uniform(-5, 35), rng.uniform(1, 9)
+        geoms.append(shapely.Point(x, y).buffer(s, quad_segs=int(rng.integers(1, 90))))  # some > CLIP_VERTICES
+        vals.append(int(rng.integers(0, 4)))
+    shapes = prepare_shapes(geoms, vals, vals, height=30, width=40)
+    whole = burn_window(shapes, Window(0, 0, 30, 40), fill=9)
+    tiled = np.zeros_like(whole)
+    for y0 in range(0, 30, 7):
+        for x0 in range(0, 40, 11):
+            w = Window(y0, x0, min(7, 30 - y0), min(11, 40 - x0))
+            tiled[y0:w.y1, x0:w.x1] = burn_window(shapes, w, fill=9)
+    assert (tiled == whole).all() and len(np.unique(whole)) == 5
+    # a window past the image burns what lies there (reflection is the reader's business)
+    outside = burn_window(shapes, Window(-10, -10, 10, 10), fill=9)
+    assert outside.shape == (10, 10)
+    cover = cover_window(shapes, Window(0, 0, 30, 40))
+    assert (cover == (whole != 9)).all()

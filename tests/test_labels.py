@@ -209,3 +209,230 @@ def test_windows_equal_the_whole_burn_and_reach_past_the_image():
     assert outside.shape == (10, 10)
     cover = cover_window(shapes, Window(0, 0, 30, 40))
     assert (cover == (whole != 9)).all()
+
+
+# --------------------------------------------------------------------------- datasets: regions, sampling, metrics
+
+
+def _write_gpkg(path, geoms, classes, crs=None):
+    from pyogrio.raw import write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write(str(path), shapely.to_wkb(np.asarray(geoms, dtype=object)), field_data=[np.asarray(classes, dtype=object)],
+          fields=["class"], crs=crs, geometry_type="Polygon", driver="GPKG")
+    return path
+
+
+def _to_map(g, transform):
+    a, _, c, _, e, f = transform[:6]
+    return shapely.transform(g, lambda xy: np.column_stack([c + a * xy[:, 0], f + e * xy[:, 1]]))
+
+
+def _sparse_dataset(root, *, regions=True, unlabelled="background", mask=False):
+    """One 40×48 UTM image; a building (64 px) and a lake (100 px) drawn in map coordinates,
+    two labelled regions: rows 0..20 × cols 0..24 (480 px) and rows 18..34 × cols 28..44 (256 px)."""
+    import json
+
+    from tests.helpers import write_geotiff
+
+    (root / "images").mkdir(parents=True)
+    write_geotiff(root / "images" / "a.tif", np.full((3, 40, 48), 100, np.uint8))
+    t = (0.5, 0.0, 500000.0, 0.0, -0.5, 4100000.0)
+    _write_gpkg(root / "labels" / "a.gpkg", [_to_map(shapely.box(4, 4, 12, 12), t), _to_map(shapely.box(30, 20, 40, 30), t)],
+                ["house", "water"], "EPSG:32633")
+    if regions:
+        _write_gpkg(root / "regions" / "a.gpkg", [_to_map(shapely.box(0, 0, 24, 20), t),
+                                                  _to_map(shapely.box(28, 18, 44, 34), t)], ["r", "r"], "EPSG:32633")
+    if mask:
+        (root / "masks").mkdir()
+        write_geotiff(root / "masks" / "a.tif", np.full((1, 40, 48), 1, np.uint8))
+    doc = {"classes": [{"name": "background"}, {"name": "building", "aliases": ["house"]}, {"name": "water"}]}
+    if unlabelled is not None:
+        doc["unlabelled"] = unlabelled
+    (root / "classes.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_regions_decide_what_is_labelled_in_the_index(tmp_path):
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.labels.truth import open_truth
+    from segpipe.train.index import index_masks
+
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "d")))
+    item = ds.items[0]
+    assert item.mask_uri is None and item.labels_uri.endswith("labels/a.gpkg") and item.regions_uri.endswith("regions/a.gpkg")
+    index = index_masks(ds, cell=8, window=16)
+    # region 1: 64 building + 416 background; region 2: 100 water + 156 background; 1920 − 736 ignored
+    assert index.counts[0].tolist() == [416 + 156, 64, 100] and index.ignored[0] == 1184
+    with open_truth(ds, item) as r:
+        assert r.info.count == 1 and (r.info.height, r.info.width) == (40, 48) and r.info.transform == ds_transform()
+        m = r.read(Window(0, 0, 40, 48))[0]
+        assert (m[4:12, 4:12] == 1).all() and (m[20:30, 30:40] == 2).all() and (m[35:, :] == IGNORE_INDEX).all()
+        # windows past the image reflect, as every reader does
+        past = r.read(Window(-3, -2, 10, 10))[0]
+        assert (past == np.pad(m, ((3, 0), (2, 0)), mode="reflect")[:10, :10]).all()
+
+
+def ds_transform():
+    return (0.5, 0.0, 500000.0, 0.0, -0.5, 4100000.0)
+
+
+def test_without_regions_unlabelled_decides_and_must_be_declared(tmp_path):
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.train.index import index_masks
+
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "ign", regions=False, unlabelled="ignore")))
+    index = index_masks(ds)
+    assert index.counts[0].tolist() == [0, 64, 100] and index.ignored[0] == 1920 - 164
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "bg", regions=False, unlabelled="background")))
+    assert index_masks(ds).counts[0].tolist() == [1920 - 164, 64, 100]
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "none", regions=False, unlabelled=None)))
+    with pytest.raises(DatasetError, match=r"labels/a\.gpkg: .*classes\.json does not say what the pixels no label "
+                                           r"covers are \(it has no labelled regions\)"):
+        index_masks(ds)
+
+
+def test_a_mask_wins_over_labels_and_regions_apply_to_masks(tmp_path, caplog):
+    import logging
+
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.train.index import index_masks
+
+    with caplog.at_level(logging.INFO, logger="segpipe.labels.dataset"):
+        ds = load_dataset(str(_sparse_dataset(tmp_path / "d", mask=True)))
+    assert "have both a mask and vector labels; the mask is used" in caplog.text
+    item = ds.items[0]
+    assert item.mask_uri.endswith("masks/a.tif") and item.labels_uri is None
+    # the mask (all building) read inside the two regions only: 480 + 256 px
+    index = index_masks(ds)
+    assert index.counts[0].tolist() == [0, 736, 0] and index.ignored[0] == 1184
+
+
+def test_plain_sampling_draws_patches_only_where_there_are_labels(tmp_path):
+    import json
+
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.train.index import index_masks
+    from segpipe.train.sampler import PatchSampler
+    from tests.helpers import write_geotiff
+
+    # a 200×240 image labelled only in a 30×30 region in its lower right part
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    write_geotiff(root / "images" / "a.tif", np.full((3, 200, 240), 50, np.uint8), crs=None)
+    _write_gpkg(root / "labels" / "a.gpkg", [shapely.box(200, 150, 215, 165)], ["b"])
+    _write_gpkg(root / "regions" / "a.gpkg", [shapely.box(195, 145, 225, 175)], ["r"])
+    (root / "classes.json").write_text(json.dumps({"classes": [{"name": "a"}, {"name": "b"}], "unlabelled": "a"}))
+    ds = load_dataset(str(root))
+    index = index_masks(ds, cell=16)
+    kw = dict(patch_size=32, patches_per_epoch=40, mean=[0, 0, 0], std=[1, 1, 1], input_scale=255.0, seed=1)
+    restricted = PatchSampler(ds, index=index, **kw)
+    masks = [restricted[i][1] for i in range(40)]
+    assert all((m != IGNORE_INDEX).any() for m in masks)
+    # the region is 900 of 48,000 px: uniform windows (no index) almost never reach it
+    uniform = PatchSampler(ds, **kw)
+    hits = sum(int((uniform[i][1] != IGNORE_INDEX).any()) for i in range(40))
+    assert hits < 10
+    # class-balanced sampling finds both classes inside the region
+    balanced = PatchSampler(ds, index=index, class_balanced=True, **kw)
+    seen = {int(v) for i in range(20) for v in np.unique(balanced[i][1])}
+    assert {0, 1} <= seen
+
+
+def _zarr_prediction(path, pred):
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.create_array("0", shape=pred.shape, chunks=(16, 16), dtype="uint8", fill_value=255)[:] = pred
+    return str(path)
+
+
+def test_metrics_score_only_labelled_pixels(tmp_path):
+    from segpipe.core.metrics import scores
+    from segpipe.evaluate.evaluation import score_output
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.labels.truth import open_truth
+
+    # prediction: building over the whole first region (rows 0..20, cols 0..24), water everywhere else
+    pred = np.full((40, 48), 2, np.uint8)
+    pred[0:20, 0:24] = 1
+    out = _zarr_prediction(tmp_path / "p.zarr", pred)
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "d")))
+    cm = score_output(out, open_truth(ds, ds.items[0]), 3)
+    # region 1: building 64 → 1, background 416 → 1; region 2: water 100 → 2, background 156 → 2;
+    # the 1184 px outside both regions (predicted water) are not counted: no false positives there
+    assert cm.matrix.tolist() == [[0, 416, 156],
+                                  [0, 64, 0],
+                                  [0, 0, 100]]
+    m = scores(cm.matrix, ds.classes)
+    assert m["per_class"]["water"]["iou"] == pytest.approx(100 / 256)
+    # no regions, unlabelled = ignore: only the drawn features count
+    ds = load_dataset(str(_sparse_dataset(tmp_path / "i", regions=False, unlabelled="ignore")))
+    cm = score_output(out, open_truth(ds, ds.items[0]), 3)
+    assert cm.matrix.tolist() == [[0, 0, 0], [0, 64, 0], [0, 0, 100]]
+
+
+# --------------------------------------------------------------------------- vector datasets end to end
+
+
+def _vectorise_masks(root):
+    """Replace each mask of a synthetic dataset by a GeoPackage of its class polygons (map CRS)."""
+    import json
+
+    import rasterio
+    from rasterio.features import shapes
+
+    for mask in sorted((root / "masks").glob("*.tif")):
+        with rasterio.open(mask) as ds:
+            m, t, crs = ds.read(1), ds.transform, ds.crs.to_wkt()
+        geoms, names = [], []
+        classes = json.loads((root / "classes.json").read_text())["classes"]
+        for g, v in shapes(m, transform=t):
+            geoms.append(shapely.geometry.shape(g))
+            names.append(classes[int(v)]["name"].upper())  # case differs from classes.json on purpose
+        _write_gpkg(root / "labels" / f"{mask.stem}.gpkg", geoms, names, crs)
+    return root
+
+
+def test_vector_labels_read_back_as_the_masks_they_were_drawn_from(tmp_path):
+    import json
+    import shutil
+
+    from segpipe.labels.dataset import load_dataset, open_mask
+    from segpipe.labels.truth import open_truth
+    from segpipe.train.synthetic import write_dataset
+
+    root = _vectorise_masks(write_dataset(tmp_path / "d", 2, (70, 90), seed=3))
+    masks = {}
+    for p in (root / "masks").glob("*.tif"):
+        with open_mask(str(p)) as r:
+            masks[p.stem] = r.read(Window(0, 0, 70, 90))[0]
+    shutil.rmtree(root / "masks")
+    doc = json.loads((root / "classes.json").read_text())
+    (root / "classes.json").write_text(json.dumps({**doc, "unlabelled": "ignore"}))
+    ds = load_dataset(str(root))
+    for item in ds.items:
+        with open_truth(ds, item) as r:
+            # pixel-edge polygons burned at pixel centres give every pixel back, in any window
+            assert (r.read(Window(0, 0, 70, 90))[0] == masks[item.name]).all()
+            assert (r.read(Window(13, 29, 31, 17))[0] == masks[item.name][13:44, 29:46]).all()
+
+
+@pytest.mark.slow
+def test_training_and_validation_on_a_vector_dataset(tmp_path):
+    import json
+    import shutil
+
+    from segpipe.train.loop import train
+    from segpipe.train.settings import TrainSettings
+    from segpipe.train.synthetic import write_dataset
+
+    root = _vectorise_masks(write_dataset(tmp_path / "d", 3, 96, seed=0))
+    shutil.rmtree(root / "masks")
+    doc = json.loads((root / "classes.json").read_text())
+    (root / "classes.json").write_text(json.dumps({**doc, "unlabelled": "ignore"}))
+    s = TrainSettings(encoder="resnet18", epochs=1, batch_size=4, patch_size=64, patches_per_epoch=16, lr=3e-3,
+                      class_balanced=True, seed=7, device="cpu")
+    result = train(str(root), str(tmp_path / "run"), s, progress=False)
+    assert result.epochs_run == 1 and result.history[0]["train_loss"] > 0
+    assert result.history[0]["val_mean_iou"] is not None

@@ -28,6 +28,8 @@ Pure: the JSON is parsed by :mod:`segpipe.labels.dataset`, checked here.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +128,16 @@ class LabelClasses:
     @property
     def num_classes(self) -> int:
         return len(self.names)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable text of everything that decides label values (to key caches and compiled labels)."""
+        return json.dumps([self.names, sorted(self.exact.items()), sorted(self.folded.items()), self.unlabelled,
+                           sorted(self.ranks.items()), sorted(self.region_classes), self.burn.model_dump()])
+
+    def with_unlabelled(self, value: int) -> LabelClasses:
+        """The same rules with another ``unlabelled`` value (a class id or IGNORE_INDEX)."""
+        return dataclasses.replace(self, unlabelled=value)
 
     def rank(self, value: int) -> int:
         """Drawing order of a label value: features of a higher rank are burned over lower ones.

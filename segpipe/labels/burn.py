@@ -187,18 +187,40 @@ def _burn(geoms: np.ndarray, values: np.ndarray, window: Window, fill: int, all_
                      fill=fill, out=out, all_touched=all_touched, dtype="uint8")
 
 
+def _covered_from(shapes: LabelShapes, hits: np.ndarray, window: Window) -> int:
+    """Position in ``hits`` of the topmost polygon that covers the whole window (-1: none).
+
+    Everything below it is hidden: a window inside one large polygon costs no burning at all.
+    """
+    if not len(hits):
+        return -1
+    b = shapely.bounds(shapes.geoms[hits])
+    maybe = np.flatnonzero((b[:, 0] <= window.x0) & (b[:, 1] <= window.y0) & (b[:, 2] >= window.x1)
+                           & (b[:, 3] >= window.y1))
+    if not len(maybe):
+        return -1
+    box = shapely.box(window.x0, window.y0, window.x1, window.y1)
+    inside = shapely.covers(shapes.geoms[hits[maybe]], box)
+    return int(maybe[np.flatnonzero(inside)[-1]]) if inside.any() else -1
+
+
 def burn_window(shapes: LabelShapes, window: Window, *, fill: int, all_touched: bool = False) -> np.ndarray:
     """Label values of ``window`` (uint8, h × w): ``fill`` where no polygon is, else the top one's value.
 
     ``window`` is in image pixels and may lie partly or wholly outside the image; polygons are
-    burned where they are (no reflection here: see :class:`segpipe.labels.reader.VectorLabelReader`).
+    burned where they are (no reflection here: see :class:`segpipe.labels.truth.VectorLabelReader`).
     """
     hits = _candidates(shapes, window)
+    top = _covered_from(shapes, hits, window)
+    if top >= 0:  # the window lies inside one polygon: it is the background of those above it
+        fill, hits = int(shapes.values[hits[top]]), hits[top + 1:]
     return _burn(shapes.geoms[hits], shapes.values[hits], window, fill, all_touched)
 
 
 def cover_window(shapes: LabelShapes, window: Window, *, all_touched: bool = False) -> np.ndarray:
     """Boolean h × w: which pixels of ``window`` any of ``shapes`` covers (labelled regions)."""
     hits = _candidates(shapes, window)
+    if _covered_from(shapes, hits, window) >= 0:
+        return np.ones((window.h, window.w), dtype=bool)
     ones = np.ones(len(hits), dtype=np.uint8)
     return _burn(shapes.geoms[hits], ones, window, 0, all_touched).astype(bool)

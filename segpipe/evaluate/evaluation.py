@@ -97,8 +97,8 @@ def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) ->
                                f"{width}×{height}")
         cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
         for ch in ChunkGrid(height, width, pred.chunks[0]):
-            truth = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
-            cm.update(truth, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
+            ids = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
+            cm.update(ids, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
     return cm
 
 

@@ -94,7 +94,31 @@ def _polygonal(g: shapely.Geometry) -> tuple[shapely.Geometry | None, bool]:
         [q for p in polys for q in shapely.get_parts(p)])), other
 
 
-def prepare_shapes(geoms: Sequence[shapely.Geometry | None], values: Sequence[int], ranks: Sequence[int], *,
+def _repair(g: shapely.Geometry, buffer: float | None, source: str, ident: str) -> tuple[shapely.Geometry | None, bool]:
+    """(polygonal geometry or None, whether make_valid repaired it) of one geometry that is not a
+    valid (Multi)Polygon: collections keep their polygons, lines and points need ``buffer``."""
+    poly, other = _polygonal(g)
+    if other:
+        if buffer is None:
+            c = shapely.centroid(g)
+            kind = "GeometryCollection with lines or points" if shapely.get_type_id(g) == 7 else g.geom_type
+            raise DatasetError(source, f"{ident} near x={c.x:.1f}, y={c.y:.1f} (pixels) is a {kind}: only polygons "
+                                       "have an area; draw polygons or set a buffer (classes.json burn.buffer, "
+                                       "in pixels)")
+        # buffer the non-polygonal parts, keep the polygonal ones as drawn
+        lines = [p for p in shapely.get_parts(g) if shapely.get_type_id(p) not in (3, 6)]
+        pieces = ([poly] if poly is not None else []) + [shapely.buffer(p, buffer) for p in lines]
+        poly = shapely.union_all(pieces) if len(pieces) > 1 else pieces[0]
+    if poly is None or shapely.is_empty(poly):
+        return None, False
+    if shapely.is_valid(poly):
+        return poly, False
+    poly, _ = _polygonal(shapely.make_valid(poly, method="structure", keep_collapsed=False))
+    return poly, True
+
+
+def prepare_shapes(geoms: Sequence[shapely.Geometry | None] | np.ndarray, values: Sequence[int],
+                   ranks: Sequence[int], *,
                    height: int, width: int, buffer: float | None = None, source: str = "labels",
                    idents: Sequence[str] | None = None) -> LabelShapes:
     """Repair, filter and order features (pixel coordinates) for :func:`burn_window`.
@@ -111,43 +135,20 @@ def prepare_shapes(geoms: Sequence[shapely.Geometry | None], values: Sequence[in
     vals = np.asarray(values, dtype=np.int64)
     if ((vals < 0) | (vals > 255)).any():
         raise ValueError("label values must be 0..255")
-    keep = np.zeros(n, dtype=bool)
-    repaired = dropped = outside = 0
-    image = shapely.box(0, 0, width, height)
-    out_geoms = np.empty(n, dtype=object)
-    valid = shapely.is_valid(arr)
-    for i in range(n):
-        g = arr[i]
-        if g is None or shapely.is_empty(g):
-            dropped += 1
-            continue
-        poly, other = _polygonal(g)
-        if other:
-            if buffer is None:
-                c = shapely.centroid(g)
-                kind = "GeometryCollection with lines or points" if shapely.get_type_id(g) == 7 else g.geom_type
-                raise DatasetError(source, f"{_describe(idents, i)} near x={c.x:.1f}, y={c.y:.1f} (pixels) is a "
-                                           f"{kind}: only polygons have an area; draw polygons or set a "
-                                           "buffer (classes.json burn.buffer, in pixels)")
-            # buffer the non-polygonal parts, keep the polygonal ones as drawn
-            lines = [p for p in shapely.get_parts(g) if shapely.get_type_id(p) not in (3, 6)]
-            pieces = ([poly] if poly is not None else []) + [shapely.buffer(p, buffer) for p in lines]
-            poly = shapely.union_all(pieces) if len(pieces) > 1 else pieces[0]
-            valid_i = bool(shapely.is_valid(poly))
-        else:
-            valid_i = bool(valid[i])
-        fixed = poly is not None and not valid_i
-        if fixed:
-            poly, _ = _polygonal(shapely.make_valid(poly, method="structure", keep_collapsed=False))
-        if poly is None or shapely.is_empty(poly) or shapely.area(poly) <= 0:
-            dropped += 1
-            continue
-        repaired += fixed
-        if not shapely.intersects(poly, image):
-            outside += 1
-            continue
-        out_geoms[i] = poly
-        keep[i] = True
+    # the common case in one vectorised pass: valid (Multi)Polygons are kept as they are
+    types = shapely.get_type_id(arr)  # -1 for None
+    out_geoms = arr.copy()
+    fixed = np.zeros(n, dtype=bool)
+    odd = np.flatnonzero((types >= 0) & ~(np.isin(types, (3, 6)) & shapely.is_valid(arr)))
+    for i in odd:  # invalid polygons, collections, lines and points: one by one
+        out_geoms[i], fixed[i] = _repair(arr[i], buffer, source, _describe(idents, int(i)))
+    has_area = np.zeros(n, dtype=bool)
+    present = np.flatnonzero(shapely.get_type_id(out_geoms) >= 0)  # -1: None
+    has_area[present] = shapely.area(out_geoms[present]) > 0
+    touches = np.zeros(n, dtype=bool)
+    touches[has_area] = shapely.intersects(out_geoms[has_area], shapely.box(0, 0, width, height))
+    keep = has_area & touches
+    dropped, outside, repaired = int((~has_area).sum()), int((has_area & ~touches).sum()), int((fixed & has_area).sum())
     idx = np.flatnonzero(keep)
     kept = out_geoms[idx]
     r = np.asarray(ranks, dtype=np.int64)[idx]

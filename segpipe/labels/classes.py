@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,13 +152,29 @@ class LabelClasses:
         """True when a feature of class ``name`` marks a labelled region (``region_classes``)."""
         return isinstance(name, str) and _key(name) in self.region_classes
 
-    def resolve(self, value: object, *, uri: str, feature: str, where: str) -> int:
+    def resolve(self, value: object, *, uri: str, feature: str, where: str | Callable[[], str]) -> int:
         """Label value of a feature's class: a class id or :data:`IGNORE_INDEX`.
 
         ``value`` is a name (exact, then case-insensitive, names and aliases alike), an integer
         class id, or None (no class: read as :data:`UNCLASSIFIED`). ``feature`` and ``where``
-        (e.g. ``"feature 12 (id 'a7')"`` and ``"near x=…, y=…"``) name it in the error.
+        (e.g. ``"feature 12 (id 'a7')"`` and ``"near x=…, y=…"``, or a function giving it: computed
+        only for an error) name it in the error.
         """
+        found = self._lookup(value)
+        if found is not None:
+            return found
+        place = where() if callable(where) else where
+        return self._resolve_slow(value, uri=uri, feature=feature, where=place)
+
+    def _lookup(self, value: object) -> int | None:
+        if isinstance(value, str):
+            found = self.exact.get(value)
+            return found if found is not None else self.folded.get(_key(value))
+        if type(value) is int and (0 <= value < self.num_classes or value == IGNORE_INDEX):
+            return value
+        return None
+
+    def _resolve_slow(self, value: object, *, uri: str, feature: str, where: str) -> int:
         if value is None or (isinstance(value, str) and not value.strip()):
             value = UNCLASSIFIED
         if isinstance(value, bool):

@@ -47,6 +47,7 @@ import numpy as np
 from segpipe.core.errors import DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
+
 # IGNORE_INDEX (255) is re-exported: the mask value that is not trained on nor scored; the same
 # value as the nodata label of a ≤ 255-class output (segpipe.core.classes.nodata_label), so an
 # output used as a mask leaves its no-data pixels out too

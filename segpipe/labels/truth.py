@@ -24,6 +24,7 @@ counts of repaired, dropped and outside features are logged once, when prepared.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -144,7 +145,7 @@ def _resolve(features: VectorFeatures, classes: LabelClasses) -> tuple[list[int]
             values.append(0)
             ranks.append(0)
             continue
-        v = classes.resolve(c, uri=features.uri, feature=features.idents[i], where=features.where(i))
+        v = classes.resolve(c, uri=features.uri, feature=features.idents[i], where=functools.partial(features.where, i))
         values.append(v)
         ranks.append(classes.rank(v))
     return values, ranks, region

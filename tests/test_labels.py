@@ -441,14 +441,16 @@ def test_training_and_validation_on_a_vector_dataset(tmp_path):
 # --------------------------------------------------------------------------- any size, flat memory
 
 _MEMORY_PROBE = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 from segpipe.core.geometry import Window
 from segpipe.labels.dataset import load_dataset
 from segpipe.labels.truth import open_truth
 
 def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would carry the forking pytest's peak over exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 ds = load_dataset(sys.argv[1])
 item = ds.items[0]
@@ -473,7 +475,7 @@ def test_labels_over_a_100000_square_image_keep_memory_flat(tmp_path):
     150 random 1024² windows (some past the edges) keep the peak RSS where opening left it.
 
     A whole-image label array would be 10 GB; the reader's peak grows by less than 64 MB
-    (measured: peak RSS 298 MB after opening, 298 MB after the 150 reads; printed with -s).
+    (measured: peak RSS 264 MB after opening, 264.5 MB after the 150 reads; printed with -s).
     """
     import json
     import os

@@ -60,7 +60,7 @@ def _source(item_uri: str, name: str) -> SourceImage:
     return SourceImage(found.uri, f"{name}.{ext}", found.fingerprint, found.size)
 
 
-def _sample(name: str, image_uri: str, truth_reader: ImageReader, pred, h: int, w: int) -> Sample:
+def _sample(name: str, image_uri: str, truth: str | ImageReader, pred, h: int, w: int) -> Sample:
     """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
     from segpipe.evaluate.overlays import Sample
 
@@ -73,9 +73,10 @@ def _sample(name: str, image_uri: str, truth_reader: ImageReader, pred, h: int, 
         img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     if bands == 1:
         img = np.repeat(img, 3, axis=0)
-    with truth_reader as r:
-        truth = read_decimated(r, step, 1)[0]
-    return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), truth.astype(np.int64),
+    # truth: a mask's URI or a reader of class ids (segpipe.labels.truth.open_truth), closed here
+    with open_mask(truth) if isinstance(truth, str) else truth as r:
+        ids = read_decimated(r, step, 1)[0]
+    return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), ids.astype(np.int64),
                   np.asarray(pred[::step, ::step]).astype(np.int64))
 
 

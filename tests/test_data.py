@@ -79,8 +79,8 @@ def test_layout(five):
     it = ds.items[4]
     assert (it.name, it.height, it.width) == ("sub/e", 40, 48)
     assert it.image_uri.endswith("images/sub/e.tif") and it.mask_uri.endswith("masks/sub/e.tif")
-    # items are (name, image_uri, mask_uri, height, width)
-    name, image_uri, mask_uri, h, w = it
+    # items start with (name, image_uri, mask_uri, height, width), then labels_uri and regions_uri
+    name, image_uri, mask_uri, h, w = it[:5]
     assert (name, h, w) == ("sub/e", 40, 48)
 
 

@@ -27,10 +27,11 @@ from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.output import open_labels, read_attrs
-from segpipe.io.readers import open_image
+from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.readers.decimate import read_decimated
 from segpipe.io.storage import SourceImage, join, list_images
 from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
+from segpipe.labels.truth import open_truth
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -59,7 +60,7 @@ def _source(item_uri: str, name: str) -> SourceImage:
     return SourceImage(found.uri, f"{name}.{ext}", found.fingerprint, found.size)
 
 
-def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> Sample:
+def _sample(name: str, image_uri: str, truth: str | ImageReader, pred, h: int, w: int) -> Sample:
     """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
     from segpipe.evaluate.overlays import Sample
 
@@ -72,28 +73,33 @@ def _sample(name: str, image_uri: str, mask_uri: str, pred, h: int, w: int) -> S
         img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     if bands == 1:
         img = np.repeat(img, 3, axis=0)
-    with open_mask(mask_uri) as r:
-        truth = read_decimated(r, step, 1)[0]
-    return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), truth.astype(np.int64),
+    # truth: a mask's URI or a reader of class ids (segpipe.labels.truth.open_truth), closed here
+    with open_mask(truth) if isinstance(truth, str) else truth as r:
+        ids = read_decimated(r, step, 1)[0]
+    return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), ids.astype(np.int64),
                   np.asarray(pred[::step, ::step]).astype(np.int64))
 
 
-def score_output(output_uri: str, mask_uri: str, num_classes: int) -> ConfusionMatrix:
+def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) -> ConfusionMatrix:
     """Confusion matrix of a segpipe output against a mask, one output chunk at a time.
 
-    Truth pixels equal to :data:`~segpipe.labels.dataset.IGNORE_INDEX` and pixels whose truth or prediction
-    is the nodata label of ``num_classes`` are not counted.
+    ``truth``: a mask's URI, or a reader of class ids (:func:`segpipe.labels.truth.open_truth`:
+    vector labels, regions), which is closed here. Truth pixels equal to
+    :data:`~segpipe.labels.dataset.IGNORE_INDEX` (ignored names, outside every labelled region)
+    and pixels whose truth or prediction is the nodata label of ``num_classes`` are not counted.
     """
     pred = open_labels(output_uri)
     height, width = pred.shape
-    with open_mask(mask_uri) as masks:
+    reader = open_mask(truth) if isinstance(truth, str) else truth
+    mask_uri = reader.info.uri
+    with reader as masks:
         if (masks.info.height, masks.info.width) != (height, width):
             raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "
                                f"{width}×{height}")
         cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
         for ch in ChunkGrid(height, width, pred.chunks[0]):
-            truth = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
-            cm.update(truth, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
+            ids = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
+            cm.update(ids, pred[ch.y0:ch.y0 + ch.h, ch.x0:ch.x0 + ch.w])
     return cm
 
 
@@ -126,11 +132,11 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
             not_scored.append({"image": item.image_uri, "reason": reason})
             log.warning("not scored: %s", reason)
             continue
-        cm = cm + score_output(result.output, item.mask_uri, ds.num_classes)
+        cm = cm + score_output(result.output, open_truth(ds, item), ds.num_classes)
         scored, pixels = scored + 1, pixels + item.height * item.width
         pred = open_labels(result.output)
         if len(samples) < n_samples:
-            samples.append(_sample(item.name, item.image_uri, item.mask_uri, pred, item.height, item.width))
+            samples.append(_sample(item.name, item.image_uri, open_truth(ds, item), pred, item.height, item.width))
     if not scored:
         raise DatasetError(ds.root, f"no image of the {split} split could be scored: {not_scored[0]['reason']}")
     metrics = scores(cm.matrix, ds.classes)

@@ -4,8 +4,12 @@ Layout (local folder or any fsspec URL)::
 
     DATA/images/<name>.<ext>      any image the readers open (GeoTIFF, PNG, JPEG, …)
     DATA/masks/<name>.<ext>       one band of class ids, same height × width; 255 = ignore
+    DATA/labels/<name>.<ext>      or vector labels (GeoPackage, GeoJSON, QuPath, COCO, …; see
+                                  segpipe.labels.vectors); a mask beside them wins, with a note
+    DATA/regions/<name>.<ext>     optional polygons: the exhaustively labelled areas (outside: 255)
     DATA/classes.json             {"classes": [{"name": "background", "color": "#000000"}, …]}
-                                  (colours optional: missing ones come from segpipe.core.classes)
+                                  (colours optional: missing ones come from segpipe.core.classes;
+                                  aliases, ignore, unlabelled, priority: segpipe.labels.classes)
     DATA/split.json               optional {"train": [<name>, …], "val": [<name>, …]}
 
 ``<name>`` is the path relative to ``images/`` without its extension (``tiles/a`` for
@@ -16,7 +20,8 @@ shuffle: about 20 % validation, at least one validation image when there are two
 This module owns :class:`Dataset` / :class:`Item`, :func:`load_dataset` and
 :func:`split_dataset` (headers, classes and split checked, naming the offending file), and the
 readers of dataset files (:func:`open_reader`, :func:`open_mask`: palette masks read as their
-indices). Nothing here reads a whole image or mask; the rest of the training data lives in:
+indices; :func:`segpipe.labels.truth.open_truth`: any item's class ids, vector labels and
+regions included). Nothing here reads a whole image or mask; the rest of the training data lives in:
 
 * :mod:`segpipe.train.index` — one windowed pass over the masks: class ids checked, pixels
   per class, and the 64-px cell index that class-balanced sampling uses;
@@ -38,31 +43,41 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from segpipe.core.classes import class_colors, parse_color, to_hex
-from segpipe.core.errors import ConfigError, DatasetError, InputError
+from segpipe.core.errors import DatasetError, InputError
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
 
+# IGNORE_INDEX (255) is re-exported: the mask value that is not trained on nor scored; the same
+# value as the nodata label of a ≤ 255-class output (segpipe.core.classes.nodata_label), so an
+# output used as a mask leaves its no-data pixels out too
+from segpipe.labels.classes import IGNORE_INDEX as IGNORE_INDEX
+from segpipe.labels.classes import LabelClasses, parse_label_classes
+from segpipe.labels.vectors import VECTOR_EXTENSIONS
+
 log = logging.getLogger("segpipe.labels.dataset")
 
-#: mask value that is not trained on nor scored; the same value as the nodata label of a
-#: ≤ 255-class output (:func:`segpipe.core.classes.nodata_label`), so an output used as a mask
-#: leaves its no-data pixels out too
-IGNORE_INDEX = 255
 #: fraction of images that go to validation when there is no split.json
 VAL_FRACTION = 0.2
 
 
 class Item(NamedTuple):
-    """One training image and its mask."""
+    """One training image and its ground truth: a raster mask, vector labels and/or regions."""
 
     name: str  #: path relative to images/ without extension
     image_uri: str
-    mask_uri: str
+    mask_uri: str | None  #: DATA/masks/<name>.<ext>, or None (vector labels or regions only)
     height: int
     width: int
+    labels_uri: str | None = None  #: DATA/labels/<name>.<ext> (unused when there is a mask)
+    regions_uri: str | None = None  #: DATA/regions/<name>.<ext>: the exhaustively labelled areas
+
+    @property
+    def truth_uri(self) -> str:
+        """The file that holds this image's class ids (named in errors): mask, labels, else regions."""
+        uri = self.mask_uri or self.labels_uri or self.regions_uri
+        assert uri is not None
+        return uri
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,8 @@ class Dataset:
     split: str | None = None  #: "train", "val" or None (all images)
     #: split.json contents (validated), or None when the split is the seeded default
     split_file: dict[str, list[str]] | None = field(default=None, repr=False)
+    #: classes.json's label rules (aliases, ignore, unlabelled, …); None = read from root when needed
+    label_classes: LabelClasses | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -95,38 +112,6 @@ class Dataset:
 # --------------------------------------------------------------------------- layout
 
 
-class _ClassEntry(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str = Field(min_length=1)
-    color: str | None = None
-
-    @field_validator("color")
-    @classmethod
-    def _color(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        try:
-            return to_hex(parse_color(v))  # the one parser: #rgb, #rrggbb, #rrggbbaa
-        except ConfigError:
-            raise ValueError(f"{v!r} is not a colour; expected '#rrggbb'") from None
-
-
-class _ClassesFile(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    classes: list[_ClassEntry] = Field(min_length=1, max_length=IGNORE_INDEX)
-
-    @field_validator("classes")
-    @classmethod
-    def _unique(cls, v: list[_ClassEntry]) -> list[_ClassEntry]:
-        names = [c.name for c in v]
-        dup = next((n for n in names if names.count(n) > 1), None)
-        if dup is not None:
-            raise ValueError(f"class name {dup!r} appears twice")
-        return v
-
-
 def _read_json(fs, path: str, uri: str) -> object:
     try:
         text = fs.cat_file(path)
@@ -138,24 +123,21 @@ def _read_json(fs, path: str, uri: str) -> object:
         raise DatasetError(uri, f"is not valid JSON ({e})") from None
 
 
-def read_classes(root: str) -> tuple[list[str], list[str]]:
-    """Class names and colours from ``ROOT/classes.json``; missing colours come from
-    :func:`segpipe.core.classes.class_colors`, so every output shows the same colours."""
+def read_label_classes(root: str) -> LabelClasses:
+    """The class table of ``ROOT/classes.json`` with its label rules (aliases, ignore,
+    unlabelled, priority, regions, burning): see :mod:`segpipe.labels.classes`."""
     uri = join(strip_file_scheme(root), "classes.json")
     fs, path = filesystem(uri)
     if not fs.exists(path):
         raise DatasetError(uri, "missing (expected {\"classes\": [{\"name\": ..., \"color\": \"#rrggbb\"}, ...]})")
-    data = _read_json(fs, path, uri)
-    try:
-        parsed = _ClassesFile.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "top level"
-        raise DatasetError(uri, f"{where}: {err['msg']} (expected {{\"classes\": [{{\"name\": ..., "
-                                f"\"color\": \"#rrggbb\"}}, ...]}})") from None
-    names = [c.name for c in parsed.classes]
-    colors = class_colors(len(names), [c.color for c in parsed.classes])
-    return names, colors
+    return parse_label_classes(_read_json(fs, path, uri), uri)
+
+
+def read_classes(root: str) -> tuple[list[str], list[str]]:
+    """Class names and colours from ``ROOT/classes.json``; missing colours come from
+    :func:`segpipe.core.classes.class_colors`, so every output shows the same colours."""
+    lc = read_label_classes(root)
+    return list(lc.names), list(lc.colors)
 
 
 def _read_split_file(root: str, names: Sequence[str]) -> dict[str, list[str]] | None:
@@ -240,34 +222,46 @@ def split_dataset(dataset: Dataset, split: str | None, seed: int = 0) -> Dataset
     items = [it for it in dataset.items if it.name in names]
     if split == "train" and not items:
         raise DatasetError(join(dataset.root, "split.json"), "the train split holds no images")
-    return Dataset(dataset.root, dataset.classes, dataset.colors, items, dataset.in_channels, dataset.dtype,
-                   split, sf)
+    return dataclasses.replace(dataset, items=items, split=split)
+
+
+def _list_by_stem(folder_uri: str, extensions: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Files under an optional folder by name (path without extension); {} when the folder is absent."""
+    fs, path = filesystem(folder_uri)
+    if not fs.exists(path):
+        return {}
+    found = list_images(folder_uri) if extensions is None else list_images(folder_uri, extensions)
+    return _by_stem(found, folder_uri)
 
 
 def _load_all(root: str) -> Dataset:
     root = strip_file_scheme(root).rstrip("/") or "/"
     images_uri, masks_uri = join(root, "images"), join(root, "masks")
-    classes, colors = read_classes(root)
+    labels_uri, regions_uri = join(root, "labels"), join(root, "regions")
+    label_classes = read_label_classes(root)
     try:
         images = _by_stem(list_images(images_uri), images_uri)
     except InputError:
-        raise DatasetError(images_uri, "does not exist (expected DATA/images/ and DATA/masks/)") from None
+        raise DatasetError(images_uri, "does not exist (expected DATA/images/ and DATA/masks/ or DATA/labels/)") from None
     if not images:
         raise DatasetError(images_uri, "holds no images: the dataset is empty")
-    try:
-        masks = _by_stem(list_images(masks_uri), masks_uri)
-    except InputError:
-        raise DatasetError(masks_uri, "does not exist (expected a mask per image under DATA/masks/)") from None
+    masks = _list_by_stem(masks_uri)
+    labels = _list_by_stem(labels_uri, VECTOR_EXTENSIONS)
+    regions = _list_by_stem(regions_uri, VECTOR_EXTENSIONS)
 
     split_file = _read_split_file(root, list(images))
-    chosen = sorted(images)
     items: list[Item] = []
     in_channels, dtype, first = None, None, None
-    for name in chosen:
+    both: list[str] = []
+    for name in sorted(images):
         image_uri = images[name]
-        mask_uri = masks.get(name)
-        if mask_uri is None:
-            raise DatasetError(image_uri, f"has no mask (expected {join(masks_uri, name)}.<ext>)")
+        mask_uri, label_uri, region_uri = masks.get(name), labels.get(name), regions.get(name)
+        if mask_uri is None and label_uri is None and region_uri is None:
+            raise DatasetError(image_uri, f"has no mask (expected {join(masks_uri, name)}.<ext>) "
+                                          f"nor labels ({join(labels_uri, name)}.<ext>)")
+        if mask_uri is not None and label_uri is not None:
+            both.append(name)
+            label_uri = None  # the mask wins
         h, w, count, dt = _header(image_uri)
         if in_channels is None:
             in_channels, dtype, first = count, dt, image_uri
@@ -277,19 +271,30 @@ def _load_all(root: str) -> Dataset:
         elif dt != dtype:
             raise DatasetError(image_uri, f"has dtype {dt} but {first} has {dtype}; "
                                           "all images need the same dtype")
-        mh, mw, mcount, mdt = _header(mask_uri, mask=True)
-        if (mh, mw) != (h, w):
-            raise DatasetError(mask_uri, f"is {mh}×{mw} pixels but its image {image_uri} is {h}×{w}")
-        if mcount != 1:
-            raise DatasetError(mask_uri, f"has {mcount} bands; a mask must be one band of class ids")
-        if not np.issubdtype(np.dtype(mdt), np.integer):
-            raise DatasetError(mask_uri, f"holds {mdt} values; a mask must hold integer class ids")
-        items.append(Item(name, image_uri, mask_uri, h, w))
-    stray = sorted(set(masks) - set(images))
-    if stray:
-        log.warning("%s: %d mask(s) without an image are ignored (first: %s)", masks_uri, len(stray), stray[0])
+        if mask_uri is not None:
+            _check_mask(mask_uri, image_uri, h, w)
+        items.append(Item(name, image_uri, mask_uri, h, w, label_uri, region_uri))
+    if both:
+        log.info("%s: %d image(s) have both a mask and vector labels; the mask is used (first: %s)",
+                 root, len(both), both[0])
+    for what, found, uri in (("mask", masks, masks_uri), ("label file", labels, labels_uri),
+                             ("region file", regions, regions_uri)):
+        stray = sorted(set(found) - set(images))
+        if stray:
+            log.warning("%s: %d %s(s) without an image are ignored (first: %s)", uri, len(stray), what, stray[0])
     assert in_channels is not None and dtype is not None
-    return Dataset(root, classes, colors, items, in_channels, dtype, None, split_file)
+    return Dataset(root, list(label_classes.names), list(label_classes.colors), items, in_channels, dtype, None,
+                   split_file, label_classes)
+
+
+def _check_mask(mask_uri: str, image_uri: str, h: int, w: int) -> None:
+    mh, mw, mcount, mdt = _header(mask_uri, mask=True)
+    if (mh, mw) != (h, w):
+        raise DatasetError(mask_uri, f"is {mh}×{mw} pixels but its image {image_uri} is {h}×{w}")
+    if mcount != 1:
+        raise DatasetError(mask_uri, f"has {mcount} bands; a mask must be one band of class ids")
+    if not np.issubdtype(np.dtype(mdt), np.integer):
+        raise DatasetError(mask_uri, f"holds {mdt} values; a mask must hold integer class ids")
 
 
 # --------------------------------------------------------------------------- readers

@@ -1,6 +1,7 @@
 """The mask index: one windowed pass over a dataset's masks (class ids checked, class statistics).
 
-:func:`index_masks` reads every mask once in 1024² windows, counts pixels per class, checks the
+:func:`index_masks` reads every mask (or vector labels, burned per window:
+:func:`segpipe.labels.truth.open_truth`) once in 1024² windows, counts pixels per class, checks the
 class ids against ``classes.json`` (naming the mask, row and column of the first bad id), and
 records which 64-px **cells** hold which class (:class:`MaskIndex`), so class-balanced
 sampling (:mod:`segpipe.train.sampler`) finds a pixel of a class without reading the masks again.
@@ -17,7 +18,8 @@ import numpy as np
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item, open_mask
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item
+from segpipe.labels.truth import open_truth
 
 #: side of the windows in which masks and images are scanned (never a whole raster at once)
 SCAN_WINDOW = 1024
@@ -69,7 +71,7 @@ def _scan_mask(item: Item, num_classes: int, cell: int, window: int,
             bad = (m < 0) | ((m >= num_classes) & (m != IGNORE_INDEX)) if lo < 0 or hi >= num_classes else None
             if bad is not None and bad.any():
                 by, bx = (int(v[0]) for v in np.nonzero(bad))
-                raise DatasetError(item.mask_uri, f"holds class id {int(m[by, bx])} (row {y0 + by}, column {x0 + bx}) "
+                raise DatasetError(item.truth_uri, f"holds class id {int(m[by, bx])} (row {y0 + by}, column {x0 + bx}) "
                                                   f"but classes.json lists {num_classes} classes "
                                                   f"(valid ids 0..{num_classes - 1}, {IGNORE_INDEX} = ignore)")
             ids = m.astype(np.int64)
@@ -114,7 +116,7 @@ def index_masks(dataset: Dataset, *, cell: int = INDEX_CELL, window: int = SCAN_
     ignored = np.zeros(n, dtype=np.int64)
     cells: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for i, item in enumerate(dataset.items):
-        reader = open_mask(item.mask_uri)
+        reader = open_truth(dataset, item)
         try:
             c, ign, cl = _scan_mask(item, k, cell, window, reader)
         finally:

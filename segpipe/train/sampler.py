@@ -8,8 +8,9 @@ index of :mod:`segpipe.train.index`, and centres the patch near it. Augmentation
 
 Readers: each thread (and DataLoader worker) keeps its own small LRU of open dataset readers
 (:class:`_Readers`). It does not use :func:`segpipe.io.readers.cache.thread_reader`: masks must be
-opened with :func:`segpipe.labels.dataset.open_mask` (a palette mask read as its class ids, which
-``thread_reader``'s ``open_image`` would expand to RGB colours), unreadable files must raise
+opened with :func:`segpipe.labels.truth.open_truth` (a palette mask read as its class ids, which
+``thread_reader``'s ``open_image`` would expand to RGB colours; vector labels burned per window),
+unreadable files must raise
 :class:`~segpipe.core.errors.DatasetError` naming the file, and an image and its mask per
 training image need more than ``thread_reader``'s 4 handles per thread.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ import numpy as np
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
-from segpipe.labels.dataset import Dataset, open_mask, open_reader
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item, open_reader
+from segpipe.labels.truth import open_truth
 from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
 from segpipe.train.index import MaskIndex, index_masks
 
@@ -37,11 +39,18 @@ class _Readers(threading.local):
     def __init__(self) -> None:
         self.cache: OrderedDict[str, ImageReader] = OrderedDict()
 
-    def get(self, uri: str, size: int = 16, mask: bool = False) -> ImageReader:
-        key = ("mask:" if mask else "image:") + uri
+    def get(self, uri: str, size: int = 16) -> ImageReader:
+        """The image reader of ``uri``."""
+        return self._get("image:" + uri, lambda: open_reader(uri), size)
+
+    def truth(self, dataset: Dataset, item: Item, size: int = 16) -> ImageReader:
+        """The class-id reader of ``item`` (mask, vector labels, regions)."""
+        return self._get("truth:" + item.truth_uri, lambda: open_truth(dataset, item), size)
+
+    def _get(self, key: str, opener: Callable[[], ImageReader], size: int) -> ImageReader:
         r = self.cache.get(key)
         if r is None:
-            r = open_mask(uri) if mask else open_reader(uri)
+            r = opener()
             self.cache[key] = r
             while len(self.cache) > size:
                 self.cache.popitem(last=False)[1].close()
@@ -64,6 +73,17 @@ class PatchPlan:
     target_class: int | None  #: the class the patch was centred on (class-balanced sampling)
 
 
+def _labelled_cells(index: MaskIndex, item: int) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of ``item`` holding any labelled pixel, and the running count of those pixels."""
+    parts = [p for p in index.cells[item] if len(p[0])]
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    cells, inverse = np.unique(ids, return_inverse=True)
+    return cells, np.cumsum(np.bincount(inverse, weights=counts).astype(np.int64))
+
+
 class PatchSampler:
     """Map-style dataset of ``patches_per_epoch`` random patches, read lazily window by window.
 
@@ -72,7 +92,10 @@ class PatchSampler:
     ``torch.utils.data.DataLoader`` over it gives the same batches with any number of workers
     and after a resume. Positions:
 
-    * plain: an image with probability ∝ its area, then a window uniformly inside it;
+    * plain: an image with probability ∝ its area, then a window uniformly inside it; when the
+      index shows ignored pixels (sparse labels, regions), only where there are labels: an image
+      ∝ its labelled pixels, a labelled pixel uniformly (via the cell index, as below), then a
+      window uniformly among those inside the image that contain it;
     * class-balanced: a class ``c`` with probability ∝ freq_c^(−power) over the classes present
       (power 0 = uniform over classes), an image ∝ its pixels of ``c``, a pixel of ``c``
       uniformly (via the cell index: a cell ∝ its count, then the r-th such pixel in the cell,
@@ -113,6 +136,14 @@ class PatchSampler:
             w = np.zeros_like(freq)
             w[present] = freq[present] ** (-balance_power)
             self._class_p = w / w.sum()
+        #: sparse labels: per item (labelled cell ids, cumulative labelled pixels)
+        self._labelled: list[tuple[np.ndarray, np.ndarray]] | None = None
+        if not class_balanced and index is not None and int(index.ignored.sum()) > 0:
+            self._labelled = [_labelled_cells(index, i) for i in range(len(dataset.items))]
+            labelled = index.counts.sum(axis=1).astype(np.float64)
+            if labelled.sum() == 0:
+                raise DatasetError(dataset.root, "the masks hold no labelled pixels (all 255 = ignore)")
+            self._item_p = labelled / labelled.sum()
         self._readers = _Readers()
 
     def __getstate__(self) -> dict:
@@ -157,6 +188,9 @@ class PatchSampler:
             py, px = self._pixel_of_class(item, target, rng)
             jitter = rng.integers(-(side // 4), side // 4 + 1, size=2)
             y0, x0 = py + int(jitter[0]) - side // 2, px + int(jitter[1]) - side // 2
+        elif self._labelled is not None:
+            item = int(rng.choice(len(self._item_p), p=self._item_p))
+            y0, x0 = self._window_on_labels(item, side, rng)
         else:
             item = int(rng.choice(len(self._item_p), p=self._item_p))
             it = self.dataset.items[item]
@@ -168,6 +202,33 @@ class PatchSampler:
         brightness = float(rng.uniform(-a.brightness, a.brightness)) if a.brightness > 0 else 0.0
         return PatchPlan(item, Window(int(y0), int(x0), side, side), bool(flips[0]), bool(flips[1]), rot,
                          contrast, brightness, target)
+
+    def _window_on_labels(self, item: int, side: int, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of a ``side`` window holding a labelled pixel: a cell ∝ its labelled
+        pixels, one of those pixels uniformly (read from a one-cell window), then a window
+        uniformly among those inside the image that contain it."""
+        assert self._labelled is not None and self.index is not None
+        cell = self.index.cell
+        it = self.dataset.items[item]
+        ids, cum = self._labelled[item]
+        r = int(rng.integers(0, int(cum[-1])))
+        j = int(np.searchsorted(cum, r, side="right"))
+        cy, cx = divmod(int(ids[j]), ceil_div(it.width, cell))
+        y0, x0 = cy * cell, cx * cell
+        m = self._readers.truth(self.dataset, it).read(
+            Window(y0, x0, min(cell, it.height - y0), min(cell, it.width - x0)))[0]
+        ys, xs = np.nonzero(m != IGNORE_INDEX)
+        rank = r - (int(cum[j - 1]) if j else 0)
+        if rank >= ys.size:
+            raise DatasetError(it.truth_uri, "changed since its class index was built; index the dataset again")
+        py, px = y0 + int(ys[rank]), x0 + int(xs[rank])
+
+        def corner(p: int, size: int) -> int:
+            # windows inside the image (when it is large enough) that contain p: lo ≤ hi always holds
+            lo, hi = max(p - side + 1, 0), min(p, max(size - side, 0))
+            return int(rng.integers(lo, hi + 1))
+
+        return corner(py, it.height), corner(px, it.width)
 
     def _pixel_of_class(self, item: int, cls: int, rng: np.random.Generator) -> tuple[int, int]:
         assert self.index is not None
@@ -181,17 +242,17 @@ class PatchSampler:
         cy, cx = divmod(int(ids[j]), ceil_div(it.width, cell))
         y0, x0 = cy * cell, cx * cell
         win = Window(y0, x0, min(cell, it.height - y0), min(cell, it.width - x0))
-        m = self._readers.get(it.mask_uri, mask=True).read(win)[0]
+        m = self._readers.truth(self.dataset, it).read(win)[0]
         ys, xs = np.nonzero(m == cls)
         if rank >= ys.size:  # the mask changed since it was indexed
-            raise DatasetError(it.mask_uri, "changed since its class index was built; index the dataset again")
+            raise DatasetError(it.truth_uri, "changed since its class index was built; index the dataset again")
         return y0 + int(ys[rank]), x0 + int(xs[rank])
 
     def read(self, plan: PatchPlan) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of a plan: (normalised float32 image, int64 mask), augmented and resized to the patch."""
         it = self.dataset.items[plan.item]
         image = self._readers.get(it.image_uri).read(plan.window)
-        mask = self._readers.get(it.mask_uri, mask=True).read(plan.window)[0]
+        mask = self._readers.truth(self.dataset, it).read(plan.window)[0]
         x = (image.astype(np.float32) * self.scale - self.mean) / self.std
         x, mask = resize_pair(x, mask, self.patch_size)
         x, mask = augment_pair(x, mask, flip_y=plan.flip_y, flip_x=plan.flip_x, rot90=plan.rot90,

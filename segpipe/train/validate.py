@@ -22,7 +22,8 @@ from segpipe.core.metrics import ConfusionMatrix
 from segpipe.core.settings import InferenceSettings, TilingSettings
 from segpipe.engine.predictor import Predictor
 from segpipe.engine.tiled import TilePlan, infer_tiles, whole_image_work
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_mask, open_reader
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_reader
+from segpipe.labels.truth import open_truth
 from segpipe.models.normalization import check_input, image_normalization
 
 if TYPE_CHECKING:
@@ -66,11 +67,11 @@ def validate(net: torch.nn.Module, dataset: Dataset, spec: ModelSpec, *, device:
     try:
         for item in dataset.items:
             image = open_reader(item.image_uri)
-            mask = open_mask(item.mask_uri)
+            mask = open_truth(dataset, item)
             try:
                 norm = check_input(spec, image.info, item.image_uri) or image_normalization(spec, image, item.image_uri)
                 plan = TilePlan.of(tiling, image.info.height, image.info.width)
-                infer_tiles(image, predictor, plan, whole_image_work(plan), ConfusionSink(cm, mask, item.mask_uri),
+                infer_tiles(image, predictor, plan, whole_image_work(plan), ConfusionSink(cm, mask, item.truth_uri),
                             norm=norm, nodata=nodata, batch_size=batch_size)
                 if on_image is not None:
                     on_image(image.info.height * image.info.width)

@@ -1,0 +1,279 @@
+"""The ground truth of a dataset image as one reader of class ids, whatever was drawn.
+
+:func:`open_truth` gives, for an :class:`~segpipe.labels.dataset.Item`, an
+:class:`~segpipe.io.readers.base.ImageReader` of class ids (one uint8 band, 255 = ignore) with
+its image's size and georeference, so the mask index, the patch sampler, validation and
+evaluation read vector labels exactly as they read raster masks:
+
+* a raster mask → the mask reader (palette indices as class ids);
+* vector labels (``DATA/labels/<name>.<ext>``) → :class:`VectorLabelReader`, which burns the
+  features of each window on demand (:mod:`segpipe.labels.burn`) through an STRtree: no
+  whole-image array is ever made, at any image size;
+* labelled regions (``DATA/regions/<name>.<ext>``, a ``regions`` GeoPackage layer, or features
+  of a ``region_classes`` class) → pixels outside every region read 255, for vector labels and
+  raster masks alike (:class:`RegionMaskedReader`); inside a region, pixels no feature covers
+  read ``unlabelled``.
+
+Without regions, ``classes.json``'s ``unlabelled`` decides what uncovered pixels are; vector
+labels without it are an error (a dataset never leaves that to a guess).
+
+Prepared features (repaired, in pixels, indexed) are cached per process
+(:func:`prepare_labels`), keyed by the files, the image geometry and the rules, and their
+counts of repaired, dropped and outside features are logged once, when prepared.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from segpipe.core.errors import DatasetError
+from segpipe.core.geometry import Window, source_indices
+from segpipe.io.readers import ImageInfo, ImageReader
+from segpipe.io.storage import filesystem, strip_file_scheme
+from segpipe.labels.burn import BurnStats, LabelShapes, burn_window, cover_window, prepare_shapes
+from segpipe.labels.classes import IGNORE_INDEX, LabelClasses
+from segpipe.labels.dataset import Dataset, Item, open_mask, open_reader, read_label_classes
+from segpipe.labels.vectors import VectorFeatures, read_regions_layer, read_vector_file, to_pixels
+
+log = logging.getLogger("segpipe.labels.truth")
+
+#: prepared label files kept per process (a few images' features, not pixels)
+CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class PreparedLabels:
+    """One image's features in its pixels, ready to burn window by window."""
+
+    labels: LabelShapes
+    regions: LabelShapes | None  #: None = no labelled regions: the whole image counts
+    unlabelled: int  #: value of pixels no label covers (inside the regions): a class id or 255
+    all_touched: bool
+
+    @property
+    def stats(self) -> BurnStats:
+        return self.labels.stats + (self.regions.stats if self.regions is not None else BurnStats())
+
+
+def _window_of(reader_read, window: Window, height: int, width: int) -> np.ndarray:
+    """Serve ``window`` from ``reader_read(inner_window) -> (h, w)``: reflection past the image."""
+    if window.inside(height, width):
+        return reader_read(window)
+    ys, xs = source_indices(window, height, width)
+    y0, x0 = int(ys.min()), int(xs.min())
+    inner = Window(y0, x0, int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1)
+    return reader_read(inner)[np.ix_(ys - y0, xs - x0)]
+
+
+class VectorLabelReader:
+    """An :class:`~segpipe.io.readers.base.ImageReader` of class ids burned from vector labels.
+
+    ``info`` is the image's size and georeference with one uint8 band; ``read(window)`` burns
+    only the features that reach the window (STRtree), so memory follows the window, not the
+    image. Windows past the image are filled by reflection, as every reader does.
+    """
+
+    def __init__(self, prepared: PreparedLabels, image: ImageInfo, uri: str) -> None:
+        self.prepared = prepared
+        self.info = ImageInfo(uri=uri, height=image.height, width=image.width, count=1, dtype="uint8",
+                              crs_wkt=image.crs_wkt, transform=image.transform, mpp=image.mpp,
+                              driver="vector-labels", extra={"image": image.uri})
+
+    def _read_inside(self, window: Window) -> np.ndarray:
+        p = self.prepared
+        out = burn_window(p.labels, window, fill=p.unlabelled, all_touched=p.all_touched)
+        if p.regions is not None:
+            out[~cover_window(p.regions, window, all_touched=p.all_touched)] = IGNORE_INDEX
+        return out
+
+    def read(self, window: Window) -> np.ndarray:
+        """Class ids of ``window`` as (1, h, w) uint8; 255 = ignore."""
+        return _window_of(self._read_inside, window, self.info.height, self.info.width)[None]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> VectorLabelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RegionMaskedReader:
+    """A raster mask read only inside the labelled regions: 255 outside every region."""
+
+    def __init__(self, mask: ImageReader, regions: LabelShapes, all_touched: bool = False) -> None:
+        self.mask, self.regions, self.all_touched = mask, regions, all_touched
+        self.info = mask.info
+
+    def _read_inside(self, window: Window) -> np.ndarray:
+        m = self.mask.read(window)[0]
+        inside = cover_window(self.regions, window, all_touched=self.all_touched)
+        return np.where(inside, m, np.asarray(IGNORE_INDEX, dtype=m.dtype))
+
+    def read(self, window: Window) -> np.ndarray:
+        return _window_of(self._read_inside, window, self.info.height, self.info.width)[None]
+
+    def close(self) -> None:
+        self.mask.close()
+
+    def __enter__(self) -> RegionMaskedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- preparing features
+
+
+def _resolve(features: VectorFeatures, classes: LabelClasses) -> tuple[list[int], list[int], np.ndarray]:
+    """(values, ranks, region flags) of a file's features."""
+    values, ranks = [], []
+    region = np.zeros(len(features), dtype=bool)
+    for i, c in enumerate(features.classes):
+        if classes.is_region(c):
+            region[i] = True
+            values.append(0)
+            ranks.append(0)
+            continue
+        v = classes.resolve(c, uri=features.uri, feature=features.idents[i], where=functools.partial(features.where, i))
+        values.append(v)
+        ranks.append(classes.rank(v))
+    return values, ranks, region
+
+
+def _shapes(features: VectorFeatures, pixels: np.ndarray, keep: np.ndarray, values: list[int], ranks: list[int],
+            image: ImageInfo, classes: LabelClasses) -> LabelShapes:
+    idx = np.flatnonzero(keep)
+    return prepare_shapes(pixels[idx], [values[i] for i in idx], [ranks[i] for i in idx], height=image.height,
+                          width=image.width, buffer=classes.burn.buffer, source=features.uri,
+                          idents=[features.idents[i] for i in idx])
+
+
+def _region_shapes(features: VectorFeatures, image: ImageInfo, classes: LabelClasses) -> LabelShapes:
+    n = len(features)
+    return _shapes(features, to_pixels(features, image), np.ones(n, dtype=bool), [1] * n, [0] * n, image, classes)
+
+
+def build_labels(labels_uri: str | None, regions_uri: str | None, image: ImageInfo, classes: LabelClasses, *,
+                 image_name: str | None = None, layer: str | None = None) -> PreparedLabels:
+    """Read, resolve and prepare an image's label and region files (no cache; see :func:`prepare_labels`).
+
+    Regions come from ``regions_uri``, the ``regions`` layer of a GeoPackage label file, and the
+    label features whose class is in ``region_classes``; all of them together are the labelled area.
+    """
+    region_parts: list[LabelShapes] = []
+    labels: LabelShapes | None = None
+    if labels_uri is not None:
+        feats = read_vector_file(labels_uri, layer=layer, image_name=image_name)
+        values, ranks, is_region = _resolve(feats, classes)
+        pixels = to_pixels(feats, image)
+        labels = _shapes(feats, pixels, ~is_region, values, ranks, image, classes)
+        if is_region.any():
+            region_parts.append(_shapes(feats, pixels, is_region, [1] * len(feats), [0] * len(feats), image, classes))
+        layer_regions = read_regions_layer(labels_uri) if layer is None else None
+        if layer_regions is not None:
+            region_parts.append(_region_shapes(layer_regions, image, classes))
+    if regions_uri is not None:
+        region_parts.append(_region_shapes(read_vector_file(regions_uri, image_name=image_name), image, classes))
+    if labels is None:
+        labels = prepare_shapes([], [], [], height=image.height, width=image.width)
+    regions = _merge(region_parts) if region_parts else None
+    source = labels_uri or regions_uri or image.uri
+    if classes.unlabelled is None:
+        where = "inside its labelled regions" if regions is not None else "(it has no labelled regions)"
+        raise DatasetError(source, f"{classes.source} does not say what the pixels no label covers are {where}: "
+                                   'add "unlabelled": "ignore" or "unlabelled": "<class name>"'
+                                   + ("" if regions is not None else ", or draw regions (DATA/regions/<name>)"))
+    return PreparedLabels(labels, regions, classes.unlabelled, classes.burn.all_touched)
+
+
+def _merge(parts: list[LabelShapes]) -> LabelShapes:
+    if len(parts) == 1:
+        return parts[0]
+    from shapely import STRtree
+
+    geoms = np.concatenate([p.geoms for p in parts])
+    stats = parts[0].stats
+    for p in parts[1:]:
+        stats = stats + p.stats
+    return LabelShapes(geoms, np.concatenate([p.values for p in parts]), stats, STRtree(geoms))
+
+
+_cache: OrderedDict[tuple, PreparedLabels] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _file_key(uri: str | None) -> tuple:
+    if uri is None:
+        return (None,)
+    local = strip_file_scheme(uri)
+    try:
+        if "://" not in local:
+            st = os.stat(local)
+            return (uri, st.st_size, st.st_mtime_ns)
+        fs, path = filesystem(uri)
+        info = fs.info(path)
+        return (uri, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
+    except (OSError, FileNotFoundError):
+        raise DatasetError(uri, "does not exist") from None
+
+
+def prepare_labels(labels_uri: str | None, regions_uri: str | None, image: ImageInfo, classes: LabelClasses, *,
+                   image_name: str | None = None) -> PreparedLabels:
+    """:func:`build_labels` through a small per-process cache (keyed by the files' size and time,
+    the image's geometry and the rules); logs the feature counts when a file is first prepared."""
+    key = (_file_key(labels_uri), _file_key(regions_uri), image.height, image.width, image.transform,
+           image.crs_wkt, image.extra.get("downsample"), image.extra.get("resample_factor"), classes.fingerprint,
+           image_name)
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit
+    prepared = build_labels(labels_uri, regions_uri, image, classes, image_name=image_name)
+    s = prepared.stats
+    log.info("%s: %s%s", labels_uri or regions_uri, s.describe(),
+             f"; {len(prepared.regions)} labelled region(s)" if prepared.regions is not None else "")
+    with _cache_lock:
+        _cache[key] = prepared
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return prepared
+
+
+# --------------------------------------------------------------------------- dataset items
+
+
+def _label_classes(dataset: Dataset) -> LabelClasses:
+    return dataset.label_classes if dataset.label_classes is not None else read_label_classes(dataset.root)
+
+
+def open_truth(dataset: Dataset, item: Item) -> ImageReader:
+    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring)."""
+    if item.labels_uri is None and item.regions_uri is None:
+        assert item.mask_uri is not None
+        return open_mask(item.mask_uri)
+    classes = _label_classes(dataset)
+    image = open_reader(item.image_uri)
+    try:
+        info = image.info
+    finally:
+        image.close()
+    if item.mask_uri is not None:
+        assert item.regions_uri is not None
+        regions = prepare_labels(None, item.regions_uri, info, classes.with_unlabelled(IGNORE_INDEX),
+                                 image_name=item.name).regions
+        assert regions is not None
+        return RegionMaskedReader(open_mask(item.mask_uri), regions, classes.burn.all_touched)
+    prepared = prepare_labels(item.labels_uri, item.regions_uri, info, classes, image_name=item.name)
+    return VectorLabelReader(prepared, info, item.truth_uri)

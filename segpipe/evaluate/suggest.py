@@ -131,6 +131,7 @@ class _Output:
     meta: OutputMeta
     uncertainty: np.ndarray
     chunk_size: int
+    labels: Any  #: the level-0 class-id array (read one chunk at a time, for majority classes)
 
 
 def find_outputs(paths: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -171,10 +172,11 @@ def _load(uri: str) -> _Output:
     values = read_uncertainty(uri)
     if values is None:
         raise InputError(uri, _no_uncertainty())
-    chunk = int(open_labels(uri).chunks[-1])  # level 0 is chunked on the chunk grid
+    labels = open_labels(uri)
+    chunk = int(labels.chunks[-1])  # level 0 is chunked on the chunk grid
     if ChunkGrid(meta.height, meta.width, chunk).shape != values.shape:
         raise InputError(uri, f"uncertainty array of shape {values.shape} does not fit its {chunk}-pixel chunk grid")
-    return _Output(meta, values, chunk)
+    return _Output(meta, values, chunk, labels)
 
 
 def suggest_regions(paths: Sequence[str], top: int = DEFAULT_TOP, notes: list[str] | None = None,
@@ -226,7 +228,7 @@ def _majority_class(output: _Output, iy: int, ix: int) -> str:
     """The most frequent class of one chunk's level-0 pixels (nodata excluded; ties: the lower id)."""
     meta = output.meta
     c = output.chunk_size
-    block = np.asarray(open_labels(meta.uri)[iy * c:(iy + 1) * c, ix * c:(ix + 1) * c]).ravel()
+    block = np.asarray(output.labels[iy * c:(iy + 1) * c, ix * c:(ix + 1) * c]).ravel()
     if meta.nodata is not None:
         block = block[block != meta.nodata]
     if not block.size:

@@ -5,6 +5,11 @@ and :mod:`segpipe.io.output` decides where they go (MONAI's splitter/merger seam
 One predictor per (weights, device, precision, TTA) lives in each worker process
 (:func:`cached_predictor`); it is loaded from the artifact's URI on the worker, never
 shipped inside a task graph.
+
+Why this module is long: the predictor, the request merging on its compute thread
+(:class:`_Coalescer`), the per-pixel uncertainty computed from the same forward, and the
+worker cache and precision resolution all work on one predictor's state; split apart, they
+would pass that private state between modules.
 """
 
 from __future__ import annotations

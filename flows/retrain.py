@@ -42,8 +42,13 @@ def retrain(
     chunk_size: int = 512,
     halo: int = 64,
     dask_address: str | None = None,
+    skip_unchanged: bool = True,
 ) -> dict:
-    """Train a challenger on ``data``, evaluate challenger and champion on ``split``, promote when better."""
+    """Train a challenger on ``data``, evaluate challenger and champion on ``split``, promote when better.
+
+    ``skip_unchanged`` (default): a round whose data, labels, champion and settings are those of the
+    last completed round ends at once with a note — an idle week costs a folder listing.
+    """
     logger = get_run_logger()
     install_one_line_failures()  # a dataset error ends the run Failed with one line, not the engine's traceback
     tsettings = train_settings(
@@ -53,7 +58,13 @@ def retrain(
     )
     ssettings = segment_settings(chunk_size=chunk_size, halo=halo, device=device, precision=precision)
     result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,
-                         dask_address=dask_address, train_step=train_challenger, evaluate_step=evaluate_model)
+                         dask_address=dask_address, skip_unchanged=skip_unchanged, train_step=train_challenger,
+                         evaluate_step=evaluate_model)
+    if result.skipped:
+        logger.info("%s", result.reason)
+        create_markdown_artifact(f"## retrain skipped\n\n{result.reason}\n\nlast report: `{result.report}`",
+                                 key="retrain-comparison")
+        return result.as_dict()
     logger.info("%s %s: %s", "promoted" if result.promoted else "registered (champion kept)", result.version,
                 result.reason)
     create_markdown_artifact(

@@ -198,6 +198,7 @@ def segment_images(
     task_seconds: float | None = None,
     level: int | None = None,
     mpp: float | None = None,
+    gsd: float | None = None,
     skip_empty: bool = True,
     background_class: int | None = None,
     max_pixels: float = 1e11,
@@ -221,7 +222,7 @@ def segment_images(
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
-                                mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
+                                mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     results: list[ImageResult] = []

@@ -131,3 +131,109 @@ def s3_server(log_dir: Path) -> Iterator[dict[str, str]]:
         yield env
     finally:
         stop(proc, signal.SIGTERM)
+
+
+class FaultProxy:
+    """A real S3 endpoint with faults: an HTTP proxy in front of moto that answers chosen requests with an
+    S3 error (``fail``) and passes every other request through unchanged.
+
+    ``url`` goes where the endpoint would (``AWS_ENDPOINT_URL``); each rule matches a method and a regular
+    expression searched in the path and query, and fires ``times`` times (None: until :meth:`clear`).
+    ``log`` keeps (method, path, status) of every request, for tests that check what was asked.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import re
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.rules: list[list] = []
+        self.log: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _fault(self) -> tuple[int, str] | None:
+                with proxy._lock:
+                    for rule in proxy.rules:
+                        method, pattern, status, code, left = rule
+                        if method in (self.command, "*") and re.search(pattern, self.path) and left != 0:
+                            if left is not None:
+                                rule[4] = left - 1
+                            return status, code
+                return None
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = self._fault()
+                if fault is not None:
+                    status, code = fault
+                    proxy.log.append((self.command, self.path, status))  # before answering: the client may go on
+                    xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected "
+                           f"{code}</Message><RequestId>fault</RequestId></Error>").encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(xml)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(xml)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                proxy.log.append((self.command, self.path, resp.status))
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length", "server",
+                                         "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data) if self.command != "HEAD" else
+                                                       resp.getheader("Content-Length") or 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
+        self._thread.start()
+
+    def fail(self, method: str, pattern: str, status: int = 500, code: str = "InternalError",
+             times: int | None = None) -> None:
+        """Answer ``method`` requests whose path matches ``pattern`` with ``status``/``code``."""
+        with self._lock:
+            self.rules.append([method, pattern, status, code, times])
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@contextlib.contextmanager
+def faulty_s3(log_dir: Path) -> Iterator[tuple[dict[str, str], FaultProxy]]:
+    """moto's S3 server behind a :class:`FaultProxy`; yields the AWS variables that point at the proxy
+    (one attempt per request, so an injected fault is seen at once, not retried away) and the proxy."""
+    with s3_server(log_dir) as aws:
+        proxy = FaultProxy(aws["AWS_ENDPOINT_URL"])
+        try:
+            yield {**aws, "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1", "GDAL_HTTP_MAX_RETRY": "0"}, proxy
+        finally:
+            proxy.close()

@@ -134,3 +134,22 @@ def test_recent_worker_capacity_asks_the_scheduler_at_most_every_max_age():
     assert c.calls == 2
     other = CountingClient("another-client")
     assert cluster.recent_worker_capacity(other, max_age=60) == (False, 2) and other.calls == 1
+
+
+def test_client_for_keeps_one_client_per_address_and_closes_it_with_the_cluster():
+    """Defect 7: when the default client is another cluster's (deployments/serve.py serves two flows, each
+    with its own), client_for opened a new Client per image and never closed it."""
+    one = ClusterSettings(threads_per_worker=1)
+    with cluster.dask_client(one) as first:
+        address = first.scheduler.address
+        scheduler = first.cluster.scheduler
+        before = len(scheduler.clients)
+        with cluster.dask_client(one) as second:  # now the default client, at another address
+            assert second.scheduler.address != address
+            got = [cluster.client_for(address) for _ in range(3)]
+            assert got[0] is got[1] is got[2] and got[0] is not first
+            assert got[0].submit(sum, [1, 2]).result() == 3
+            assert len(scheduler.clients) == before + 1  # one more client, not one per image
+        assert got[0].status == "running"  # the first cluster still runs: its client stays
+    assert got[0].status == "closed"  # closed with its cluster
+    assert address not in cluster._clients

@@ -155,6 +155,23 @@ def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
     assert markdown_table(champ, chall) in md2
     assert "report.md" in os.listdir(Path(reg, "v2"))
 
+    # an idle week: same data, labels, champion and settings → nothing trained, a note says why
+    third = retrain(**kw, margin=1.0)
+    assert third["skipped"] and third["version"] == "v2" and third["reason"].startswith("skipped: data, labels, ")
+    assert [v.version for v in list_versions(reg)] == ["v1", "v2"]
+    # any change to the dataset (here a mask rewritten) is a new round
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate.retrain import round_fingerprint
+    from segpipe.train.settings import train_settings
+
+    def fp() -> str:
+        return round_fingerprint(landcover, "v1", train_settings(), segment_settings(), "val", 1.0)
+
+    before = fp()
+    mask = sorted(Path(landcover, "masks").iterdir())[0]
+    os.utime(mask, (mask.stat().st_atime, mask.stat().st_mtime + 10))
+    assert fp() != before
+
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
@@ -248,3 +265,49 @@ def test_report_samples_read_the_image_and_mask_in_bounded_strips(tmp_path, monk
     np.testing.assert_array_equal(s.truth, mask[0, ::step, ::step])
     np.testing.assert_array_equal(s.prediction, pred[::step, ::step])
     assert windows and max(windows) <= 50_000 + step * w  # one strip, never the 770,000-pixel image
+
+
+@pytest.mark.slow
+def test_a_prediction_another_run_is_writing_is_not_scored(tmp_path, landcover, client):
+    """Defect 8: evaluate scored an output that another run (a live second process holding its lock) was
+    still writing: segment_image came back "skipped" and the half-written prediction was counted."""
+    import dataclasses
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from segpipe.evaluate.evaluation import evaluate, score_output
+    from segpipe.io.output import read_attrs, write_attrs
+    from segpipe.labels.dataset import load_dataset
+    from segpipe.models.artifact import create_artifact
+
+    model = tmp_path / "m5"
+    create_artifact(str(model), "Unet", "resnet18", ["bare_soil", "water", "vegetation", "building", "road"], seed=4)
+    full = load_dataset(landcover, "train")
+    ds = dataclasses.replace(full, items=full.items[:2])
+    out = tmp_path / "ev"
+    evaluate(str(model), ds, str(out), seg_settings(), client, split="train")
+    busy = ds.items[0]
+    pred = str(out / "predictions" / f"{busy.name}.zarr")
+    attrs = read_attrs(pred)
+    write_attrs(pred, {**attrs, "segpipe": {**attrs["segpipe"], "status": "running"}})  # as mid-run
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        now = time.time()
+        (out / "predictions" / f"{busy.name}.zarr.lock").write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": holder.pid, "run_id": "other", "started": now, "heartbeat": now}))
+        ev = evaluate(str(model), ds, str(out), seg_settings(), client, split="train")
+    finally:
+        holder.kill()
+        holder.wait()
+    rest = ds.items[1:]
+    assert ev.images == len(rest)
+    [skipped] = ev.metrics["data"]["not_scored"]
+    assert skipped["image"] == busy.image_uri and "being written by another run" in skipped["reason"]
+    expected = sum((score_output(str(out / "predictions" / f"{i.name}.zarr"), i.mask_uri, 5) for i in rest[1:]),
+                   score_output(str(out / "predictions" / f"{rest[0].name}.zarr"), rest[0].mask_uri, 5))
+    np.testing.assert_array_equal(np.array(ev.metrics["confusion_matrix"]), expected.matrix)
+    assert ev.metrics["data"]["pixels"] == sum(i.height * i.width for i in rest)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["data"]["not_scored"] == ev.metrics["data"]["not_scored"]

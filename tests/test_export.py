@@ -9,6 +9,7 @@ import sys
 import textwrap
 import uuid
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -480,3 +481,28 @@ def test_export_memory_does_not_grow_with_the_raster(tmp_path) -> None:
     # holding the 64 MB raster once would land near 100 MB
     assert large["growth_kb"] < raster_kb
     assert large["growth_kb"] <= 2.5 * small["growth_kb"] + 8 * 1024  # area ×4, width ×2
+
+
+def test_kept_exports_are_whole_ones_and_truncated_ones_are_rewritten(tmp_path, labels) -> None:
+    """Defect 10: write_exports(recompute=False) kept any file at an export's path, a truncated COG too
+    (a crash or a full disk while it was written). Whole exports are still kept as they are."""
+    from segpipe.export import Exports, export_is_whole, write_exports
+
+    zarr_uri = make_output(tmp_path / "scene.zarr", labels)
+    exports = Exports(cog=True, vector="gpkg", preview=True)
+    paths = write_exports(zarr_uri, None, exports)
+    kinds = ("cog", "vector", "preview")
+    whole = {k: Path(paths[k]).read_bytes() for k in kinds}
+    assert all(export_is_whole(k, paths[k], zarr_uri) for k in kinds)
+    stamps = {k: os.stat(paths[k]).st_mtime_ns for k in kinds}
+    write_exports(zarr_uri, None, exports, recompute=False)
+    assert {k: os.stat(paths[k]).st_mtime_ns for k in kinds} == stamps  # whole ones are kept
+    for k in kinds:
+        Path(paths[k]).write_bytes(whole[k][: len(whole[k]) * 2 // 3])
+        assert not export_is_whole(k, paths[k], zarr_uri)
+    write_exports(zarr_uri, None, exports, recompute=False)
+    assert_valid_cog(paths["cog"])
+    with rasterio.open(paths["cog"]) as ds:
+        np.testing.assert_array_equal(ds.read(1), labels)
+    assert all(export_is_whole(k, paths[k], zarr_uri) for k in kinds)
+    assert Path(paths["preview"]).read_bytes() == whole["preview"]

@@ -359,6 +359,62 @@ def run_chunks_raising(uri: str) -> None:
     raise error
 
 
+def slow_writes_and_a_failing_tile(dask_worker) -> None:
+    """Installed in a worker process (client.run): the first tile task writes slowly (0.4 s a chunk);
+    every later one fails with an InputError once the first has written a chunk (so it is mid-write)."""
+    import itertools
+    import threading
+
+    from segpipe.core.errors import InputError
+    from segpipe.engine import tasks
+
+    write, run, calls, writing = tasks.write_chunk, tasks._run_tiles, itertools.count(), threading.Event()
+
+    def slow_write(*args, **kwargs):
+        write(*args, **kwargs)
+        writing.set()
+        time.sleep(0.4)
+
+    def failing_run(job, work, fill):
+        if next(calls) == 0:
+            return run(job, work, fill)
+        writing.wait(120)
+        raise InputError(job.source, "injected failure of one tile")
+
+    tasks.write_chunk, tasks._run_tiles = slow_write, failing_run
+
+
+def chunk_files(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("c/**/*") if p.is_file()}
+
+
+@pytest.mark.e2e
+def test_no_tile_task_writes_after_its_image_failed_and_released_the_lock(tmp_path, photo, model_dir, monkeypatch):
+    """Defect 6: cancel() stops only tile tasks that have not started; a started one wrote on after
+    segment_image had failed and released the lock, beside whoever took the output next. Now the driver
+    waits for the started tasks, which stop at their next chunk (the fence), before releasing."""
+    from distributed import Client
+
+    from segpipe.core.settings import segment_settings
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
+    from segpipe.io.storage import list_images
+    from tests.services import dask_processes
+
+    src = write_geotiff(tmp_path / "x.tif", photo[:, :256, :256])
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))  # the worker imports this module
+    with dask_processes(1, tmp_path / "logs", nthreads=2) as (address, _), Client(address) as client:
+        client.run(slow_writes_and_a_failing_tile)
+        ref, _ = check_model(model_dir)
+        settings = segment_settings(chunk_size=64, halo=16, precision="fp32", device="cpu")
+        result = segment_image(list_images(str(src))[0], ref, str(tmp_path / "out"), settings, client)
+        assert result.status == "failed" and "injected failure of one tile" in result.error
+        assert not (tmp_path / "out" / "x.zarr.lock").exists()  # released: another run may start now
+        written = chunk_files(tmp_path / "out" / "x.zarr")
+        time.sleep(3)  # longer than the slow task's remaining writes (3 × 0.4 s)
+        assert chunk_files(tmp_path / "out" / "x.zarr") == written
+
+
 # ----------------------------------------------------------------------------- terminal noise
 
 def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo, model_dir):
@@ -366,6 +422,9 @@ def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo,
     src.mkdir()
     good = write_geotiff(src / "good.tif", photo[:, :160, :160])
     (src / "cut.tif").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # uncompressed with a nodata value: its tile tasks read the valid mask first (defects 9 and 13)
+    masked = write_geotiff(tmp_path / "m.tif", photo[:, :160, :160], compress=None, nodata=0)
+    (src / "cut_masked.tif").write_bytes(masked.read_bytes()[: masked.stat().st_size // 2])
     png = write_png(tmp_path / "p.png", photo[:, :160, :160])
     (src / "cut.png").write_bytes(png.read_bytes()[: png.stat().st_size // 2])
     jpg = write_jpeg(tmp_path / "j.jpg", photo[:, :160, :160])
@@ -378,10 +437,16 @@ def test_truncated_images_are_one_line_each_on_a_quiet_terminal(tmp_path, photo,
     # nothing but our own lines: no GDAL/libpng/Dask/tifffile noise, no traceback
     assert all(line.startswith(("error:", "note:", "warning:", "details:")) for line in lines), proc.stderr
     errors = error_lines(proc.stderr)
-    assert sorted(e.split(": ", 2)[1] for e in errors) == sorted(str(src / n) for n in ("cut.jpg", "cut.png", "cut.tif"))
+    names = ("cut.jpg", "cut.png", "cut.tif", "cut_masked.tif")
+    assert sorted(e.split(": ", 2)[1] for e in errors) == sorted(str(src / n) for n in names)
     assert all("unexpected" not in e for e in errors)
+    # the line carries GDAL's own cause, not rasterio's "Read failed. See previous exception for details."
+    for name in ("cut.tif", "cut_masked.tif"):
+        line = next(e for e in errors if e.startswith(f"error: {src / name}: "))
+        assert line.startswith(f"error: {src / name}: corrupt or truncated image (") and "previous exception" not in line
+    assert next(e for e in errors if "cut_masked" in e).endswith("expected 196608)")  # one 256² RGB tile
     assert status(tmp_path / "out" / "good.zarr") == "complete"
-    for name in ("cut.jpg", "cut.png", "cut.tif"):
+    for name in names:
         out = tmp_path / "out" / (name + ".zarr")
         assert not out.exists() or status(out) != "complete"
 

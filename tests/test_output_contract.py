@@ -287,3 +287,29 @@ def test_no_temporary_files_are_left(tmp_path):
         write_chunk(t, c, np.zeros((c.h, c.w), np.uint8), np.zeros((2, c.h, c.w), np.uint8))
     leftovers = [n for _, _, files in os.walk(t.uri) for n in files if ".tmp" in n]
     assert leftovers == []
+
+
+def test_the_write_path_falls_back_only_for_a_layout_that_is_not_plain(tmp_path, caplog):
+    """One write path: segpipe's own layout is written chunk by chunk (RawChunks); only an array whose
+    layout differs (here blosc) goes through zarr-python, and says why; a missing array is an error."""
+    import logging
+
+    from zarr.codecs import BloscCodec
+
+    from segpipe.io.output import _store_for
+
+    plain = target(tmp_path / "plain.zarr", 20, 30, 16, 4)
+    prepare_output(plain, attrs_for(plain))
+    assert _store_for(plain).fast and _store_for(plain).fallback is None
+    other = target(tmp_path / "blosc.zarr", 20, 30, 16, 4)
+    zarr.open_group(other.uri, mode="w-", zarr_format=3).create_array(
+        LEVEL0, shape=(20, 30), chunks=(16, 16), dtype="uint8", compressors=BloscCodec(), fill_value=255)
+    with caplog.at_level(logging.INFO, logger="segpipe.io.output"):
+        store = _store_for(other)
+    assert not store.fast and store.fallback.startswith("array '0': codecs ['bytes', 'blosc']")
+    assert f"{other.uri}: array '0': codecs" in caplog.text and "written through zarr-python" in caplog.text
+    gone = target(tmp_path / "o.zarr", 20, 30, 16, 4)
+    prepare_output(gone, attrs_for(gone))
+    (tmp_path / "o.zarr" / LEVEL0 / "zarr.json").unlink()
+    with pytest.raises(OutputError, match="has no array '0'"):
+        write_chunk(gone, ChunkGrid(20, 30, 16).chunk(0, 0), np.zeros((16, 16), np.uint8))

@@ -118,6 +118,7 @@ PIXEL_CHANGES = {
     "bands": {"read": ReadSettings(bands=(3, 2, 1))},
     "level": {"read": ReadSettings(level=1)},
     "mpp": {"read": ReadSettings(mpp=0.5)},
+    "gsd": {"read": ReadSettings(gsd=0.5)},
     "skip_empty": {"read": ReadSettings(skip_empty=False)},
     "tta": {"inference": InferenceSettings(tta=True)},
     "precision": {"inference": InferenceSettings(precision="bf16")},

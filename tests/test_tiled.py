@@ -9,6 +9,7 @@ offset or double write shows up as a wrong pixel.
 from __future__ import annotations
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -353,3 +354,33 @@ def test_memory_reader_reflects_like_numpy_pad():
     for y0, x0, hh, ww in [(-12, -12, 31, 33), (-3, 5, 10, 10), (4, -7, 5, 20), (0, 0, 7, 9)]:
         np.testing.assert_array_equal(r.read(Window(y0, x0, hh, ww)),
                                       padded[:, y0 + pad:y0 + pad + hh, x0 + pad:x0 + pad + ww])
+
+
+@pytest.mark.slow
+def test_an_evicted_predictor_stops_its_compute_thread(model_dir, photo):
+    """Defect 11: cached_predictor dropped the old entry of a device but not its compute thread, so two
+    settings on one device (evicting each other per image) left a thread and a network behind each time.
+    An evicted predictor still held by a task keeps predicting, in the task's own thread."""
+    import threading
+
+    from segpipe.core.settings import InferenceSettings
+    from segpipe.engine import predictor as pr
+    from segpipe.engine.job import check_model
+
+    ref, _ = check_model(model_dir)
+    tiles = np.ascontiguousarray(photo[None, :, :64, :64])
+
+    def compute_threads() -> int:
+        return sum(t.name.startswith("segpipe-compute") and t.is_alive() for t in threading.enumerate())
+
+    settings = [InferenceSettings(device="cpu", precision="fp32", tta=tta) for tta in (False, True)]
+    first = pr.cached_predictor(ref.uri, ref.sha256, settings[0])
+    expected = first.predict(tiles)[0]
+    start = compute_threads()
+    for i in range(4):  # the two settings evict each other
+        held = pr.cached_predictor(ref.uri, ref.sha256, settings[i % 2])
+        held.predict(tiles)
+    time.sleep(0.2)
+    assert compute_threads() <= start + 1  # the live predictor's thread, not one per eviction
+    np.testing.assert_array_equal(first.predict(tiles)[0], expected)  # evicted, still usable by its holder
+    assert first._executor is None

@@ -61,6 +61,7 @@ def test_loss_goes_down_and_artifact_loads(straight, data):
     assert (spec.architecture, spec.encoder, spec.in_channels) == ("Unet", "resnet18", 3)
     assert spec.classes == load_dataset(str(data)).classes
     assert spec.input_scale == 255.0 and all(0 < s < 1 for s in spec.std)
+    assert spec.input_dtype == "uint8" and spec.resolution is not None and spec.resolution.gsd == 0.5
     extra = spec.model_extra
     tr = extra["training"]
     assert tr["epochs_run"] == 2 and tr["best_epoch"] == straight.best_epoch

@@ -94,7 +94,11 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--probabilities", is_flag=True, help="Also write class probabilities (uint8)."),
         click.option("--bands", default=None, help="1-based bands to read, e.g. 1,2,3 [default: all]."),
         click.option("--level", type=int, default=None, help="Pyramid level to segment (slides, COG overviews)."),
-        click.option("--mpp", type=float, default=None, help="Microns per pixel to segment at (slides)."),
+        click.option("--mpp", type=float, default=None,
+                     help="Microns per pixel to segment slides at [default: the model's resolution]."),
+        click.option("--gsd", type=float, default=None,
+                     help="Pixel size in CRS units to segment georeferenced rasters at (area-averaged reads) "
+                          "[default: the model's resolution]."),
         click.option("--skip-empty/--no-skip-empty", default=True, show_default=True,
                      help="Skip chunks that are all nodata (written as the nodata label) or slide background."),
         click.option("--background-class", type=int, default=None,
@@ -111,7 +115,8 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: str, precision: str, tta: bool,
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
                    skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
-                   overwrite: bool = False, tile_size: int | None = None, task_seconds: float | None = None):
+                   overwrite: bool = False, tile_size: int | None = None, task_seconds: float | None = None,
+                   gsd: float | None = None):
     """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
     from segpipe.core.settings import segment_settings
 
@@ -119,7 +124,7 @@ def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: s
         return segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size,
                                 device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
-                                mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
+                                mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     except ConfigError as e:  # name the option as the user typed it
         raise ConfigError(f"--{e.subject}", e.problem) from None

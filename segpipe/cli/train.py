@@ -55,8 +55,8 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
              batch_size: int | None,
              device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
-             mpp: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
-             dask_address: str | None) -> None:
+             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None,
+             max_pixels: float, dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
     from segpipe.core.settings import ClusterSettings
     from segpipe.engine.cluster import dask_client
@@ -66,7 +66,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size)
+                              skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size, gsd=gsd)
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address)) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)
@@ -94,10 +94,13 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dask-address", default=None)
+@click.option("--skip-unchanged", is_flag=True,
+              help="Do nothing when data, labels, champion and settings are those of the last completed round "
+                   "(the weekly deployment's default).")
 @handle_errors
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
-            patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str, seed: int,
-            dask_address: str | None) -> None:
+            patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str,
+            seed: int, dask_address: str | None, skip_unchanged: bool) -> None:
     """Train a challenger, compare it with the champion on the same split, promote if better."""
     import json
 
@@ -109,5 +112,6 @@ def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batc
                                patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
                                class_balanced=class_balanced, device=device, precision=precision, seed=seed)
     ssettings = segment_settings(device=device, precision=precision)
-    result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address)
+    result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address,
+                         skip_unchanged=skip_unchanged)
     click.echo(json.dumps(result.as_dict(), indent=2))

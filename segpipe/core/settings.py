@@ -72,7 +72,12 @@ class ReadSettings(_Settings):
         None, ge=0, description="Pyramid level to segment (slides; GeoTIFF overviews: level N = overview N).",
     )
     mpp: float | None = Field(
-        None, gt=0, description="Microns per pixel to segment at (slides): nearest finer level, then resampled.",
+        None, gt=0, description="Microns per pixel to segment at (slides): nearest finer level, then resampled. "
+        "Default: the model's (model.json resolution).",
+    )
+    gsd: float | None = Field(
+        None, gt=0, description="Ground sample distance (pixel size in CRS units) to segment georeferenced "
+        "rasters at: area-averaged reads. Default: the model's (model.json resolution).",
     )
     skip_empty: bool = Field(
         True, description="Do not run the model on chunks that are all nodata (raster nodata value, mask or "
@@ -177,6 +182,7 @@ class SegmentSettings(_Settings):
             "bands": self.read.bands,
             "level": self.read.level,
             "mpp": self.read.mpp,
+            "gsd": self.read.gsd,
             "skip_empty": self.read.skip_empty,
             "tta": self.inference.tta,
             "precision": self.inference.precision,
@@ -206,12 +212,13 @@ def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | 
                      batch_size: int | None = None, device: str = "auto", task_seconds: float | None = None,
                      precision: str = "auto", tta: bool = False, probabilities: bool = False,
                      bands: str | None = None, level: int | None = None, mpp: float | None = None,
+                     gsd: float | None = None,
                      skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
                      overwrite: bool = False) -> SegmentSettings:
     """The one settings builder of ``segpipe segment`` and the ``segment-images`` flow (same names, same rules)."""
     return SegmentSettings(
         tiling=TilingSettings(chunk_size=chunk_size, halo=halo, tile_size=tile_size),
-        read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, skip_empty=skip_empty,
+        read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, gsd=gsd, skip_empty=skip_empty,
                           max_pixels=max_pixels),
         inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
                                     probabilities=probabilities, task_seconds=task_seconds),

@@ -15,11 +15,12 @@ import contextlib
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from segpipe.core.errors import ConfigError
-from segpipe.core.settings import ClusterSettings
+from segpipe.core.settings import ClusterSettings, InferenceSettings
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -60,6 +61,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
         try:
             yield client
         finally:
+            close_clients(settings.address)
             client.close()
         return
 
@@ -90,6 +92,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     try:
         yield client
     finally:
+        close_clients(cluster.scheduler_address)
         client.close()
         cluster.close()
 
@@ -149,11 +152,18 @@ def is_in_process(client: Client) -> bool:
     return cluster is not None and not getattr(cluster, "processes", True) and hasattr(cluster, "scheduler")
 
 
-def client_for(address: str) -> Client:
-    """A client for ``address``: the one already connected in this process when there is one.
+_clients: dict[str, Client] = {}
+_clients_lock = threading.Lock()
 
-    Prefect tasks run in threads of the flow's process; they reuse the flow's client
-    (which also works for the embedded cluster's in-process address) instead of opening one each.
+
+def client_for(address: str) -> Client:
+    """A client for ``address``: the default client when it is connected there, else this process's one
+    client for that address (opened on first use, reused after; closed by :func:`close_clients`).
+
+    Prefect tasks run in threads of the flow's process; they reuse the flow's client (which also works
+    for the embedded cluster's in-process address) instead of opening one each. The default client is
+    the last one made in the process, so under ``deployments/serve.py`` (two flows, each with its own
+    cluster) it is often another flow's: opening a client per image then leaked one per image.
     """
     from distributed import Client, default_client
 
@@ -163,7 +173,22 @@ def client_for(address: str) -> Client:
             return client
     except ValueError:
         pass
-    return Client(address, set_as_default=False)
+    with _clients_lock:
+        client = _clients.get(address)
+        if client is not None and client.status == "running":
+            return client
+        client = _clients[address] = Client(address, set_as_default=False)
+        return client
+
+
+def close_clients(address: str | None = None) -> None:
+    """Close the clients :func:`client_for` opened (for ``address``, or all): when a cluster goes away."""
+    with _clients_lock:
+        gone = [a for a in _clients if address is None or a == address]
+        closing = [_clients.pop(a) for a in gone]
+    for client in closing:
+        with contextlib.suppress(Exception):  # noqa: BLE001 - closing a client to a scheduler that is gone
+            client.close()
 
 
 def trim_memory() -> None:
@@ -188,3 +213,43 @@ def _libc():
     import ctypes.util
 
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _worker_precision(device: str, precision: str) -> str:
+    from segpipe.engine.predictor import resolve_device, resolve_precision
+
+    return resolve_precision(precision, resolve_device(device))
+
+
+_run_precision: dict[tuple[str, str, str], str] = {}
+
+
+def resolve_run_precision(client: Client, settings: InferenceSettings) -> str:
+    """The precision the workers will compute in, resolved before an output is created.
+
+    The resolved precision is part of an output's identity (its skip/resume key and provenance):
+    ``auto`` gives bf16 on one machine and fp32 on another, and a resumed output must not mix
+    chunks of both. An explicit precision is checked against this process's devices only where
+    workers share them; ``auto`` is asked of every worker (once per client, cached), and workers
+    that disagree are refused — a mixed fleet needs an explicit ``--precision``.
+    """
+    from segpipe.core.errors import ConfigError
+
+    if settings.precision != "auto":
+        return settings.precision
+    key = (str(getattr(client, "id", id(client))), settings.device, settings.precision)
+    hit = _run_precision.get(key)
+    if hit is not None:
+        return hit
+    per_worker: dict[str, str] = client.run(_worker_precision, settings.device, settings.precision)
+    found = sorted(set(per_worker.values()))
+    if not found:
+        raise ConfigError("--precision auto", "no Dask worker is connected to resolve it; start workers first")
+    if len(found) > 1:
+        where = ", ".join(f"{p} on {next(w for w, v in per_worker.items() if v == p)}" for p in found)
+        raise ConfigError("--precision auto", f"the workers resolve it differently ({where}); an output must be "
+                                              "computed in one precision: pass --precision explicitly")
+    if len(_run_precision) > 64:
+        _run_precision.clear()
+    _run_precision[key] = found[0]
+    return found[0]

@@ -159,7 +159,7 @@ class Predictor:
         norm = normalization_for(self.spec, dtype)
         if norm is None:
             raise ModelError(None, "this model normalises each image from its own statistics (percentile): "
-                             "pass the image's normalisation (segpipe.models.artifact.image_normalization) to predict")
+                             "pass the image's normalisation (segpipe.models.normalization.image_normalization) to predict")
         return norm
 
     def _fold(self, norm: InputNorm) -> tuple:
@@ -207,7 +207,7 @@ class Predictor:
         """Class ids (N, H, W) and, when asked for, probabilities (N, K, H, W) as uint8 (p × 255).
 
         ``tiles`` are raw pixels (N, bands, H, W) in the source dtype; normalisation happens here,
-        by ``norm`` (the image's, from :func:`segpipe.models.artifact.image_normalization`; resolved once per
+        by ``norm`` (the image's, from :func:`segpipe.models.normalization.image_normalization`; resolved once per
         image) or, when None, the model's fixed rule for the tiles' dtype. With ``crop = (offset,
         side)`` only ``[offset, offset + side)`` of both axes is returned: the argmax, softmax and
         copies skip the halo, whose predictions are discarded anyway.
@@ -234,11 +234,16 @@ class Predictor:
 
     def _submit(self, tiles: np.ndarray, norm: InputNorm | None, crop: tuple[int, int] | None,
                 entropy: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        if self._executor is None:
+        executor = self._executor
+        if executor is None:  # a live network (training), or closed: a task still holding it runs here
             return self._predict(tiles, norm, crop, entropy)
         if self.coalesce and _pixels(tiles) < self._coalescer.limit:  # merge with other threads' requests
             return self._coalescer.predict(tiles, norm, crop, entropy)
-        return self._executor.submit(self._timed, tiles, norm, crop, entropy).result()
+        try:
+            future = executor.submit(self._timed, tiles, norm, crop, entropy)
+        except RuntimeError:  # closed between the check and the submit
+            return self._predict(tiles, norm, crop, entropy)
+        return future.result()
 
     def _timed(self, tiles: np.ndarray, norm: InputNorm | None = None, crop: tuple[int, int] | None = None,
                entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -253,6 +258,17 @@ class Predictor:
     def seconds_per_megapixel(self) -> float | None:
         """Device seconds per megapixel of input windows so far (None before the first forward)."""
         return self.device_seconds / self.device_pixels * 1e6 if self.device_pixels else None
+
+    def close(self) -> None:
+        """Stop the compute thread once the forwards queued on it are done.
+
+        Called when :func:`cached_predictor` evicts this predictor: without it each eviction left a thread
+        (and, through it, the network) behind, and two settings on one device evict each other per image.
+        A task that still holds the predictor runs its forwards in its own thread after this.
+        """
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None, crop: tuple[int, int] | None = None,
                  entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -332,7 +348,10 @@ class _Coalescer:
         done: Future = Future()
         with self._lock:
             self._queue.append((tiles, norm, (crop, entropy), done))
-        self._executor.submit(self._drain)
+        try:
+            self._executor.submit(self._drain)
+        except RuntimeError:  # the predictor was closed (evicted): drain in this thread
+            self._drain()
         return done.result()
 
     @staticmethod
@@ -405,7 +424,7 @@ def cached_predictor(model_uri: str, sha256: str, settings: InferenceSettings) -
             if artifact.sha256 != sha256:
                 raise ModelError(model_uri, "weights changed while the run was in progress")
             for old in [k for k in _cache if k.settings.device == settings.device]:
-                del _cache[old]
+                _cache.pop(old).close()
             pred = Predictor(artifact, settings)
             _cache[key] = pred
             log.info("loaded %s (%s/%s) on %s, %s", model_uri, artifact.spec.architecture,
@@ -420,41 +439,3 @@ def prime_predictor(artifact: Artifact, settings: InferenceSettings) -> Predicto
         if key not in _cache:
             _cache[key] = Predictor(artifact, settings)
         return _cache[key]
-
-
-def _worker_precision(device: str, precision: str) -> str:
-    return resolve_precision(precision, resolve_device(device))
-
-
-_run_precision: dict[tuple[str, str, str], str] = {}
-
-
-def resolve_run_precision(client: Any, settings: InferenceSettings) -> str:
-    """The precision the workers will compute in, resolved before an output is created.
-
-    The resolved precision is part of an output's identity (its skip/resume key and provenance):
-    ``auto`` gives bf16 on one machine and fp32 on another, and a resumed output must not mix
-    chunks of both. An explicit precision is checked against this process's devices only where
-    workers share them; ``auto`` is asked of every worker (once per client, cached), and workers
-    that disagree are refused — a mixed fleet needs an explicit ``--precision``.
-    """
-    from segpipe.core.errors import ConfigError
-
-    if settings.precision != "auto":
-        return settings.precision
-    key = (str(getattr(client, "id", id(client))), settings.device, settings.precision)
-    hit = _run_precision.get(key)
-    if hit is not None:
-        return hit
-    per_worker: dict[str, str] = client.run(_worker_precision, settings.device, settings.precision)
-    found = sorted(set(per_worker.values()))
-    if not found:
-        raise ConfigError("--precision auto", "no Dask worker is connected to resolve it; start workers first")
-    if len(found) > 1:
-        where = ", ".join(f"{p} on {next(w for w, v in per_worker.items() if v == p)}" for p in found)
-        raise ConfigError("--precision auto", f"the workers resolve it differently ({where}); an output must be "
-                                              "computed in one precision: pass --precision explicitly")
-    if len(_run_precision) > 64:
-        _run_precision.clear()
-    _run_precision[key] = found[0]
-    return found[0]

@@ -20,10 +20,9 @@ from segpipe.core.geometry import ChunkGrid
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
 from segpipe.core.settings import SegmentSettings
-from segpipe.engine.cluster import recent_worker_capacity
+from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
-from segpipe.engine.predictor import resolve_run_precision
 from segpipe.engine.tasks import TaskSizer, _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock
@@ -53,13 +52,42 @@ def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSet
     """Refuse an image the model cannot read, or one that declares an absurd size, with one line.
 
     Returns the fixed input normalisation for its pixel type, or None when the model's is per
-    image (percentile stretch: :func:`segpipe.models.artifact.image_normalization`).
+    image (percentile stretch: :func:`segpipe.models.normalization.image_normalization`).
     """
     pixels = info.height * info.width
     if pixels > settings.read.max_pixels:
         raise InputError(uri, f"declares {info.width:,} × {info.height:,} pixels, more than --max-pixels "
                               f"{settings.read.max_pixels:,.0f}; raise --max-pixels if the size is real")
     return check_input(model.spec, info, uri)
+
+def at_model_resolution(info: ImageInfo, model: ModelRef, settings: SegmentSettings, uri: str
+                        ) -> tuple[SegmentSettings, str | None]:
+    """The settings that read ``uri`` at the pixel size its model was trained at, and a warning line when
+    the image is coarser than that (it is then upsampled: the model sees less detail than in training).
+
+    ``--level``, ``--mpp`` or ``--gsd`` given by the user win; a model without a recorded resolution,
+    or an image without the matching kind of pixel size (mpp for slides, a georeference for ``gsd``),
+    is read as it is.
+    """
+    from segpipe.io.readers.resample import SAME_SIZE_RTOL, pixel_size
+
+    r, res = settings.read, model.spec.resolution
+    if res is None or r.level is not None or r.mpp is not None or r.gsd is not None:
+        return settings, None
+    if res.mpp is not None and info.mpp is not None:
+        read, have, want, unit = r.model_copy(update={"mpp": res.mpp}), info.mpp, res.mpp, "µm per pixel"
+    elif res.gsd is not None and pixel_size(info) is not None:
+        have = pixel_size(info)
+        assert have is not None
+        read, want, unit = r.model_copy(update={"gsd": res.gsd}), res.gsd, "CRS units per pixel"
+    else:
+        return settings, None
+    note = None
+    if have > want * (1 + SAME_SIZE_RTOL):
+        note = (f"{uri}: its pixels ({have:g} {unit}) are coarser than the model's ({want:g}); it is upsampled, "
+                "so the model sees less detail than it was trained on")
+    return settings.model_copy(update={"read": read}), note
+
 
 def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
                   progress: Progress | None = None, target_uri: str | None = None) -> ImageResult:
@@ -79,6 +107,12 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     try:
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+        # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
+        r = settings.read
+        native = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd).info
+        settings, coarser = at_model_resolution(native, model, settings, image.uri)
+        if coarser:
+            result.notes.append(coarser)
         gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
         info, background, norm, tissue = _read_header(image, model, settings)
         result.height, result.width = info.height, info.width
@@ -163,8 +197,8 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.error = f"{image.uri}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.exception("unexpected error on %s (the other images go on)", image.uri)
     finally:
-        if lock is not None:
-            lock.release()
+        if lock is not None and (problem := lock.release()) is not None:
+            result.notes.append(problem)  # the image's own result stands
         result.seconds = time.perf_counter() - t0
     return result
 
@@ -178,7 +212,7 @@ def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
     image a second time (~3 ms a 256² PNG chip; a header request per remote COG).
     """
     r = settings.read
-    reader = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint)
+    reader = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd)
     info = reader.info
     norm = check_image(image.uri, info, model, settings)
     if norm is None:
@@ -202,7 +236,8 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     chunks, mp = 0, 0.0
     for image in images:
         try:
-            reader = open_image(image.uri, settings.read.bands, level=settings.read.level, mpp=settings.read.mpp)
+            reader = open_image(image.uri, settings.read.bands, level=settings.read.level, mpp=settings.read.mpp,
+                                gsd=settings.read.gsd)
         except SegpipeError:
             continue  # reported when the image itself runs
         info = reader.info

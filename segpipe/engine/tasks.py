@@ -53,6 +53,55 @@ PARALLEL_READ_BATCH = 4
 #: threads bound it further
 TASKS_PER_DEVICE = 8
 
+class Fenced(Exception):
+    """A tile task stopped before writing because the driver cancelled it (its image failed)."""
+
+
+def cancelled() -> bool:
+    """True when the Dask task running in this thread was cancelled (a local look at the worker's state).
+
+    ``Future.cancel`` stops only tasks that have not started; a started one runs on, and its writes would
+    land after the driver released the output's lock, beside another run's (a Prefect retry 5 s later).
+    The tile tasks look here before each chunk they write (the fence); the driver waits until no task
+    of the run executes (:func:`_wait_for_started`) before it lets the lock go.
+    """
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker (library use, tests)
+        return False
+    key = getattr(thread_state, "key", None)
+    ts = worker.state.tasks.get(key) if key is not None else None
+    return ts is not None and ts.state == "cancelled"
+
+
+def _executing(dask_worker: Any, prefix: tuple[str, ...]) -> list[str]:
+    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now, cancelled ones included (via client.run)."""
+    running = set(dask_worker.state.executing) | set(dask_worker.state.long_running)
+    return [str(ts.key) for ts in running if str(ts.key).startswith(prefix)]
+
+
+def _wait_for_started(client: Client, prefix: tuple[str, ...], timeout: float = 600.0) -> None:
+    """Return once no worker runs a task whose key starts with one of ``prefix`` (cancelled tasks stop at their
+    next chunk, see :func:`cancelled`); after ``timeout`` s, go on with a warning."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            running = [k for keys in client.run(_executing, prefix).values() for k in keys]
+        except Exception:  # noqa: BLE001 - a scheduler that is gone runs nothing more
+            log.debug("could not ask the workers what runs", exc_info=True)
+            return
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            log.warning("%d cancelled tile task(s) still run after %.0f s: %s", len(running), timeout, running[:3])
+            return
+        time.sleep(delay)
+        delay = min(0.2, delay * 2)
+
 #: a task's work: (tile key, [chunk keys of that tile to write])
 
 def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
@@ -76,6 +125,8 @@ def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int =
                 if error is None:
                     raise
                 break
+            if cancelled():
+                raise Fenced(work[0][0]) from None
             log.warning("transient error on %s tiles %s, retrying", job.source, [w[0] for w in work[:2]],
                         exc_info=True)
             time.sleep(2**attempt)
@@ -110,6 +161,8 @@ class _ZarrSink:
                     self.tiles.update({c.key: entry for c in chunks})
 
     def write(self, chunk: Chunk, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        if cancelled():
+            raise Fenced(chunk.key)
         if self.tissue is not None:
             glass = ~tissue_pixels(self.tissue.mask, chunk, self.tissue.scale)
             if glass.any():
@@ -124,6 +177,8 @@ class _ZarrSink:
         self._gather(chunk, labels)
 
     def fill(self, job: ChunkJob, chunk: Chunk, value: int | None) -> None:
+        if cancelled():
+            raise Fenced(chunk.key)
         labels = _write_fill(job, chunk, value)
         self._gather(chunk, labels)
 
@@ -181,6 +236,8 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
         n = 0
         for _, cks in items:
             for c in cks:
+                if cancelled():
+                    raise Fenced(c.key)
                 _write_fill(job, c, job.background_class)
                 n += 1
         return {"chunks": n, "skipped": n, "megapixels": megapixels, "stats": TileStats()}
@@ -188,7 +245,7 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
     # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
-    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
+    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint, gsd=r.gsd)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)
@@ -338,20 +395,15 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
     finally:
-        for f in list(queue.futures):
+        left = list(queue.futures)
+        for f in left:
             f.cancel()
         if uncertainty is not None:
-            _flush_quietly(uncertainty)
+            uncertainty.flush(quiet=True)
+        if left:  # the lock is released after this: no task of this run may write after it
+            _wait_for_started(client, (f"segpipe-tiles-{run}-", f"segpipe-fill-{run}-"))
     return stats
 
-
-def _flush_quietly(uncertainty: ChunkUncertainty) -> None:
-    """Write the recorded values; a storage error here is left to the finalize that follows (or to the
-    error already on its way), which names it once."""
-    try:
-        uncertainty.flush()
-    except (SegpipeError, OSError):
-        log.warning("%s: the uncertainty array could not be written", uncertainty.uri, exc_info=True)
 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
     from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid

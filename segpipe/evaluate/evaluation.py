@@ -26,7 +26,7 @@ from segpipe.core.settings import SegmentSettings
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
 from segpipe.io.metrics import write_metrics_json
-from segpipe.io.output import open_labels
+from segpipe.io.output import open_labels, read_attrs
 from segpipe.io.readers import open_image
 from segpipe.io.readers.decimate import read_decimated
 from segpipe.io.storage import SourceImage, join, list_images
@@ -112,22 +112,37 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
     preds_root = join(out, "predictions")
     # OUT/predictions is evaluation's own scratch: a rerun with other settings replaces it
     settings = settings.model_copy(update={"output": settings.output.model_copy(update={"overwrite": True})})
+    not_scored: list[dict[str, str]] = []
+    scored, pixels = 0, 0
     for item in ds.items:
         result = segment_image(_source(item.image_uri, item.name), ref, preds_root, settings, client)
         if result.status == "failed":
             raise DatasetError(item.image_uri, result.error or "prediction failed")
+        # "skipped" is a complete prediction of the same image and settings, or one that another run is
+        # still writing (its lock is live): only a complete one is scored
+        status = ((read_attrs(result.output) or {}).get("segpipe") or {}).get("status")
+        if status != "complete":
+            reason = "; ".join(result.notes) or f"{result.output}: not complete (status {status!r})"
+            not_scored.append({"image": item.image_uri, "reason": reason})
+            log.warning("not scored: %s", reason)
+            continue
         cm = cm + score_output(result.output, item.mask_uri, ds.num_classes)
+        scored, pixels = scored + 1, pixels + item.height * item.width
         pred = open_labels(result.output)
         if len(samples) < n_samples:
             samples.append(_sample(item.name, item.image_uri, item.mask_uri, pred, item.height, item.width))
+    if not scored:
+        raise DatasetError(ds.root, f"no image of the {split} split could be scored: {not_scored[0]['reason']}")
     metrics = scores(cm.matrix, ds.classes)
     metrics["model"] = {"uri": ref.uri, "weights_sha256": ref.sha256}
-    metrics["data"] = {"root": ds.root, "split": split, "images": len(ds.items), "pixels": ds.pixels,
+    metrics["data"] = {"root": ds.root, "split": split, "images": scored, "pixels": pixels,
                        # ignored truth or nodata (truth or prediction): not in the confusion matrix
-                       "unscored_pixels": ds.pixels - cm.total}
+                       "unscored_pixels": pixels - cm.total,
+                       # predictions another run was writing: left out, and said so
+                       "not_scored": not_scored}
     write_metrics_json(join(out, "metrics.json"), metrics)
-    log.info("evaluated %s on %d image(s): mean IoU %s", ref.uri, len(ds.items), metrics["mean_iou"])
-    return Evaluation(metrics, out, ref, samples, len(ds.items))
+    log.info("evaluated %s on %d image(s): mean IoU %s", ref.uri, scored, metrics["mean_iou"])
+    return Evaluation(metrics, out, ref, samples, scored)
 
 
 def model_info(ref: ModelRef) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Prefect tasks as ``train_step``/``evaluate_step`` so each step shows in its run 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from segpipe.engine.cluster import dask_client
 from segpipe.evaluate.decision import decide, run_dir
 from segpipe.evaluate.evaluation import Evaluation, evaluate, write_evaluation_report
 from segpipe.evaluate.reports import markdown_table
-from segpipe.io.storage import join
+from segpipe.io.storage import filesystem, join, tree_fingerprint
 from segpipe.labels.dataset import load_dataset
 from segpipe.models.registry import champion, init_registry, promote, register, resolve
 from segpipe.train.loop import TrainResult, train
@@ -39,6 +40,8 @@ class RetrainResult:
     registry: str
     run: str
     comparison: str  #: markdown table, champion vs challenger
+    #: nothing changed since the last round (data, labels, champion, settings): no training was done
+    skipped: bool = False
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "comparison"}
@@ -62,19 +65,65 @@ def evaluate_model(label: str, model: str, data: str, split: str, out: str, sett
     return ev
 
 
+#: what a dataset is made of, for the "did anything change?" check of a weekly retrain
+DATA_PARTS = ("images", "masks", "labels", "regions", "classes.json", "split.json")
+LAST_ROUND = "last-retrain.json"
+
+
+def round_fingerprint(data: str, champion_version: str | None, tsettings: TrainSettings,
+                      ssettings: SegmentSettings, split: str, margin: float) -> str:
+    """Identity of a retrain round's inputs: every dataset file (listing only), the champion and the settings."""
+    import hashlib
+
+    parts = {p: tree_fingerprint(join(data, p)) for p in DATA_PARTS}
+    blob = json.dumps({"data": parts, "champion": champion_version, "train": tsettings.model_dump(mode="json"),
+                       "segment": ssettings.output_key(), "split": split, "margin": margin}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _last_round(registry: str) -> dict:
+    fs, path = filesystem(join(registry, LAST_ROUND))
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _record_round(registry: str, entry: dict) -> None:
+    fs, path = filesystem(join(registry, LAST_ROUND))
+    tmp = path + ".tmp"
+    fs.pipe_file(tmp, json.dumps(entry, indent=2).encode())
+    fs.mv(tmp, path)
+
+
 def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: SegmentSettings, *,
             workdir: str | None = None, split: str = "val", margin: float = 0.005,
-            dask_address: str | None = None,
+            dask_address: str | None = None, skip_unchanged: bool = False,
             train_step: Callable[[str, str, TrainSettings], TrainResult] = train_challenger,
             evaluate_step: Callable[..., Evaluation] = evaluate_model) -> RetrainResult:
-    """Train a challenger, evaluate challenger and champion on ``split``, register it, promote when better."""
+    """Train a challenger, evaluate challenger and champion on ``split``, register it, promote when better.
+
+    ``skip_unchanged``: when the dataset's files (images, masks, labels, regions, classes.json,
+    split.json — compared by listing: size and mtime/ETag), the champion and the settings are those of
+    the last completed round, nothing is trained and the result says so (``skipped``): an idle week
+    costs a listing, not a training run.
+    """
     init_registry(registry)
+    current = champion(registry)
+    fingerprint = round_fingerprint(data, current, tsettings, ssettings, split, margin)
+    last = _last_round(registry)
+    if skip_unchanged and last.get("fingerprint") == fingerprint:
+        reason = (f"skipped: data, labels, champion {current} and settings are unchanged since the round of "
+                  f"{last.get('finished', '?')} ({last.get('version', '?')})")
+        log.info("%s", reason)
+        return RetrainResult(version=str(last.get("version", "")), promoted=False, reason=reason, champion=current,
+                             challenger_mean_iou=None, champion_mean_iou=None, report=str(last.get("report", "")),
+                             registry=registry, run=str(last.get("run", "")), comparison="", skipped=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     paths = run_dir(workdir or join(registry, "runs"), stamp)
     trained = train_step(data, paths["challenger"], tsettings)
     challenger_ev = evaluate_step("challenger", trained.uri, data, split, paths["eval_challenger"], ssettings,
                                   dask_address)
-    current = champion(registry)
     champion_ev = None
     if current:
         champion_ev = evaluate_step(f"champion {current}", resolve(registry), data, split, paths["eval_champion"],
@@ -91,6 +140,11 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         log.info("kept champion %s: %s", current, decision.reason)
     table = (markdown_table(champion_ev.metrics, challenger_ev.metrics) if champion_ev
              else markdown_table(challenger_ev.metrics))
+    # the round's inputs, with the champion it leaves: next week, nothing changed = the same fingerprint
+    after = champion(registry)
+    _record_round(registry, {"fingerprint": round_fingerprint(data, after, tsettings, ssettings, split, margin),
+                             "version": version, "champion": after, "report": join(paths["report"], "report.html"),
+                             "run": paths["base"], "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     return RetrainResult(
         version=version, promoted=decision.promote, reason=decision.reason,
         champion=version if decision.promote else current,

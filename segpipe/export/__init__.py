@@ -34,8 +34,8 @@ from segpipe.export.vectors import export_vectors, vector_driver
 from segpipe.io.storage import filesystem, strip_file_scheme
 
 __all__ = [
-    "Exports", "export_cog", "export_confidence", "export_preview", "export_vectors", "read_output_meta",
-    "write_exports",
+    "Exports", "export_cog", "export_confidence", "export_is_whole", "export_preview", "export_vectors",
+    "read_output_meta", "write_exports",
 ]
 
 
@@ -58,8 +58,54 @@ class Exports:
         return bool(self.cog or self.vector or self.preview)
 
 
+def export_is_whole(kind: str, path: str, zarr_uri: str) -> bool:
+    """Whether an existing export at ``path`` can be kept: it opens and its last bytes are there.
+
+    A crash or a full disk while writing leaves a truncated file under the export's own name (the COG
+    copy writes in place); keeping it would hand users a file that GIS tools fail on. Cheap checks that
+    truncation cannot pass: a COG has the output's size and its last full-resolution block (the last data
+    in a COG) decodes; a PNG passes Pillow's ``verify`` (every chunk's CRC); a vector file opens and
+    counts its features.
+    """
+    import warnings
+
+    try:
+        if kind == "cog":
+            import rasterio
+            from rasterio.windows import Window as RWindow
+
+            from segpipe.io.readers.raster import gdal_options, gdal_path
+
+            meta = read_output_meta(zarr_uri)
+            with warnings.catch_warnings(), rasterio.Env(**gdal_options()):
+                warnings.simplefilter("ignore")
+                with rasterio.open(gdal_path(path)) as ds:
+                    if (ds.height, ds.width) != (meta.height, meta.width):
+                        return False
+                    bh, bw = ds.block_shapes[0]
+                    y0, x0 = (ds.height - 1) // bh * bh, (ds.width - 1) // bw * bw
+                    ds.read(1, window=RWindow(x0, y0, ds.width - x0, ds.height - y0))
+            return True
+        if kind == "preview":
+            from PIL import Image
+
+            fs, p = filesystem(strip_file_scheme(path))
+            with fs.open(p, "rb") as f, Image.open(f) as img:
+                img.verify()
+            return True
+        import pyogrio
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pyogrio.read_info(strip_file_scheme(path), force_feature_count=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read it back means: write it again
+        return False
+
+
 def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recompute: bool = True) -> dict[str, str]:
-    """Write the requested exports next to a complete output; existing files are kept unless ``recompute``.
+    """Write the requested exports next to a complete output; existing files are kept unless ``recompute``,
+    and only when they read back whole (:func:`export_is_whole`).
 
     Returns the written paths by kind: ``cog`` (plus its sidecars ``cog_style`` = the .qml and
     ``cog_aux`` = the .aux.xml), ``vector``, ``preview``.
@@ -78,7 +124,7 @@ def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recomp
         jobs.append(("preview", stem + ".png", lambda p: export_preview(zarr_uri, p, source=source)))
     for name, path, fn in jobs:
         fs, p = filesystem(strip_file_scheme(path))
-        if recompute or not fs.exists(p):
+        if recompute or not fs.exists(p) or not export_is_whole(name, path, zarr_uri):
             fn(path)
         done[name] = path
         if name == "cog":

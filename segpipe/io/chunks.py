@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.geometry import ceil_div
-from segpipe.io.storage import filesystem, is_local, join, strip_file_scheme
+from segpipe.io.storage import filesystem, is_local, join, storage_error, strip_file_scheme
 
 
 class RawChunks:
@@ -40,20 +40,28 @@ class RawChunks:
 
     @classmethod
     def open(cls, group_uri: str, name: str) -> RawChunks | None:
+        """The array ``name`` of the group, or None when it is missing or not plain (:meth:`probe`)."""
+        return cls.probe(group_uri, name)[0]
+
+    @classmethod
+    def probe(cls, group_uri: str, name: str) -> tuple[RawChunks | None, str | None]:
+        """``(chunks, None)`` for a plain array, else ``(None, why)``: ``why`` is :data:`MISSING` or the layout
+        difference (:func:`layout_problem`). A storage fault while reading the metadata raises
+        (:func:`segpipe.io.storage.storage_error`): it must never pick another write path."""
         fs, root = filesystem(strip_file_scheme(group_uri))
         path = join(root, name)
         try:
-            meta = json.loads(fs.cat_file(join(path, "zarr.json")))
-        except (OSError, ValueError):
-            return None
-        codecs = [c.get("name") for c in meta.get("codecs", [])]
-        encoding = meta.get("chunk_key_encoding", {})
-        endian = (meta["codecs"][0].get("configuration") or {}).get("endian", "little") if codecs else None
-        if (codecs != ["bytes", "zstd"] or endian != "little" or encoding.get("name") != "default"
-                or (encoding.get("configuration") or {}).get("separator", "/") != "/"
-                or meta.get("chunk_grid", {}).get("name") != "regular"):
-            return None
-        return cls(fs, path, meta)
+            raw = fs.cat_file(join(path, "zarr.json"))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None, MISSING
+        except OSError as e:
+            raise storage_error(group_uri, e, "read") from None
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            return None, "its zarr.json is not JSON"
+        problem = layout_problem(meta)
+        return (None, problem) if problem else (cls(fs, path, meta), None)
 
     def _key(self, index: Sequence[int]) -> str:
         return join(self.path, "c", *(str(i) for i in index))
@@ -90,6 +98,28 @@ class RawChunks:
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, data)
+
+
+#: :meth:`RawChunks.probe`'s answer for an array whose metadata is not in the store
+MISSING = "missing"
+
+
+def layout_problem(meta: dict[str, Any]) -> str | None:
+    """Why an array's metadata is not the plain layout that :class:`RawChunks` reads and writes, or None
+    when it is: bytes (little endian) + zstd, a regular grid, default keys with '/', no shards."""
+    if not isinstance(meta, dict) or meta.get("node_type") != "array":
+        return "not a Zarr array"
+    codecs = [c.get("name") for c in meta.get("codecs", [])]
+    if codecs != ["bytes", "zstd"]:
+        return f"codecs {codecs} (plain: ['bytes', 'zstd'])"
+    if (meta["codecs"][0].get("configuration") or {}).get("endian", "little") != "little":
+        return "big-endian bytes"
+    encoding = meta.get("chunk_key_encoding", {})
+    if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
+        return f"chunk keys {encoding} (plain: default with '/')"
+    if meta.get("chunk_grid", {}).get("name") != "regular":
+        return f"chunk grid {meta.get('chunk_grid', {}).get('name')!r} (plain: regular)"
+    return None
 
 
 def padded(block: np.ndarray, shape: tuple[int, ...], fill: int) -> np.ndarray:

@@ -50,9 +50,12 @@ class LockInfo:
         return f"host {self.host}, pid {self.pid}, since {started}"
 
     def is_stale(self, now: float | None = None) -> bool:
+        """Its process is gone (same host), or its heartbeat is older than :data:`STALE_AFTER_S` (any host:
+        a live process beats every :data:`HEARTBEAT_S`, so an old heartbeat is a lock that it released
+        but could not remove)."""
         now = time.time() if now is None else now
-        if self.host == socket.gethostname():
-            return not _pid_alive(self.pid)
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return True
         return now - self.heartbeat > STALE_AFTER_S
 
 
@@ -105,26 +108,39 @@ class OutputLock:
             except OSError:  # a missed heartbeat only makes the lock look stale sooner
                 log.debug("lock heartbeat failed for %s", self.output_uri, exc_info=True)
 
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours."""
+    def release(self) -> str | None:
+        """Stop the heartbeat and remove the lock if it is still ours.
+
+        Never raises for storage: it runs in ``finally`` blocks, where an exception would replace the
+        image's own result (and abort every other image of a ``pool.map``). Returns None, or one line
+        saying the lock file could not be removed; such a lock stops beating and is taken over once its
+        heartbeat is :data:`STALE_AFTER_S` old (:meth:`LockInfo.is_stale`).
+        """
         _heartbeats.remove(self)
         with self._mutex:
             if self._released:
-                return
+                return None
             self._released = True
             fs, path = filesystem(lock_path(self.output_uri))
-            holder = read_lock(self.output_uri)
-            if holder is not None and holder.run_id == self.info.run_id:
-                try:
+            try:
+                holder = read_lock(self.output_uri)
+                if holder is not None and holder.run_id == self.info.run_id:
                     fs.rm_file(path)
-                except FileNotFoundError:
-                    pass
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.debug("releasing the lock of %s failed", self.output_uri, exc_info=True)
+                reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
+                return (f"{lock_path(self.output_uri)}: the lock could not be removed ({reason}); another run "
+                        f"takes it over once it is {STALE_AFTER_S:.0f} s old")
+            return None
 
     def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.release()
+        if (problem := self.release()) is not None:
+            log.warning("%s", problem)
 
 
 class _Heartbeats:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,18 @@ import numpy as np
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
 from segpipe.core.geometry import Chunk, ceil_div
-from segpipe.io.chunks import RawChunks
-from segpipe.io.storage import filesystem, join, output_error, output_errors, strip_file_scheme, write_atomic
+from segpipe.io.chunks import MISSING, RawChunks
+from segpipe.io.storage import (
+    filesystem,
+    join,
+    output_error,
+    output_errors,
+    storage_error,
+    strip_file_scheme,
+    write_atomic,
+)
+
+log = logging.getLogger("segpipe.io.output")
 
 LEVEL0 = "0"
 LEVEL1 = "1"  #: the first pyramid level: created with the output, written by the tile tasks where they can
@@ -108,16 +119,23 @@ def _open_group(uri: str, mode: str):
 
 
 def read_attrs(uri: str) -> dict[str, Any] | None:
-    """Root attributes of an existing output, or None when there is none (or it is unreadable).
+    """Root attributes of an existing output, or None when there is none (no group ``zarr.json``, or
+    one that is not a Zarr group's JSON).
 
-    Read from the group's ``zarr.json`` directly: one small read, no zarr-python group machinery
-    (which cost ~4 ms per image on a folder of chips)."""
+    A storage fault is raised (:func:`segpipe.io.storage.storage_error`), never read as "no output":
+    a bucket's 5xx would otherwise make a run's own output look foreign (refused) or, in
+    :func:`finalize`, vanished. Read from the group's ``zarr.json`` directly: one small read, no
+    zarr-python group machinery (which cost ~4 ms per image on a folder of chips)."""
     fs, path = filesystem(strip_file_scheme(uri))
     try:
-        meta = json.loads(fs.cat_file(join(path, "zarr.json")))
+        raw = fs.cat_file(join(path, "zarr.json"))
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
-    except (OSError, ValueError):
+    except OSError as e:
+        raise storage_error(uri, e, "read") from None
+    try:
+        meta = json.loads(raw)
+    except ValueError:  # not JSON: not a segpipe output (whose metadata is replaced atomically)
         return None
     if not isinstance(meta, dict) or meta.get("node_type") != "group":
         return None
@@ -247,17 +265,33 @@ class _ChunkStore:
     Measured on a 512² uint8 chunk: zarr's ``array[ys, xs] = block`` cost ~2.9 ms (indexing,
     async sync, codec pipeline); encoding with the same zstd codec and one atomic file write
     costs ~0.3 ms. The layout written is exactly zarr's, checked against the array metadata when
-    the store is opened; any other layout falls back to zarr-python.
+    the store is opened.
+
+    The one fallback: an array whose layout is not plain (:func:`segpipe.io.chunks.layout_problem`:
+    another codec, shards, other chunk keys; segpipe never creates one, a user's or an older version's
+    output may be one) is written through zarr-python, and :attr:`fallback` says why. A missing array
+    or a storage fault while reading the metadata is raised, never a reason to change the path.
     """
 
     def __init__(self, target: OutputTarget) -> None:
-        self.level0 = RawChunks.open(target.uri, LEVEL0)
-        self.level1 = RawChunks.open(target.uri, LEVEL1) if target.has_level1 else None
-        self.probs = RawChunks.open(target.uri, PROBABILITIES) if target.probabilities else None
-        self.fast = self.level0 is not None and (self.probs is not None or not target.probabilities)
+        names = [LEVEL0, *([LEVEL1] if target.has_level1 else []), *([PROBABILITIES] if target.probabilities else [])]
+        probed = {name: RawChunks.probe(target.uri, name) for name in names}
+        # level 1 may be missing (an output made before the tile tasks wrote it): the pyramid pass builds it
+        missing = [name for name, (_, why) in probed.items() if why == MISSING and name != LEVEL1]
+        if missing:
+            raise OutputError(target.uri, f"has no array {missing[0]!r}: it was removed or never created")
+        self.level0 = probed[LEVEL0][0]
+        self.level1 = probed[LEVEL1][0] if target.has_level1 else None
+        self.probs = probed[PROBABILITIES][0] if target.probabilities else None
+        #: why chunks go through zarr-python (an array that is not plain), or None: the fast path
+        self.fallback = next((f"array {name!r}: {why}" for name in (LEVEL0, PROBABILITIES)
+                              if name in probed and (why := probed[name][1])), None)
+        self.fast = self.fallback is None
         self.zarr_arrays: tuple[Any, Any] | None = None
         if not self.fast:
             import zarr
+
+            log.info("%s: %s; its chunks are written through zarr-python", target.uri, self.fallback)
 
             def open_array(name: str) -> Any:  # every chunk leaves its key: it is the completion record
                 array = zarr.open_array(strip_file_scheme(join(target.uri, name)), mode="r+", zarr_format=3)

@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from segpipe.core.errors import InputError, OutputError
+from segpipe.core.errors import InputError, OutputError, TransientIOError
 
 #: extensions searched for when a source is a folder or prefix
 IMAGE_EXTENSIONS = (
@@ -68,6 +68,27 @@ def _fingerprint(info: dict) -> str:
         if info.get(key) is not None:
             return f"{size}:{str(info[key]).strip(chr(34))}"
     return f"{size}"
+
+
+def tree_fingerprint(uri: str) -> str:
+    """sha256 of every file under ``uri`` (relative path, size, mtime/ETag); ``""`` when nothing is there.
+
+    Cheap (one listing, no file read): a retrain compares it with the last run's to know whether its
+    data changed. A file rewritten in place changes its mtime/ETag, so it counts as changed.
+    """
+    import hashlib
+
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        if not fs.exists(path):
+            return ""
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        return ""
+    h = hashlib.sha256()
+    for p in sorted(found):
+        h.update(f"{p[len(path):]}\0{_fingerprint(found[p])}\n".encode())
+    return h.hexdigest()
 
 
 def _protocol_prefix(fs: fsspec.AbstractFileSystem, uri: str) -> str:
@@ -141,7 +162,7 @@ def output_uri(out: str, relative: str, suffix: str = ".zarr", keep_extension: b
 
     ``keep_extension`` gives ``OUT/<relative path>.zarr`` (``hopper.png.zarr``): the name
     used when several images of a run would otherwise share one output (see
-    :func:`segpipe.engine.segment.assign_outputs`).
+    :func:`segpipe.engine.ownership.assign_outputs`).
     """
     rel = safe_relative(relative)
     stem = rel if keep_extension else posixpath.splitext(rel)[0]
@@ -165,12 +186,14 @@ _PERMANENT_ERRNOS = {
 def output_error(uri: str, exc: BaseException) -> OutputError | None:
     """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None.
 
-    Classified by ``errno`` (never by words in the message). Connection errors and time-outs
+    Classified by ``errno`` or the exception's class (never by words in the message). Connection errors and time-outs
     are ``OSError`` too but may succeed when retried, so they are not converted.
     """
     if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError):
         return None
     reason = _PERMANENT_ERRNOS.get(exc.errno or -1)
+    if reason is None and isinstance(exc, PermissionError):  # s3fs's AccessDenied carries no errno
+        reason = _PERMANENT_ERRNOS[errno.EACCES]
     if reason is None:
         return None
     return OutputError(uri, f"cannot be written: {reason}")
@@ -187,6 +210,21 @@ def output_errors(uri: str) -> Iterator[None]:
         if err is None:
             raise
         raise err from None
+
+
+def storage_error(uri: str, exc: OSError, doing: str = "read") -> OutputError | TransientIOError:
+    """The one-line error for a failed storage call on an output (``doing``: "read" or "written").
+
+    A permanent error (:data:`_PERMANENT_ERRNOS`, by ``errno``) is an :class:`OutputError`; anything
+    else (a bucket's 5xx, a dropped connection, a time-out, a local I/O error) is a
+    :class:`TransientIOError`, which the tile tasks and the flow retry. Never None: callers use it where a
+    storage fault must be *reported*, not mistaken for "nothing there" or handled by another code path.
+    """
+    err = output_error(uri, exc)
+    if err is not None:
+        return OutputError(uri, err.problem.replace("cannot be written", f"cannot be {doing}", 1))
+    reason = _reason(exc).strip().splitlines()
+    return TransientIOError(uri, f"cannot be {doing} ({reason[0] if reason else type(exc).__name__})")
 
 
 def ensure_writable(out: str) -> None:

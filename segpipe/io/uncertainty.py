@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.core.errors import SegpipeError
 from segpipe.io.storage import join, output_errors, strip_file_scheme
 
 UNCERTAINTY = "uncertainty"
@@ -100,10 +101,19 @@ class ChunkUncertainty:
         if self.dirty and time.monotonic() - self._last >= self.every:
             self.flush()
 
-    def flush(self) -> None:
-        """Write the array now (when anything changed since the last write)."""
+    def flush(self, quiet: bool = False) -> None:
+        """Write the array now (when anything changed since the last write).
+
+        ``quiet``: a storage error is logged, not raised (the end of a run's task loop, where an error may
+        already be on its way; the flush before finalize raises it, named once)."""
         if self.dirty:
-            write_uncertainty(self.uri, self.values, self.chunk_size)
+            try:
+                write_uncertainty(self.uri, self.values, self.chunk_size)
+            except (SegpipeError, OSError):
+                if not quiet:
+                    raise
+                log.warning("%s: the uncertainty array could not be written", self.uri, exc_info=True)
+                return
             self.dirty = False
         self._last = time.monotonic()
 

@@ -48,6 +48,22 @@ MODEL_JSON = "model.json"
 WEIGHTS = "weights.safetensors"
 
 
+class Resolution(BaseModel):
+    """The pixel size a model was trained at: ``mpp`` (microns per pixel, slides) or ``gsd`` (CRS units per
+    pixel, georeferenced rasters), or both when it was trained on both kinds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mpp: float | None = Field(None, gt=0, description="Microns per pixel of the training images (slides).")
+    gsd: float | None = Field(None, gt=0, description="Ground sample distance: CRS units per pixel (rasters).")
+
+    @model_validator(mode="after")
+    def _some(self) -> Resolution:
+        if self.mpp is None and self.gsd is None:
+            raise ValueError("resolution needs mpp or gsd")
+        return self
+
+
 class ModelSpec(BaseModel):
     """The ``model.json`` of an artifact. Extra keys (version, training info, metrics) are kept."""
 
@@ -68,6 +84,8 @@ class ModelSpec(BaseModel):
     normalization: Normalization | None = Field(
         None, description="How raw pixels map to [0, 1] before mean/std (overrides input_scale); "
         "see docs/pixel-types.md.")
+    resolution: Resolution | None = Field(
+        None, description="Pixel size the model was trained at; segment reads images at it by default.")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -100,11 +118,16 @@ class ModelSpec(BaseModel):
                 del out[k]
             elif k == "normalization":
                 out[k] = out[k].model_dump()
+            elif k == "resolution":
+                out[k] = out[k].model_dump(exclude_none=True)
         return out
 
     def dump(self) -> dict[str, Any]:
         """The JSON object written as ``model.json`` (unset optional keys left out, extra keys kept)."""
-        return self.model_dump(mode="json", exclude={k for k in _OPTIONAL_KEYS if getattr(self, k) is None})
+        out = self.model_dump(mode="json", exclude={k for k in _OPTIONAL_KEYS if getattr(self, k) is None})
+        if self.resolution is not None:
+            out["resolution"] = self.resolution.model_dump(exclude_none=True)
+        return out
 
     def input_dtypes(self) -> list[str] | None:
         """Pixel types a plain ``input_scale`` is meant for; None = not known (a custom scale: any type)."""
@@ -116,7 +139,7 @@ class ModelSpec(BaseModel):
         return [known] if known else None
 
 
-_OPTIONAL_KEYS = ("input_dtype", "normalization")
+_OPTIONAL_KEYS = ("input_dtype", "normalization", "resolution")
 
 
 def check_weights(uri: str, weights: dict[str, torch.Tensor]) -> None:

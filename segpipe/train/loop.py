@@ -30,7 +30,7 @@ from segpipe.core.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.labels.dataset import Dataset, load_dataset, split_dataset
-from segpipe.models.artifact import ModelSpec, build_network, save_artifact
+from segpipe.models.artifact import ModelSpec, Resolution, build_network, save_artifact
 from segpipe.train.checkpoint import (
     Progress,
     check_resumable,
@@ -42,6 +42,7 @@ from segpipe.train.checkpoint import (
 from segpipe.train.index import index_masks
 from segpipe.train.loss import class_weights, make_loss
 from segpipe.train.normalization import band_statistics, default_input_scale
+from segpipe.train.resolution import dataset_resolution
 from segpipe.train.sampler import PatchSampler
 from segpipe.train.settings import TrainSettings, resolve_training_precision, settings_dump
 from segpipe.train.validate import validate
@@ -83,6 +84,7 @@ class _Data:
     mean: list[float]
     std: list[float]
     sampler: PatchSampler
+    resolution: Resolution | None = None  #: the training images' pixel size, recorded in model.json
 
 
 class _EpochOrder:
@@ -129,7 +131,8 @@ def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Data
     sampler = PatchSampler(train_ds, patch_size=s.patch_size, patches_per_epoch=s.patches_per_epoch,
                            mean=mean, std=std, input_scale=input_scale, augment=s.augment, index=index,
                            class_balanced=s.class_balanced, balance_power=s.class_balance_power, seed=s.seed)
-    return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler)
+    return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler,
+                 dataset_resolution(full))
 
 
 def _optimizer(net: torch.nn.Module, s: TrainSettings, device: torch.device, precision: str):
@@ -193,7 +196,7 @@ def _spec_fields(data: _Data, s: TrainSettings) -> dict[str, Any]:
     # input_scale (1.0 → float32), and a model trained on float64/int32/uint32/int8 images refused them.
     return dict(architecture=s.architecture, encoder=s.encoder, in_channels=full.in_channels, classes=full.classes,
                 mean=data.mean, std=data.std, input_scale=data.input_scale, input_dtype=full.dtype,
-                class_colors=list(full.colors))
+                resolution=data.resolution, class_colors=list(full.colors))
 
 
 def _spec(data: _Data, s: TrainSettings) -> ModelSpec:

@@ -81,8 +81,23 @@ def check_local_file(uri: str) -> None:
         raise InputError(uri, "is empty (0 bytes)")
 
 
-def _gdal_reason(exc: Exception) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _gdal_reason(exc: BaseException) -> str:
+    """One line saying why a GDAL call failed: the first error of GDAL's error stack.
+
+    rasterio ≥ 1.4 raises its own exception (``RasterioIOError('Read failed. See previous exception for
+    details.')`` for a failed block read) with the GDAL errors of the call chained as ``__cause__``, the
+    one GDAL raised first (e.g. ``Cannot read 196608 bytes at offset 524`` for a truncated TIFF) deepest.
+    """
+    from rasterio import _err  # noqa: PLC2701 - GDAL's error classes are public only there
+
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    gdal = [c for c in chain if isinstance(c, _err.CPLE_BaseError) and str(c).strip()]
+    cause = gdal[-1] if gdal else exc
+    msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if "not recognized as" in msg or "not recognised as" in msg:
         return "not an image that GDAL can read"
     return msg
@@ -340,13 +355,17 @@ class RasterioReader:
         and transparent palette entries are no data.
         """
         import rasterio
+        from rasterio.errors import RasterioError
 
         if not self.has_mask:
             return None
         ds, o = self._ds, self._orientation
         sy, sx, sh, sw = stored_window(o, ds.height, ds.width, window.y0, window.x0, window.h, window.w)
-        with rasterio.Env(**self._gdal):
-            return np.ascontiguousarray(orient_block(o, self._valid_stored(sy, sx, sh, sw)))
+        try:
+            with rasterio.Env(**self._gdal):
+                return np.ascontiguousarray(orient_block(o, self._valid_stored(sy, sx, sh, sw)))
+        except RasterioError as e:  # a mask is read from the file like the pixels: the same errors
+            raise _gdal_error(self.info.uri, e, "corrupt or truncated image") from e
 
     def overview(self, max_side: int = 1024) -> tuple[np.ndarray, np.ndarray | None]:
         """(bands, h, w) pixels of the whole image at most ``max_side`` a side (GDAL overviews when the

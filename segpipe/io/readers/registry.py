@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from segpipe.core.errors import InputError
 from segpipe.io.readers.base import ImageReader
 from segpipe.io.readers.raster import RasterioReader, check_local_file
+from segpipe.io.readers.resample import at_pixel_size
 from segpipe.io.readers.slide import open_slide
 
 
@@ -25,11 +26,12 @@ READERS: tuple[Callable[..., ImageReader | None], ...] = (open_slide, _rasterio)
 
 
 def open_image(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-               mpp: float | None = None) -> ImageReader:
-    """Open ``uri`` with the first reader that accepts its content (``level``/``mpp``: which resolution)."""
+               mpp: float | None = None, gsd: float | None = None) -> ImageReader:
+    """Open ``uri`` with the first reader that accepts its content (``level``/``mpp``/``gsd``: which resolution;
+    ``gsd`` = pixel size in CRS units, for georeferenced rasters: :func:`~segpipe.io.readers.resample.at_pixel_size`)."""
     check_local_file(uri)
     for opener in READERS:
         reader = opener(uri, bands, level=level, mpp=mpp)
         if reader is not None:
-            return reader
+            return reader if gsd is None else at_pixel_size(reader, gsd, uri)
     raise InputError(uri, "no reader accepts this file")

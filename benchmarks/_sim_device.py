@@ -304,14 +304,15 @@ def sim_patches(device: SimDevice, gpu: bool = True) -> list[tuple[Any, str, Any
     takes its GPU path: one visible "GPU", a forward batch of 16 units, request merging."""
     from segpipe.engine import cluster, predictor
 
-    def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None) -> Any:
+    def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None, entropy: bool = False) -> Any:
         device.run(int(tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1]))
         labels = sim_labels(tiles, self.spec.num_classes, crop, self.label_dtype)
         probs = None
         if self.settings.probabilities:
             k = np.arange(self.spec.num_classes, dtype=labels.dtype)[None, :, None, None]
             probs = (k == labels[:, None]).astype(np.uint8) * np.uint8(255)
-        return labels, probs
+        # one-hot "probabilities": no uncertainty anywhere (the engine still stores it per chunk)
+        return labels, probs, np.zeros(labels.shape, np.float32) if entropy else None
 
     patches: list[tuple[Any, str, Any]] = [(predictor.Predictor, "_predict", _predict)]
     if gpu:
@@ -354,9 +355,9 @@ def install(rate: str | None = None, trace_dir: str | None = None, lock_path: st
         device = SimDevice(1.0, trace=trace)
         original = predictor.Predictor._predict
 
-        def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None) -> Any:
+        def _predict(self: Any, tiles: np.ndarray, norm: Any = None, crop: Any = None, entropy: bool = False) -> Any:
             t0 = time.monotonic()
-            out = original(self, tiles, norm, crop)  # ends with the labels' copy to the host: synchronised
+            out = original(self, tiles, norm, crop, entropy)  # ends with the labels' copy to the host: synchronised
             device.record(t0, time.monotonic(), int(tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1]))
             return out
 

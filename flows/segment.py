@@ -24,6 +24,7 @@ from segpipe.engine.cluster import client_for, dashboard_link, dask_client
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.ownership import assign_outputs
 from segpipe.engine.segment import segment_image
+from segpipe.evaluate.suggest import DEFAULT_TOP, suggest_regions
 from segpipe.export import Exports
 from segpipe.export.results import write_image_exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
@@ -154,6 +155,30 @@ def segment_one(image: SourceImage, model: ModelRef, out: str, settings: Segment
     return result
 
 
+def publish_suggestions(results: list[ImageResult], top: int, source: str) -> list[dict]:
+    """The ``top`` regions to label next among the run's finished outputs, as the table artifact
+    ``segment-images-suggestions``; returns its rows. Outputs without uncertainty (written by an
+    older segpipe) are left out with a log line; a problem here never fails the run."""
+    logger = get_run_logger()
+    outputs = [r.output for r in results if r.status in ("done", "skipped") and r.output]
+    if not outputs:
+        return []
+    notes: list[str] = []
+    try:
+        regions = suggest_regions(outputs, top, notes, strict=False)
+    except SegpipeError as e:
+        logger.warning("no suggestions: %s", e)
+        return []
+    for note in notes:
+        logger.info("suggestions: %s", note)
+    rows = [s.as_row() for s in regions]
+    if rows:
+        create_table_artifact(rows, key="segment-images-suggestions",
+                              description=f"where to label next: the {len(rows)} most uncertain regions of "
+                                          f"segment-images over {source} (segpipe suggest)")
+    return rows
+
+
 @flow(name="segment-images", log_prints=True)
 def segment_images(
     source: str,
@@ -182,6 +207,7 @@ def segment_images(
     vector: Literal["gpkg", "geojson", "shp", "fgb", "parquet"] | None = None,
     preview: bool = False,
     min_area: float = 0.0,
+    suggestions: int = DEFAULT_TOP,
 ) -> list[dict] | State:
     """Segment every image under ``source`` into ``out``; skip complete outputs, resume partial ones.
 
@@ -189,6 +215,8 @@ def segment_images(
     ``cog``/``vector``/``preview`` also write ``<output>.tif`` (COG + .qml + .aux.xml),
     ``<output>.<vector>`` and ``<output>.png`` next to each Zarr output. Each failed image's
     task run ends Failed; the flow run ends Failed after every other image finished.
+    The ``suggestions`` regions of the run's outputs where labels would help most (as ``segpipe suggest``)
+    are published as the table artifact ``segment-images-suggestions`` (0: none).
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
@@ -231,6 +259,8 @@ def segment_images(
         results.extend(by_index[i] for i in range(len(images)))
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
+    if suggestions:
+        publish_suggestions(results, suggestions, source)
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     create_markdown_artifact(

@@ -89,6 +89,23 @@ def test_flow_exports(harness, tmp_path, photo, model_dir):
     with rasterio.open(out / "g.tif") as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG" and ds.crs is not None
     assert (out / "g.gpkg").stat().st_size > 0 and (out / "g.png").stat().st_size > 0
+    # where to label next: the run's top regions as a table artifact, those of `segpipe suggest`
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    from segpipe.evaluate.suggest import suggest_regions
+
+    async def suggestions():
+        async with get_client() as c:
+            return [a for a in await c.read_latest_artifacts() if a.key == "segment-images-suggestions"]
+
+    (art,) = asyncio.run(suggestions())
+    rows = json.loads(art.data) if isinstance(art.data, str) else art.data
+    expected = [s.as_row() for s in suggest_regions([str(out / "g.zarr")], 20)]
+    assert rows == expected and len(rows) >= 2 and rows[0]["rank"] == 1
+    assert rows[0]["score"] >= rows[-1]["score"] and rows[0]["image"].endswith("g.tif")
 
 
 def test_flow_messages_name_flow_parameters():

@@ -480,7 +480,7 @@ def test_concurrent_requests_share_one_forward(small_model, monkeypatch):
     assert not pred.coalesce  # a CPU predictor keeps each request's batch (exact reruns)
     pred.coalesce = True  # as on a GPU: the merging itself is device-independent
     tiles = [rgb(i, 64, 64).transpose(2, 0, 1)[None] for i in range(6)]
-    alone = [pred._predict(t, None, None) for t in tiles]
+    alone = [pred._predict(t, None, None)[:2] for t in tiles]
     batches, entered, gate = [], threading.Event(), threading.Event()
     forward = pred._forward
 

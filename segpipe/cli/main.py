@@ -9,6 +9,7 @@ this one:
 ``segpipe.cli.registry``   ``models list``, ``models show``, ``models promote``
 ``segpipe.cli.train``      ``train``, ``evaluate``, ``retrain``
 ``segpipe.cli.export``     ``export``
+``segpipe.cli.suggest``    ``suggest`` (where to label next)
 ``segpipe.cli.demo``       ``demo``
 ``segpipe.cli.common``     exit codes, one-line errors, console, engine options
 ``segpipe.cli.logs``       log file, terminal warnings, library loggers
@@ -28,6 +29,7 @@ from segpipe.cli.logs import configure_logging
 from segpipe.cli.model import model
 from segpipe.cli.registry import models
 from segpipe.cli.segment import segment
+from segpipe.cli.suggest import suggest
 from segpipe.cli.train import evaluate, retrain, train
 
 
@@ -39,7 +41,7 @@ def main(debug: bool) -> None:
     configure_logging(debug)
 
 
-for _command in (segment, model, train, evaluate, retrain, models, export, demo):
+for _command in (segment, model, train, evaluate, retrain, models, export, suggest, demo):
     main.add_command(_command)
 
 

@@ -5,6 +5,11 @@ and :mod:`segpipe.io.output` decides where they go (MONAI's splitter/merger seam
 One predictor per (weights, device, precision, TTA) lives in each worker process
 (:func:`cached_predictor`); it is loaded from the artifact's URI on the worker, never
 shipped inside a task graph.
+
+Why this module is long: the predictor, the request merging on its compute thread
+(:class:`_Coalescer`), the per-pixel uncertainty computed from the same forward, and the
+worker cache and precision resolution all work on one predictor's state; split apart, they
+would pass that private state between modules.
 """
 
 from __future__ import annotations
@@ -210,22 +215,41 @@ class Predictor:
         read and write meanwhile, and the allocator's memory stays in one arena instead of
         growing one per calling thread.
         """
+        labels, probs, _ = self._submit(tiles, norm, crop, False)
+        return labels, probs
+
+    def predict_uncertain(self, tiles: np.ndarray, norm: InputNorm | None = None, crop: tuple[int, int] | None = None,
+                          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """:meth:`predict`, plus each pixel's uncertainty (N, H, W) from the same forward (float32; float16
+        from a GPU).
+
+        The uncertainty is the entropy of the pixel's softmax (after TTA averaging, when on),
+        normalised by log(K): 0 when one class has all the probability, 1 when all K classes are
+        equally likely (0 everywhere for a one-class model). The engine averages it per chunk
+        (:func:`segpipe.engine.tiled.chunk_uncertainty`); active learning ranks chunks by it.
+        """
+        labels, probs, entropy = self._submit(tiles, norm, crop, True)
+        assert entropy is not None
+        return labels, probs, entropy
+
+    def _submit(self, tiles: np.ndarray, norm: InputNorm | None, crop: tuple[int, int] | None,
+                entropy: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         executor = self._executor
         if executor is None:  # a live network (training), or closed: a task still holding it runs here
-            return self._predict(tiles, norm, crop)
+            return self._predict(tiles, norm, crop, entropy)
         if self.coalesce and _pixels(tiles) < self._coalescer.limit:  # merge with other threads' requests
-            return self._coalescer.predict(tiles, norm, crop)
+            return self._coalescer.predict(tiles, norm, crop, entropy)
         try:
-            future = executor.submit(self._timed, tiles, norm, crop)
+            future = executor.submit(self._timed, tiles, norm, crop, entropy)
         except RuntimeError:  # closed between the check and the submit
-            return self._predict(tiles, norm, crop)
+            return self._predict(tiles, norm, crop, entropy)
         return future.result()
 
-    def _timed(self, tiles: np.ndarray, norm: InputNorm | None = None,
-               crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _timed(self, tiles: np.ndarray, norm: InputNorm | None = None, crop: tuple[int, int] | None = None,
+               entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`_predict` on the compute thread, its time counted (queueing excluded): the device's rate."""
         t0 = time.perf_counter()
-        out = self._predict(tiles, norm, crop)
+        out = self._predict(tiles, norm, crop, entropy)
         self.device_seconds += time.perf_counter() - t0
         self.device_pixels += _pixels(tiles)
         return out
@@ -246,8 +270,8 @@ class Predictor:
         if executor is not None:
             executor.shutdown(wait=False)
 
-    def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None,
-                 crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _predict(self, tiles: np.ndarray, norm: InputNorm | None = None, crop: tuple[int, int] | None = None,
+                 entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         import torch
 
         want_probs = self.settings.probabilities
@@ -267,12 +291,29 @@ class Predictor:
             else:
                 logits = self._forward(x)[..., o:o + n, o:o + n]
                 labels = _argmax(logits)
-                probs = torch.softmax(logits.float(), dim=1) if want_probs else None
+                probs = torch.softmax(logits.float(), dim=1) if want_probs or entropy else None
+            entropy_np = None
+            if entropy:
+                ent = _normalised_entropy(probs)
+                # from a GPU as float16: half the transfer; the engine averages it in float64
+                entropy_np = (ent.half() if ent.is_cuda else ent).cpu().numpy()
             labels_np = labels.to(torch.int32 if self.label_dtype == np.uint16 else torch.uint8).cpu().numpy()
             probs_np = None
             if want_probs:
                 probs_np = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
-        return labels_np.astype(self.label_dtype, copy=False), probs_np
+        return labels_np.astype(self.label_dtype, copy=False), probs_np, entropy_np
+
+
+def _normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """-Σ p log p over the class axis (dim 1) divided by log K, per pixel, float32 (0 log 0 = 0)."""
+    import math
+
+    import torch
+
+    k = probs.shape[1]
+    if k < 2:
+        return torch.zeros(probs.shape[:1] + probs.shape[2:], dtype=torch.float32, device=probs.device)
+    return torch.special.entr(probs).sum(dim=1).div_(math.log(k))
 
 
 #: what one unit of ``batch_size`` means in pixels when requests are merged: a 640² window (a 512
@@ -300,12 +341,13 @@ class _Coalescer:
         self._queue: list[tuple[np.ndarray, Any, Any, Any]] = []
         self._lock = threading.Lock()
 
-    def predict(self, tiles: np.ndarray, norm: Any, crop: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def predict(self, tiles: np.ndarray, norm: Any, crop: Any,
+                entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         from concurrent.futures import Future
 
         done: Future = Future()
         with self._lock:
-            self._queue.append((tiles, norm, crop, done))
+            self._queue.append((tiles, norm, (crop, entropy), done))
         try:
             self._executor.submit(self._drain)
         except RuntimeError:  # the predictor was closed (evicted): drain in this thread
@@ -314,7 +356,7 @@ class _Coalescer:
 
     @staticmethod
     def _key(request: tuple) -> tuple:
-        tiles, norm, crop, _ = request
+        tiles, norm, crop, _ = request  # crop: (crop, whether the uncertainty is asked for)
         return tiles.shape[1:], tiles.dtype.str, norm, crop
 
     def _drain(self) -> None:
@@ -332,7 +374,7 @@ class _Coalescer:
             self._queue = rest
         tiles = group[0][0] if len(group) == 1 else np.concatenate([r[0] for r in group])
         try:
-            labels, probs = self._run(tiles, group[0][1], group[0][2])
+            labels, probs, entropy = self._run(tiles, group[0][1], *group[0][2])
         except BaseException as e:  # noqa: BLE001 - every caller of the batch gets the error, or waits forever
             for r in group:
                 r[3].set_exception(e)
@@ -340,7 +382,8 @@ class _Coalescer:
         i = 0
         for r in group:
             k = len(r[0])
-            r[3].set_result((labels[i:i + k], None if probs is None else probs[i:i + k]))
+            r[3].set_result((labels[i:i + k], None if probs is None else probs[i:i + k],
+                             None if entropy is None else entropy[i:i + k]))
             i += k
 
 

@@ -39,6 +39,7 @@ from segpipe.io.output import (
 )
 from segpipe.io.readers import ImageInfo, open_image, shared_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
+from segpipe.io.uncertainty import ChunkUncertainty
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
 
 if TYPE_CHECKING:
@@ -170,8 +171,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         compute, fill = _tile_work(tplan, done, background)
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
+        uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size)  # resumed: kept
         stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
-                           gpu_workers, threads, sizer)
+                           gpu_workers, threads, sizer, uncertainty)
+        uncertainty.flush()  # already written at the loop's end unless that failed: then this names the error
         if stats.content and 0 <= stats.min_label == stats.max_label:
             cls = stats.min_label
             name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)
@@ -181,6 +184,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             _build_pyramid(target, client)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
                                           "chunks_skipped": result.chunks_skipped,
+                                          "uncertainty": uncertainty.attrs,
                                           "seconds": round(time.perf_counter() - t0, 3)}})
         result.status = "done"
     except SegpipeError as e:

@@ -26,6 +26,7 @@ from segpipe.io.output import (
 )
 from segpipe.io.readers import shared_reader, thread_reader
 from segpipe.io.readers.tissue import TissueMask, tissue_mask, tissue_pixels
+from segpipe.io.uncertainty import ChunkUncertainty
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -250,9 +251,10 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     sink = _ZarrSink(job, plan, items, tissue)
     stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
                         nodata=job.target.nodata_label, batch_size=job.forward_batch or max(1, len(work)),
-                        skip_empty=r.skip_empty, fill=lambda c, v: sink.fill(job, c, v))
+                        skip_empty=r.skip_empty, fill=lambda c, v: sink.fill(job, c, v), uncertainty=True)
+    values, stats.uncertainty = stats.uncertainty, {}  # the driver stores them (io.uncertainty), not the totals
     return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats,
-            "seconds_per_megapixel": predictor.seconds_per_megapixel}
+            "seconds_per_megapixel": predictor.seconds_per_megapixel, "uncertainty": values}
 
 def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
                ) -> tuple[Iterator[Any], Iterator[Any]]:
@@ -336,8 +338,11 @@ class TaskSizer:
 
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
-               sizer: TaskSizer | None = None) -> TileStats:
+               sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None) -> TileStats:
     """Run the tile tasks with a bounded number in flight; returns merged counters.
+
+    The chunks' uncertainty values go to ``uncertainty`` as tasks finish (written periodically, and
+    once more when the loop ends, also on an error: resumed chunks keep their values).
 
     Submitting an image's whole graph at once makes the driver's memory grow with the number
     of chunks (a 200,000² image: 152,000 tasks, GBs before the first chunk is written), so
@@ -385,15 +390,20 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])
             result.chunks_skipped += int(counters["skipped"])
             stats.add(counters["stats"])
+            if uncertainty is not None:
+                uncertainty.record(counters.get("uncertainty") or {})
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
     finally:
         left = list(queue.futures)
         for f in left:
             f.cancel()
+        if uncertainty is not None:
+            uncertainty.flush(quiet=True)
         if left:  # the lock is released after this: no task of this run may write after it
             _wait_for_started(client, (f"segpipe-tiles-{run}-", f"segpipe-fill-{run}-"))
     return stats
+
 
 def _build_pyramid(target: OutputTarget, client: Client) -> None:
     from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid

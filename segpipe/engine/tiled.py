@@ -16,12 +16,16 @@ one tile, so it has exactly one writer.
 - **merge**: :func:`merge` crops each chunk's core out of its tile's prediction and applies
   the valid-data mask (pixels without data take the nodata label) — pure, no I/O, no model;
 - **sink**: receives ``(chunk, labels, probabilities)``; it never sees the model.
+
+With ``uncertainty``, each computed chunk also gets one number from the same forward: the mean over
+its pixels with data of the softmax entropy normalised by log(K) (:func:`chunk_uncertainty`), returned
+in :attr:`TileStats.uncertainty`; ``segment`` stores it in the output for active learning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,6 +92,26 @@ class Predicts(Protocol):
                 crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
+class PredictsUncertainty(Predicts, Protocol):
+    """A predictor that also gives each pixel's normalised entropy (N, T, T) from the same forward."""
+
+    def predict_uncertain(self, tiles: np.ndarray, norm: Any = None, crop: tuple[int, int] | None = None,
+                          ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]: ...
+
+
+def chunk_uncertainty(entropy: np.ndarray, tile: Chunk, chunk: Chunk, valid: np.ndarray | None = None) -> float:
+    """Uncertainty of ``chunk``: the mean of the per-pixel normalised entropy over its core pixels with data.
+
+    ``entropy`` is the tile's map cropped to the tile core (it starts at the tile's origin, so the
+    halo and the padding past the image edge never count); ``valid`` is the tile core's valid-data
+    mask (None: all valid). NaN when the chunk has no pixel with data.
+    """
+    e = entropy[chunk.y0 - tile.y0:chunk.y0 - tile.y0 + chunk.h, chunk.x0 - tile.x0:chunk.x0 - tile.x0 + chunk.w]
+    if valid is not None:
+        e = e[_core(valid, tile, chunk)]
+    return float(e.mean(dtype=np.float64)) if e.size else float("nan")
+
+
 def merge(plan: TilePlan, tile: Chunk, labels: np.ndarray, probs: np.ndarray | None, chunks: Iterable[Chunk],
           valid: np.ndarray | None = None, nodata: int = 255, cropped: bool = False,
           ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray | None]]:
@@ -125,6 +149,8 @@ class TileStats:
     content: bool = False  #: some window had more than one pixel value
     min_label: int = 1 << 30
     max_label: int = -1
+    #: chunk key → uncertainty (:func:`chunk_uncertainty`) of each chunk computed with ``uncertainty``
+    uncertainty: dict[tuple[int, int], float] = field(default_factory=dict)
 
     def labels_seen(self, lab: np.ndarray, nodata: int) -> None:
         # min/max of the class ids (nodata excluded): one class everywhere ⇔ min == max
@@ -142,12 +168,16 @@ class TileStats:
         self.content |= other.content
         self.min_label = min(self.min_label, other.min_label)
         self.max_label = max(self.max_label, other.max_label)
+        self.uncertainty.update(other.uncertainty)
 
 
 def infer_tiles(reader: Any, predictor: Predicts, plan: TilePlan, work: Sequence[tuple[Chunk, list[Chunk]]],
                 sink: ChunkSink, *, norm: Any = None, nodata: int = 255, batch_size: int = 1,
-                skip_empty: bool = True, fill: Any = None) -> TileStats:
+                skip_empty: bool = True, fill: Any = None, uncertainty: bool = False) -> TileStats:
     """Predict each ``(tile, chunks to write)`` of ``work`` in batches and hand the chunks to ``sink``.
+
+    With ``uncertainty`` (a predictor with ``predict_uncertain``), every chunk sent to the model gets
+    its :func:`chunk_uncertainty` in the returned :attr:`TileStats.uncertainty`; skipped chunks get none.
 
     With ``skip_empty`` and a reader that has a valid-data mask, a tile whose core has no data
     is not sent to the model: its chunks are written as ``nodata`` (through ``fill``, a callable
@@ -174,10 +204,10 @@ def infer_tiles(reader: Any, predictor: Predicts, plan: TilePlan, work: Sequence
                 valid = None
         pending.append((tile, chunks, valid))
         if len(pending) == batch_size:
-            _predict_batch(reader, predictor, plan, pending, sink, norm, nodata, stats)
+            _predict_batch(reader, predictor, plan, pending, sink, norm, nodata, stats, uncertainty)
             pending = []
     if pending:
-        _predict_batch(reader, predictor, plan, pending, sink, norm, nodata, stats)
+        _predict_batch(reader, predictor, plan, pending, sink, norm, nodata, stats, uncertainty)
     return stats
 
 
@@ -190,18 +220,25 @@ def _write_empty(sink: ChunkSink, chunk: Chunk, nodata: int, fill: Any) -> None:
 
 def _predict_batch(reader: Any, predictor: Predicts, plan: TilePlan,
                    batch: list[tuple[Chunk, list[Chunk], np.ndarray | None]], sink: ChunkSink, norm: Any,
-                   nodata: int, stats: TileStats) -> None:
+                   nodata: int, stats: TileStats, uncertainty: bool = False) -> None:
     windows = [reader.read(plan.window(tile)) for tile, _, _ in batch]
     stack = windows[0][None] if len(windows) == 1 else np.stack(windows)
     del windows
     stats.content |= bool(stack.min() != stack.max())
     # only the tile cores come back: the halo's predictions are never used
-    labels, probs = predictor.predict(stack, norm, crop=(plan.halo, plan.tile_size))
+    crop = (plan.halo, plan.tile_size)
+    entropy = None
+    if uncertainty:
+        labels, probs, entropy = predictor.predict_uncertain(stack, norm, crop=crop)  # type: ignore[attr-defined]
+    else:
+        labels, probs = predictor.predict(stack, norm, crop=crop)
     del stack
     for i, (tile, chunks, valid) in enumerate(batch):
         for c, lab, p in merge(plan, tile, labels[i], None if probs is None else probs[i], chunks, valid, nodata,
                                cropped=True):
             stats.labels_seen(lab, nodata)
+            if entropy is not None:
+                stats.uncertainty[c.key] = chunk_uncertainty(entropy[i], tile, c, valid)
             sink.write(c, lab, p)
 
 

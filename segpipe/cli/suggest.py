@@ -1,0 +1,39 @@
+"""``segpipe suggest``: where to label next, from the per-chunk uncertainty of finished outputs.
+
+The ranking and the file formats live in :mod:`segpipe.evaluate.suggest`; the nightly flow publishes
+the same regions as an artifact.
+"""
+
+from __future__ import annotations
+
+import click
+
+from segpipe.cli.common import handle_errors
+
+
+@click.command()
+@click.argument("outputs", nargs=-1, required=True)
+@click.option("--top", type=int, default=20, show_default=True, help="How many regions to suggest.")
+@click.option("--out", "out", required=True,
+              help="Write the regions here; the extension picks the format (.gpkg, .geojson/.json, .shp, .fgb, "
+                   ".parquet). Slides: QuPath annotations in level-0 pixels (use .geojson).")
+@handle_errors
+def suggest(outputs: tuple[str, ...], top: int, out: str) -> None:
+    """Suggest the TOP regions of OUTPUTS (Zarr outputs, or folders of them) where labels would help most.
+
+    Regions are output chunks ranked by the model's uncertainty (mean normalised entropy), spread
+    across images and classes, never two neighbours.
+    """
+    from segpipe.evaluate.suggest import suggest_regions, write_suggestions
+    from segpipe.export.vectors import vector_driver
+
+    vector_driver(out)  # an unknown extension fails before any output is read
+    notes: list[str] = []
+    regions = suggest_regions(list(outputs), top, notes)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    write_suggestions(regions, out)
+    for s in regions:
+        x0, y0, x1, y1 = s.box
+        click.echo(f"{s.rank:>3}  {s.score:.3f}  {s.class_name or '-':<12} {s.image}  x {x0}–{x1}, y {y0}–{y1}")
+    click.echo(f"suggestions: {len(regions)} region(s) → {out}")

@@ -18,6 +18,7 @@ from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.settings import InferenceSettings
+from segpipe.engine.fence import Fenced, cancelled, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
 from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
 from segpipe.io.output import (
@@ -52,57 +53,6 @@ PARALLEL_READ_BATCH = 4
 #: tile tasks that share one GPU at once (a power of two: the shares add up exactly); the worker's
 #: threads bound it further
 TASKS_PER_DEVICE = 8
-
-class Fenced(Exception):
-    """A tile task stopped before writing because the driver cancelled it (its image failed)."""
-
-
-def cancelled() -> bool:
-    """True when the Dask task running in this thread was cancelled (a local look at the worker's state).
-
-    ``Future.cancel`` stops only tasks that have not started; a started one runs on, and its writes would
-    land after the driver released the output's lock, beside another run's (a Prefect retry 5 s later).
-    The tile tasks look here before each chunk they write (the fence); the driver waits until no task
-    of the run executes (:func:`_wait_for_started`) before it lets the lock go.
-    """
-    try:
-        from distributed import get_worker
-        from distributed.worker import thread_state
-
-        worker = get_worker()
-    except (ImportError, ValueError):  # not on a Dask worker (library use, tests)
-        return False
-    key = getattr(thread_state, "key", None)
-    ts = worker.state.tasks.get(key) if key is not None else None
-    return ts is not None and ts.state == "cancelled"
-
-
-def _executing(dask_worker: Any, prefix: tuple[str, ...]) -> list[str]:
-    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now, cancelled ones included (via client.run)."""
-    running = set(dask_worker.state.executing) | set(dask_worker.state.long_running)
-    return [str(ts.key) for ts in running if str(ts.key).startswith(prefix)]
-
-
-def _wait_for_started(client: Client, prefix: tuple[str, ...], timeout: float = 600.0) -> None:
-    """Return once no worker runs a task whose key starts with one of ``prefix`` (cancelled tasks stop at their
-    next chunk, see :func:`cancelled`); after ``timeout`` s, go on with a warning."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        try:
-            running = [k for keys in client.run(_executing, prefix).values() for k in keys]
-        except Exception:  # noqa: BLE001 - a scheduler that is gone runs nothing more
-            log.debug("could not ask the workers what runs", exc_info=True)
-            return
-        if not running:
-            return
-        if time.monotonic() > deadline:
-            log.warning("%d cancelled tile task(s) still run after %.0f s: %s", len(running), timeout, running[:3])
-            return
-        time.sleep(delay)
-        delay = min(0.2, delay * 2)
-
-#: a task's work: (tile key, [chunk keys of that tile to write])
 
 def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
     """Dask task: predict a few tiles and write their chunks, retrying transient storage errors.
@@ -401,7 +351,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
         if uncertainty is not None:
             uncertainty.flush(quiet=True)
         if left:  # the lock is released after this: no task of this run may write after it
-            _wait_for_started(client, (f"segpipe-tiles-{run}-", f"segpipe-fill-{run}-"))
+            wait_for_started(client, (f"segpipe-tiles-{run}-", f"segpipe-fill-{run}-"))
     return stats
 
 

@@ -21,6 +21,10 @@ Coordinates (:func:`to_pixels`): a georeferenced image maps the file's CRS to it
 then map coordinates to pixels with its affine; files without a CRS are taken to be in the
 image's CRS. QuPath and COCO files, and any file over an image without georeference (photos,
 slides), are in pixels; on a slide they are level-0 pixels, scaled to the level read.
+
+Why this module is long: it is the one place where the three families of label files (GIS
+vectors, QuPath, COCO) become the same features; splitting it would spread the content sniffing
+and the class-column rule that must stay identical for all of them.
 """
 
 from __future__ import annotations

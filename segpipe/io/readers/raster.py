@@ -7,6 +7,9 @@ Also what GDAL leaves to us: palette expansion, alpha as the nodata mask, EXIF o
 A failed read of a remote file is a :class:`~segpipe.core.errors.TransientIOError` (retried)
 only when GDAL says, by the class of its error, that the request failed
 (:func:`transient_gdal_error`); anything else is the file's fault (:class:`InputError`).
+
+Why this module is long: each of GDAL's gaps (palette, alpha, orientation, multi-page files, the
+error cause of a truncated file) needs a few lines in the read path of the one reader that fills it.
 """
 
 from __future__ import annotations

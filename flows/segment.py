@@ -20,7 +20,7 @@ from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
 from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
-from segpipe.engine.cluster import client_for, dashboard_link, dask_client
+from segpipe.engine.cluster import check_device_pinning, client_for, dashboard_link, dask_client
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.ownership import assign_outputs
 from segpipe.engine.segment import segment_image
@@ -171,6 +171,7 @@ def segment_images(
     dask_address: str | None = None,
     max_concurrent_images: int = IMAGES_IN_FLIGHT,
     task_seconds: float | None = None,
+    procs_per_device: int = 1,
     level: int | None = None,
     mpp: float | None = None,
     skip_empty: bool = True,
@@ -196,6 +197,8 @@ def segment_images(
                                 mpp=mpp, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device)
+    check_device_pinning(device, cluster)
     results: list[ImageResult] = []
     listing = ingest.submit(source)
     ref = load_model(model, out)
@@ -208,7 +211,7 @@ def segment_images(
         results.append(ImageResult(source=source, output="", status="failed",
                                    error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
     names = assign_outputs(images, out)
-    with dask_client(ClusterSettings(address=dask_address)) as client:
+    with dask_client(cluster) as client:
         if dashboard_link(client):
             logger.info("Dask dashboard: %s", dashboard_link(client))
         scheduler = client.scheduler.address

@@ -134,3 +134,62 @@ def test_recent_worker_capacity_asks_the_scheduler_at_most_every_max_age():
     assert c.calls == 2
     other = CountingClient("another-client")
     assert cluster.recent_worker_capacity(other, max_age=60) == (False, 2) and other.calls == 1
+
+
+def test_device_workers_pin_each_process_to_its_device():
+    """N processes per GPU, each seeing only its GPU; without GPUs the CPU's cores are split between them."""
+    assert cluster.device_workers(["0", "1"], 2, 16) == [
+        ("gpu0-0", {"CUDA_VISIBLE_DEVICES": "0"}), ("gpu0-1", {"CUDA_VISIBLE_DEVICES": "0"}),
+        ("gpu1-0", {"CUDA_VISIBLE_DEVICES": "1"}), ("gpu1-1", {"CUDA_VISIBLE_DEVICES": "1"})]
+    assert cluster.device_workers(["GPU-ab12"], 1, 8) == [("gpu" + "GPU-ab12-0", {"CUDA_VISIBLE_DEVICES": "GPU-ab12"})]
+    assert cluster.device_workers([], 3, 8) == [
+        (f"cpu-{i}", {"SEGPIPE_WORKER_CORES": "2", "OMP_NUM_THREADS": "2"}) for i in range(3)]
+    assert cluster.device_workers([], 4, 2)[0][1]["SEGPIPE_WORKER_CORES"] == "1"  # never 0 cores
+
+
+def test_visible_devices_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cluster.visible_devices() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # physical ids: a pinned worker is given "3" or "5"
+    assert cluster.visible_devices() == ["3", "5"]
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 0)
+    assert cluster.visible_devices() == []
+
+
+def test_worker_cores_share_sizes_available_cores(monkeypatch):
+    from segpipe.engine import predictor
+
+    monkeypatch.delenv("SEGPIPE_WORKER_CORES", raising=False)
+    every = predictor.available_cores()
+    monkeypatch.setenv("SEGPIPE_WORKER_CORES", "1")
+    assert predictor.available_cores() == 1
+    monkeypatch.setenv("SEGPIPE_WORKER_CORES", str(every + 10))
+    assert predictor.available_cores() == every  # a share never exceeds the process's affinity
+
+
+@pytest.mark.parametrize(
+    ("device", "settings", "problem"),
+    [
+        ("auto", ClusterSettings(address="tcp://127.0.0.1:1", procs_per_device=2), "--dask-address"),
+        ("cuda:1", ClusterSettings(procs_per_device=2), "cuda:0"),
+    ],
+)
+def test_procs_per_device_refuses_what_it_cannot_honour(device, settings, problem):
+    from segpipe.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--procs-per-device") as e:
+        cluster.check_device_pinning(device, settings)
+    assert problem in str(e.value)
+    cluster.check_device_pinning("cuda", ClusterSettings(procs_per_device=2))  # fine
+    cluster.check_device_pinning("cuda:1", ClusterSettings())  # one process per device: any device
+
+
+def test_procs_per_device_conflicting_worker_count(monkeypatch):
+    from segpipe.core.errors import ConfigError
+
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ConfigError, match="conflicts with --procs-per-device 2"):
+        with cluster.dask_client(ClusterSettings(procs_per_device=2, n_workers=3)):
+            pass

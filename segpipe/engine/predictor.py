@@ -32,12 +32,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("segpipe.engine.predictor")
 
 
+#: environment variable with the cores of one worker process when the embedded cluster splits a CPU
+#: between several (``--procs-per-device`` without a GPU): each process sizes its threads to its share
+WORKER_CORES_ENV = "SEGPIPE_WORKER_CORES"
+
+
 def available_cores() -> int:
-    """CPU cores this process may use (affinity-aware)."""
+    """CPU cores this process may use: its affinity, or its share of the CPU (``SEGPIPE_WORKER_CORES``)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get(WORKER_CORES_ENV, "")
+    return max(1, min(cores, int(share))) if share.isdigit() else cores
 
 
 @functools.cache

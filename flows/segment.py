@@ -18,9 +18,15 @@ from prefect.states import Completed, Failed, State
 from flows.failures import install_one_line_failures
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
-from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
+from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
-from segpipe.engine.cluster import check_device_pinning, client_for, dashboard_link, dask_client
+from segpipe.engine.cluster import (
+    check_device_pinning,
+    client_for,
+    dashboard_link,
+    dask_client,
+    recent_worker_capacity,
+)
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.ownership import assign_outputs
 from segpipe.engine.segment import segment_image
@@ -169,7 +175,7 @@ def segment_images(
     probabilities: bool = False,
     bands: str | None = None,
     dask_address: str | None = None,
-    max_concurrent_images: int = IMAGES_IN_FLIGHT,
+    max_concurrent_images: int | None = None,
     task_seconds: float | None = None,
     procs_per_device: int = 1,
     level: int | None = None,
@@ -217,15 +223,19 @@ def segment_images(
         scheduler = client.scheduler.address
         # a sliding window of images (the CLI's policy): the next image starts as soon as any one finishes,
         # so the workers stay busy between one image's last chunks and the next one's first
+        # its width: max_concurrent_images, or derived from what finished images measured (ImagesInFlight)
         by_index: dict[int, ImageResult] = {}
+        width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
         for i, fut in sliding_window(
                 images, lambda img: segment_one.submit(img, ref, out, settings, scheduler, exports, names[img.uri]),
-                lambda running: next(as_completed(running)), max_concurrent_images):
+                lambda running: next(as_completed(running)), width):
             img = images[i]
             fut.wait()  # as_completed may yield before the future holds its final state
             value = fut.state.result(raise_on_failure=False)
             if isinstance(value, ImageResult):
                 by_index[i] = value
+                if value.status == "done":
+                    width.observe(value.host_seconds, value.device_seconds)
             else:
                 by_index[i] = ImageResult(source=img.uri, output=names[img.uri], status="failed",
                                           error=str(value) if isinstance(value, SegpipeError)

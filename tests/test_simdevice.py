@@ -141,6 +141,9 @@ def test_outputs_identical_for_every_task_size(sim_inputs, tmp_path, monkeypatch
         [r] = segment.segment_many([str(scene)], str(model), str(tmp_path / name), settings, client)
         assert r.status == "done", r.error
         assert sorted(writes) == sorted(set(writes)) and len(writes) == r.chunks  # each chunk once
+        # what sizes the images in flight: device time of its 15 windows of 320² at 50 MP/s (≥ the sleeps),
+        # and the per-image work outside the tile tasks
+        assert 15 * 320 * 320 / 50e6 <= r.device_seconds < 10 and 0 < r.host_seconds < r.seconds
         outputs[name] = _chunks(tmp_path / name / "scene.zarr")
     # 3 × 5 tiles; the cap of a growing task is two tasks per worker thread (3 threads: 15 / 6 → 3)
     assert sizes["one"] == [1] * 15 and sizes["batch3"] == [3] * 5

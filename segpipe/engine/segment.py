@@ -18,7 +18,7 @@ from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.core.geometry import ChunkGrid
 from segpipe.core.results import ImageResult, Progress
-from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
+from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
@@ -136,8 +136,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         compute, fill = _tile_work(tplan, done, background)
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
+        t_tasks = time.perf_counter()
         stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
                            gpu_workers, threads, sizer)
+        t_tasks = time.perf_counter() - t_tasks
         if stats.content and 0 <= stats.min_label == stats.max_label:
             cls = stats.min_label
             name = model.spec.classes[cls] if cls < len(model.spec.classes) else str(cls)
@@ -149,6 +151,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
                                           "chunks_skipped": result.chunks_skipped,
                                           "seconds": round(time.perf_counter() - t0, 3)}})
         result.status = "done"
+        result.host_seconds = time.perf_counter() - t0 - t_tasks  # per-image work: the device got nothing
     except SegpipeError as e:
         result.status = "failed"
         result.error = str(e) if image.uri in str(e) or target_uri in str(e) else f"{image.uri}: {e}"
@@ -208,14 +211,16 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     return chunks, mp
 
 def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
-                 progress: Progress | None = None, max_concurrent_images: int = IMAGES_IN_FLIGHT) -> list[ImageResult]:
+                 progress: Progress | None = None, max_concurrent_images: int | None = None) -> list[ImageResult]:
     """List every source, check the model once, then segment the images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
-    Model errors raise (nothing can run without a model). Up to ``max_concurrent_images``
-    images are in progress at once, in a sliding window (:func:`segpipe.core.scheduling.sliding_window`,
-    the flow's policy too), so one image's header reads, output creation and scheduler
-    round trips overlap the others' tiles (a folder of small chips is mostly such per-image work);
+    Model errors raise (nothing can run without a model). Several images are in progress at once, in a
+    sliding window (:func:`segpipe.core.scheduling.sliding_window`, the flow's policy too), so one image's
+    header reads, output creation and scheduler round trips overlap the others' tiles (a folder of small
+    chips is mostly such per-image work). Its width is ``max_concurrent_images``, or by default derived
+    from what finished images measured (:class:`segpipe.core.scheduling.ImagesInFlight`: per-image host
+    time against the device time of its windows);
     results keep the order of the listing. The progress total is counted from the image headers
     in a background thread while the first images already run.
     """
@@ -253,11 +258,13 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
         return segment_image(images[i], ref, out, settings, client, progress, target_uri=names[images[i].uri])
 
     done: dict[int, ImageResult] = {}
-    with ThreadPoolExecutor(max(1, max_concurrent_images), thread_name_prefix="segpipe-image") as pool:
+    width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
+    with ThreadPoolExecutor(width.most, thread_name_prefix="segpipe-image") as pool:
         for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
-                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)),
-                                     max_concurrent_images):
+                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), width):
             done[i] = fut.result()
+            if done[i].status == "done":
+                width.observe(done[i].host_seconds, done[i].device_seconds)
     results.extend(done[i] for i in range(len(images)))
     if planner is not None:
         planner.join()

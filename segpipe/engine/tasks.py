@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -183,19 +184,43 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
                 _write_fill(job, c, job.background_class)
                 n += 1
         return {"chunks": n, "skipped": n, "megapixels": megapixels, "stats": TileStats()}
+    t0 = time.perf_counter()
     r = job.read
     # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
     # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
+    timed = _TimedPredictor(predictor)
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)
-    stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
+    stats = infer_tiles(reader, timed, plan, items, sink, norm=job.norm,
                         nodata=job.target.nodata_label, batch_size=job.forward_batch or max(1, len(work)),
                         skip_empty=r.skip_empty, fill=lambda c, v: sink.fill(job, c, v))
+    rate = predictor.seconds_per_megapixel
     return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats,
-            "seconds_per_megapixel": predictor.seconds_per_megapixel}
+            "seconds_per_megapixel": rate,
+            # what this task gave the device (its windows at the worker's rate), and its own host time
+            # (everything but waiting for its forwards): the driver sizes the device share from them
+            "device_seconds": timed.pixels / 1e6 * rate if rate else 0.0,
+            "host_seconds": max(0.0, time.perf_counter() - t0 - timed.seconds)}
+
+
+class _TimedPredictor:
+    """A predictor seen through one task: the time this task spent in ``predict`` (its forwards and the
+    queue before them) and the window pixels it sent."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor, self.seconds, self.pixels = predictor, 0.0, 0
+
+    def predict(self, tiles: np.ndarray, norm: Any = None,
+                crop: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        t0 = time.perf_counter()
+        try:
+            return self.predictor.predict(tiles, norm, crop)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.pixels += int(tiles.shape[0]) * int(tiles.shape[-2]) * int(tiles.shape[-1])
 
 def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
                ) -> tuple[Iterator[Any], Iterator[Any]]:
@@ -276,6 +301,39 @@ class TaskSizer:
         rate = counters.get("seconds_per_megapixel")
         if self.task_seconds and rate:
             self.rate = _rates[self.key] = float(rate)
+        with _shares_lock:
+            host, device = _task_times.get(self.key, (0.0, 0.0))
+            if host + device > 600:  # a long-lived driver (serve.py) follows the recent past, not its whole life
+                host, device = host / 2, device / 2
+            _task_times[self.key] = (host + float(counters.get("host_seconds", 0.0)),
+                                     device + float(counters.get("device_seconds", 0.0)))
+
+    def device_share(self) -> float:
+        """The share of a GPU one tile task requests: 1 / :func:`tasks_per_device` of the host and device
+        time the run's tasks measured so far (1 / :data:`TASKS_PER_DEVICE` before any task finished)."""
+        with _shares_lock:
+            host, device = _task_times.get(self.key, (0.0, 0.0))
+        return 1 / tasks_per_device(host, device)
+
+
+#: host and device seconds of finished tile tasks per (model weights, device), summed over the run
+_task_times: dict[tuple[str, str], tuple[float, float]] = {}
+_shares_lock = threading.Lock()
+
+
+def tasks_per_device(host_seconds: float, device_seconds: float) -> int:
+    """Tile tasks that share one device at once: its read-ahead depth.
+
+    One task is in the forward while the others read their windows and write their chunks; for the device
+    never to wait, the others must finish a task's host work (``host / device`` times a forward's time)
+    while one forward runs, so ``1 + host / device`` tasks share it. Rounded up to a power of two (shares
+    of ``1 / 2**n`` add up exactly in Dask's resource accounting), between 2 and 32;
+    :data:`TASKS_PER_DEVICE` until a task has measured both (the worker's threads bound it further).
+    """
+    if host_seconds <= 0 or device_seconds <= 0:
+        return TASKS_PER_DEVICE
+    need = 1 + host_seconds / device_seconds
+    return min(32, max(2, 1 << math.ceil(math.log2(need))))
 
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
@@ -294,14 +352,17 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
     # forward while the others read their windows and write their chunks (the predictor runs one
     # forward at a time and merges small requests); a whole GPU per task left the device idle during
     # every task's reads and writes (simulated device at half the host's floor: busy 0.65 of the time)
-    resources = {"GPU": 1 / TASKS_PER_DEVICE} if job.inference.device != "cpu" and gpu_workers else None
+    # (the share is re-derived from the tasks' measured host and device time: tasks_per_device)
+    gpu = job.inference.device != "cpu" and gpu_workers
     run = job.target.run_id[:8]
     in_flight = max(8, 4 * max(threads, 1))
 
     def submit(batch: TileWork, fill: bool) -> Any:
         kind = "fill" if fill else "tiles"
         ty, tx = batch[0][0]
-        return client.submit(run_tiles, job, batch, fill, pure=False, resources=None if fill else resources,
+        share = (sizer.device_share() if sizer is not None else 1 / TASKS_PER_DEVICE)
+        resources = {"GPU": share} if gpu and not fill else None
+        return client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
                              key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
 
     pending = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
@@ -323,6 +384,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
                 raise counters["error"]
             if sizer is not None:
                 sizer.observe(counters)  # before the next batch is cut: it takes the new size
+            result.device_seconds += float(counters.get("device_seconds", 0.0))
             for b, f in itertools.islice(pending, 1):
                 queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])

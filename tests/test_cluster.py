@@ -193,3 +193,62 @@ def test_procs_per_device_conflicting_worker_count(monkeypatch):
     with pytest.raises(ConfigError, match="conflicts with --procs-per-device 2"):
         with cluster.dask_client(ClusterSettings(procs_per_device=2, n_workers=3)):
             pass
+
+
+@pytest.mark.parametrize(
+    ("cores", "host_threads", "torch", "host"),
+    [
+        (1, 3, 1, None),  # below 4 cores nothing is split or pinned: the forward takes every core
+        (2, 3, 2, None),
+        (3, 3, 3, None),
+        (4, 3, 3, (3,)),  # ceil(4 × 0.15) = 1 core for reads and writes
+        (8, 3, 6, (6, 7)),  # ceil(1.2) = 2
+        (16, 3, 13, (13, 14, 15)),  # ceil(2.4) = 3
+        (16, 2, 14, (14, 15)),  # no more host cores than host threads
+        (64, 12, 54, tuple(range(54, 64))),  # ceil(9.6) = 10
+        (6, 1, 5, (5,)),
+    ],
+)
+def test_cpu_threads_split_the_cores(cores, host_threads, torch, host):
+    """torch's threads sized against the host threads; from 4 cores on, pinned apart (disjoint, all cores used)."""
+    from segpipe.engine.predictor import cpu_threads
+
+    plan = cpu_threads(tuple(range(cores)), host_threads)
+    assert plan.torch == torch and plan.host_cores == host
+    if host is None:
+        assert plan.compute_cores is None
+    else:
+        assert plan.compute_cores == tuple(range(torch))
+        assert set(plan.compute_cores).isdisjoint(plan.host_cores)
+        assert len(plan.compute_cores) + len(plan.host_cores) == cores
+
+
+def test_cpu_threads_follow_the_affinity_and_never_give_the_host_half():
+    from segpipe.engine.predictor import cpu_threads
+
+    plan = cpu_threads((9, 3, 5, 7), 8, host_share=0.9)  # an affinity mask, not 0..n-1; a huge host share
+    assert plan.compute_cores == (3, 5) and plan.host_cores == (7, 9)  # at most half the cores for the host
+
+
+def test_pin_thread_pins_only_the_calling_thread():
+    import os
+    import threading
+
+    from segpipe.engine.predictor import pin_thread
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no thread affinity on this platform")
+    before = os.sched_getaffinity(0)
+    target = (min(before),)
+    seen = {}
+
+    def run():
+        pin_thread(target)
+        seen["inside"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["inside"] == set(target) and os.sched_getaffinity(0) == before
+    pin_thread(None)
+    assert os.sched_getaffinity(0) == before

@@ -169,9 +169,12 @@ def worker_tissue_mask(reader: Any, source: str, fingerprint: str, read: Any) ->
     return hit
 
 
+_pinned = threading.local()
+
+
 def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
-    from segpipe.engine.predictor import cached_predictor
+    from segpipe.engine.predictor import cached_predictor, pin_thread
 
     plan = TilePlan.of(job.tiling, job.target.height, job.target.width)
     grid, tiles = plan.grid, plan.tiles
@@ -191,6 +194,9 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
+    if predictor.cpu is not None and predictor.cpu.host_cores and not getattr(_pinned, "done", False):
+        pin_thread(predictor.cpu.host_cores)  # this worker thread reads and writes beside the forward's cores
+        _pinned.done = True
     timed = _TimedPredictor(predictor)
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)

@@ -10,7 +10,9 @@ pyramid. The engine runs its GPU path (one visible "GPU": its task sizes, forwar
 request merging, worker threads), on this machine's CPU.
 
 One device per worker process, serialised by a lock like a real one; processes that name the same
-``SEGPIPE_SIM_LOCK`` file share one device (``fcntl.flock``: two processes per device). Every hold is
+``SEGPIPE_SIM_LOCK`` file share one device (``fcntl.flock``: two processes per device). ``{device}`` in
+that name is the GPU the process sees (``CUDA_VISIBLE_DEVICES``, set per worker by ``--procs-per-device``),
+and ``SEGPIPE_SIM_GPUS`` is how many GPUs the driver process sees (default 1). Every hold is
 recorded as a busy interval, one file per process, and a sampler notes every 10 ms what each host
 thread is doing (read, write, merge, pyramid, per-image work, waiting for the device, idle), so a run
 reports device utilisation (busy / wall) and what the host did in the device's longest idle gaps
@@ -298,6 +300,22 @@ def _sampler(path: str, interval: float = 0.01) -> None:
 
 # ---------------------------------------------------------------- installing it in a segpipe process
 
+def sim_gpu_count() -> int:
+    """Simulated GPUs this process sees: the entries of ``CUDA_VISIBLE_DEVICES`` when it is set (a worker
+    pinned to its device by ``--procs-per-device``), else ``SEGPIPE_SIM_GPUS`` (default 1)."""
+    pinned = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return len(pinned) if pinned else int(os.environ.get("SEGPIPE_SIM_GPUS", "1"))
+
+
+def device_lock(template: str | None) -> str | None:
+    """The lock file of this process's simulated device: ``template`` with ``{device}`` replaced by the
+    device the process sees (``CUDA_VISIBLE_DEVICES``; "0" when unset), so pinned worker processes of one
+    GPU share a lock and those of different GPUs do not."""
+    if not template:
+        return None
+    return template.replace("{device}", os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0")
+
+
 def sim_patches(device: SimDevice, gpu: bool = True) -> list[tuple[Any, str, Any]]:
     """(object, attribute, value) triples that put ``device`` in place of the network's device stage
     (apply them with ``setattr``, or ``monkeypatch.setattr`` in tests). With ``gpu`` the engine also
@@ -322,7 +340,7 @@ def sim_patches(device: SimDevice, gpu: bool = True) -> list[tuple[Any, str, Any
             init(self, *a, **k)
             self.coalesce = True
 
-        patches += [(cluster, "_gpu_count", lambda: 1), (predictor, "default_batch_size", lambda device_type: 16),
+        patches += [(cluster, "_gpu_count", sim_gpu_count), (predictor, "default_batch_size", lambda device_type: 16),
                     (predictor.Predictor, "__init__", __init__)]
     return patches
 
@@ -341,7 +359,7 @@ def install(rate: str | None = None, trace_dir: str | None = None, lock_path: st
 
     rate = rate or os.environ.get("SEGPIPE_SIM_RATE", "real")
     trace_dir = trace_dir or os.environ.get("SEGPIPE_SIM_TRACE")
-    lock_path = lock_path or os.environ.get("SEGPIPE_SIM_LOCK") or None
+    lock_path = device_lock(lock_path or os.environ.get("SEGPIPE_SIM_LOCK"))
     pid = os.getpid()
     trace = None
     if trace_dir:

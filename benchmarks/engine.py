@@ -497,6 +497,20 @@ def run_all(args: argparse.Namespace) -> None:
         results["rss_vs_monai"] = round(p["peak_rss_mb"] / results["monai"]["peak_rss_mb"], 3)
     if args.compare_tile:
         results["speedup_tile_vs_chunk_windows"] = round(results["pipeline_tile_eq_chunk"]["seconds"] / p["seconds"], 3)
+        # the raw forward of the chunk-sized windows too: each pipeline against the forward of its own windows
+        side_c = tile_side(args.chunk_size, args.halo)
+        tiles_c = len(ChunkGrid(side, side, args.chunk_size))
+        rc = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision",
+                      args.precision, "--side", str(side_c), "--batch", str(batch), "--tiles", str(tiles_c)], env=env)
+        if rc.returncode != 0:
+            raise SystemExit(rc.stderr[-3000:])
+        rc_out = json.loads(rc.stdout.strip().splitlines()[-1])
+        results["raw_forward_chunk_windows"] = {"seconds": round(rc_out["seconds"], 2), "windows": tiles_c,
+                                                "side": side_c}
+        steady_c = results["pipeline_tile_eq_chunk"]["seconds"] - f["seconds"]
+        results["ratio_steady_vs_raw_chunk_windows"] = round(rc_out["seconds"] / steady_c, 3)
+        results["ratio_image_vs_raw_chunk_windows"] = round(
+            rc_out["seconds"] / results["pipeline_tile_eq_chunk"]["image_seconds"], 3)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -18,9 +18,15 @@ from prefect.states import Completed, Failed, State
 from flows.failures import install_one_line_failures
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
-from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
+from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
-from segpipe.engine.cluster import client_for, dashboard_link, dask_client
+from segpipe.engine.cluster import (
+    check_device_pinning,
+    client_for,
+    dashboard_link,
+    dask_client,
+    recent_worker_capacity,
+)
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.ownership import assign_outputs
 from segpipe.engine.segment import segment_image
@@ -194,8 +200,9 @@ def segment_images(
     probabilities: bool = False,
     bands: str | None = None,
     dask_address: str | None = None,
-    max_concurrent_images: int = IMAGES_IN_FLIGHT,
+    max_concurrent_images: int | None = None,
     task_seconds: float | None = None,
+    procs_per_device: int = 1,
     level: int | None = None,
     mpp: float | None = None,
     gsd: float | None = None,
@@ -225,6 +232,8 @@ def segment_images(
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device)
+    check_device_pinning(device, cluster)
     results: list[ImageResult] = []
     listing = ingest.submit(source)
     ref = load_model(model, out)
@@ -237,21 +246,25 @@ def segment_images(
         results.append(ImageResult(source=source, output="", status="failed",
                                    error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
     names = assign_outputs(images, out)
-    with dask_client(ClusterSettings(address=dask_address)) as client:
+    with dask_client(cluster) as client:
         if dashboard_link(client):
             logger.info("Dask dashboard: %s", dashboard_link(client))
         scheduler = client.scheduler.address
         # a sliding window of images (the CLI's policy): the next image starts as soon as any one finishes,
         # so the workers stay busy between one image's last chunks and the next one's first
+        # its width: max_concurrent_images, or derived from what finished images measured (ImagesInFlight)
         by_index: dict[int, ImageResult] = {}
+        width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
         for i, fut in sliding_window(
                 images, lambda img: segment_one.submit(img, ref, out, settings, scheduler, exports, names[img.uri]),
-                lambda running: next(as_completed(running)), max_concurrent_images):
+                lambda running: next(as_completed(running)), width):
             img = images[i]
             fut.wait()  # as_completed may yield before the future holds its final state
             value = fut.state.result(raise_on_failure=False)
             if isinstance(value, ImageResult):
                 by_index[i] = value
+                if value.status == "done":
+                    width.observe(value.host_seconds, value.device_seconds)
             else:
                 by_index[i] = ImageResult(source=img.uri, output=names[img.uri], status="failed",
                                           error=str(value) if isinstance(value, SegpipeError)

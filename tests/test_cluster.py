@@ -153,3 +153,121 @@ def test_client_for_keeps_one_client_per_address_and_closes_it_with_the_cluster(
         assert got[0].status == "running"  # the first cluster still runs: its client stays
     assert got[0].status == "closed"  # closed with its cluster
     assert address not in cluster._clients
+
+
+def test_device_workers_pin_each_process_to_its_device():
+    """N processes per GPU, each seeing only its GPU; without GPUs the CPU's cores are split between them."""
+    assert cluster.device_workers(["0", "1"], 2, 16) == [
+        ("gpu0-0", {"CUDA_VISIBLE_DEVICES": "0"}), ("gpu0-1", {"CUDA_VISIBLE_DEVICES": "0"}),
+        ("gpu1-0", {"CUDA_VISIBLE_DEVICES": "1"}), ("gpu1-1", {"CUDA_VISIBLE_DEVICES": "1"})]
+    assert cluster.device_workers(["GPU-ab12"], 1, 8) == [("gpu" + "GPU-ab12-0", {"CUDA_VISIBLE_DEVICES": "GPU-ab12"})]
+    assert cluster.device_workers([], 3, 8) == [
+        (f"cpu-{i}", {"SEGPIPE_WORKER_CORES": "2", "OMP_NUM_THREADS": "2"}) for i in range(3)]
+    assert cluster.device_workers([], 4, 2)[0][1]["SEGPIPE_WORKER_CORES"] == "1"  # never 0 cores
+
+
+def test_visible_devices_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cluster.visible_devices() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # physical ids: a pinned worker is given "3" or "5"
+    assert cluster.visible_devices() == ["3", "5"]
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 0)
+    assert cluster.visible_devices() == []
+
+
+def test_worker_cores_share_sizes_available_cores(monkeypatch):
+    from segpipe.engine import predictor
+
+    monkeypatch.delenv("SEGPIPE_WORKER_CORES", raising=False)
+    every = predictor.available_cores()
+    monkeypatch.setenv("SEGPIPE_WORKER_CORES", "1")
+    assert predictor.available_cores() == 1
+    monkeypatch.setenv("SEGPIPE_WORKER_CORES", str(every + 10))
+    assert predictor.available_cores() == every  # a share never exceeds the process's affinity
+
+
+@pytest.mark.parametrize(
+    ("device", "settings", "problem"),
+    [
+        ("auto", ClusterSettings(address="tcp://127.0.0.1:1", procs_per_device=2), "--dask-address"),
+        ("cuda:1", ClusterSettings(procs_per_device=2), "cuda:0"),
+    ],
+)
+def test_procs_per_device_refuses_what_it_cannot_honour(device, settings, problem):
+    from segpipe.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--procs-per-device") as e:
+        cluster.check_device_pinning(device, settings)
+    assert problem in str(e.value)
+    cluster.check_device_pinning("cuda", ClusterSettings(procs_per_device=2))  # fine
+    cluster.check_device_pinning("cuda:1", ClusterSettings())  # one process per device: any device
+
+
+def test_procs_per_device_conflicting_worker_count(monkeypatch):
+    from segpipe.core.errors import ConfigError
+
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 1)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ConfigError, match="conflicts with --procs-per-device 2"):
+        with cluster.dask_client(ClusterSettings(procs_per_device=2, n_workers=3)):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("cores", "host_threads", "torch", "host"),
+    [
+        (1, 3, 1, None),  # below 4 cores nothing is split or pinned: the forward takes every core
+        (2, 3, 2, None),
+        (3, 3, 3, None),
+        (4, 3, 3, (3,)),  # ceil(4 × 0.15) = 1 core for reads and writes
+        (8, 3, 6, (6, 7)),  # ceil(1.2) = 2
+        (16, 3, 13, (13, 14, 15)),  # ceil(2.4) = 3
+        (16, 2, 14, (14, 15)),  # no more host cores than host threads
+        (64, 12, 54, tuple(range(54, 64))),  # ceil(9.6) = 10
+        (6, 1, 5, (5,)),
+    ],
+)
+def test_cpu_threads_split_the_cores(cores, host_threads, torch, host):
+    """torch's threads sized against the host threads; from 4 cores on, pinned apart (disjoint, all cores used)."""
+    from segpipe.engine.predictor import cpu_threads
+
+    plan = cpu_threads(tuple(range(cores)), host_threads)
+    assert plan.torch == torch and plan.host_cores == host
+    if host is None:
+        assert plan.compute_cores is None
+    else:
+        assert plan.compute_cores == tuple(range(torch))
+        assert set(plan.compute_cores).isdisjoint(plan.host_cores)
+        assert len(plan.compute_cores) + len(plan.host_cores) == cores
+
+
+def test_cpu_threads_follow_the_affinity_and_never_give_the_host_half():
+    from segpipe.engine.predictor import cpu_threads
+
+    plan = cpu_threads((9, 3, 5, 7), 8, host_share=0.9)  # an affinity mask, not 0..n-1; a huge host share
+    assert plan.compute_cores == (3, 5) and plan.host_cores == (7, 9)  # at most half the cores for the host
+
+
+def test_pin_thread_pins_only_the_calling_thread():
+    import os
+    import threading
+
+    from segpipe.engine.predictor import pin_thread
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no thread affinity on this platform")
+    before = os.sched_getaffinity(0)
+    target = (min(before),)
+    seen = {}
+
+    def run():
+        pin_thread(target)
+        seen["inside"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen["inside"] == set(target) and os.sched_getaffinity(0) == before
+    pin_thread(None)
+    assert os.sched_getaffinity(0) == before

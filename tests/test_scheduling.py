@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -53,3 +54,69 @@ def test_every_item_starts_once_and_at_most_width_run():
                                             lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), 3)]
     assert sorted(got) == list(range(20)) and starts == list(range(20)) and peak[0] <= 3
     assert list(sliding_window([], start, lambda fs: fs[0], 3)) == []
+
+
+def test_images_in_flight_rule():
+    """1 + host/device images keep the device busy (Little's law), one more for variation; at least 2,
+    at most 4 per worker thread; before any measurement one per thread, at least 4."""
+    from segpipe.core.scheduling import images_in_flight
+
+    assert images_in_flight(0.0, 0.0, 3) == 4 and images_in_flight(0.0, 0.0, 12) == 12  # nothing measured
+    assert images_in_flight(0.5, 30.0, 3) == 3  # a big scene: device time dwarfs per-image work (2 + 1)
+    assert images_in_flight(10.0, 10.0, 3) == 3  # ceil(1 + 1) + 1
+    assert images_in_flight(10.0, 3.4, 3) == 5  # chips at half the host's floor: ceil(3.94) + 1
+    assert images_in_flight(10.0, 0.4, 12) == 27  # chips on an H100: ceil(26) + 1
+    assert images_in_flight(10.0, 0.4, 3) == 12  # ... capped at 4 per worker thread
+    assert images_in_flight(10.0, 0.001, 1) == 4  # the cap is never below 4
+
+
+def test_images_in_flight_follows_what_finished_images_measured():
+    from segpipe.core.scheduling import ImagesInFlight
+
+    w = ImagesInFlight(threads=12)
+    assert w() == 12 and w.most == 48
+    for _ in range(10):
+        w.observe(0.010, 0.0004)  # chips on a fast device
+    assert w() == 27
+    w.observe(0.5, 60.0)  # then a big scene: the ratio of sums moves
+    assert w() == math.ceil(1 + 0.6 / 60.004) + 1 == 3
+    assert ImagesInFlight(3, fixed=7)() == 7 and ImagesInFlight(3, fixed=7).most == 7
+
+
+def test_window_width_may_change_as_items_finish():
+    """A callable width is asked as items finish: the window widens and narrows without cancelling anything."""
+    widths = iter([1, 1, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1])
+    live, peaks = [0], []
+    lock = threading.Lock()
+
+    def run(i: int) -> int:
+        return i
+
+    def start(i):
+        with lock:
+            live[0] += 1
+            peaks.append(live[0])
+        return pool.submit(run, i)
+
+    def first_done(fs):
+        f = next(iter(wait(fs, return_when=FIRST_COMPLETED).done))
+        with lock:
+            live[0] -= 1
+        return f
+
+    with ThreadPoolExecutor(4) as pool:
+        got = [i for i, _ in sliding_window(list(range(8)), start, first_done, lambda: next(widths))]
+    assert sorted(got) == list(range(8))
+    assert max(peaks) == 3 and peaks[:2] == [1, 1]  # one at a time until the width grew to 3
+
+
+def test_tasks_per_device_rule():
+    """1 + host/device tasks share a device, rounded up to a power of two within 2..32; 8 before measuring."""
+    from segpipe.engine.sizing import TASKS_PER_DEVICE, tasks_per_device
+
+    assert tasks_per_device(0.0, 0.0) == TASKS_PER_DEVICE == 8
+    assert tasks_per_device(1.0, 10.0) == 2  # slow device: one forward, one task reading/writing
+    assert tasks_per_device(3.0, 1.0) == 4
+    assert tasks_per_device(3.1, 1.0) == 8
+    assert tasks_per_device(100.0, 1.0) == 32
+    assert all(1 / tasks_per_device(h, 1.0) * tasks_per_device(h, 1.0) == 1.0 for h in (0.5, 3, 9, 40))

@@ -93,6 +93,8 @@ def test_tile_size_must_be_a_multiple_of_chunk_size(chunk, tile, ok):
         (OutputSettings, {"zstd_level": 23}),
         (OutputSettings, {"background_class": -1}),
         (ClusterSettings, {"n_workers": 0}),
+        (ClusterSettings, {"procs_per_device": 0}),
+        (ClusterSettings, {"procs_per_device": 17}),
     ],
 )
 def test_bad_values_are_rejected(model, kwargs):

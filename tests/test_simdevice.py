@@ -141,6 +141,9 @@ def test_outputs_identical_for_every_task_size(sim_inputs, tmp_path, monkeypatch
         [r] = segment.segment_many([str(scene)], str(model), str(tmp_path / name), settings, client)
         assert r.status == "done", r.error
         assert sorted(writes) == sorted(set(writes)) and len(writes) == r.chunks  # each chunk once
+        # what sizes the images in flight: device time of its 15 windows of 320² at 50 MP/s (≥ the sleeps),
+        # and the per-image work outside the tile tasks
+        assert 15 * 320 * 320 / 50e6 <= r.device_seconds < 10 and 0 < r.host_seconds < r.seconds
         outputs[name] = _chunks(tmp_path / name / "scene.zarr")
     # 3 × 5 tiles; the cap of a growing task is two tasks per worker thread (3 threads: 15 / 6 → 3)
     assert sizes["one"] == [1] * 15 and sizes["batch3"] == [3] * 5
@@ -151,25 +154,32 @@ def test_outputs_identical_for_every_task_size(sim_inputs, tmp_path, monkeypatch
         assert out == ref, name
 
 
-def test_two_processes_per_device_same_output(sim_inputs, tmp_path):
-    """Two worker processes sharing one simulated device (the real CLI, --workers 2 --processes): both run
-    forwards, never two at once, and the output equals one process's chunk for chunk."""
+def test_procs_per_device_pins_worker_processes_to_their_device(sim_inputs, tmp_path):
+    """--procs-per-device 2 on two simulated GPUs (the real CLI): four worker processes, two per GPU, each
+    seeing only its GPU (the lock file it takes is named after CUDA_VISIBLE_DEVICES); every process runs
+    forwards, never two at once on one device, and the output equals one process's chunk for chunk."""
     scene, model = sim_inputs
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "SEGPIPE_SIM_RATE": "20"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     outs = {}
-    for name, extra, lock in (("one", [], None), ("two", ["--workers", "2", "--processes"], tmp_path / "gpu0.lock")):
+    for name, extra, gpus in (("one", [], "1"), ("pinned", ["--procs-per-device", "2"], "2")):
         trace = tmp_path / f"trace-{name}"
         cmd = [sys.executable, str(BENCH / "_sim_device.py"), "segment", str(scene), "--model", str(model),
                "--out", str(tmp_path / name), "--chunk-size", "128", "--halo", "32", "--tile-size", "256",
-               "--batch-size", "1", "--no-progress", *extra]  # 15 tasks of one tile: both processes get some
-        run_env = {**env, "SEGPIPE_SIM_TRACE": str(trace), **({"SEGPIPE_SIM_LOCK": str(lock)} if lock else {})}
+               "--batch-size", "1", "--no-progress", *extra]  # 15 tasks of one tile: every process gets some
+        run_env = {**env, "SEGPIPE_SIM_TRACE": str(trace), "SEGPIPE_SIM_GPUS": gpus,
+                   "SEGPIPE_SIM_LOCK": str(tmp_path / f"{name}-gpu{{device}}.lock")}
         p = subprocess.run(cmd, check=False, env=run_env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         outs[name] = _chunks(tmp_path / name / "scene.zarr")
-        if lock:
-            files = list(trace.glob("busy-gpu0@*.tsv"))
+        if name == "pinned":
             busy = sim.read_busy(trace)
-            assert list(busy) == ["busy-gpu0"]
-            assert len([f for f in files if f.read_text().strip()]) == 2  # both processes used the device
-            assert sim.overlapping([(a, b) for a, b, _ in busy["busy-gpu0"]]) == []
-    assert outs["two"] == outs["one"]
+            assert sorted(busy) == ["busy-pinned-gpu0", "busy-pinned-gpu1"]
+            for dev in ("gpu0", "gpu1"):
+                used = [f for f in trace.glob(f"busy-pinned-{dev}@*.tsv") if f.read_text().strip()]
+                assert len(used) == 2, (dev, used)  # both of the device's processes ran forwards on it
+                assert sim.overlapping([(a, b) for a, b, _ in busy[f"busy-pinned-{dev}"]]) == []
+            pids = {f.stem.split("@")[1] for f in trace.glob("busy-pinned-*@*.tsv") if f.read_text().strip()}
+            assert len(pids) == 4  # four distinct worker processes
+    assert len(set(outs["one"].values())) > 1
+    assert outs["pinned"] == outs["one"]

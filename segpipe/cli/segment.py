@@ -93,6 +93,9 @@ def print_summary(results: list) -> None:
               help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
 @click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
 @click.option("--processes", is_flag=True, help="Embedded cluster: worker processes instead of threads.")
+@click.option("--procs-per-device", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Embedded cluster: worker processes per GPU, each seeing only its GPU (without a GPU: "
+                   "processes splitting the CPU's cores).")
 @click.option("--task-seconds", type=float, default=None,
               help="Target device seconds per Dask tile task (fleets: fewer, larger tasks per scheduler) "
                    "[default: one forward batch per task].")
@@ -103,7 +106,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
             min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
-            worker_threads: int | None, processes: bool, task_seconds: float | None) -> None:
+            worker_threads: int | None, processes: bool, procs_per_device: int, task_seconds: float | None) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
 
     Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
@@ -111,7 +114,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     the same image is never touched.
     """
     from segpipe.core.settings import ClusterSettings
-    from segpipe.engine.cluster import dask_client
+    from segpipe.engine.cluster import check_device_pinning, dask_client
     from segpipe.engine.segment import segment_many
     from segpipe.export import Exports
     from segpipe.export.results import write_image_exports
@@ -121,7 +124,8 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
                               task_seconds=task_seconds, gsd=gsd)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
-                              processes=processes)
+                              processes=processes, procs_per_device=procs_per_device)
+    check_device_pinning(device, cluster)
     quiet_library_loggers(debug_requested())
     with dask_client(cluster) as client:
         if no_progress:

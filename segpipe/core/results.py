@@ -36,6 +36,10 @@ class ImageResult:
     #: the failure was a storage error that may pass when retried (a Prefect task retries it)
     transient: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: wall seconds of per-image work that gives the device nothing (header, output, lock, pyramid, finalize)
+    host_seconds: float = 0.0
+    #: device seconds of its windows at the workers' measured rate (what the image gives the device)
+    device_seconds: float = 0.0
 
     @property
     def megapixels(self) -> float:

@@ -206,6 +206,13 @@ class ClusterSettings(_Settings):
         description="Embedded cluster: worker processes instead of threads in this process "
         "(threads start faster and torch/GDAL/zstd release the GIL).",
     )
+    procs_per_device: int = Field(
+        1, ge=1, le=16,
+        description="Embedded cluster: worker processes per device. Above 1, each GPU gets this many worker "
+        "processes, each seeing only its GPU (CUDA_VISIBLE_DEVICES), so one process's host work (reads, "
+        "Python, writes) overlaps another's forward; the device still runs one forward at a time per process. "
+        "Without a GPU the CPU is the one device and its cores are split between the processes.",
+    )
 
 
 def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | None = None,

@@ -6,7 +6,10 @@ the next windows and write finished chunks, and the process pays for one torch i
 and one model load. ``address="tcp://…"`` attaches to any running scheduler instead
 (dask-kubernetes, dask-jobqueue, Coiled, or ``dask scheduler`` + ``dask worker``), with
 no code change. With GPUs, dask-cuda's ``LocalCUDACluster`` (one worker per GPU) is used
-when installed; otherwise one worker gets a ``GPU`` resource per visible device.
+when installed; otherwise one worker gets a ``GPU`` resource per visible device. With
+``procs_per_device`` N > 1, each device gets N worker processes, each pinned to its GPU through
+``CUDA_VISIBLE_DEVICES`` (on a CPU: N processes splitting the cores), so one process's host work
+overlaps another's forward on the same device.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import ConfigError
 from segpipe.core.settings import ClusterSettings, InferenceSettings
@@ -36,6 +40,42 @@ def _gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def visible_devices() -> list[str]:
+    """The GPUs this process may hand to worker processes, as ``CUDA_VISIBLE_DEVICES`` names them: the
+    entries of that variable when it is set (indices or UUIDs of the physical devices), else 0 … N-1."""
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    count = _gpu_count()
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def device_workers(devices: Sequence[str], procs_per_device: int, cores: int) -> list[tuple[str, dict[str, str]]]:
+    """(worker name, environment) of each worker process when every device gets ``procs_per_device``.
+
+    On GPUs each process sees only its device (``CUDA_VISIBLE_DEVICES``; torch calls it ``cuda:0``), the way
+    dask-cuda pins one worker per GPU, here several per GPU. Without GPUs (``devices`` empty) the CPU is the
+    one device: its ``cores`` are split evenly (``SEGPIPE_WORKER_CORES``, which sizes each process's torch
+    threads, and ``OMP_NUM_THREADS`` for libraries that read it)."""
+    from segpipe.engine.predictor import WORKER_CORES_ENV
+
+    if not devices:
+        share = str(max(1, cores // procs_per_device))
+        return [(f"cpu-{p}", {WORKER_CORES_ENV: share, "OMP_NUM_THREADS": share}) for p in range(procs_per_device)]
+    return [(f"gpu{d}-{p}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices for p in range(procs_per_device)]
+
+
+def check_device_pinning(device: str, settings: ClusterSettings) -> None:
+    """Refuse option combinations that ``procs_per_device`` cannot honour, with one line."""
+    if settings.procs_per_device == 1:
+        return
+    if settings.address:
+        raise ConfigError("--procs-per-device", "sizes the embedded cluster; with --dask-address start the "
+                          "workers yourself (e.g. `CUDA_VISIBLE_DEVICES=0 dask worker ADDRESS --resources GPU=1`, "
+                          "twice per GPU)")
+    if device.startswith("cuda:"):
+        raise ConfigError("--procs-per-device", f"gives each worker process one GPU, which it calls cuda:0; "
+                          f"use --device auto or cuda, and CUDA_VISIBLE_DEVICES to choose GPUs, not --device {device}")
+
+
 def default_threads(gpus: int) -> int:
     """Worker threads: 3 on a CPU (one computes, two read and write); with a GPU, enough CPU threads
     to read, normalise and write as fast as the GPU computes (reading is then the limit)."""
@@ -52,6 +92,7 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     from distributed import Client, LocalCluster
 
     settings = settings or ClusterSettings()
+    check_device_pinning("auto", settings)
     if settings.address:
         try:
             client = Client(settings.address, timeout="20s")
@@ -70,7 +111,9 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     gpus = _gpu_count()
     threads = settings.threads_per_worker or default_threads(gpus)
     cluster = None
-    if gpus and settings.processes:
+    if settings.procs_per_device > 1:
+        cluster, threads = _pinned_cluster(settings, gpus)
+    elif gpus and settings.processes:
         try:
             from dask_cuda import LocalCUDACluster
 
@@ -95,6 +138,31 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
         close_clients(cluster.scheduler_address)
         client.close()
         cluster.close()
+
+
+def _pinned_cluster(settings: ClusterSettings, gpus: int) -> tuple[Any, int]:
+    """``procs_per_device`` worker processes per device, each pinned to its device (:func:`device_workers`);
+    returns the cluster and the threads of each worker."""
+    from distributed import Nanny, Scheduler, SpecCluster
+    from distributed.system import MEMORY_LIMIT
+
+    from segpipe.engine.predictor import available_cores
+
+    devices = visible_devices() if gpus else []
+    cores = available_cores()
+    workers = device_workers(devices, settings.procs_per_device, cores)
+    if settings.n_workers and settings.n_workers != len(workers):
+        raise ConfigError("--workers", f"{settings.n_workers} conflicts with --procs-per-device "
+                          f"{settings.procs_per_device} on {max(1, len(devices))} device(s) "
+                          f"({len(workers)} worker processes); give one of them")
+    # a process per device share: its threads read, normalise and write for that share of the device
+    threads = settings.threads_per_worker or max(3, min(cores // len(workers), 12))
+    spec = {name: {"cls": Nanny, "options": {
+        "nthreads": threads, "env": env, "host": "127.0.0.1", "memory_limit": MEMORY_LIMIT // len(workers),
+        "resources": {"GPU": 1} if devices else None, "silence_logs": logging.WARNING}}
+        for name, env in workers}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=logging.WARNING, name="segpipe"), threads
 
 
 def dashboard_link(client: Client) -> str | None:

@@ -18,12 +18,13 @@ from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.core.geometry import ChunkGrid
 from segpipe.core.results import ImageResult, Progress
-from segpipe.core.scheduling import IMAGES_IN_FLIGHT, sliding_window
+from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
-from segpipe.engine.tasks import TaskSizer, _build_pyramid, _run_tasks, _tile_work, _tiles_per_task, batched
+from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
+from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
@@ -164,7 +165,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if progress and done:
             progress.advance(len(done), sum(c.h * c.w for c in grid if c.key in done) / 1e6)
         tplan = TilePlan.of(settings.tiling, info.height, info.width)
-        per_task = _tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
+        per_task = tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm, tissue=tissue,
                        forward_batch=per_task)
@@ -172,8 +173,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
         uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size)  # resumed: kept
+        t_tasks = time.perf_counter()
         stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
                            gpu_workers, threads, sizer, uncertainty)
+        t_tasks = time.perf_counter() - t_tasks
         uncertainty.flush()  # already written at the loop's end unless that failed: then this names the error
         if stats.content and 0 <= stats.min_label == stats.max_label:
             cls = stats.min_label
@@ -187,6 +190,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
                                           "uncertainty": uncertainty.attrs,
                                           "seconds": round(time.perf_counter() - t0, 3)}})
         result.status = "done"
+        result.host_seconds = time.perf_counter() - t0 - t_tasks  # per-image work: the device got nothing
     except SegpipeError as e:
         result.status = "failed"
         result.error = str(e) if image.uri in str(e) or target_uri in str(e) else f"{image.uri}: {e}"
@@ -247,14 +251,16 @@ def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int
     return chunks, mp
 
 def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
-                 progress: Progress | None = None, max_concurrent_images: int = IMAGES_IN_FLIGHT) -> list[ImageResult]:
+                 progress: Progress | None = None, max_concurrent_images: int | None = None) -> list[ImageResult]:
     """List every source, check the model once, then segment the images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
-    Model errors raise (nothing can run without a model). Up to ``max_concurrent_images``
-    images are in progress at once, in a sliding window (:func:`segpipe.core.scheduling.sliding_window`,
-    the flow's policy too), so one image's header reads, output creation and scheduler
-    round trips overlap the others' tiles (a folder of small chips is mostly such per-image work);
+    Model errors raise (nothing can run without a model). Several images are in progress at once, in a
+    sliding window (:func:`segpipe.core.scheduling.sliding_window`, the flow's policy too), so one image's
+    header reads, output creation and scheduler round trips overlap the others' tiles (a folder of small
+    chips is mostly such per-image work). Its width is ``max_concurrent_images``, or by default derived
+    from what finished images measured (:class:`segpipe.core.scheduling.ImagesInFlight`: per-image host
+    time against the device time of its windows);
     results keep the order of the listing. The progress total is counted from the image headers
     in a background thread while the first images already run.
     """
@@ -292,11 +298,13 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
         return segment_image(images[i], ref, out, settings, client, progress, target_uri=names[images[i].uri])
 
     done: dict[int, ImageResult] = {}
-    with ThreadPoolExecutor(max(1, max_concurrent_images), thread_name_prefix="segpipe-image") as pool:
+    width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
+    with ThreadPoolExecutor(width.most, thread_name_prefix="segpipe-image") as pool:
         for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
-                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)),
-                                     max_concurrent_images):
+                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), width):
             done[i] = fut.result()
+            if done[i].status == "done":
+                width.observe(done[i].host_seconds, done[i].device_seconds)
     results.extend(done[i] for i in range(len(images)))
     if planner is not None:
         planner.join()

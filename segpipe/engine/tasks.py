@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,9 +17,9 @@ import numpy as np
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
-from segpipe.core.settings import InferenceSettings
 from segpipe.engine.fence import Fenced, cancelled, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
+from segpipe.engine.sizing import TASKS_PER_DEVICE, TaskSizer, TimedPredictor
 from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
 from segpipe.io.output import (
     OutputTarget,
@@ -49,10 +49,6 @@ def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> np.ndarray:
     return labels
 
 PARALLEL_READ_BATCH = 4
-
-#: tile tasks that share one GPU at once (a power of two: the shares add up exactly); the worker's
-#: threads bound it further
-TASKS_PER_DEVICE = 8
 
 def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
     """Dask task: predict a few tiles and write their chunks, retrying transient storage errors.
@@ -174,9 +170,12 @@ def worker_tissue_mask(reader: Any, source: str, fingerprint: str, read: Any) ->
     return hit
 
 
+_pinned = threading.local()
+
+
 def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     """Predict ``work``'s tiles through the engine and write their chunks (or write them as fill)."""
-    from segpipe.engine.predictor import cached_predictor
+    from segpipe.engine.predictor import cached_predictor, pin_thread
 
     plan = TilePlan.of(job.tiling, job.target.height, job.target.width)
     grid, tiles = plan.grid, plan.tiles
@@ -191,20 +190,31 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
                 _write_fill(job, c, job.background_class)
                 n += 1
         return {"chunks": n, "skipped": n, "megapixels": megapixels, "stats": TileStats()}
+    t0 = time.perf_counter()
     r = job.read
     # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
     # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
     reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint, gsd=r.gsd)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
+    if predictor.cpu is not None and predictor.cpu.host_cores and not getattr(_pinned, "done", False):
+        pin_thread(predictor.cpu.host_cores)  # this worker thread reads and writes beside the forward's cores
+        _pinned.done = True
+    timed = TimedPredictor(predictor)
     tissue = worker_tissue_mask(reader, job.source, job.fingerprint, r) if job.tissue else None
     sink = _ZarrSink(job, plan, items, tissue)
-    stats = infer_tiles(reader, predictor, plan, items, sink, norm=job.norm,
+    stats = infer_tiles(reader, timed, plan, items, sink, norm=job.norm,
                         nodata=job.target.nodata_label, batch_size=job.forward_batch or max(1, len(work)),
                         skip_empty=r.skip_empty, fill=lambda c, v: sink.fill(job, c, v), uncertainty=True)
     values, stats.uncertainty = stats.uncertainty, {}  # the driver stores them (io.uncertainty), not the totals
+    rate = predictor.seconds_per_megapixel
     return {"chunks": stats.chunks, "skipped": stats.skipped, "megapixels": megapixels, "stats": stats,
-            "seconds_per_megapixel": predictor.seconds_per_megapixel, "uncertainty": values}
+            "seconds_per_megapixel": rate, "uncertainty": values,
+            # what this task gave the device (its windows at the worker's rate), and its own host time
+            # (everything but waiting for its forwards): the driver sizes the device share from them
+            "device_seconds": timed.pixels / 1e6 * rate if rate else 0.0,
+            "host_seconds": max(0.0, time.perf_counter() - t0 - timed.seconds)}
+
 
 def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
                ) -> tuple[Iterator[Any], Iterator[Any]]:
@@ -231,61 +241,6 @@ def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple
     items = list(split())  # slides: the tile grid of a slide level is small
     return (w for c, w in items if c), (w for c, w in items if not c)
 
-def _tiles_per_task(settings: InferenceSettings, gpu_workers: bool, window_side: int) -> int:
-    """Tiles per Dask task (= per forward batch): ``--batch-size``, else 1 on CPU and, on a GPU, as
-    many as keep a batch near 16 windows of 640² (6.5 MP) whatever the tile size."""
-    if settings.batch_size:
-        return settings.batch_size
-    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and gpu_workers)
-    return max(1, (16 * 640 * 640) // (window_side * window_side)) if gpu else 1
-
-def batched(keys: Iterator[Any], size: int | Callable[[], int]) -> Iterator[list[Any]]:
-    """Consecutive lists of at most ``size`` items, produced lazily (an image's plan is never materialised).
-    ``size`` may be a callable, asked at the start of each list (task sizes that adapt as tasks finish)."""
-    size_of = size if callable(size) else (lambda: size)
-    batch: list[Any] = []
-    n = max(1, size_of())
-    for k in keys:
-        batch.append(k)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-            n = max(1, size_of())
-    if batch:
-        yield batch
-
-
-#: the last device rate seen per (model weights, device): the next image's tasks start at the right size
-_rates: dict[tuple[str, str], float] = {}
-
-
-class TaskSizer:
-    """Tiles per tile task from a target device time (``--task-seconds``), measured as tasks finish.
-
-    Starts at ``base`` tiles (today's size: one forward batch), or at the rate the last image measured;
-    then each finished task reports its worker's device seconds per megapixel of windows, and later
-    tasks carry ``task_seconds / (that × window megapixels)`` tiles — never fewer than ``base``, and
-    never so many that the image has fewer than two tasks per worker thread (``cap``). How tiles are
-    grouped never changes the output: each chunk is in exactly one tile, each tile in exactly one task.
-    """
-
-    def __init__(self, task_seconds: float | None, base: int, window_side: int, tiles: int, threads: int,
-                 key: tuple[str, str] = ("", "")) -> None:
-        self.task_seconds, self.base, self.key = task_seconds, base, key
-        self.window_mp = window_side * window_side / 1e6
-        self.cap = max(base, -(-tiles // (2 * max(1, threads))))
-        self.rate = _rates.get(key) if task_seconds else None
-
-    def size(self) -> int:
-        if not self.task_seconds or not self.rate:
-            return self.base
-        return max(self.base, min(self.cap, int(self.task_seconds / (self.rate * self.window_mp))))
-
-    def observe(self, counters: dict[str, Any]) -> None:
-        rate = counters.get("seconds_per_megapixel")
-        if self.task_seconds and rate:
-            self.rate = _rates[self.key] = float(rate)
-
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
                sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None) -> TileStats:
@@ -306,14 +261,17 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
     # forward while the others read their windows and write their chunks (the predictor runs one
     # forward at a time and merges small requests); a whole GPU per task left the device idle during
     # every task's reads and writes (simulated device at half the host's floor: busy 0.65 of the time)
-    resources = {"GPU": 1 / TASKS_PER_DEVICE} if job.inference.device != "cpu" and gpu_workers else None
+    # (the share is re-derived from the tasks' measured host and device time: tasks_per_device)
+    gpu = job.inference.device != "cpu" and gpu_workers
     run = job.target.run_id[:8]
     in_flight = max(8, 4 * max(threads, 1))
 
     def submit(batch: TileWork, fill: bool) -> Any:
         kind = "fill" if fill else "tiles"
         ty, tx = batch[0][0]
-        return client.submit(run_tiles, job, batch, fill, pure=False, resources=None if fill else resources,
+        share = (sizer.device_share() if sizer is not None else 1 / TASKS_PER_DEVICE)
+        resources = {"GPU": share} if gpu and not fill else None
+        return client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
                              key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
 
     pending = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
@@ -335,6 +293,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
                 raise counters["error"]
             if sizer is not None:
                 sizer.observe(counters)  # before the next batch is cut: it takes the new size
+            result.device_seconds += float(counters.get("device_seconds", 0.0))
             for b, f in itertools.islice(pending, 1):
                 queue.add(submit(b, f))
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])

@@ -43,11 +43,14 @@ def retrain(
     halo: int = 64,
     dask_address: str | None = None,
     skip_unchanged: bool = True,
+    baseline: str | None = None,
 ) -> dict:
     """Train a challenger on ``data``, evaluate challenger and champion on ``split``, promote when better.
 
     ``skip_unchanged`` (default): a round whose data, labels, champion and settings are those of the
     last completed round ends at once with a note — an idle week costs a folder listing.
+    ``baseline``: the folder of segpipe outputs corrected label files were exported from (a GeoPackage
+    export records it itself); the report then shows what annotators changed.
     """
     logger = get_run_logger()
     install_one_line_failures()  # a dataset error ends the run Failed with one line, not the engine's traceback
@@ -58,7 +61,7 @@ def retrain(
     )
     ssettings = segment_settings(chunk_size=chunk_size, halo=halo, device=device, precision=precision)
     result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,
-                         dask_address=dask_address, skip_unchanged=skip_unchanged, train_step=train_challenger,
+                         dask_address=dask_address, skip_unchanged=skip_unchanged, baseline=baseline, train_step=train_challenger,
                          evaluate_step=evaluate_model)
     if result.skipped:
         logger.info("%s", result.reason)

@@ -94,13 +94,16 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dask-address", default=None)
+@click.option("--baseline", default=None,
+              help="Folder of segpipe outputs the corrected labels were exported from (GeoPackage exports record "
+                   "it themselves); the report then shows what annotators changed.")
 @click.option("--skip-unchanged", is_flag=True,
               help="Do nothing when data, labels, champion and settings are those of the last completed round "
                    "(the weekly deployment's default).")
 @handle_errors
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
             patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str,
-            seed: int, dask_address: str | None, skip_unchanged: bool) -> None:
+            seed: int, dask_address: str | None, baseline: str | None, skip_unchanged: bool) -> None:
     """Train a challenger, compare it with the champion on the same split, promote if better."""
     import json
 
@@ -113,5 +116,5 @@ def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batc
                                class_balanced=class_balanced, device=device, precision=precision, seed=seed)
     ssettings = segment_settings(device=device, precision=precision)
     result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address,
-                         skip_unchanged=skip_unchanged)
+                         skip_unchanged=skip_unchanged, baseline=baseline)
     click.echo(json.dumps(result.as_dict(), indent=2))

@@ -163,7 +163,8 @@ def model_info(ref: ModelRef) -> dict[str, Any]:
 
 
 def write_evaluation_report(out_dir: str, ev: Evaluation, *, title: str, champion: Evaluation | None = None,
-                            class_colors: list[str] | None = None) -> tuple[str, str]:
+                            class_colors: list[str] | None = None, corrections_md: str | None = None
+                            ) -> tuple[str, str]:
     """``out_dir/report.html`` + ``report.md`` for ``ev``; with ``champion``, the two side by side.
 
     ``class_colors`` default to the model's own (``class_colors`` in its ``model.json``), filled by
@@ -177,6 +178,6 @@ def write_evaluation_report(out_dir: str, ev: Evaluation, *, title: str, champio
     html, md = write_report(
         out_dir, champion.metrics if champion else ev.metrics, title=title, model_info=model_info(ev.model),
         history=history, samples=ev.samples, challenger=ev.metrics if champion else None,
-        class_colors=class_colors,
+        class_colors=class_colors, corrections_md=corrections_md,
     )
     return str(html), str(md)

@@ -285,6 +285,33 @@ def _class_table(metrics: dict[str, Any], challenger: dict[str, Any] | None,
     return "\n".join(tables)
 
 
+def _markdown_tables_html(md: str) -> str:
+    """A section written in markdown (a ``##`` heading, paragraphs, pipe tables) as HTML."""
+    esc = html.escape
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-:") for c in r)]
+            out.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{esc(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{esc(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
 def _markdown_report(title: str, generated: str, metrics: dict[str, Any], model_info: dict[str, Any] | None,
                      history: list[dict[str, Any]] | None, challenger: dict[str, Any] | None,
                      n_samples: int) -> str:
@@ -319,13 +346,15 @@ def _markdown_report(title: str, generated: str, metrics: dict[str, Any], model_
 def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
                  model_info: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
                  samples: list[Sample] | None = None, challenger: dict[str, Any] | None = None,
-                 class_colors: list[str] | None = None) -> tuple[Path, Path]:
+                 class_colors: list[str] | None = None,
+                 corrections_md: str | None = None) -> tuple[Path, Path]:
     """Write ``out_dir/report.html`` (self-contained) and ``out_dir/report.md``; returns both paths.
 
     ``metrics`` (and ``challenger``) are ``metrics.json`` dicts (:func:`segpipe.core.metrics.scores`);
     ``history`` is a list of per-epoch dicts (``{"epoch": 1, "train_loss": …, "val_mean_iou": …}``);
     ``class_colors`` are hex strings in class order (a model's ``class_colors``); missing ones come
-    from :func:`segpipe.core.classes.class_colors`, as in the Zarr outputs.
+    from :func:`segpipe.core.classes.class_colors`, as in the Zarr outputs. ``corrections_md`` is the
+    corrections section (:func:`segpipe.evaluate.corrections.corrections_markdown`), in both files.
     """
     _check_metrics(metrics, "champion")
     if challenger is not None:
@@ -365,6 +394,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
                      f"<figure>{_img(confusion_png(challenger, 'challenger'), 'challenger confusion matrix')}"
                      "</figure></div>" f'<p class="note">{caption}</p>')
 
+    if corrections_md:
+        parts.append(_markdown_tables_html(corrections_md))
     groups = history_groups(history) if history else {}
     if groups:
         parts.append('<h2>Training curves</h2><div class="row">')
@@ -387,6 +418,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
         + "\n".join(parts) + "\n</main>\n</body>\n</html>\n"
     )
     markdown = _markdown_report(title, generated, metrics, model_info, history, challenger, len(samples or []))
+    if corrections_md:
+        markdown += "\n" + corrections_md
     out = Path(out_dir)
     html_path, md_path = out / "report.html", out / "report.md"
     try:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from segpipe.core.settings import ClusterSettings, SegmentSettings
 from segpipe.engine.cluster import dask_client
+from segpipe.evaluate.corrections import corrections, corrections_markdown
 from segpipe.evaluate.decision import decide, run_dir
 from segpipe.evaluate.evaluation import Evaluation, evaluate, write_evaluation_report
 from segpipe.evaluate.reports import markdown_table
@@ -42,6 +43,8 @@ class RetrainResult:
     comparison: str  #: markdown table, champion vs challenger
     #: nothing changed since the last round (data, labels, champion, settings): no training was done
     skipped: bool = False
+    #: what annotators changed against the model outputs they started from (None: no corrected files)
+    corrections: dict | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "comparison"}
@@ -98,7 +101,7 @@ def _record_round(registry: str, entry: dict) -> None:
 
 def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: SegmentSettings, *,
             workdir: str | None = None, split: str = "val", margin: float = 0.005,
-            dask_address: str | None = None, skip_unchanged: bool = False,
+            dask_address: str | None = None, skip_unchanged: bool = False, baseline: str | None = None,
             train_step: Callable[[str, str, TrainSettings], TrainResult] = train_challenger,
             evaluate_step: Callable[..., Evaluation] = evaluate_model) -> RetrainResult:
     """Train a challenger, evaluate challenger and champion on ``split``, register it, promote when better.
@@ -107,6 +110,10 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     split.json — compared by listing: size and mtime/ETag), the champion and the settings are those of
     the last completed round, nothing is trained and the result says so (``skipped``): an idle week
     costs a listing, not a training run.
+
+    Labels files made from segpipe's own output (a GeoPackage export records it; ``baseline``: the folder
+    of outputs they were exported from) are compared with it: the report shows what annotators changed
+    (:mod:`segpipe.evaluate.corrections`), also written as ``corrections.json`` next to it.
     """
     init_registry(registry)
     current = champion(registry)
@@ -131,7 +138,16 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     decision = decide(champion_ev.metrics if champion_ev else None, challenger_ev.metrics, margin)
     title = (f"retrain: challenger vs champion {current}" if champion_ev else
              "retrain: challenger (no champion yet)")
-    write_evaluation_report(paths["report"], challenger_ev, title=title, champion=champion_ev)
+    corr = corrections(load_dataset(data), baseline)
+    corr_md = corrections_markdown(corr) if corr else None
+    if corr:
+        fs, path = filesystem(join(paths["report"], "corrections.json"))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps(corr, indent=2).encode())
+        log.info("corrections: %.2f %% of %d labelled pixels changed by annotators, mean Dice %s",
+                 100 * corr["changed_fraction"], corr["pixels"], corr["mean_dice"])
+    write_evaluation_report(paths["report"], challenger_ev, title=title, champion=champion_ev,
+                            corrections_md=corr_md)
     version = register(registry, trained.uri, metrics=challenger_ev.metrics, report_dir=paths["report"])
     if decision.promote:
         promote(registry, version, decision.reason)
@@ -139,7 +155,7 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     else:
         log.info("kept champion %s: %s", current, decision.reason)
     table = (markdown_table(champion_ev.metrics, challenger_ev.metrics) if champion_ev
-             else markdown_table(challenger_ev.metrics))
+             else markdown_table(challenger_ev.metrics)) + ("\n" + corr_md if corr_md else "")
     # the round's inputs, with the champion it leaves: next week, nothing changed = the same fingerprint
     after = champion(registry)
     _record_round(registry, {"fingerprint": round_fingerprint(data, after, tsettings, ssettings, split, margin),
@@ -150,4 +166,6 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         champion=version if decision.promote else current,
         challenger_mean_iou=decision.challenger_mean_iou, champion_mean_iou=decision.champion_mean_iou,
         report=join(paths["report"], "report.html"), registry=registry, run=paths["base"], comparison=table,
+        corrections={k: corr[k] for k in ("pixels", "changed_pixels", "changed_fraction", "mean_dice", "images")}
+        if corr else None,
     )

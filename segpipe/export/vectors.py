@@ -79,6 +79,10 @@ def sieve_block(read: Callable[[int, int, int, int], np.ndarray], height: int, w
     return sieved[y0 - ya : y0 - ya + h, x0 - xa : x0 - xa + w]
 
 
+#: GeoPackage layer metadata naming the segpipe output the polygons were exported from
+ORIGIN_KEY = "segpipe_output"
+
+
 class _FeatureSink:
     """Buffers (class id, pixel-space polygon) and appends them, transformed, to the vector file.
 
@@ -170,6 +174,11 @@ class _FeatureSink:
         options: dict[str, Any] = {}
         if driver == "GPKG":
             options["layer"] = "segments"
+            if self.driver == "GPKG" and not self.started:
+                # provenance: polygons made by a model, from this output (what a corrections report compares
+                # an annotator's edited copy with); QGIS keeps layer metadata when the layer is edited in place
+                options["layer_metadata"] = {ORIGIN_KEY: self.meta.uri, "segpipe_origin": "model output",
+                                             "segpipe_source": self.meta.source or ""}
         if driver == "GeoJSON" and self.qupath:
             options["layer_options"] = {"AUTODETECT_JSON_STRINGS": "YES"}
         if driver == "ESRI Shapefile":

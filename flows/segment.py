@@ -1,7 +1,8 @@
 """Flow ``segment-images``: ingest → one Prefect task per image → chunk tasks on Dask → Zarr.
 
-Tiles are Dask tasks, never Prefect tasks (a Prefect task run costs 20–110 ms and ~20 KB of
-database; a Dask task < 1 ms). Only URIs, settings and counters pass through Prefect.
+Tiles are Dask tasks, never Prefect tasks (a Prefect task run costs a hundred times a Dask task and
+a database row: docs/benchmarks.md, "Design measurements"). Only URIs, settings and counters pass
+through Prefect.
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ def downsample_mode(labels: np.ndarray, num_classes: int) -> np.ndarray:
     Each of the four pixels ``v`` of a block gets the key ``count(v) · 2^bits + (max − v)``, with
     ``count(v)`` from the six pairwise equalities of the block; the largest key wins and
     carries its value. Six comparisons and integer adds on contiguous quarter planes: the cost
-    does not grow with ``num_classes`` (1.7 ms for a 1,024² tile here; the per-pixel ``where``
-    chain it replaced took 9.9 ms).
+    does not grow with ``num_classes``, and is a sixth of the per-pixel ``where`` chain it replaced
+    (docs/benchmarks.md, "Design measurements").
     """
     dtype = label_dtype(num_classes)
     if labels.ndim < 2:
@@ -266,7 +266,7 @@ def _build_plain_levels(
 ) -> list[tuple[str, int]]:
     """:func:`_build_levels` for plain arrays (segpipe's own layout, :class:`RawChunks`): each level's
     metadata is the base's with its shape, written directly (zarr-python's group open and array
-    creation cost 10–30 ms per level, and ~0.15 s of warm-up on a process's first image)."""
+    creation cost more than the level's chunks on small images: docs/benchmarks.md, "Design measurements")."""
     import json
 
     from segpipe.io.chunks import RawChunks

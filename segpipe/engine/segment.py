@@ -213,7 +213,7 @@ def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
 
     The reader is the process's shared one for this image (:func:`shared_reader`, same key as the
     tile tasks'): on the embedded cluster the tasks then read through it instead of opening the
-    image a second time (~3 ms a 256² PNG chip; a header request per remote COG).
+    image a second time (a decode of a PNG chip; a header request per remote COG).
     """
     r = settings.read
     reader = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd)

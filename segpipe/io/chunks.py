@@ -3,8 +3,9 @@
 "Plain" is the layout segpipe creates (:mod:`segpipe.io.output`): bytes (little endian) + zstd,
 regular grid, default ``c/…`` keys with ``/``, no shards. One chunk is one object: decode or encode
 it with the array's zstd and get or put it whole (locally: a temporary file renamed into place, so a
-reader sees the old chunk or the new one). zarr-python's read/write machinery costs ~3–10 ms per
-chunk; this costs the codec and one file operation.
+reader sees the old chunk or the new one). zarr-python's read/write machinery costs several times
+the codec per chunk (docs/benchmarks.md, "Design measurements"); this costs the codec and one file
+operation.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from segpipe.io.storage import filesystem, is_local, join, storage_error, strip_
 
 class RawChunks:
     """Whole-chunk reads and writes of one plain array (bytes + zstd, default '/' keys, no shards)
-    straight from the store: the pyramid's path (zarr-python's read/write machinery cost ~10 ms per
-    destination chunk, most of a level's time). :meth:`open` returns None for any other layout."""
+    straight from the store: the pyramid's path (zarr-python's read/write machinery was most of a
+    level's time). :meth:`open` returns None for any other layout."""
 
     def __init__(self, fs: Any, path: str, meta: dict[str, Any]) -> None:
         from numcodecs import Zstd

@@ -145,8 +145,8 @@ class OutputLock:
 
 class _Heartbeats:
     """One daemon thread per process refreshes every held lock whose heartbeat is
-    :data:`HEARTBEAT_S` old (a thread per lock cost a start and a join per image: ~2.5 ms of thread
-    time on a folder of 256² chips, where a whole image takes ~25 ms)."""
+    :data:`HEARTBEAT_S` old (a thread per lock cost a start and a join per image, a tenth of a chip's
+    time: docs/benchmarks.md, "Design measurements")."""
 
     def __init__(self) -> None:
         self._locks: set[OutputLock] = set()

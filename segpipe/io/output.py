@@ -125,7 +125,7 @@ def read_attrs(uri: str) -> dict[str, Any] | None:
     A storage fault is raised (:func:`segpipe.io.storage.storage_error`), never read as "no output":
     a bucket's 5xx would otherwise make a run's own output look foreign (refused) or, in
     :func:`finalize`, vanished. Read from the group's ``zarr.json`` directly: one small read, no
-    zarr-python group machinery (which cost ~4 ms per image on a folder of chips)."""
+    zarr-python group machinery (a large share of a chip's time: docs/benchmarks.md, "Design measurements")."""
     fs, path = filesystem(strip_file_scheme(uri))
     try:
         raw = fs.cat_file(join(path, "zarr.json"))
@@ -210,8 +210,8 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
         fs, path = filesystem(strip_file_scheme(uri))
         if existing.kind == "segpipe":
             fs.rm(path, recursive=True)
-        # the metadata is written directly (zarr-python's group/array creation cost ~7 ms per image,
-        # most of a small chip's time); the group's zarr.json comes last: it is what marks the path
+        # the metadata is written directly (zarr-python's group/array creation was most of a small chip's
+        # time: docs/benchmarks.md); the group's zarr.json comes last: it is what marks the path
         # as a segpipe output
         c = target.chunk_size
         arrays = {LEVEL0: _array_meta([target.height, target.width], [c, c], target.label_dtype, target.nodata_label,
@@ -262,10 +262,10 @@ class _ChunkStore:
     """The arrays of one output, as written by :func:`write_chunk`: whole chunks straight into the
     store (:class:`segpipe.io.chunks.RawChunks`), bypassing zarr-python's per-chunk write path.
 
-    Measured on a 512² uint8 chunk: zarr's ``array[ys, xs] = block`` cost ~2.9 ms (indexing,
-    async sync, codec pipeline); encoding with the same zstd codec and one atomic file write
-    costs ~0.3 ms. The layout written is exactly zarr's, checked against the array metadata when
-    the store is opened.
+    zarr's ``array[ys, xs] = block`` pays for indexing, async sync and the codec pipeline; encoding
+    with the same zstd codec and one atomic file write costs about a tenth of it (docs/benchmarks.md,
+    "Design measurements"). The layout written is exactly zarr's, checked against the array metadata
+    when the store is opened.
 
     The one fallback: an array whose layout is not plain (:func:`segpipe.io.chunks.layout_problem`:
     another codec, shards, other chunk keys; segpipe never creates one, a user's or an older version's

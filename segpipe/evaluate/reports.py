@@ -13,6 +13,9 @@ challenger − champion, green when better, red when worse (every score here is 
 
 ``report.md`` holds the same tables (via :func:`markdown_table`, also used for Prefect
 markdown artifacts) without the figures.
+
+Why this module is long: the HTML and the Markdown report are one document in two renderings
+(verdict, model, scores, deltas, corrections); keeping them together keeps their sections in step.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image
 
 from segpipe.core.errors import DatasetError, OutputError
 from segpipe.evaluate.figures import class_palette, confusion_png, history_groups, line_plot_png
+from segpipe.evaluate.markdown_html import markdown_section_html
 from segpipe.evaluate.overlays import Sample, sample_png
 
 #: differences smaller than this are shown as unchanged (scores are printed with 4 decimals)
@@ -285,33 +289,6 @@ def _class_table(metrics: dict[str, Any], challenger: dict[str, Any] | None,
     return "\n".join(tables)
 
 
-def _markdown_tables_html(md: str) -> str:
-    """A section written in markdown (a ``##`` heading, paragraphs, pipe tables) as HTML."""
-    esc = html.escape
-    out: list[str] = []
-    rows: list[list[str]] = []
-
-    def flush() -> None:
-        if rows:
-            head, body = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-:") for c in r)]
-            out.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</tbody></table>")
-            rows.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-            continue
-        flush()
-        if line.startswith("## "):
-            out.append(f"<h2>{esc(line[3:])}</h2>")
-        elif line.strip():
-            out.append(f"<p>{esc(line)}</p>")
-    flush()
-    return "\n".join(out)
-
-
 def _markdown_report(title: str, generated: str, metrics: dict[str, Any], model_info: dict[str, Any] | None,
                      history: list[dict[str, Any]] | None, challenger: dict[str, Any] | None,
                      n_samples: int) -> str:
@@ -395,7 +372,7 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], *, title: str,
                      "</figure></div>" f'<p class="note">{caption}</p>')
 
     if corrections_md:
-        parts.append(_markdown_tables_html(corrections_md))
+        parts.append(markdown_section_html(corrections_md))
     groups = history_groups(history) if history else {}
     if groups:
         parts.append('<h2>Training curves</h2><div class="row">')

@@ -75,6 +75,20 @@ def test_segment_reads_images_at_the_models_resolution(tmp_path, photo, model_di
     assert fine["0"].shape == (100, 80)  # 0.25 m pixels read at the model's 0.5 m
     seg = fine.attrs["segpipe"]
     assert seg["settings"]["gsd"] == 0.5 and seg["transform"][0] == 0.5
+    # evaluation scores such an output against the full-size truth read at the prediction's pixel size
+    from segpipe.core.classes import nodata_label
+    from segpipe.evaluate.evaluation import score_output
+
+    truth = np.random.default_rng(1).integers(0, 4, (1, 200, 160), dtype=np.uint8)
+    write_geotiff(tmp_path / "truth.tif", truth, pixel=0.25)
+    k = len(json.loads(Path(model, "model.json").read_text())["classes"])
+    cm = score_output(str(tmp_path / "o" / "fine.zarr"), str(tmp_path / "truth.tif"), k)
+    pred = fine["0"][:]
+    want = np.zeros((k, k), np.int64)
+    t = truth[0, 1::2, 1::2].astype(np.int64)  # nearest: the source pixel under each output pixel's centre
+    keep = pred != nodata_label(k)
+    np.add.at(want, (t[keep], pred[keep].astype(np.int64)), 1)
+    np.testing.assert_array_equal(cm.matrix, want)
     coarse = zarr.open_group(str(tmp_path / "o" / "coarse.zarr"), mode="r")
     assert coarse["0"].shape == (200, 160)  # upsampled, with a warning line
     assert f"note: {src}/coarse.tif: its pixels (1 CRS units per pixel) are coarser than the model's (0.5)" in r.stderr

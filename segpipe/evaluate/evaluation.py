@@ -29,6 +29,8 @@ from segpipe.io.metrics import write_metrics_json
 from segpipe.io.output import open_labels, read_attrs
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.readers.decimate import read_decimated
+from segpipe.io.readers.levels import resampled_size
+from segpipe.io.readers.resample import ResampledReader
 from segpipe.io.storage import SourceImage, join, list_images
 from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
 from segpipe.labels.truth import open_truth
@@ -90,8 +92,15 @@ def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) ->
     """
     pred = open_labels(output_uri)
     height, width = pred.shape
-    reader = open_mask(truth) if isinstance(truth, str) else truth
+    reader: ImageReader = open_mask(truth) if isinstance(truth, str) else truth
     mask_uri = reader.info.uri
+    if (reader.info.height, reader.info.width) != (height, width):
+        # the model read the image at its own resolution (model.json resolution): the truth is read at the
+        # prediction's pixel size too, class ids by nearest neighbour (never averaged)
+        fy, fx = reader.info.height / height, reader.info.width / width
+        if abs(fy - fx) <= 0.02 * max(fy, fx) and resampled_size(reader.info.height, fx) == height \
+                and resampled_size(reader.info.width, fx) == width:
+            reader = ResampledReader(reader, fx, labels=True)
     with reader as masks:
         if (masks.info.height, masks.info.width) != (height, width):
             raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "

@@ -44,6 +44,8 @@ def retrain(
     dask_address: str | None = None,
     skip_unchanged: bool = True,
     baseline: str | None = None,
+    mpp: float | None = None,
+    gsd: float | None = None,
 ) -> dict:
     """Train a challenger on ``data``, evaluate challenger and champion on ``split``, promote when better.
 
@@ -57,7 +59,7 @@ def retrain(
     tsettings = train_settings(
         architecture=architecture, encoder=encoder, epochs=epochs, batch_size=batch_size, patch_size=patch_size,
         patches_per_epoch=patches_per_epoch, lr=lr, class_balanced=class_balanced, device=device,
-        precision=precision, seed=seed,
+        precision=precision, seed=seed, mpp=mpp, gsd=gsd,
     )
     ssettings = segment_settings(chunk_size=chunk_size, halo=halo, device=device, precision=precision)
     result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,

@@ -114,3 +114,48 @@ def test_training_records_the_resolution_of_its_images(tmp_path):
     data = write_dataset(tmp_path / "d", 2, 64, seed=1)
     res = dataset_resolution(load_dataset(str(data)))
     assert res is not None and res.gsd == PIXEL_SIZE and res.mpp is None
+
+
+def test_a_dataset_at_a_resolution_reads_resampled_images_and_truth(tmp_path):
+    from segpipe.core.errors import DatasetError
+    from segpipe.labels.dataset import at_resolution, load_dataset, open_item_image, open_mask
+    from segpipe.labels.truth import open_truth
+    from segpipe.train.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "d", 2, 96, seed=2)  # 0.5 m pixels
+    ds = at_resolution(load_dataset(str(data)), gsd=1.0)
+    item = ds.items[0]
+    assert (item.scale, item.height, item.width) == (2.0, 48, 48)
+    with open_item_image(item) as img, open_truth(ds, item) as truth:
+        assert img.read(Window(0, 0, 48, 48)).shape == (3, 48, 48)
+        with open_mask(item.mask_uri) as full:
+            np.testing.assert_array_equal(truth.read(Window(0, 0, 48, 48))[0],
+                                          full.read(Window(0, 0, 96, 96))[0, 1::2, 1::2])
+    with pytest.raises(DatasetError, match="coarser than the 0.25 asked"):
+        at_resolution(load_dataset(str(data)), gsd=0.25)
+    with pytest.raises(DatasetError, match="records no microns per pixel"):
+        at_resolution(load_dataset(str(data)), mpp=0.5)
+
+
+@pytest.mark.slow
+def test_training_at_a_chosen_resolution_is_recorded_and_segment_follows_it(tmp_path):
+    from segpipe.models.artifact import load_artifact
+    from segpipe.train.loop import train
+    from segpipe.train.settings import train_settings
+    from segpipe.train.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "d", 3, 128, seed=3)  # 0.5 m pixels, trained at 1 m
+    s = train_settings(epochs=1, batch_size=4, patch_size=32, patches_per_epoch=8, device="cpu", precision="fp32",
+                       gsd=1.0)
+    result = train(str(data), str(tmp_path / "m"), s, progress=False)
+    assert result.history[-1]["val_mean_iou"] is not None  # validation read the val image at 1 m
+    assert load_artifact(str(tmp_path / "m")).spec.resolution.gsd == 1.0
+    from click.testing import CliRunner
+
+    from segpipe.cli.main import main
+
+    image = sorted((data / "images").glob("*.tif"))[0]
+    r = CliRunner().invoke(main, ["segment", str(image), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
+                                  "--chunk-size", "32", "--halo", "8", "--precision", "fp32", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert zarr.open_array(str(tmp_path / "o" / f"{image.stem}.zarr" / "0"), mode="r").shape == (64, 64)

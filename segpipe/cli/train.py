@@ -27,18 +27,23 @@ from segpipe.train.settings import TRAIN_DEFAULTS as D
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mpp", type=float, default=None,
+              help="Train on slides at this many microns per pixel (recorded in model.json; segment reads at it).")
+@click.option("--gsd", type=float, default=None,
+              help="Train on georeferenced rasters at this pixel size in CRS units (recorded in model.json).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in OUT/checkpoint/.")
 @handle_errors
 def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | None, epochs: int, batch_size: int,
           patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
-          precision: str, seed: int, resume: bool) -> None:
+          precision: str, seed: int, mpp: float | None, gsd: float | None, resume: bool) -> None:
     """Train a model on a dataset and write an artifact."""
     from segpipe.train.loop import train as run_train
     from segpipe.train.settings import train_settings
 
     settings = train_settings(architecture=arch, encoder=encoder, encoder_weights=encoder_weights, epochs=epochs,
                               batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
-                              class_balanced=class_balanced, device=device, precision=precision, seed=seed)
+                              class_balanced=class_balanced, device=device, precision=precision, seed=seed,
+                              mpp=mpp, gsd=gsd)
     result = run_train(data, out, settings, resume=resume)
     miou = result.metrics.get("val_mean_iou")
     click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
@@ -94,6 +99,9 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dask-address", default=None)
+@click.option("--mpp", type=float, default=None, help="Train the challenger on slides at this many microns per pixel.")
+@click.option("--gsd", type=float, default=None,
+              help="Train the challenger on georeferenced rasters at this pixel size in CRS units.")
 @click.option("--baseline", default=None,
               help="Folder of segpipe outputs the corrected labels were exported from (GeoPackage exports record "
                    "it themselves); the report then shows what annotators changed.")
@@ -103,7 +111,8 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @handle_errors
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
             patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str,
-            seed: int, dask_address: str | None, baseline: str | None, skip_unchanged: bool) -> None:
+            seed: int, dask_address: str | None, mpp: float | None, gsd: float | None, baseline: str | None,
+            skip_unchanged: bool) -> None:
     """Train a challenger, compare it with the champion on the same split, promote if better."""
     import json
 
@@ -113,7 +122,8 @@ def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batc
 
     tsettings = train_settings(architecture=arch, encoder=encoder, epochs=epochs, batch_size=batch_size,
                                patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
-                               class_balanced=class_balanced, device=device, precision=precision, seed=seed)
+                               class_balanced=class_balanced, device=device, precision=precision, seed=seed,
+                               mpp=mpp, gsd=gsd)
     ssettings = segment_settings(device=device, precision=precision)
     result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address,
                          skip_unchanged=skip_unchanged, baseline=baseline)

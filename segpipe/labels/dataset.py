@@ -71,6 +71,8 @@ class Item(NamedTuple):
     width: int
     labels_uri: str | None = None  #: DATA/labels/<name>.<ext> (unused when there is a mask)
     regions_uri: str | None = None  #: DATA/regions/<name>.<ext>: the exhaustively labelled areas
+    #: source pixels per training pixel (:func:`at_resolution`); height and width are then the resampled ones
+    scale: float = 1.0
 
     @property
     def truth_uri(self) -> str:
@@ -332,3 +334,46 @@ def _serve_palette_indices(reader: ImageReader, uri: str) -> None:
     reader._indexes = [1]
     reader.info = dataclasses.replace(reader.info, count=1, dtype=str(np.dtype(ds.dtypes[0])),
                                       extra={**reader.info.extra, "layout": "palette indices"})
+
+
+def open_item_image(item: Item) -> ImageReader:
+    """The image of ``item`` at the dataset's resolution (area-averaged when :func:`at_resolution` set a scale)."""
+    from segpipe.io.readers.resample import ResampledReader
+
+    reader = open_reader(item.image_uri)
+    return reader if item.scale == 1.0 else ResampledReader(reader, item.scale)
+
+
+def at_resolution(dataset: Dataset, *, mpp: float | None = None, gsd: float | None = None) -> Dataset:
+    """``dataset`` read at one pixel size: ``mpp`` (slides: microns per pixel) or ``gsd`` (georeferenced
+    rasters: CRS units per pixel). Each item gets its scale (source pixels per pixel) and resampled size;
+    images and truth are then read through :func:`open_item_image` and :func:`segpipe.labels.truth.open_truth`.
+
+    An image without that kind of pixel size, or coarser than asked by more than 0.1 %, is refused
+    (training on upsampled pixels would teach detail that is not there).
+    """
+    from segpipe.io.readers.levels import resampled_size
+    from segpipe.io.readers.resample import SAME_SIZE_RTOL, pixel_size
+
+    if (mpp is None) == (gsd is None):
+        raise DatasetError(dataset.root, "give one resolution to train at: mpp (slides) or gsd (rasters)")
+    want = float(mpp if mpp is not None else gsd)  # type: ignore[arg-type]
+    unit = "µm per pixel" if mpp is not None else "CRS units per pixel"
+    items = []
+    for item in dataset.items:
+        reader = open_reader(item.image_uri)
+        try:
+            have = reader.info.mpp if mpp is not None else pixel_size(reader.info)
+        finally:
+            reader.close()
+        if not have:
+            what = "records no microns per pixel" if mpp is not None else "has no georeference"
+            raise DatasetError(item.image_uri, f"{what}, so it cannot be trained on at {want:g} {unit}")
+        scale = want / have
+        if scale < 1 - SAME_SIZE_RTOL:
+            raise DatasetError(item.image_uri, f"has {have:g} {unit}, coarser than the {want:g} asked to train at")
+        if abs(scale - 1) < SAME_SIZE_RTOL:
+            scale = 1.0
+        items.append(item._replace(scale=scale, height=resampled_size(item.height, scale),
+                                   width=resampled_size(item.width, scale)))
+    return dataclasses.replace(dataset, items=items)

@@ -259,7 +259,17 @@ def _label_classes(dataset: Dataset) -> LabelClasses:
 
 
 def open_truth(dataset: Dataset, item: Item) -> ImageReader:
-    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring)."""
+    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring),
+    at the dataset's resolution (an item's ``scale``: the class id under each pixel's centre)."""
+    reader = _open_truth(dataset, item)
+    if item.scale == 1.0:
+        return reader
+    from segpipe.io.readers.resample import ResampledReader
+
+    return ResampledReader(reader, item.scale, labels=True)
+
+
+def _open_truth(dataset: Dataset, item: Item) -> ImageReader:
     if item.labels_uri is None and item.regions_uri is None:
         assert item.mask_uri is not None
         return open_mask(item.mask_uri)

@@ -29,7 +29,7 @@ import numpy as np
 from segpipe.core.errors import ConfigError, DatasetError, ModelError
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.storage import filesystem, join, strip_file_scheme
-from segpipe.labels.dataset import Dataset, load_dataset, split_dataset
+from segpipe.labels.dataset import Dataset, at_resolution, load_dataset, split_dataset
 from segpipe.models.artifact import ModelSpec, Resolution, build_network, save_artifact
 from segpipe.train.checkpoint import (
     Progress,
@@ -131,8 +131,9 @@ def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Data
     sampler = PatchSampler(train_ds, patch_size=s.patch_size, patches_per_epoch=s.patches_per_epoch,
                            mean=mean, std=std, input_scale=input_scale, augment=s.augment, index=index,
                            class_balanced=s.class_balanced, balance_power=s.class_balance_power, seed=s.seed)
+    chosen = Resolution(mpp=s.mpp, gsd=s.gsd) if s.mpp is not None or s.gsd is not None else None
     return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler,
-                 dataset_resolution(full))
+                 chosen or dataset_resolution(full))
 
 
 def _optimizer(net: torch.nn.Module, s: TrainSettings, device: torch.device, precision: str):
@@ -247,6 +248,8 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     full = load_dataset(data_root)
+    if s.mpp is not None or s.gsd is not None:  # every image read at one pixel size, recorded in model.json
+        full = at_resolution(full, mpp=s.mpp, gsd=s.gsd)
     train_ds = split_dataset(full, "train", s.seed)
     val_ds = split_dataset(full, "val", s.seed)
     _seed_everything(s.seed)

@@ -10,7 +10,7 @@ import numpy as np
 
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window
-from segpipe.labels.dataset import Dataset, open_reader
+from segpipe.labels.dataset import Dataset, open_item_image
 
 
 def default_input_scale(dtype: str) -> float:
@@ -42,7 +42,7 @@ def band_statistics(dataset: Dataset, input_scale: float, *, window: int = 512, 
         grid = [(y, x) for y in range(0, item.height, window) for x in range(0, item.width, window)]
         if len(grid) > windows_per_image:
             grid = [grid[j] for j in sorted(rng.choice(len(grid), windows_per_image, replace=False))]
-        reader = open_reader(item.image_uri)
+        reader = open_item_image(item)
         try:
             for y0, x0 in grid:
                 h, w = min(window, item.height - y0), min(window, item.width - x0)

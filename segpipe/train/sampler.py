@@ -27,7 +27,7 @@ import numpy as np
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, ceil_div
 from segpipe.io.readers import ImageReader
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item, open_reader
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, Item, open_item_image
 from segpipe.labels.truth import open_truth
 from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
 from segpipe.train.index import MaskIndex, index_masks
@@ -39,9 +39,9 @@ class _Readers(threading.local):
     def __init__(self) -> None:
         self.cache: OrderedDict[str, ImageReader] = OrderedDict()
 
-    def get(self, uri: str, size: int = 16) -> ImageReader:
-        """The image reader of ``uri``."""
-        return self._get("image:" + uri, lambda: open_reader(uri), size)
+    def get(self, item: Item, size: int = 16) -> ImageReader:
+        """The image reader of ``item`` (at the dataset's resolution)."""
+        return self._get("image:" + item.image_uri, lambda: open_item_image(item), size)
 
     def truth(self, dataset: Dataset, item: Item, size: int = 16) -> ImageReader:
         """The class-id reader of ``item`` (mask, vector labels, regions)."""
@@ -251,7 +251,7 @@ class PatchSampler:
     def read(self, plan: PatchPlan) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of a plan: (normalised float32 image, int64 mask), augmented and resized to the patch."""
         it = self.dataset.items[plan.item]
-        image = self._readers.get(it.image_uri).read(plan.window)
+        image = self._readers.get(it).read(plan.window)
         mask = self._readers.truth(self.dataset, it).read(plan.window)[0]
         x = (image.astype(np.float32) * self.scale - self.mean) / self.std
         x, mask = resize_pair(x, mask, self.patch_size)

@@ -71,6 +71,12 @@ class TrainSettings(BaseModel):
         "fp16 (CUDA only) uses a gradient scaler.",
     )
     seed: int = Field(0, ge=0, description="Seeds the default split, initialisation, patches and augmentations.")
+    mpp: float | None = Field(
+        None, gt=0, description="Train on slides at this many microns per pixel (area-resampled); recorded in "
+        "model.json, so segment reads at it too. None: the images' own.")
+    gsd: float | None = Field(
+        None, gt=0, description="Train on georeferenced rasters at this pixel size in CRS units (area-resampled); "
+        "recorded in model.json. None: the images' own.")
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = read in this process).")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; None = torch's default.")
 
@@ -87,6 +93,12 @@ class TrainSettings(BaseModel):
         if not re.match(r"^(auto|cpu|cuda|cuda:\d+|mps)$", v):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _one_resolution(self) -> TrainSettings:
+        if self.mpp is not None and self.gsd is not None:
+            raise ValueError("train at one resolution: mpp (slides) or gsd (rasters), not both")
+        return self
 
     @model_validator(mode="after")
     def _steps(self) -> TrainSettings:
@@ -106,7 +118,8 @@ def train_settings(*, architecture: str = TRAIN_DEFAULTS["architecture"], encode
                    batch_size: int = TRAIN_DEFAULTS["batch_size"], patch_size: int = TRAIN_DEFAULTS["patch_size"],
                    patches_per_epoch: int | None = None, lr: float = TRAIN_DEFAULTS["lr"],
                    class_balanced: bool = TRAIN_DEFAULTS["class_balanced"], device: str = "auto",
-                   precision: str = "auto", seed: int = 0) -> TrainSettings:
+                   precision: str = "auto", seed: int = 0, mpp: float | None = None,
+                   gsd: float | None = None) -> TrainSettings:
     """The one settings builder of ``segpipe train``, ``segpipe retrain`` and the ``retrain`` flow:
     same option names, same defaults (:data:`TRAIN_DEFAULTS`), same checks.
 
@@ -115,7 +128,7 @@ def train_settings(*, architecture: str = TRAIN_DEFAULTS["architecture"], encode
     return TrainSettings.model_validate({
         "architecture": architecture, "encoder": encoder, "encoder_weights": encoder_weights, "epochs": epochs,
         "batch_size": batch_size, "patch_size": patch_size, "lr": lr, "class_balanced": class_balanced,
-        "device": device, "precision": precision, "seed": seed,
+        "device": device, "precision": precision, "seed": seed, "mpp": mpp, "gsd": gsd,
         **({"patches_per_epoch": patches_per_epoch} if patches_per_epoch else {}),
     })
 

@@ -22,7 +22,7 @@ from segpipe.core.metrics import ConfusionMatrix
 from segpipe.core.settings import InferenceSettings, TilingSettings
 from segpipe.engine.predictor import Predictor
 from segpipe.engine.tiled import TilePlan, infer_tiles, whole_image_work
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_reader
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, open_item_image
 from segpipe.labels.truth import open_truth
 from segpipe.models.normalization import check_input, image_normalization
 
@@ -66,7 +66,7 @@ def validate(net: torch.nn.Module, dataset: Dataset, spec: ModelSpec, *, device:
     net.eval()
     try:
         for item in dataset.items:
-            image = open_reader(item.image_uri)
+            image = open_item_image(item)
             mask = open_truth(dataset, item)
             try:
                 norm = check_input(spec, image.info, item.image_uri) or image_normalization(spec, image, item.image_uri)

@@ -27,6 +27,7 @@ import numpy as np
 
 from segpipe.core.errors import SegpipeError
 from segpipe.core.metrics import ConfusionMatrix
+from segpipe.evaluate.evaluation import score_output
 from segpipe.export.vectors import ORIGIN_KEY
 from segpipe.io.meta import open_output_group, output_meta
 from segpipe.io.storage import filesystem, join, strip_file_scheme
@@ -77,13 +78,6 @@ def _pixel_area(meta: Any) -> tuple[float, str]:
     return 1.0, "pixels"
 
 
-def compare(truth: Any, output_uri: str, num_classes: int) -> ConfusionMatrix:
-    """Corrected labels (rows) against the model output (columns), over the labelled pixels."""
-    from segpipe.evaluate.evaluation import score_output
-
-    return score_output(output_uri, truth, num_classes)
-
-
 def summarize(cm: ConfusionMatrix, classes: list[str], area: float = 1.0, unit: str = "pixels") -> dict[str, Any]:
     """Per-class added/removed pixels and area, Dice of model vs corrected, and the changed share (pure)."""
     m = np.asarray(cm.matrix, dtype=np.int64)
@@ -120,7 +114,8 @@ def corrections(dataset: Dataset, baseline: str | None = None) -> dict[str, Any]
             continue
         try:
             meta = output_meta(origin, open_output_group(origin))
-            cm = compare(open_truth(dataset, item), origin, k)
+            # rows: the corrected labels (as truth), columns: the model's output, over the labelled pixels
+            cm = score_output(origin, open_truth(dataset, item), k)
         except SegpipeError as e:
             log.warning("%s: corrections not counted (%s)", item.labels_uri, e)
             continue

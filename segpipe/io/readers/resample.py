@@ -52,6 +52,12 @@ class ResampledReader:
         self.base, self.factor, self.labels = base, float(factor), labels
         self.info = scaled_info(base.info, self.factor)
 
+    def _centres(self, start: int, count: int, lo: int, n: int) -> np.ndarray:
+        """Indices, within a source block starting at ``lo`` of ``n`` pixels, of the source pixel under
+        each output pixel's centre (nearest)."""
+        idx = np.floor((start + np.arange(count) + 0.5) * self.factor).astype(np.int64) - lo
+        return np.clip(idx, 0, n - 1)
+
     def _source(self, start: int, count: int) -> tuple[int, int]:
         lo = math.floor(start * self.factor)
         hi = math.ceil((start + count) * self.factor)
@@ -62,9 +68,9 @@ class ResampledReader:
         (y0, y1), (x0, x1) = self._source(window.y0, window.h), self._source(window.x0, window.w)
         block = self.base.read(Window(y0, x0, y1 - y0, x1 - x0))
         if self.labels:
-            rows = np.floor((window.y0 + np.arange(window.h) + 0.5) * self.factor).astype(np.int64) - y0
-            cols = np.floor((window.x0 + np.arange(window.w) + 0.5) * self.factor).astype(np.int64) - x0
-            return block[:, np.clip(rows, 0, block.shape[1] - 1)[:, None], np.clip(cols, 0, block.shape[2] - 1)]
+            rows = self._centres(window.y0, window.h, y0, block.shape[1])
+            cols = self._centres(window.x0, window.w, x0, block.shape[2])
+            return block[:, rows[:, None], cols]
         out = area_resample(block, 1, window.y0, window.h, self.factor, y0)
         out = area_resample(out, 2, window.x0, window.w, self.factor, x0)
         if np.issubdtype(block.dtype, np.integer):
@@ -81,10 +87,8 @@ class ResampledReader:
         valid = fn(Window(y0, x0, y1 - y0, x1 - x0))
         if valid is None:
             return None
-        rows = np.clip(np.floor((window.y0 + np.arange(window.h) + 0.5) * self.factor).astype(np.int64) - y0,
-                       0, valid.shape[0] - 1)
-        cols = np.clip(np.floor((window.x0 + np.arange(window.w) + 0.5) * self.factor).astype(np.int64) - x0,
-                       0, valid.shape[1] - 1)
+        rows = self._centres(window.y0, window.h, y0, valid.shape[0])
+        cols = self._centres(window.x0, window.w, x0, valid.shape[1])
         return valid[rows[:, None], cols[None, :]]
 
     def __getattr__(self, name: str) -> Any:  # has_mask and other optional reader features

@@ -35,11 +35,12 @@ import numpy as np
 
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, source_indices
+from segpipe.core.grid import PixelGrid
 from segpipe.io.readers import ImageInfo, ImageReader
 from segpipe.io.storage import filesystem, strip_file_scheme
 from segpipe.labels.burn import BurnStats, LabelShapes, burn_window, cover_window, prepare_shapes
 from segpipe.labels.classes import IGNORE_INDEX, LabelClasses
-from segpipe.labels.dataset import Dataset, Item, open_mask, open_reader, read_label_classes
+from segpipe.labels.dataset import Dataset, Item, open_mask_on, open_reader, read_label_classes
 from segpipe.labels.vectors import VectorFeatures, read_regions_layer, read_vector_file, to_pixels
 
 log = logging.getLogger("segpipe.labels.truth")
@@ -84,7 +85,7 @@ class VectorLabelReader:
         self.prepared = prepared
         self.info = ImageInfo(uri=uri, height=image.height, width=image.width, count=1, dtype="uint8",
                               crs_wkt=image.crs_wkt, transform=image.transform, mpp=image.mpp,
-                              driver="vector-labels", extra={"image": image.uri})
+                              driver="vector-labels", extra={"image": image.uri}, on_grid=image.grid)
 
     def _read_inside(self, window: Window) -> np.ndarray:
         p = self.prepared
@@ -232,9 +233,7 @@ def prepare_labels(labels_uri: str | None, regions_uri: str | None, image: Image
                    image_name: str | None = None) -> PreparedLabels:
     """:func:`build_labels` through a small per-process cache (keyed by the files' size and time,
     the image's geometry and the rules); logs the feature counts when a file is first prepared."""
-    key = (_file_key(labels_uri), _file_key(regions_uri), image.height, image.width, image.transform,
-           image.crs_wkt, image.extra.get("downsample"), image.extra.get("resample_factor"), classes.fingerprint,
-           image_name)
+    key = (_file_key(labels_uri), _file_key(regions_uri), image.grid, classes.fingerprint, image_name)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -258,32 +257,41 @@ def _label_classes(dataset: Dataset) -> LabelClasses:
     return dataset.label_classes if dataset.label_classes is not None else read_label_classes(dataset.root)
 
 
-def open_truth(dataset: Dataset, item: Item) -> ImageReader:
-    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring),
-    at the dataset's resolution (an item's ``scale``: the class id under each pixel's centre)."""
-    reader = _open_truth(dataset, item)
-    if item.scale == 1.0:
-        return reader
-    from segpipe.io.readers.resample import ResampledReader
+def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> ImageReader:
+    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring) on
+    ``grid`` — by default the item's own (the dataset's resolution); an output's grid to score that output.
 
-    return ResampledReader(reader, item.scale, labels=True)
-
-
-def _open_truth(dataset: Dataset, item: Item) -> ImageReader:
+    Vector labels and regions are burned on the grid itself (pixel centres of the grid, as
+    ``gdal_rasterize`` would at that resolution); a raster mask gives the class id under each grid
+    pixel's centre (never averaged).
+    """
+    grid = grid if grid is not None else item.grid
+    if grid is None:
+        grid = _image_info(item.image_uri).grid
     if item.labels_uri is None and item.regions_uri is None:
         assert item.mask_uri is not None
-        return open_mask(item.mask_uri)
+        return open_mask_on(item.mask_uri, grid)
     classes = _label_classes(dataset)
-    image = open_reader(item.image_uri)
-    try:
-        info = image.info
-    finally:
-        image.close()
+    info = _grid_image(item.image_uri, grid)
     if item.mask_uri is not None:
         assert item.regions_uri is not None
         regions = prepare_labels(None, item.regions_uri, info, classes.with_unlabelled(IGNORE_INDEX),
                                  image_name=item.name).regions
         assert regions is not None
-        return RegionMaskedReader(open_mask(item.mask_uri), regions, classes.burn.all_touched)
+        return RegionMaskedReader(open_mask_on(item.mask_uri, grid), regions, classes.burn.all_touched)
     prepared = prepare_labels(item.labels_uri, item.regions_uri, info, classes, image_name=item.name)
     return VectorLabelReader(prepared, info, item.truth_uri)
+
+
+def _image_info(uri: str) -> ImageInfo:
+    image = open_reader(uri)
+    try:
+        return image.info
+    finally:
+        image.close()
+
+
+def _grid_image(image_uri: str, grid: PixelGrid) -> ImageInfo:
+    """The header labels are burned against: the image's URI on ``grid`` (its size, georeference, scale)."""
+    return ImageInfo(uri=image_uri, height=grid.height, width=grid.width, count=1, dtype="uint8",
+                     crs_wkt=grid.crs_wkt, transform=grid.transform, mpp=grid.mpp, on_grid=grid)

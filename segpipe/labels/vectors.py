@@ -405,7 +405,7 @@ def to_pixels(features: VectorFeatures, info: ImageInfo) -> np.ndarray:
     """The features' geometries in ``info``'s image pixels (x = column, y = row from the top-left corner).
 
     Pixel-space files (QuPath, COCO) and files over an image without georeference are in
-    level-0 pixels: divided by a slide's ``downsample × resample_factor`` (the level read).
+    level-0 pixels: divided by the grid's scale (level-0 pixels per pixel: :attr:`ImageInfo.grid`).
     Otherwise the file's CRS (none = the image's) is reprojected to the image's CRS, and the
     inverse of the image's affine transform gives pixels.
     """
@@ -413,7 +413,7 @@ def to_pixels(features: VectorFeatures, info: ImageInfo) -> np.ndarray:
     if not len(geoms):
         return geoms
     if features.pixel_space or info.transform is None:
-        scale = float(info.extra.get("downsample", 1.0)) * float(info.extra.get("resample_factor", 1.0))
+        scale = info.grid.scale
         return geoms if scale == 1.0 else shapely.transform(geoms, lambda xy: xy / scale)
     from affine import Affine
 

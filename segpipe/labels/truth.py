@@ -7,8 +7,8 @@ evaluation read vector labels exactly as they read raster masks:
 
 * a raster mask → the mask reader (palette indices as class ids);
 * vector labels (``DATA/labels/<name>.<ext>``) → :class:`VectorLabelReader`, which burns the
-  features of each window on demand (:mod:`segpipe.labels.burn`) through an STRtree: no
-  whole-image array is ever made, at any image size;
+  features of each window (:mod:`segpipe.labels.burn`) through an STRtree: no whole-image array
+  is ever made, at any image size;
 * labelled regions (``DATA/regions/<name>.<ext>``, a ``regions`` GeoPackage layer, or features
   of a ``region_classes`` class) → pixels outside every region read 255, for vector labels and
   raster masks alike (:class:`RegionMaskedReader`); inside a region, pixels no feature covers
@@ -17,13 +17,17 @@ evaluation read vector labels exactly as they read raster masks:
 Without regions, ``classes.json``'s ``unlabelled`` decides what uncovered pixels are; vector
 labels without it are an error (a dataset never leaves that to a guess).
 
-Prepared features (repaired, in pixels, indexed) are cached per process
-(:func:`prepare_labels`), keyed by the files, the image geometry and the rules, and their
-counts of repaired, dropped and outside features are logged once, when prepared.
+**Compiled once.** Vector truth is read, reprojected, repaired and burned once per file version,
+pixel grid and rules (:func:`compiled_labels`): the result is a tiled class-id raster in the label
+cache (:mod:`segpipe.io.labelcache`), which every later reader — in any process — opens like a mask.
+Before compiling, the prepared features (repaired, in pixels, indexed) are kept per process
+(:func:`prepare_labels`), and their counts of repaired, dropped and outside features are logged
+once, when prepared.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -37,6 +41,7 @@ from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, source_indices
 from segpipe.core.grid import PixelGrid
 from segpipe.io.readers import ImageInfo, ImageReader
+from segpipe.io.readers.resample import grid_info
 from segpipe.io.storage import filesystem, strip_file_scheme
 from segpipe.labels.burn import BurnStats, LabelShapes, burn_window, cover_window, prepare_shapes
 from segpipe.labels.classes import IGNORE_INDEX, LabelClasses
@@ -262,8 +267,10 @@ def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> I
     ``grid`` — by default the item's own (the dataset's resolution); an output's grid to score that output.
 
     Vector labels and regions are burned on the grid itself (pixel centres of the grid, as
-    ``gdal_rasterize`` would at that resolution); a raster mask gives the class id under each grid
-    pixel's centre (never averaged).
+    ``gdal_rasterize`` would at that resolution) **once** per file version, grid and rules: compiled into
+    the label cache (:func:`compiled_labels`) and read from there by the index, the sampler, validation,
+    evaluation and corrections alike. A raster mask gives the class id under each grid pixel's centre
+    (never averaged).
     """
     grid = grid if grid is not None else item.grid
     if grid is None:
@@ -272,6 +279,60 @@ def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> I
         assert item.mask_uri is not None
         return open_mask_on(item.mask_uri, grid)
     classes = _label_classes(dataset)
+    return compiled_labels(item, grid, classes)
+
+
+#: what a compiled label raster's key says about how it was made (bump when burning changes)
+COMPILED_FORMAT = "segpipe-compiled-labels/1"
+
+
+def compiled_labels(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
+    """``item``'s vector truth on ``grid``, from the label cache (:mod:`segpipe.io.labelcache`), compiled on a miss.
+
+    The key is every input of the pixels: the files' versions (size and time / ETag), the grid, the
+    label rules (``classes.json``) and the image's name (a COCO file holds several images). A file
+    edited after compiling has another key, so it is read again; nothing is ever served stale.
+    """
+    import hashlib
+    import json
+
+    from segpipe.io.labelcache import label_entry
+
+    files = [_file_key(item.labels_uri), _file_key(item.regions_uri),
+             _file_key(item.mask_uri if item.labels_uri is None else None)]
+    blob = json.dumps([COMPILED_FORMAT, files, grid.as_dict(), classes.fingerprint, item.name], sort_keys=True,
+                      default=str)
+    path = label_entry(hashlib.sha256(blob.encode()).hexdigest()[:40])
+    if not os.path.exists(path):
+        _compile(_burned_truth(item, grid, classes), path)
+    reader = open_mask_on(path, None)
+    # the header of the grid it was burned on (size, georeference), named after the file people drew
+    reader.info = dataclasses.replace(grid_info(reader.info, grid), uri=item.truth_uri, driver="compiled-labels",
+                                      extra={"compiled": path, "image": item.image_uri})
+    return reader
+
+
+def _compile(reader: ImageReader, path: str) -> None:
+    """Burn ``reader`` (vector labels, regions) tile by tile into ``path``: one pass over the grid, in strips."""
+    from segpipe.io.labelcache import BLOCK, write_class_raster
+
+    h, w = reader.info.height, reader.info.width
+
+    def strips():
+        for y0 in range(0, h, BLOCK):
+            sh = min(BLOCK, h - y0)
+            strip = np.empty((sh, w), dtype=np.uint8)
+            for x0 in range(0, w, BLOCK):
+                sw = min(BLOCK, w - x0)
+                strip[:, x0:x0 + sw] = reader.read(Window(y0, x0, sh, sw))[0]
+            yield strip
+
+    with reader:
+        write_class_raster(path, h, w, strips())
+
+
+def _burned_truth(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
+    """The vector truth of ``item`` burned window by window on ``grid`` (what :func:`compiled_labels` stores)."""
     info = _grid_image(item.image_uri, grid)
     if item.mask_uri is not None:
         assert item.regions_uri is not None

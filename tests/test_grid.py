@@ -91,3 +91,70 @@ def test_a_coarser_grid_is_read_from_the_nearest_finer_overview(tmp_path):
         assert r.info.extra["level"] == 1 and "grid_factor" not in r.info.extra
         with rasterio.open(path, overview_level=0) as ov:
             np.testing.assert_array_equal(r.read(Window(0, 0, 256, 256)), ov.read())
+
+
+def test_training_at_an_mpp_reads_the_slides_pyramid_level(tmp_path):
+    import json
+
+    import tifffile
+
+    from segpipe.labels.dataset import at_resolution, load_dataset, open_item_image
+    from segpipe.labels.truth import open_truth
+    from tests.test_slide import block_mean, write_aperio
+
+    rng = np.random.default_rng(4)
+    level0 = rng.integers(0, 255, (512, 768, 3), dtype=np.uint8)
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    write_aperio(root / "images" / "s.svs", [level0, block_mean(level0, 4)], mpp=0.25)
+    labels = (np.arange(512)[:, None] // 64 + np.arange(768)[None, :] // 64) % 3
+    tifffile.imwrite(root / "masks" / "s.tif", labels.astype(np.uint8))
+    (root / "classes.json").write_text(json.dumps({"classes": [{"name": n} for n in "abc"]}))
+    ds = load_dataset(str(root))
+    item = at_resolution(ds, mpp=1.0).items[0]  # exactly level 1: read as it is, not from level 0
+    with open_item_image(item) as r:
+        assert r.info.extra["level"] == 1 and (r.info.height, r.info.width) == (128, 192)
+        np.testing.assert_array_equal(r.read(Window(0, 0, 128, 192)), block_mean(level0, 4).transpose(2, 0, 1))
+    with open_truth(ds, item) as t:  # the mask on the same grid: the class under each pixel's centre
+        np.testing.assert_array_equal(t.read(Window(0, 0, 128, 192))[0], labels[2::4, 2::4])
+    item = at_resolution(ds, mpp=1.6).items[0]  # between levels: level 1, then 1.6× area averaging
+    with open_item_image(item) as r:
+        assert r.info.extra["level"] == 1 and r.info.grid.scale == pytest.approx(6.4)
+        assert r.info.extra["grid_factor"] == [pytest.approx(1.6), pytest.approx(1.6)]
+
+
+@pytest.mark.slow
+def test_training_segment_evaluation_and_corrections_read_the_same_pixels(tmp_path, model_dir, photo, client):
+    """One image, one model resolution: the grid training reads, the grid segment reads, and the grid the
+    output records (evaluation and corrections open the truth on it) are one value, and read the same pixels."""
+    import json
+    import shutil
+
+    from segpipe.core.settings import InferenceSettings, SegmentSettings, TilingSettings
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import at_model_resolution, segment_image
+    from segpipe.evaluate.evaluation import output_grid
+    from segpipe.io.storage import list_images
+    from segpipe.labels.dataset import at_resolution, load_dataset, open_item_image
+    from segpipe.train.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "d", 1, 200, seed=9)  # 0.5 m pixels
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    spec = json.loads((model / "model.json").read_text())
+    spec["resolution"] = {"gsd": 0.6}
+    (model / "model.json").write_text(json.dumps(spec))
+    ref = check_model(str(model))[0]
+    train_item = at_resolution(load_dataset(str(data)), gsd=0.6).items[0]
+    image = list_images(train_item.image_uri)[0]
+    settings = SegmentSettings(tiling=TilingSettings(chunk_size=64, halo=16),
+                               inference=InferenceSettings(precision="fp32", device="cpu"))
+    with open_image(train_item.image_uri) as native:
+        segment_grid = at_model_resolution(native.info, ref, settings, image.uri)[1]
+    result = segment_image(image, ref, str(tmp_path / "out"), settings, client)
+    assert result.status == "done", result.error
+    recorded = output_grid(result.output)
+    assert train_item.grid == segment_grid == recorded and recorded.scale == pytest.approx(1.2)
+    with open_item_image(train_item) as a, open_image(image.uri, grid=recorded) as b:
+        np.testing.assert_array_equal(a.read(Window(-8, -8, 180, 180)), b.read(Window(-8, -8, 180, 180)))

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed, State
 
-from flows.failures import install_one_line_failures
+from flows.failures import install_one_line_failures, install_segpipe_warnings
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
@@ -228,6 +228,7 @@ def segment_images(
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
+    install_segpipe_warnings()  # segpipe's warnings in the run's logs, not only on the worker's terminal
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,

@@ -283,5 +283,6 @@ def test_coco_polygons_and_rle(tmp_path):
     assert poly_mask[2:22, 2:22].all()
     # RLE: exactly its pixels, hole included (pixel-edge polygons burned at centres)
     assert ((a == 2) == (blob == 1)).all() and mask_utils.area(mask_utils.encode(np.asfortranarray(blob))) == (a == 2).sum()
-    with pytest.raises(DatasetError, match="describes 2 images and none"):
+    with pytest.raises(DatasetError, match=r"describes no image named 'nothere'\.\* \(its images: photo\.jpg, "
+                                           r"other\.jpg\)"):
         _burn(str(path), PIX, image_name="nothere")

@@ -161,26 +161,51 @@ def _read_split_file(root: str, names: Sequence[str]) -> dict[str, list[str]] | 
     data = _read_json(fs, path, uri)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise DatasetError(uri, 'must hold a JSON object {"train": [names], "val": [names]}')
-    known = set(names)
+    spelling = split_spellings(names)
+    names_set = set(names)
     out: dict[str, list[str]] = {}
     for key, value in data.items():
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise DatasetError(uri, f"{key!r} must be a list of image names (paths under images/ without extension)")
-        # names may carry their extension ("a.tif" for images/a.tif): accept both spellings
-        out[key] = [n if n in known or posixpath.splitext(n)[0] not in known else posixpath.splitext(n)[0]
-                    for n in value]
+        out[key] = [_split_name(n, spelling) for n in value]
     if "train" not in out:
         raise DatasetError(uri, 'has no "train" list')
     for key, value in out.items():
-        missing = [n for n in value if n not in known]
+        missing = [n for n in value if n not in names_set]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            listed = sorted(names)
+            known = ", ".join(listed[:10]) + (f" (and {len(listed) - 10} more)" if len(listed) > 10 else "")
             raise DatasetError(uri, f"{key!r} names image(s) not found under images/: "
-                                    f"{', '.join(missing[:3])}{more}")
+                                    f"{', '.join(missing[:3])}{more}; known names: {known}")
     both = sorted(set(out["train"]) & set(out.get("val", [])))
     if both:
         raise DatasetError(uri, f"image {both[0]!r} is in both train and val")
     return out
+
+
+def split_spellings(names: Sequence[str]) -> dict[str, str]:
+    """Every spelling ``split.json`` may use for an image → its name: the name (``tiles/a``, ``a.ome`` for
+    ``images/a.ome.tif``), the name with the file's extension (``a.tif``, ``a.ome.tif``), and a double
+    extension's stem (``a`` for ``a.ome.tif``) when no other image has it."""
+    out = {n: n for n in names}
+    extra: dict[str, set[str]] = {}
+    for n in names:
+        stem, ext = posixpath.splitext(n)
+        if ext and stem:
+            extra.setdefault(stem, set()).add(n)
+    for stem, found in extra.items():
+        if stem not in out and len(found) == 1:
+            out[stem] = next(iter(found))
+    return out
+
+
+def _split_name(name: str, spelling: dict[str, str]) -> str:
+    """``name`` as written in split.json → the image's name (a trailing file extension is dropped)."""
+    if name in spelling:
+        return spelling[name]
+    stem = posixpath.splitext(name)[0]
+    return spelling.get(stem, name)
 
 
 def seeded_split(names: Sequence[str], seed: int = 0, val_fraction: float = VAL_FRACTION) -> dict[str, list[str]]:
@@ -288,8 +313,8 @@ def _load_all(root: str) -> Dataset:
             _check_mask(mask_uri, image_uri, h, w)
         items.append(Item(name, image_uri, mask_uri, h, w, label_uri, region_uri, info.grid))
     if both:
-        log.info("%s: %d image(s) have both a mask and vector labels; the mask is used (first: %s)",
-                 root, len(both), both[0])
+        log.warning("%s: %d image(s) have both a mask and vector labels; the mask is used (first: %s)",
+                    root, len(both), both[0])
     for what, found, uri in (("mask", masks, masks_uri), ("label file", labels, labels_uri),
                              ("region file", regions, regions_uri)):
         stray = sorted(set(found) - set(images))

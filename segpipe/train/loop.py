@@ -315,9 +315,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
             if prog.epoch == s.epochs and prog.stop_reason is None:
                 prog.stop_reason = "completed"
             save_checkpoint(fs, ckdir, net, opt, sched, scaler, prog, s, data_root)
-            log.info("epoch %d/%d: loss %.4f, lr %.2e, val mIoU %s, pixel acc %s, %.1f patches/s",
-                     epoch + 1, s.epochs, entry["train_loss"], entry["lr"], _fmt(entry.get("val_mean_iou")),
-                     _fmt(entry.get("val_pixel_accuracy")), entry["patches_per_s"] or 0.0)
+            log.info("%s", epoch_line(entry, s.epochs))
             if on_epoch is not None:
                 on_epoch(dict(entry))
             bar.remove_task(task)
@@ -369,6 +367,13 @@ def _write_artifact(out_uri: str, net, prog: Progress, data: _Data, s: TrainSett
     return TrainResult(uri=out_uri, spec=spec, metrics=metrics, history=list(prog.history),
                        best_epoch=prog.best_epoch, epochs_run=prog.epoch, stop_reason=prog.stop_reason,
                        weights_sha256=sha, seconds=seconds)
+
+
+def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """One line for an epoch's history entry (the log file's, and what ``segpipe train`` prints without a TTY)."""
+    return (f"epoch {entry['epoch']}/{epochs}: loss {entry['train_loss']:.4f}, lr {entry['lr']:.2e}, "
+            f"val mIoU {_fmt(entry.get('val_mean_iou'))}, pixel acc {_fmt(entry.get('val_pixel_accuracy'))}, "
+            f"{entry.get('patches_per_s') or 0.0:.1f} patches/s, {entry.get('seconds') or 0.0:.1f} s")
 
 
 def _fmt(v: float | None) -> str:

@@ -129,7 +129,8 @@ def test_area_weights() -> None:
 
 
 @pytest.mark.parametrize(
-    ("start", "count", "factor", "level_start"), [(0, 10, 2.0, 0), (3, 7, 1.5, 4), (5, 9, 0.4, 2), (2, 4, 3.3, 6)],
+    ("start", "count", "factor", "level_start"),
+    [(0, 10, 2.0, 0), (3, 7, 1.5, 4), (5, 9, 0.4, 2), (2, 4, 3.3, 6), (2, 9, 6.7, 5), (1, 6, 4.5, 0), (0, 7, 3.0, 0)],
 )
 def test_area_resample_equals_the_weight_matrix(start, count, factor, level_start) -> None:
     rng = np.random.default_rng(int(factor * 10))

@@ -52,9 +52,9 @@ class GridReader:
         return self.rx
 
     def _rows_per_strip(self, h: int, w: int) -> int:
-        # source pixels per grid row ≈ ry · rx · w: a strip's block holds about a quarter of the output's pixels
+        # source pixels per grid row ≈ ry · rx · w: a strip's block holds about an eighth of the output's pixels
         per_row = max(1.0, self.ry * self.rx * w)
-        return max(1, min(h, int(max(h * w // 4, STRIP_MIN_PIXELS) // per_row)))
+        return max(1, min(h, int(max(h * w // 8, STRIP_MIN_PIXELS) // per_row)))
 
     def _read_inside(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         (lx0, lx1) = source_span(x0, w, self.rx)

@@ -58,7 +58,7 @@ def one(path: Path, gsd: float) -> dict:
     times, floor_times, peak = [], [], 0
     with open_image(str(path), gsd=gsd) as r:
         level = r.info.extra.get("level", 0)
-        for i in range(3):
+        for _ in range(3):
             tracemalloc.start()
             t0 = time.perf_counter()
             out = r.read(Window(0, 0, WINDOW, WINDOW))

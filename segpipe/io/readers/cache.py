@@ -77,6 +77,7 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
     ``fingerprint`` (size + mtime/ETag) is part of the key: an image rewritten in place between
     two runs must not be served from a handle (and block cache) of its old content.
     """
+    grid = None if grid is None or grid.is_native else grid  # one handle for the image's own pixels
     key = (uri, fingerprint, tuple(bands) if bands else None, grid)
     with _shared_lock:
         reader = _shared.get(key)
@@ -109,6 +110,7 @@ def thread_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
     """
     cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
     _local.readers = cache
+    grid = None if grid is None or grid.is_native else grid
     key = (uri, fingerprint, tuple(bands) if bands else None, grid)
     reader = cache.get(key)
     if reader is None:

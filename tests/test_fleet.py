@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -252,3 +253,59 @@ def test_pinned_workers_of_a_host():
     cpu = pinned_workers(2, devices=[], cores=8)
     assert [(w.name, w.resources, w.nthreads, w.env["SEGPIPE_WORKER_CORES"]) for w in cpu] == [
         ("cpu-0", None, 4, "4"), ("cpu-1", None, 4, "4")]
+
+
+# ----------------------------------------------------------------------------- segpipe status
+
+def test_status_lists_outputs_and_the_locks_held(tmp_path, photo, model_dir):
+    """Complete, running (a live run holds the lock), unfinished (a failed run: no live lock), and a lock whose
+    process died (stale), each with its owner and age; the chunks of the outputs are never listed."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import zarr
+
+    from segpipe.io.locks import acquire
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    for name in ("done.png", "held.png", "failed.png", "sub/dead.png"):
+        write_png(src / name, photo[:, :70, :70])
+    r = _segment(src, model_dir, out, "--precision", "fp32")
+    assert r.exit_code == 0, r.output
+    for name in ("held.zarr", "failed.zarr", "sub/dead.zarr"):
+        g = zarr.open_group(str(out / name), mode="r+")
+        g.attrs["segpipe"] = {**g.attrs["segpipe"], "status": "running"}
+    lock = acquire(str(out / "held.zarr"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    started = time.time() - 600
+    (out / "sub" / "dead.zarr.lock").write_text(json.dumps({
+        "host": socket.gethostname(), "pid": gone.pid, "run_id": "deadbeef" * 4, "started": started,
+        "heartbeat": started}))
+    try:
+        r = CliRunner().invoke(main, ["status", str(out), "--json"])
+        assert r.exit_code == 0, r.output
+        states = {Path(s["uri"]).relative_to(out).as_posix(): s for s in json.loads(r.stdout)}
+        assert {k: s["state"] for k, s in states.items()} == {
+            "done.zarr": "complete", "held.zarr": "running", "failed.zarr": "unfinished", "sub/dead.zarr": "unfinished"}
+        assert states["done.zarr"]["precision"] == "fp32" and states["done.zarr"]["lock"] is None
+        held = states["held.zarr"]["lock"]
+        assert (held["pid"], held["run_id"], held["stale"]) == (os.getpid(), lock.info.run_id, False)
+        dead = states["sub/dead.zarr"]["lock"]
+        assert dead["stale"] and dead["age_s"] >= 600 and dead["pid"] == gone.pid
+        r = CliRunner().invoke(main, ["status", str(out)])
+        assert r.exit_code == 0, r.output
+        assert r.stdout.strip().splitlines()[-1] == "1 complete, 1 running, 2 unfinished; 2 lock(s) held"
+        from segpipe.io.status import output_states
+
+        [dead_state] = [s for s in output_states(str(out)) if s.uri.endswith("dead.zarr")]
+        assert dead_state.lock_line(started + 600) == (f"host {socket.gethostname()}, pid {gone.pid}, run deadbeef, "
+                                                       "held 10 min, heartbeat 10 min ago (stale)")
+    finally:
+        lock.release()
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and r.stderr.strip() == f"error: {tmp_path / 'nowhere'}: does not exist"

@@ -25,11 +25,11 @@ def forward_library_logs() -> None:
     from prefect.logging.handlers import APILogHandler
 
     logger = logging.getLogger("segpipe")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     if any(isinstance(h, APILogHandler) for h in logger.handlers):
         return
     handler = APILogHandler()
     handler.setLevel(logging.INFO)
     handler.addFilter(_InARun())
     logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)

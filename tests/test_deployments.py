@@ -140,3 +140,24 @@ def test_serve_stops_on_sigterm_when_the_prefect_server_is_gone(tmp_path):
     assert rc == 0, log[-3000:]
     assert time.monotonic() - t0 < 20
     assert "serve.py: the Prefect server did not answer within 3 s; exiting without pausing the schedules" in log
+
+
+def test_the_flow_run_logs_say_which_cluster_it_used(harness, tmp_path, photo, model_dir):
+    """segpipe's own lines (the cluster: embedded, workers, threads, GPUs, dashboard) are in the flow run's logs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.segment import segment_images
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_geotiff(src / "a.tif", photo[:, :64, :64])
+    state = segment_images(source=str(src), model=model_dir, out=str(tmp_path / "out"), chunk_size=64, halo=16,
+                           precision="fp32", suggestions=0, device_limit=None, return_state=True)
+    assert state.is_completed()
+    APILogHandler().flush()  # the records still queued for the API
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    lines = [log.message for log in logs]
+    assert any(m.startswith("Dask cluster embedded: 1 worker(s), 3 thread(s), no GPU; dashboard ") for m in lines), lines

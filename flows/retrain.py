@@ -11,7 +11,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.failures import install_one_line_failures, install_segpipe_warnings
+from flows.devices import DEVICE_LIMIT, device_slot
+from flows.failures import install_one_line_failures
+from flows.logs import forward_library_logs
 from segpipe.core.settings import segment_settings
 from segpipe.evaluate import retrain as lib
 from segpipe.train.settings import TRAIN_DEFAULTS as D
@@ -42,6 +44,7 @@ def retrain(
     chunk_size: int = 512,
     halo: int = 64,
     dask_address: str | None = None,
+    device_limit: str | None = DEVICE_LIMIT,
     skip_unchanged: bool = True,
     baseline: str | None = None,
     mpp: float | None = None,
@@ -53,19 +56,23 @@ def retrain(
     last completed round ends at once with a note — an idle week costs a folder listing.
     ``baseline``: the folder of segpipe outputs corrected label files were exported from (a GeoPackage
     export records it itself); the report then shows what annotators changed.
+    ``device_limit``: the Prefect global concurrency limit whose slot the round holds while it trains and
+    evaluates on this machine (shared with the nightly segmentation; None: none).
     """
     logger = get_run_logger()
     install_one_line_failures()  # a dataset error ends the run Failed with one line, not the engine's traceback
-    install_segpipe_warnings()  # segpipe's warnings in the run's logs, not only on the worker's terminal
+    forward_library_logs()  # training progress, evaluation progress: in the run's logs
     tsettings = train_settings(
         architecture=architecture, encoder=encoder, epochs=epochs, batch_size=batch_size, patch_size=patch_size,
         patches_per_epoch=patches_per_epoch, lr=lr, class_balanced=class_balanced, device=device,
         precision=precision, seed=seed, mpp=mpp, gsd=gsd,
     )
     ssettings = segment_settings(chunk_size=chunk_size, halo=halo, device=device, precision=precision)
-    result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,
-                         dask_address=dask_address, skip_unchanged=skip_unchanged, baseline=baseline, train_step=train_challenger,
-                         evaluate_step=evaluate_model)
+    # training always computes here (evaluation too, without dask_address): one slot of the devices' limit
+    with device_slot(device_limit, logger, "retrain"):
+        result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,
+                             dask_address=dask_address, skip_unchanged=skip_unchanged, baseline=baseline,
+                             train_step=train_challenger, evaluate_step=evaluate_model)
     if result.skipped:
         logger.info("%s", result.reason)
         create_markdown_artifact(f"## retrain skipped\n\n{result.reason}\n\nlast report: `{result.report}`",

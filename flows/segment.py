@@ -16,15 +16,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed, State
 
-from flows.failures import install_one_line_failures, install_segpipe_warnings
+from flows.devices import DEVICE_LIMIT, device_slot
+from flows.failures import install_one_line_failures
+from flows.logs import forward_library_logs
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.engine.cluster import (
+    WAIT_FOR_WORKERS_S,
     check_device_pinning,
     client_for,
-    dashboard_link,
     dask_client,
     recent_worker_capacity,
 )
@@ -201,6 +203,8 @@ def segment_images(
     probabilities: bool = False,
     bands: str | None = None,
     dask_address: str | None = None,
+    wait_for_workers: float = WAIT_FOR_WORKERS_S,
+    device_limit: str | None = DEVICE_LIMIT,
     max_concurrent_images: int | None = None,
     task_seconds: float | None = None,
     procs_per_device: int = 1,
@@ -225,16 +229,20 @@ def segment_images(
     task run ends Failed; the flow run ends Failed after every other image finished.
     The ``suggestions`` regions of the run's outputs where labels would help most (as ``segpipe suggest``)
     are published as the table artifact ``segment-images-suggestions`` (0: none).
+    ``wait_for_workers``: seconds to wait for a first worker of ``dask_address`` when it has none (adaptive
+    clusters start at 0). ``device_limit``: the Prefect global concurrency limit whose slot the run holds
+    while its embedded cluster computes on this machine (shared with the weekly retrain; None: none).
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
-    install_segpipe_warnings()  # segpipe's warnings in the run's logs, not only on the worker's terminal
+    forward_library_logs()  # which cluster, waiting for workers, …: in the run's logs
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
-    cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device)
+    cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device,
+                              wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     results: list[ImageResult] = []
     listing = ingest.submit(source)
@@ -248,9 +256,9 @@ def segment_images(
         results.append(ImageResult(source=source, output="", status="failed",
                                    error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
     names = assign_outputs(images, out)
-    with dask_client(cluster) as client:
-        if dashboard_link(client):
-            logger.info("Dask dashboard: %s", dashboard_link(client))
+    # the embedded cluster computes on this machine: one slot of the devices' limit (an address: the cluster's own)
+    with device_slot(None if dask_address else device_limit, logger, "segment-images"), \
+            dask_client(cluster, device) as client:
         scheduler = client.scheduler.address
         # a sliding window of images (the CLI's policy): the next image starts as soon as any one finishes,
         # so the workers stay busy between one image's last chunks and the next one's first

@@ -43,13 +43,12 @@ def test_gpu_count_is_torchs(monkeypatch):
     [
         (0, ClusterSettings(), 1, 3),  # the default: one worker of three threads
         (1, ClusterSettings(), 1, 8),  # one GPU: one worker, threads by default_threads (8 cores here)
-        (2, ClusterSettings(), 1, 8),  # two GPUs without dask-cuda processes: one worker holding both
         (0, ClusterSettings(n_workers=2, threads_per_worker=2), 2, 2),
-        (2, ClusterSettings(threads_per_worker=4), 1, 4),
+        (1, ClusterSettings(threads_per_worker=4), 1, 4),
     ],
 )
 def test_embedded_cluster_sizing(monkeypatch, gpus, settings, workers, threads):
-    """The embedded (threaded) cluster for 0, 1 and 2 GPUs, seen through worker_capacity."""
+    """The embedded (threaded) cluster for 0 and 1 GPU, seen through worker_capacity."""
     monkeypatch.setattr(cluster, "_gpu_count", lambda: gpus)
     monkeypatch.setattr("segpipe.engine.predictor.available_cores", lambda: 8)
     with cluster.dask_client(settings) as client:
@@ -62,6 +61,23 @@ def test_embedded_cluster_sizing(monkeypatch, gpus, settings, workers, threads):
         assert cluster.has_gpu_workers(client) is (gpus > 0)
         assert cluster.is_in_process(client)
         assert cluster.client_for(client.scheduler.address) is client
+
+
+@pytest.mark.parametrize(("settings", "threads"), [(ClusterSettings(), 4), (ClusterSettings(threads_per_worker=3), 3)])
+def test_every_gpu_of_the_host_gets_a_pinned_worker_process(monkeypatch, settings, threads):
+    """Two GPUs, --procs-per-device 1 (the default): one worker process per GPU, each seeing only its GPU
+    (CUDA_VISIBLE_DEVICES) with a GPU=1 resource — not one worker holding GPU=2 that computes on cuda:0."""
+    monkeypatch.setattr(cluster, "_gpu_count", lambda: 2)
+    monkeypatch.setattr("segpipe.engine.predictor.available_cores", lambda: 8)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with cluster.dask_client(settings) as client:
+        info = client.scheduler_info()["workers"]
+        assert sorted(w["id"] for w in info.values()) == ["gpu0-0", "gpu1-0"]
+        assert [w["resources"] for w in info.values()] == [{"GPU": 1}] * 2
+        assert cluster.worker_capacity(client) == (True, 2 * threads)
+        seen = client.run(lambda: __import__("os").environ.get("CUDA_VISIBLE_DEVICES"))  # in each worker
+        assert sorted(seen.values()) == ["0", "1"]
+        assert not cluster.is_in_process(client)
 
 
 def test_worker_capacity_of_the_session_cluster(client):

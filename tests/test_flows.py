@@ -173,12 +173,12 @@ def test_segpipe_warnings_reach_the_flow_run_logs(harness):
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    from flows.failures import install_segpipe_warnings
+    from flows.logs import forward_library_logs
 
     @flow
     def labels_round() -> None:
-        install_segpipe_warnings()
-        install_segpipe_warnings()  # once per process, however many runs
+        forward_library_logs()
+        forward_library_logs()  # once per process, however many runs
         logging.getLogger("segpipe.labels.truth").warning("labels/a.gpkg: 2 feature(s): 0 repaired, 0 dropped "
                                                           "(no area), 1 outside the image")
         logging.getLogger("segpipe.labels.truth").info("labels/b.gpkg: 2 feature(s): nothing to say")

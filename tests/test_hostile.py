@@ -136,20 +136,20 @@ def test_changed_settings_rerun_says_what_changed(tmp_path, photo, model_dir):
 
 
 def test_precision_is_part_of_the_output_identity(tmp_path, photo, model_dir):
-    """A bf16 output is neither skipped by an fp32 run nor resumed in fp32; auto is recorded resolved."""
+    """A bf16 output is neither skipped by an explicit fp32 run nor resumed in fp32; auto is recorded resolved."""
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     write_png(src / "s.png", photo[:, :100, :100])
 
-    def run(precision: str, to: Path):
+    def run(precision: str, to: Path, *extra: str):
         return CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(to),
                                          "--chunk-size", "64", "--halo", "16", "--precision", precision,
-                                         "--no-progress"])
+                                         "--no-progress", *extra])
 
     assert run("bf16", out).exit_code == 0
     seg = zarr.open_group(str(out / "s.zarr"), mode="r").attrs["segpipe"]
     assert seg["settings"]["precision"] == seg["inference"]["precision"] == "bf16"
-    r = run("fp32", out)
+    r = run("fp32", out)  # an explicit precision that differs is a settings change like any other
     assert r.exit_code == 1
     assert error_lines(r.stderr) == [f"error: {out}/s.zarr: is complete with other settings (precision bf16 → fp32); "
                                      "it was kept: pass --overwrite (flow parameter overwrite=True) to replace it"]
@@ -166,6 +166,43 @@ def test_precision_is_part_of_the_output_identity(tmp_path, photo, model_dir):
     assert r.exit_code == 0
     seg = zarr.open_group(str(tmp_path / "auto" / "s.zarr"), mode="r").attrs["segpipe"]
     assert seg["settings"]["precision"] in ("bf16", "fp32")
+
+
+def test_a_complete_output_made_in_another_precision_survives_auto(tmp_path, photo, model_dir):
+    """New hardware resolves --precision auto differently: every finished output is kept (skipped, with a
+    note naming both precisions), not failed; --overwrite recomputes it in the new precision."""
+    import torch
+
+    from segpipe.engine.predictor import resolve_precision
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    write_png(src / "a.png", photo[:, :100, :100])
+    write_png(src / "b.png", photo[:, 100:200, :100])
+    here = resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"  # what auto resolved to on yesterday's hardware
+
+    def run(precision: str, *extra: str):
+        return CliRunner().invoke(main, ["segment", str(src), "--model", model_dir, "--out", str(out),
+                                         "--chunk-size", "64", "--halo", "16", "--precision", precision,
+                                         "--no-progress", "--report-json", str(tmp_path / "report.json"), *extra])
+
+    assert run(other).exit_code == 0
+    before = {n: (out / n / "zarr.json").read_bytes() for n in ("a.zarr", "b.zarr")}
+    r = run("auto")
+    assert r.exit_code == 0, r.stderr
+    assert not error_lines(r.stderr)
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert [row["status"] for row in rows] == ["skipped", "skipped"]
+    for name in ("a.zarr", "b.zarr"):
+        assert (f"note: {out}/{name}: kept: complete in {other}, while --precision auto resolves to {here} on these "
+                "workers; pass --overwrite (flow parameter overwrite=True) to recompute it") in r.stderr
+        assert (out / name / "zarr.json").read_bytes() == before[name]  # untouched
+    r = run("auto", "--overwrite")
+    assert r.exit_code == 0, r.stderr
+    assert [row["status"] for row in json.loads((tmp_path / "report.json").read_text())] == ["done", "done"]
+    seg = zarr.open_group(str(out / "a.zarr"), mode="r").attrs["segpipe"]
+    assert seg["inference"]["precision"] == here and seg["status"] == "complete"
 
 
 # ----------------------------------------------------------------------------- locks

@@ -74,10 +74,10 @@ def test_images_in_flight_follows_what_finished_images_measured():
     from segpipe.core.scheduling import ImagesInFlight
 
     w = ImagesInFlight(threads=12)
-    assert w() == 12 and w.most == 48
+    assert w() == 4 and w.most == 48  # starts small, whatever the cluster's size
     for _ in range(10):
         w.observe(0.010, 0.0004)  # chips on a fast device
-    assert w() == 27
+    assert [w() for _ in range(4)] == [8, 16, 27, 27]  # grows to what they need, at most doubling per step
     w.observe(0.5, 60.0)  # then a big scene: the ratio of sums moves
     assert w() == math.ceil(1 + 0.6 / 60.004) + 1 == 3
     assert ImagesInFlight(3, fixed=7)() == 7 and ImagesInFlight(3, fixed=7).most == 7
@@ -120,3 +120,53 @@ def test_tasks_per_device_rule():
     assert tasks_per_device(3.1, 1.0) == 8
     assert tasks_per_device(100.0, 1.0) == 32
     assert all(1 / tasks_per_device(h, 1.0) * tasks_per_device(h, 1.0) == 1.0 for h in (0.5, 3, 9, 40))
+
+
+def test_images_in_flight_start_small_on_a_large_cluster():
+    """192 worker threads: 4 images before anything finished, not 192 (each holds a driver thread, a reader,
+    an output lock and a share of the tile tasks)."""
+    from segpipe.core.scheduling import IMAGES_IN_FLIGHT, ImagesInFlight
+
+    w = ImagesInFlight(threads=192)
+    assert w() == IMAGES_IN_FLIGHT == 4 and w.most == 768
+
+
+def test_task_budget_bounds_every_holder_together_and_shares_fairly():
+    from segpipe.core.scheduling import TaskBudget
+
+    assert TaskBudget.for_threads(192) == 384 and TaskBudget.for_threads(1) == 8
+    b = TaskBudget(10)
+    assert b.take("a", 100, wait=True) == 10  # alone: the whole budget
+    assert b.take("b", 100, wait=False) == 0  # nothing free; b holds none but does not wait
+    b.give("a", 4)
+    assert b.take("b", 100, wait=False) == 4  # fair share now 10 // 2 = 5
+    b.give("a", 6)
+    assert b.take("a", 100, wait=False) == 5 and b.take("b", 100, wait=False) == 1  # a: 5, b: 5
+    assert b.used == 10 and b.held == {"a": 5, "b": 5}
+    b.leave("a")
+    assert b.used == 5 and b.take("b", 100, wait=False) == 5
+    b.resize(4)
+    assert b.take("c", 1, wait=False) == 0  # over the new limit: nothing until slots come back
+    b.leave("b")
+    assert b.take("c", 100, wait=False) == 4 and b.used == 4
+
+
+def test_task_budget_a_waiting_holder_gets_the_next_slot():
+    """A holder with no slot waits for one, first come first served: the holders that have some do not
+    take the freed slot back before it (no starvation when images outnumber slots)."""
+    from segpipe.core.scheduling import TaskBudget
+
+    b = TaskBudget(2)
+    assert b.take("a", 1, wait=True) == 1 and b.take("b", 1, wait=True) == 1
+    got: list[int] = []
+    waiter = threading.Thread(target=lambda: got.append(b.take("c", 1, wait=True)))
+    waiter.start()
+    for _ in range(200):
+        if b._waiting:
+            break
+        threading.Event().wait(0.01)
+    assert b._waiting == ["c"]
+    b.give("a")
+    assert b.take("a", 1, wait=False) == 0  # c waits: a may not top up first
+    waiter.join(5)
+    assert got == [1] and b.held == {"a": 0, "b": 1, "c": 1}

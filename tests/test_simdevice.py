@@ -157,12 +157,14 @@ def test_outputs_identical_for_every_task_size(sim_inputs, tmp_path, monkeypatch
 def test_procs_per_device_pins_worker_processes_to_their_device(sim_inputs, tmp_path):
     """--procs-per-device 2 on two simulated GPUs (the real CLI): four worker processes, two per GPU, each
     seeing only its GPU (the lock file it takes is named after CUDA_VISIBLE_DEVICES); every process runs
-    forwards, never two at once on one device, and the output equals one process's chunk for chunk."""
+    forwards, never two at once on one device, and the output equals one process's chunk for chunk.
+    Two GPUs with the default --procs-per-device 1: one pinned process per GPU, and both GPUs compute
+    (before, one worker held GPU=2 and computed on cuda:0 only)."""
     scene, model = sim_inputs
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "SEGPIPE_SIM_RATE": "20"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     outs = {}
-    for name, extra, gpus in (("one", [], "1"), ("pinned", ["--procs-per-device", "2"], "2")):
+    for name, extra, gpus in (("one", [], "1"), ("pinned", ["--procs-per-device", "2"], "2"), ("every", [], "2")):
         trace = tmp_path / f"trace-{name}"
         cmd = [sys.executable, str(BENCH / "_sim_device.py"), "segment", str(scene), "--model", str(model),
                "--out", str(tmp_path / name), "--chunk-size", "128", "--halo", "32", "--tile-size", "256",
@@ -181,5 +183,69 @@ def test_procs_per_device_pins_worker_processes_to_their_device(sim_inputs, tmp_
                 assert sim.overlapping([(a, b) for a, b, _ in busy[f"busy-pinned-{dev}"]]) == []
             pids = {f.stem.split("@")[1] for f in trace.glob("busy-pinned-*@*.tsv") if f.read_text().strip()}
             assert len(pids) == 4  # four distinct worker processes
+        if name == "every":  # two GPUs, one process each (--procs-per-device 1): both GPUs compute
+            busy = sim.read_busy(trace)
+            assert sorted(busy) == ["busy-every-gpu0", "busy-every-gpu1"], sorted(busy)
+            assert all(busy[d] for d in busy)
     assert len(set(outs["one"].values())) > 1
     assert outs["pinned"] == outs["one"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_segpipe_worker_pins_every_gpu_and_unpinned_workers_are_refused(sim_inputs, tmp_path):
+    """On a real `dask scheduler`: a plain `dask worker --resources GPU=2` on a host of two (simulated) GPUs
+    would compute on the first only, and the run refuses it in one line; `segpipe worker --scheduler ADDRESS`
+    starts one pinned process per GPU (GPU=1 each), the run uses both GPUs, and SIGTERM stops the workers."""
+    import signal
+
+    from distributed import Client
+
+    from tests.services import BIN, free_port, port_open, start, stop, wait_for
+
+    scene, model = sim_inputs
+    trace = tmp_path / "trace"
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "SEGPIPE_SIM_RATE": "20", "SEGPIPE_SIM_GPUS": "2",
+           "SEGPIPE_SIM_TRACE": str(trace), "SEGPIPE_SIM_LOCK": str(tmp_path / "gpu{device}.lock"),
+           "SEGPIPE_LOG_DIR": str(tmp_path / "logs")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                   env, tmp_path / "scheduler.log")]
+    segment = [sys.executable, "-m", "segpipe.cli.main", "segment", str(scene), "--model", str(model), "--out",
+               str(tmp_path / "out"), "--chunk-size", "128", "--halo", "32", "--tile-size", "256", "--batch-size", "1",
+               "--no-progress", "--dask-address", address]
+    try:
+        wait_for(lambda: port_open(port), 60, "dask scheduler", procs[0])
+        with Client(address, timeout="30s") as c:
+            plain = start([str(BIN / "dask"), "worker", address, "--nthreads", "2", "--resources", "GPU=2",
+                           "--preload", str(BENCH / "_sim_device.py"), "--no-dashboard", "--host", "127.0.0.1"],
+                          env, tmp_path / "plain.log")
+            procs.append(plain)
+            c.wait_for_workers(1, timeout=120)
+            refused = subprocess.run(segment, env=env, capture_output=True, text=True, timeout=300)
+            assert refused.returncode == 2, refused.stderr[-2000:]
+            errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "its GPU workers are not pinned" in errors[0], refused.stderr[-2000:]
+            assert "GPU(s) 1 would stay idle" in errors[0] and "segpipe worker --scheduler" in errors[0]
+            stop(plain, signal.SIGTERM)
+            wait_for(lambda: not c.scheduler_info()["workers"], 60, "the plain worker gone")
+
+            worker = start([sys.executable, str(BENCH / "_sim_device.py"), "worker", "--scheduler", address], env,
+                           tmp_path / "worker.log")
+            procs.append(worker)
+            c.wait_for_workers(2, timeout=120)
+            info = c.scheduler_info()["workers"].values()
+            assert sorted(w["id"].rsplit("-", 2)[-2] for w in info) == ["gpu0", "gpu1"]
+            assert [w["resources"] for w in info] == [{"GPU": 1}] * 2
+            done = subprocess.run(segment, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            busy = sim.read_busy(trace)
+            assert sorted(busy) == ["busy-gpu0", "busy-gpu1"] and all(busy.values()), sorted(busy)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0
+            wait_for(lambda: not c.scheduler_info()["workers"], 60, "segpipe worker's processes gone")
+    finally:
+        for p in reversed(procs):
+            stop(p, signal.SIGTERM)

@@ -177,6 +177,20 @@ def test_logs_each_epoch(data, tmp_path, caplog):
     assert r.stop_reason == "completed"
 
 
+def test_logs_progress_within_an_epoch(data, tmp_path, caplog, monkeypatch):
+    """A long epoch (or validation) logs a progress line every PROGRESS_EVERY_S seconds, not only at its end:
+    the weekly retrain's training step logged nothing for minutes (here every line is due at once)."""
+    from segpipe.core import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
+    s = TINY.model_copy(update={"epochs": 1, "patches_per_epoch": 8, "batch_size": 2, "class_balanced": False})
+    with caplog.at_level(logging.INFO, logger="segpipe.train.loop"):
+        train(str(data), str(tmp_path / "o"), s, progress=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("epoch 1/1: step 4/4, loss ") for m in lines), lines
+    assert any(m.startswith("validation 1/1: ") and " MP (" in m for m in lines), lines
+
+
 def test_settings_validation():
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         TrainSettings(epoch=3)

@@ -75,6 +75,7 @@ def quiet_library_loggers(debug: bool) -> None:
             for h in list(lg.handlers):
                 lg.removeHandler(h)
             lg.propagate = True
-    level = logging.INFO if debug else logging.WARNING
-    for name in ("distributed", "segpipe"):  # distributed sets INFO on its own loggers
-        logging.getLogger(name).setLevel(level)
+    # distributed sets INFO on its own loggers; segpipe's INFO lines (which cluster, workers and devices a run
+    # used, progress of long steps) go to the log file, the terminal shows only its warnings
+    logging.getLogger("distributed").setLevel(logging.INFO if debug else logging.WARNING)
+    logging.getLogger("segpipe").setLevel(logging.INFO)

@@ -11,6 +11,8 @@ this one:
 ``segpipe.cli.export``     ``export``
 ``segpipe.cli.suggest``    ``suggest`` (where to label next)
 ``segpipe.cli.demo``       ``demo``
+``segpipe.cli.worker``     ``worker`` (pinned Dask workers of one host of a cluster)
+``segpipe.cli.status``     ``status`` (outputs complete / running / unfinished, locks held)
 ``segpipe.cli.common``     exit codes, one-line errors, console, engine options
 ``segpipe.cli.logs``       log file, terminal warnings, library loggers
 =========================  ==========================================================
@@ -29,8 +31,10 @@ from segpipe.cli.logs import configure_logging
 from segpipe.cli.model import model
 from segpipe.cli.registry import models
 from segpipe.cli.segment import segment
+from segpipe.cli.status import status
 from segpipe.cli.suggest import suggest
 from segpipe.cli.train import evaluate, retrain, train
+from segpipe.cli.worker import worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -41,7 +45,7 @@ def main(debug: bool) -> None:
     configure_logging(debug)
 
 
-for _command in (segment, model, train, evaluate, retrain, models, export, suggest, demo):
+for _command in (segment, model, train, evaluate, retrain, models, export, suggest, demo, worker, status):
     main.add_command(_command)
 
 

@@ -96,6 +96,9 @@ def print_summary(results: list) -> None:
 @click.option("--procs-per-device", type=click.IntRange(1, 16), default=1, show_default=True,
               help="Embedded cluster: worker processes per GPU, each seeing only its GPU (without a GPU: "
                    "processes splitting the CPU's cores).")
+@click.option("--wait-for-workers", type=click.FloatRange(0), default=600.0, show_default=True,
+              help="With --dask-address: seconds to wait for a first worker when the cluster has none "
+                   "(adaptive clusters start at 0 workers); 0: do not wait.")
 @click.option("--task-seconds", type=float, default=None,
               help="Target device seconds per Dask tile task (fleets: fewer, larger tasks per scheduler) "
                    "[default: one forward batch per task].")
@@ -106,7 +109,8 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
             min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
-            worker_threads: int | None, processes: bool, procs_per_device: int, task_seconds: float | None) -> None:
+            worker_threads: int | None, processes: bool, procs_per_device: int, wait_for_workers: float,
+            task_seconds: float | None) -> None:
     """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
 
     Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
@@ -124,10 +128,11 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
                               task_seconds=task_seconds, gsd=gsd)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
-                              processes=processes, procs_per_device=procs_per_device)
+                              processes=processes, procs_per_device=procs_per_device,
+                              wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     quiet_library_loggers(debug_requested())
-    with dask_client(cluster) as client:
+    with dask_client(cluster, device) as client:
         if no_progress:
             results = segment_many(list(sources), model, out, settings, client)
         else:

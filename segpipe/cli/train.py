@@ -89,7 +89,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
                               skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size, gsd=gsd)
     ds = load_dataset(data, split)
-    with dask_client(ClusterSettings(address=dask_address)) as client:
+    with dask_client(ClusterSettings(address=dask_address), device) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)
     html, _ = write_evaluation_report(out, ev, title=f"evaluation of {ev.model.uri}")  # the model's colours = its outputs'
     from segpipe.evaluate.reports import markdown_table

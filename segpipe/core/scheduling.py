@@ -24,6 +24,10 @@ F = TypeVar("F")
 IMAGES_IN_FLIGHT = 4
 #: at most this many images in progress per worker thread (each holds a driver thread and a few tasks)
 IMAGES_PER_THREAD = 4
+#: tile tasks submitted and not finished, per worker thread, over every image of a run (TaskBudget)
+TASKS_PER_THREAD = 2
+#: … and never fewer than this many (a cluster of one or two threads still overlaps reads and writes)
+MIN_TASKS_IN_FLIGHT = 8
 
 
 def images_in_flight(host_seconds: float, device_seconds: float, threads: int) -> int:
@@ -49,13 +53,19 @@ def images_in_flight(host_seconds: float, device_seconds: float, threads: int) -
 
 class ImagesInFlight:
     """The sliding window's width, re-derived as images finish (thread-safe: finished images report from
-    the threads that ran them). Before any image finished: one per worker thread, at least
-    :data:`IMAGES_IN_FLIGHT`. Then :func:`images_in_flight` of the sums of what finished images measured
-    (a ratio of sums: a few slow headers do not swing it)."""
+    the threads that ran them).
+
+    It starts small — :data:`IMAGES_IN_FLIGHT`, whatever the cluster's size: a fleet of 192 threads
+    does not open 192 images before one finished — and grows from measurement: each answer is
+    :func:`images_in_flight` of the sums of what finished images measured (a ratio of sums: a few slow
+    headers do not swing it), but at most twice the previous answer, so one early measurement cannot
+    open hundreds of images at once. Tile tasks are bounded separately, over all images (:class:`TaskBudget`).
+    """
 
     def __init__(self, threads: int, fixed: int | None = None) -> None:
         self.threads, self.fixed = max(1, threads), fixed
         self.host = self.device = 0.0
+        self._width = min(IMAGES_IN_FLIGHT, self.most)
         self._lock = threading.Lock()
 
     def observe(self, host_seconds: float, device_seconds: float) -> None:
@@ -67,12 +77,94 @@ class ImagesInFlight:
         if self.fixed is not None:
             return max(1, self.fixed)
         with self._lock:
-            return images_in_flight(self.host, self.device, self.threads)
+            if self.host <= 0 and self.device <= 0:
+                return self._width  # nothing measured yet
+            self._width = min(2 * self._width, images_in_flight(self.host, self.device, self.threads))
+            return self._width
 
     @property
     def most(self) -> int:
         """The widest the window can get (the size of a pool that runs the images)."""
         return max(1, self.fixed) if self.fixed is not None else max(IMAGES_IN_FLIGHT, IMAGES_PER_THREAD * self.threads)
+
+
+class TaskBudget:
+    """Tile tasks submitted and not yet finished, over every image in progress: at most ``limit``.
+
+    Each image's driver takes slots before it submits tasks and gives one back per finished task. An
+    image that holds no slot waits for one (it cannot make progress otherwise); an image that holds
+    some tops up without waiting, and only to its fair share (``limit`` / images holding slots), so a
+    large image cannot starve the others. Every held slot is a submitted task that finishes, so a waiting
+    image always gets a slot. ``limit`` may change while the run goes on (workers join or leave an
+    adaptive cluster): :meth:`resize`.
+
+    Without it each image kept ``max(8, 4 × threads)`` tasks pending, and a run ``threads`` images:
+    ~147,000 futures for 16 workers × 12 threads before one image finished.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.used = 0
+        self.held: dict[object, int] = {}
+        self._waiting: list[object] = []  # holders with no slot, in the order they asked
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def for_threads(threads: int) -> int:
+        """The bound for a cluster of ``threads`` worker threads: :data:`TASKS_PER_THREAD` per thread
+        (one running, one queued behind it so a thread never waits for the driver), at least
+        :data:`MIN_TASKS_IN_FLIGHT`."""
+        return max(MIN_TASKS_IN_FLIGHT, TASKS_PER_THREAD * max(1, threads))
+
+    def resize(self, limit: int) -> None:
+        with self._cond:
+            self.limit = max(1, limit)
+            self._cond.notify_all()
+
+    def take(self, holder: object, want: int, wait: bool) -> int:
+        """Take up to ``want`` slots for ``holder``; returns how many.
+
+        A holder that holds none and may ``wait`` queues for a slot (first come, first served: while
+        any holder waits, the others do not top up). Otherwise it takes what is free now, up to its
+        fair share, and may get 0."""
+        with self._cond:
+            self.held.setdefault(holder, 0)
+            queued = False
+            try:
+                while True:
+                    mine = self.held[holder]
+                    fair = max(1, self.limit // max(1, len(self.held)))
+                    n = min(want, self.limit - self.used, fair - mine)
+                    if n > 0 and (not self._waiting or self._waiting[0] is holder):
+                        self.held[holder] = mine + n
+                        self.used += n
+                        return n
+                    if not wait or mine > 0:
+                        return 0
+                    if not queued:
+                        self._waiting.append(holder)
+                        queued = True
+                    self._cond.wait(1.0)
+            finally:
+                if queued:
+                    self._waiting.remove(holder)
+                    self._cond.notify_all()
+
+    def give(self, holder: object, n: int = 1) -> None:
+        """Give back ``n`` slots of ``holder`` (its tasks finished or were cancelled)."""
+        with self._cond:
+            n = min(n, self.held.get(holder, 0))
+            if n <= 0:
+                return
+            self.held[holder] -= n
+            self.used -= n
+            self._cond.notify_all()
+
+    def leave(self, holder: object) -> None:
+        """``holder`` is done: its remaining slots go back, and it no longer counts for the fair share."""
+        with self._cond:
+            self.used -= self.held.pop(holder, 0)
+            self._cond.notify_all()
 
 
 def sliding_window(items: Sequence[T], start: Callable[[T], F], first_done: Callable[[list[F]], F],

@@ -213,6 +213,11 @@ class ClusterSettings(_Settings):
         "Python, writes) overlaps another's forward; the device still runs one forward at a time per process. "
         "Without a GPU the CPU is the one device and its cores are split between the processes.",
     )
+    wait_for_workers: float = Field(
+        600.0, ge=0, le=7 * 24 * 3600,
+        description="Seconds a run waits for the first worker of a cluster that has none (adaptive clusters "
+        "start at 0 workers and add them when work is queued); then it stops with one line. 0: do not wait.",
+    )
 
 
 def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | None = None,

@@ -4,12 +4,16 @@ The default is a ``LocalCluster`` with one worker of three *threads* in this pro
 torch, GDAL and zstd release the GIL, so one thread computes while the others read
 the next windows and write finished chunks, and the process pays for one torch import
 and one model load. ``address="tcp://…"`` attaches to any running scheduler instead
-(dask-kubernetes, dask-jobqueue, Coiled, or ``dask scheduler`` + ``dask worker``), with
-no code change. With GPUs, dask-cuda's ``LocalCUDACluster`` (one worker per GPU) is used
-when installed; otherwise one worker gets a ``GPU`` resource per visible device. With
-``procs_per_device`` N > 1, each device gets N worker processes, each pinned to its GPU through
-``CUDA_VISIBLE_DEVICES`` (on a CPU: N processes splitting the cores), so one process's host work
-overlaps another's forward on the same device.
+(dask-kubernetes, dask-jobqueue, Coiled, ``segpipe worker`` or ``dask scheduler`` + ``dask worker``),
+with no code change; a cluster that has no worker yet (adaptive clusters start at 0) is waited for
+(:func:`await_workers`), and one whose GPU workers would leave GPUs idle is refused
+(:func:`check_gpu_pinning`).
+
+Every GPU is used: with several GPUs (or ``procs_per_device`` N > 1, or ``processes`` with a GPU) the
+embedded cluster starts N worker processes per visible GPU, each pinned to its GPU through
+``CUDA_VISIBLE_DEVICES`` with a ``GPU=1`` resource (:func:`pinned_workers`; on a CPU: N processes
+splitting the cores), so one process's host work overlaps another's forward on the same device.
+``segpipe worker`` starts the same pinned workers on a host of an existing cluster.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from segpipe.core.errors import ConfigError
@@ -63,14 +70,40 @@ def device_workers(devices: Sequence[str], procs_per_device: int, cores: int) ->
     return [(f"gpu{d}-{p}", {"CUDA_VISIBLE_DEVICES": d}) for d in devices for p in range(procs_per_device)]
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One pinned worker process: its name, environment, threads and Dask resources."""
+
+    name: str
+    env: dict[str, str]
+    nthreads: int
+    resources: dict[str, float] | None
+
+
+def pinned_workers(procs_per_device: int, threads_per_worker: int | None = None,
+                   devices: Sequence[str] | None = None, cores: int | None = None) -> list[WorkerSpec]:
+    """The worker processes of one host: ``procs_per_device`` per visible GPU, each pinned to its GPU
+    (``CUDA_VISIBLE_DEVICES``) with a ``GPU=1`` resource; without GPUs, ``procs_per_device`` processes
+    splitting the cores (:func:`device_workers`). Each has ``threads_per_worker`` threads, by default
+    enough to read, normalise and write for its share of the device: cores / processes, between 3 and 12.
+    The embedded cluster and ``segpipe worker`` both start these."""
+    from segpipe.engine.predictor import available_cores
+
+    devices = visible_devices() if devices is None else list(devices)
+    cores = available_cores() if cores is None else cores
+    workers = device_workers(devices, procs_per_device, cores)
+    threads = threads_per_worker or max(3, min(cores // len(workers), 12))
+    return [WorkerSpec(name, env, threads, {"GPU": 1} if devices else None) for name, env in workers]
+
+
 def check_device_pinning(device: str, settings: ClusterSettings) -> None:
     """Refuse option combinations that ``procs_per_device`` cannot honour, with one line."""
     if settings.procs_per_device == 1:
         return
     if settings.address:
         raise ConfigError("--procs-per-device", "sizes the embedded cluster; with --dask-address start the "
-                          "workers yourself (e.g. `CUDA_VISIBLE_DEVICES=0 dask worker ADDRESS --resources GPU=1`, "
-                          "twice per GPU)")
+                          f"workers with it on each host: `segpipe worker --scheduler {settings.address} "
+                          f"--procs-per-device {settings.procs_per_device}`")
     if device.startswith("cuda:"):
         raise ConfigError("--procs-per-device", f"gives each worker process one GPU, which it calls cuda:0; "
                           f"use --device auto or cuda, and CUDA_VISIBLE_DEVICES to choose GPUs, not --device {device}")
@@ -86,20 +119,131 @@ def default_threads(gpus: int) -> int:
     return max(3, min(available_cores(), 12))
 
 
+#: seconds a run waits for the first worker of a cluster that has none (``--wait-for-workers``)
+WAIT_FOR_WORKERS_S = 600.0
+
+
+def _probe() -> str:
+    """A task that only needs a worker to run it: queued, it makes an adaptive cluster start one."""
+    return socket.gethostname()
+
+
+def await_workers(client: Client, timeout: float = WAIT_FOR_WORKERS_S, where: str = "the Dask cluster") -> None:
+    """Return once the cluster has a worker; say so in one line when it has none yet.
+
+    Adaptive clusters (dask-kubernetes, dask-jobqueue, Coiled) start at 0 workers and add workers
+    only for queued work, so the wait submits one tiny probe task: the scheduler's adaptive target is
+    then at least one worker. After ``timeout`` seconds without a worker: :class:`ConfigError`, one line.
+    """
+    from distributed import wait
+
+    if _worker_count(client):
+        return
+    log.warning("no Dask worker at %s yet: waiting up to %.0f s for one to join (--wait-for-workers)",
+                where, timeout)
+    t0 = time.monotonic()
+    probe = client.submit(_probe, pure=False, key=f"segpipe-probe-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        wait(probe, timeout=timeout)
+    except TimeoutError:
+        pass
+    finally:
+        probe.cancel()
+    if not _worker_count(client):
+        raise ConfigError(where, f"no Dask worker joined in {timeout:g} s; start workers (e.g. `segpipe worker "
+                                 f"--scheduler ADDRESS` on each host) or wait longer (--wait-for-workers)")
+    log.warning("a Dask worker joined %s after %.0f s", where, time.monotonic() - t0)
+
+
+def _worker_count(client: Client) -> int:
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    return len(info.get("workers", {}))
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """What one worker process sees: its host and the GPUs visible to it (first = the one torch uses)."""
+
+    worker: str
+    host: str
+    gpus: tuple[str, ...]
+
+
+def _worker_view() -> dict[str, Any]:
+    """Runs on a worker (``client.run``): its host name and visible GPUs."""
+    # the module's own _gpu_count, looked up at call time (simulated GPUs in tests patch it)
+    return {"host": socket.gethostname(), "gpus": list(sys.modules[__name__].visible_devices())}
+
+
+def worker_views(client: Client) -> list[WorkerView]:
+    """Every connected worker's :class:`WorkerView` (one ``client.run``)."""
+    answers: Mapping[str, dict[str, Any]] = client.run(_worker_view)
+    return [WorkerView(w, str(a["host"]), tuple(a["gpus"])) for w, a in sorted(answers.items())]
+
+
+def idle_gpus(views: Sequence[WorkerView]) -> dict[str, list[str]]:
+    """Per host, the GPUs some worker sees but no worker computes on (torch uses a process's first visible
+    GPU, ``cuda:0``): a worker that sees several GPUs without being pinned to one leaves the others idle.
+
+    Pinned workers (``CUDA_VISIBLE_DEVICES`` one GPU each, or dask-cuda's rotation of the list, whose first
+    entry differs per worker) leave none; several workers on one GPU (``--procs-per-device``) are fine."""
+    seen: dict[str, set[str]] = {}
+    used: dict[str, set[str]] = {}
+    for v in views:
+        if v.gpus:
+            seen.setdefault(v.host, set()).update(v.gpus)
+            used.setdefault(v.host, set()).add(v.gpus[0])
+    return {h: sorted(seen[h] - used[h]) for h in sorted(seen) if seen[h] - used[h]}
+
+
+def check_gpu_pinning(views: Sequence[WorkerView], where: str) -> None:
+    """Refuse, in one line, a cluster whose GPU workers are not pinned (some GPU would stay idle)."""
+    idle = idle_gpus(views)
+    if not idle:
+        return
+    host, gpus = next(iter(idle.items()))
+    unpinned = [v.worker for v in views if v.host == host and len(v.gpus) > 1]
+    raise ConfigError(where, f"its GPU workers are not pinned: on host {host}, GPU(s) {', '.join(gpus)} would stay "
+                             f"idle ({len(unpinned)} worker(s) see several GPUs and compute on the first only); "
+                             f"start one worker per GPU with CUDA_VISIBLE_DEVICES, e.g. `segpipe worker "
+                             f"--scheduler ADDRESS` on each host")
+
+
+def describe_cluster(client: Client, where: str, devices: int) -> str:
+    """One line: which cluster, its workers, threads and devices, and the dashboard link (or why there is none)."""
+    info = client.scheduler_info(n_workers=-1) if _accepts_n_workers(client) else client.scheduler_info()
+    workers = info.get("workers", {}).values()
+    threads = sum(int(w.get("nthreads", 1)) for w in workers)
+    link = dashboard_link(client, embedded=where == "embedded")
+    return (f"Dask cluster {where}: {len(workers)} worker(s), {threads} thread(s), "
+            f"{f'{devices} GPU(s)' if devices else 'no GPU'}; "
+            + (f"dashboard {link}" if link else "dashboard unavailable (pip install 'segpipe[dashboard]' for bokeh)"))
+
+
 @contextlib.contextmanager
-def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
-    """A connected Dask client for the lifetime of the block; an embedded cluster is closed after it."""
+def dask_client(settings: ClusterSettings | None = None, device: str = "auto") -> Iterator[Client]:
+    """A connected Dask client for the lifetime of the block; an embedded cluster is closed after it.
+
+    An existing cluster (``settings.address``) is waited for until it has a worker
+    (``settings.wait_for_workers`` seconds at most), and refused when its GPU workers are not pinned
+    (unless ``device`` is ``cpu``); the cluster used is logged in one line."""
     from distributed import Client, LocalCluster
 
     settings = settings or ClusterSettings()
-    check_device_pinning("auto", settings)
+    check_device_pinning(device, settings)
     if settings.address:
         try:
             client = Client(settings.address, timeout="20s")
         except (OSError, TimeoutError) as e:
             raise ConfigError(settings.address, f"no Dask scheduler answers there ({e})") from None
-        log.info("using Dask scheduler %s (dashboard %s)", settings.address, client.dashboard_link)
         try:
+            if settings.wait_for_workers > 0:
+                await_workers(client, settings.wait_for_workers, settings.address)
+            views = worker_views(client)
+            if device != "cpu":
+                check_gpu_pinning(views, settings.address)
+            devices = len({(v.host, v.gpus[0]) for v in views if v.gpus})
+            log.info("%s", describe_cluster(client, settings.address, devices))
             yield client
         finally:
             close_clients(settings.address)
@@ -109,29 +253,20 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
     # the embedded cluster's scheduler/worker chatter at INFO drowns the run's own logs
     logging.getLogger("distributed").setLevel(max(logging.getLogger("distributed").level, logging.WARNING))
     gpus = _gpu_count()
-    threads = settings.threads_per_worker or default_threads(gpus)
-    cluster = None
-    if settings.procs_per_device > 1:
-        cluster, threads = _pinned_cluster(settings, gpus)
-    elif gpus and settings.processes:
-        try:
-            from dask_cuda import LocalCUDACluster
-
-            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", resources={"GPU": 1})
-        except ImportError:
-            cluster = None
-    if cluster is None:
+    if gpus > 1 or settings.procs_per_device > 1 or (gpus and settings.processes):
+        # a process per GPU (times procs_per_device): one worker holding several GPUs computes on cuda:0 only
+        cluster = _pinned_cluster(settings, gpus)
+    else:
         cluster = LocalCluster(
             n_workers=settings.n_workers or 1,
-            threads_per_worker=threads,
+            threads_per_worker=settings.threads_per_worker or default_threads(gpus),
             processes=settings.processes,
             dashboard_address=":0",
             resources={"GPU": gpus} if gpus else None,
             silence_logs=logging.WARNING,
         )
     client = Client(cluster)
-    log.info("embedded Dask cluster: %d worker(s) × %d thread(s)%s; dashboard %s", len(cluster.workers), threads,
-             f", {gpus} GPU(s)" if gpus else "", dashboard_link(client) or "off (pip install bokeh)")
+    log.info("%s", describe_cluster(client, "embedded", gpus))
     try:
         yield client
     finally:
@@ -140,36 +275,34 @@ def dask_client(settings: ClusterSettings | None = None) -> Iterator[Client]:
         cluster.close()
 
 
-def _pinned_cluster(settings: ClusterSettings, gpus: int) -> tuple[Any, int]:
-    """``procs_per_device`` worker processes per device, each pinned to its device (:func:`device_workers`);
-    returns the cluster and the threads of each worker."""
+def _pinned_cluster(settings: ClusterSettings, gpus: int) -> Any:
+    """The embedded cluster of :func:`pinned_workers`: ``procs_per_device`` pinned worker processes per device."""
     from distributed import Nanny, Scheduler, SpecCluster
     from distributed.system import MEMORY_LIMIT
 
-    from segpipe.engine.predictor import available_cores
-
-    devices = visible_devices() if gpus else []
-    cores = available_cores()
-    workers = device_workers(devices, settings.procs_per_device, cores)
-    if settings.n_workers and settings.n_workers != len(workers):
+    specs = pinned_workers(settings.procs_per_device, settings.threads_per_worker,
+                           visible_devices() if gpus else [])
+    if settings.n_workers and settings.n_workers != len(specs):
         raise ConfigError("--workers", f"{settings.n_workers} conflicts with --procs-per-device "
-                          f"{settings.procs_per_device} on {max(1, len(devices))} device(s) "
-                          f"({len(workers)} worker processes); give one of them")
-    # a process per device share: its threads read, normalise and write for that share of the device
-    threads = settings.threads_per_worker or max(3, min(cores // len(workers), 12))
-    spec = {name: {"cls": Nanny, "options": {
-        "nthreads": threads, "env": env, "host": "127.0.0.1", "memory_limit": MEMORY_LIMIT // len(workers),
-        "resources": {"GPU": 1} if devices else None, "silence_logs": logging.WARNING}}
-        for name, env in workers}
+                          f"{settings.procs_per_device} on {max(1, gpus)} device(s) "
+                          f"({len(specs)} worker processes); give one of them")
+    spec = {w.name: {"cls": Nanny, "options": {
+        "nthreads": w.nthreads, "env": w.env, "host": "127.0.0.1", "memory_limit": MEMORY_LIMIT // len(specs),
+        "resources": w.resources, "silence_logs": logging.WARNING}} for w in specs}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
-    return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=logging.WARNING, name="segpipe"), threads
+    return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=logging.WARNING, name="segpipe")
 
 
-def dashboard_link(client: Client) -> str | None:
-    """The Dask dashboard's address, or None when it is not served (bokeh not installed)."""
+def dashboard_link(client: Client, embedded: bool = True) -> str | None:
+    """The Dask dashboard's address, or None when it is not served: an embedded cluster serves it only
+    with bokeh installed here (an optional dependency: ``segpipe[dashboard]``); an existing scheduler
+    serves it when it runs the ``dashboard`` service (with bokeh installed there)."""
     import importlib.util
 
-    if importlib.util.find_spec("bokeh") is None:
+    if embedded and importlib.util.find_spec("bokeh") is None:
+        return None
+    if "dashboard" not in (client.scheduler_info(n_workers=0) if _accepts_n_workers(client)
+                           else client.scheduler_info()).get("services", {}):
         return None
     return client.dashboard_link
 
@@ -283,10 +416,28 @@ def _libc():
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
 
-def _worker_precision(device: str, precision: str) -> str:
+def _worker_precision(device: str, precision: str) -> tuple[str, str]:
+    """Runs on a worker: (its device type, what ``precision`` resolves to there)."""
     from segpipe.engine.predictor import resolve_device, resolve_precision
 
-    return resolve_precision(precision, resolve_device(device))
+    dev = resolve_device(device)
+    return dev.type, resolve_precision(precision, dev)
+
+
+def common_precision(answers: Mapping[str, tuple[str, str]]) -> str:
+    """One precision for a fleet whose workers resolve ``auto`` differently: the one they all run.
+
+    ``answers``: worker → (device type, precision ``auto`` resolves to there). Equal answers give that
+    precision; GPUs only (some bf16, some fp16 without bf16): fp16, which every CUDA device runs; anything
+    else (CPUs and GPUs, or a CPU without bf16): fp32, which every device runs. An output is computed in
+    one precision whichever worker computes a chunk, so a resumed or shared output never mixes two.
+    """
+    found = {p for _, p in answers.values()}
+    if len(found) == 1:
+        return found.pop()
+    if all(d == "cuda" for d, _ in answers.values()) and found <= {"bf16", "fp16"}:
+        return "fp16"
+    return "fp32"
 
 
 _run_precision: dict[tuple[str, str, str], str] = {}
@@ -297,27 +448,30 @@ def resolve_run_precision(client: Client, settings: InferenceSettings) -> str:
 
     The resolved precision is part of an output's identity (its skip/resume key and provenance):
     ``auto`` gives bf16 on one machine and fp32 on another, and a resumed output must not mix
-    chunks of both. An explicit precision is checked against this process's devices only where
-    workers share them; ``auto`` is asked of every worker (once per client, cached), and workers
-    that disagree are refused — a mixed fleet needs an explicit ``--precision``.
+    chunks of both. An explicit precision is returned as it is. ``auto`` is asked of every worker
+    (once per client, cached), after waiting for a first worker when the cluster has none
+    (:func:`await_workers`); workers that disagree compute in the precision they all run
+    (:func:`common_precision`, with one line saying so).
     """
-    from segpipe.core.errors import ConfigError
-
     if settings.precision != "auto":
         return settings.precision
     key = (str(getattr(client, "id", id(client))), settings.device, settings.precision)
     hit = _run_precision.get(key)
     if hit is not None:
         return hit
-    per_worker: dict[str, str] = client.run(_worker_precision, settings.device, settings.precision)
-    found = sorted(set(per_worker.values()))
-    if not found:
-        raise ConfigError("--precision auto", "no Dask worker is connected to resolve it; start workers first")
-    if len(found) > 1:
-        where = ", ".join(f"{p} on {next(w for w, v in per_worker.items() if v == p)}" for p in found)
-        raise ConfigError("--precision auto", f"the workers resolve it differently ({where}); an output must be "
-                                              "computed in one precision: pass --precision explicitly")
+    per_worker: dict[str, tuple[str, str]] = client.run(_worker_precision, settings.device, settings.precision)
+    if not per_worker:  # a client made elsewhere, on a cluster with no worker yet (dask_client waits itself)
+        await_workers(client)
+        per_worker = client.run(_worker_precision, settings.device, settings.precision)
+    resolved = common_precision({w: tuple(a) for w, a in per_worker.items()})  # type: ignore[misc]
+    if len({p for _, p in per_worker.values()}) > 1:
+        counts: dict[str, int] = {}
+        for _, p in per_worker.values():
+            counts[p] = counts.get(p, 0) + 1
+        log.warning("--precision auto: the workers resolve it differently (%s); computing in %s, which all of "
+                    "them run (pass --precision to choose)", ", ".join(f"{p} on {n}" for p, n in sorted(counts.items())),
+                    resolved)
     if len(_run_precision) > 64:
         _run_precision.clear()
-    _run_precision[key] = found[0]
-    return found[0]
+    _run_precision[key] = resolved
+    return resolved

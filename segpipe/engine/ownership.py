@@ -122,12 +122,18 @@ class OutputPlan:
     reason: str = ""
 
 def plan_output(existing: Existing, image: SourceImage, model: ModelRef, settings: SegmentSettings,
-                norm: InputNorm | None = None) -> OutputPlan:
+                norm: InputNorm | None = None, auto_precision: bool = False) -> OutputPlan:
     """Decide from what is at the output path; never touches anything the user owns.
 
     Outputs follow their inputs: a changed source image or model is recomputed (with a note).
     A complete output whose only difference is the settings is kept unless ``overwrite``.
     Files, foreign folders and outputs of other images are refused.
+
+    ``auto_precision``: this run's precision is what ``--precision auto`` resolved to on its workers
+    (``settings`` holds the resolved one). A complete output computed in another precision is then
+    *kept* (skip, with a note naming both): new hardware that resolves ``auto`` differently must not
+    turn a finished backlog into failures or recomputations; ``overwrite`` recomputes it. An explicit
+    ``--precision`` that differs is a settings change like any other.
     """
     if existing.kind == "none":
         return OutputPlan("new")
@@ -141,6 +147,14 @@ def plan_output(existing: Existing, image: SourceImage, model: ModelRef, setting
                                     "untouched: choose another --out")
     complete = seg.get("status") == "complete"
     changes = output_changes(seg, image, model, settings, norm)
+    kept_precision = [c for c in changes if c.startswith("precision ")] if auto_precision and complete else []
+    if kept_precision and not settings.output.overwrite:
+        changes = [c for c in changes if c not in kept_precision]
+        if not changes:
+            old = str((seg.get("settings") or {}).get("precision"))
+            return OutputPlan("skip", f"kept: complete in {old}, while --precision auto resolves to "
+                                      f"{settings.inference.precision} on these workers; pass --overwrite "
+                                      "(flow parameter overwrite=True) to recompute it")
     if not changes:
         return OutputPlan("skip" if complete else "resume")
     what = "; ".join(changes)

@@ -109,6 +109,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     lock: OutputLock | None = None
     try:
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
+        auto_precision = settings.inference.precision == "auto"
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
         native = shared_reader(image.uri, settings.read.bands, fingerprint=image.fingerprint).info
@@ -122,9 +123,11 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.chunks = len(grid)
         if progress is not None and hasattr(progress, "start_image"):
             progress.start_image(len(grid))
-        plan = plan_output(inspect_output(target_uri), image, model, settings, norm)
+        plan = plan_output(inspect_output(target_uri), image, model, settings, norm, auto_precision)
         if plan.action == "skip":
             result.status = "skipped"
+            if plan.reason:  # kept, and why (made in another precision than tonight's auto)
+                result.notes.append(f"{target_uri}: {plan.reason}")
             return result
         # the lock comes before any refusal: a folder another run is creating looks foreign until its
         # metadata is written, and a live lock says whose it is
@@ -134,11 +137,14 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             result.notes.append(f"{target_uri}: being written by another run ({held.describe()}); left to it")
             return result
         lock = held
-        plan = plan_output(inspect_output(target_uri), image, model, settings, norm)  # the holder may have finished
+        plan = plan_output(inspect_output(target_uri), image, model, settings, norm,  # the holder may have finished
+                           auto_precision)
         if plan.action in ("skip", "refuse"):
             if plan.action == "refuse":
                 raise OutputError(target_uri, plan.reason)
             result.status = "skipped"
+            if plan.reason:
+                result.notes.append(f"{target_uri}: {plan.reason}")
             return result
         if plan.reason:
             result.notes.append(f"{target_uri}: {plan.reason}")
@@ -281,9 +287,11 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     images = _unique(images)
     ref, artifact = check_model(model)
     ensure_writable(out)
-    settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+    # resolved once here for the whole run (cached per client); each image is given the settings as asked,
+    # so it knows when its precision is what ``auto`` resolved to (an output made in another is then kept)
+    resolved = settings.with_precision(resolve_run_precision(client, settings.inference))
     if is_in_process(client):
-        prime_predictor(artifact, settings.inference)
+        prime_predictor(artifact, resolved.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory
     names = assign_outputs(images, out)
     planner = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -17,6 +18,7 @@ import numpy as np
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
+from segpipe.core.scheduling import TaskBudget
 from segpipe.engine.fence import Fenced, cancelled, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
 from segpipe.engine.sizing import TASKS_PER_DEVICE, TaskSizer, TimedPredictor
@@ -241,6 +243,26 @@ def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple
     items = list(split())  # slides: the tile grid of a slide level is small
     return (w for c, w in items if c), (w for c, w in items if not c)
 
+_budgets: dict[str, TaskBudget] = {}
+_budgets_lock = threading.Lock()
+
+
+def task_budget(client: Client, threads: int) -> TaskBudget:
+    """This process's :class:`TaskBudget` for the cluster of ``client``, sized to its ``threads`` now
+    (workers join and leave adaptive clusters): every image this process drives there shares it."""
+    key = str(getattr(getattr(client, "scheduler", None), "address", None) or id(client))
+    limit = TaskBudget.for_threads(threads)
+    with _budgets_lock:
+        budget = _budgets.get(key)
+        if budget is None:
+            if len(_budgets) > 16:
+                _budgets.clear()
+            budget = _budgets[key] = TaskBudget(limit)
+    if budget.limit != limit:
+        budget.resize(limit)
+    return budget
+
+
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
                sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None) -> TileStats:
@@ -251,10 +273,10 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
 
     Submitting an image's whole graph at once makes the driver's memory grow with the number
     of chunks (a 200,000² image: 152,000 tasks, GBs before the first chunk is written), so
-    tasks are submitted as earlier ones finish: at most a few per worker thread are pending.
+    tasks are submitted as earlier ones finish, and the tasks pending over *every* image this process
+    drives on the cluster are bounded by its :func:`task_budget` (a small multiple of the worker threads),
+    whatever the number and size of the images.
     """
-    from distributed import as_completed
-
     from segpipe.engine.cluster import is_in_process, trim_memory
 
     # a tile task takes a share of a GPU, not all of it: several run on one device at once, one in the
@@ -264,22 +286,49 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
     # (the share is re-derived from the tasks' measured host and device time: tasks_per_device)
     gpu = job.inference.device != "cpu" and gpu_workers
     run = job.target.run_id[:8]
-    in_flight = max(8, 4 * max(threads, 1))
+    budget = task_budget(client, threads)
+    me = object()  # this image, as a holder of the budget's slots
+    running: dict[Any, Any] = {}  # key → future: submitted, not yet processed here
+    finished: queue.SimpleQueue[Any] = queue.SimpleQueue()  # futures, as Dask finishes them
 
-    def submit(batch: TileWork, fill: bool) -> Any:
+    def submit(batch: TileWork, fill: bool) -> None:
         kind = "fill" if fill else "tiles"
         ty, tx = batch[0][0]
         share = (sizer.device_share() if sizer is not None else 1 / TASKS_PER_DEVICE)
         resources = {"GPU": share} if gpu and not fill else None
-        return client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
-                             key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
+        fut = client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
+                            key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
+        running[fut.key] = fut
+        fut.add_done_callback(finished.put)  # called in a Dask client thread
 
-    pending = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
+    batches = itertools.chain(((b, False) for b in work_batches), ((b, True) for b in fill_batches))
+    upcoming = list(itertools.islice(batches, 1))  # one batch cut ahead: is there more work?
+
+    def top_up() -> None:
+        """Submit as many batches as the budget grants: waiting for a slot only when none of this
+        image's tasks runs (it could not go on otherwise)."""
+        while upcoming:
+            n = budget.take(me, 1 << 30, wait=not running)
+            if not n:
+                return
+            for _ in range(n):
+                if not upcoming:
+                    budget.give(me)
+                    continue
+                submit(*upcoming.pop())
+                upcoming.extend(itertools.islice(batches, 1))  # cut when submitted: it takes the sizer's size now
+
     stats = TileStats()
-    queue = as_completed([submit(b, f) for b, f in itertools.islice(pending, in_flight)])
     trim = is_in_process(client)
     try:
-        for i, fut in enumerate(queue):
+        top_up()
+        i = 0
+        while running:
+            fut = finished.get()
+            if running.pop(fut.key, None) is None:
+                continue
+            budget.give(me)
+            i += 1
             if trim and i % 16 == 15:
                 trim_memory()
             if fut.status == "error":
@@ -294,8 +343,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
             if sizer is not None:
                 sizer.observe(counters)  # before the next batch is cut: it takes the new size
             result.device_seconds += float(counters.get("device_seconds", 0.0))
-            for b, f in itertools.islice(pending, 1):
-                queue.add(submit(b, f))
+            top_up()
             result.chunks_computed += int(counters["chunks"] - counters["skipped"])
             result.chunks_skipped += int(counters["skipped"])
             stats.add(counters["stats"])
@@ -304,7 +352,8 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
             if progress:
                 progress.advance(int(counters["chunks"]), float(counters["megapixels"]))
     finally:
-        left = list(queue.futures)
+        budget.leave(me)
+        left = list(running.values())
         for f in left:
             f.cancel()
         if uncertainty is not None:

@@ -27,6 +27,7 @@ from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import ChunkGrid, Window
 from segpipe.core.grid import PixelGrid
 from segpipe.core.metrics import ConfusionMatrix
+from segpipe.core.progress import ProgressLog
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
@@ -117,6 +118,26 @@ def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) ->
     return cm
 
 
+class _EvaluationLines:
+    """The Progress of an evaluation's predictions, as periodic log lines (image i/N, its chunks done)."""
+
+    def __init__(self, model: str, images: int) -> None:
+        self.model, self.images, self.image = model, images, 0
+        self.chunks = self.done = 0
+        self.say = ProgressLog(log)
+
+    def plan(self, chunks: int, megapixels: float) -> None:
+        pass
+
+    def start_image(self, chunks: int) -> None:
+        self.chunks, self.done = chunks, 0
+
+    def advance(self, chunks: int, megapixels: float) -> None:
+        self.done += chunks
+        self.say(lambda: f"evaluating {self.model}: image {self.image + 1}/{self.images}, "
+                         f"{self.done}/{self.chunks} chunks")
+
+
 def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSettings, client: Client, *,
              split: str | None = "val", n_samples: int = 4, model_ref: ModelRef | None = None) -> Evaluation:
     """Predict every image of ``split`` with the tiled engine and write ``OUT/metrics.json``."""
@@ -134,8 +155,10 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
     settings = settings.model_copy(update={"output": settings.output.model_copy(update={"overwrite": True})})
     not_scored: list[dict[str, str]] = []
     scored, pixels = 0, 0
-    for item in ds.items:
-        result = segment_image(_source(item.image_uri, item.name), ref, preds_root, settings, client)
+    lines = _EvaluationLines(ref.uri, len(ds.items))  # a progress line every 30 s: a long step is never silent
+    for i, item in enumerate(ds.items):
+        lines.image = i
+        result = segment_image(_source(item.image_uri, item.name), ref, preds_root, settings, client, lines)
         if result.status == "failed":
             raise DatasetError(item.image_uri, result.error or "prediction failed")
         # "skipped" is a complete prediction of the same image and settings, or one that another run is

@@ -61,7 +61,7 @@ def train_challenger(data: str, out: str, settings: TrainSettings) -> TrainResul
 def evaluate_model(label: str, model: str, data: str, split: str, out: str, settings: SegmentSettings,
                    dask_address: str | None) -> Evaluation:
     """Evaluate ``model`` on ``split`` with the production engine and write its report into ``out``."""
-    with dask_client(ClusterSettings(address=dask_address)) as client:
+    with dask_client(ClusterSettings(address=dask_address), settings.inference.device) as client:
         ev = evaluate(model, load_dataset(data, split), out, settings, client, split=split)
     write_evaluation_report(out, ev, title=f"{label}: {ev.model.spec.architecture}/{ev.model.spec.encoder}")
     log.info("%s mean IoU %s on %d %s image(s)", label, ev.metrics["mean_iou"], ev.images, split)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segpipe.core.errors import ConfigError, DatasetError, ModelError
+from segpipe.core.progress import ProgressLog
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.labels.dataset import Dataset, at_resolution, load_dataset, split_dataset
@@ -287,6 +288,21 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                         num_workers=s.num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=s.num_workers > 0)
 
+    # a line every PROGRESS_EVERY_S on the log (the flow's run logs): an epoch can take hours
+    say = ProgressLog(log)
+    steps_per_epoch = s.patches_per_epoch // s.batch_size
+
+    def on_steps(task: Any, epoch: int, n: int, mean_loss: float) -> None:
+        bar.update(task, completed=n, loss=f"{mean_loss:.4f}")
+        say(lambda: f"epoch {epoch + 1}/{s.epochs}: step {n}/{steps_per_epoch}, loss {mean_loss:.4f}")
+
+    validated = [0]  # pixels of this epoch's validation so far
+
+    def on_image(task: Any, epoch: int, px: int) -> None:
+        bar.advance(task, px)
+        validated[0] += px
+        say(lambda: f"validation {epoch + 1}/{s.epochs}: {validated[0] / 1e6:.1f} of {data.val.pixels / 1e6:.1f} MP")
+
     with _progress_bar(progress) as bar:
         for epoch in range(prog.epoch, s.epochs):
             if prog.stop_reason is not None:
@@ -297,7 +313,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                                 loss="-")
             loss_sum, n_steps = _train_epoch(
                 net, loader, opt, sched, scaler, loss_fn, device=device, amp_dtype=amp_dtype, epoch=epoch, s=s,
-                on_steps=lambda n, mean_loss, task=task: bar.update(task, completed=n, loss=f"{mean_loss:.4f}"))
+                on_steps=lambda n, mean_loss, task=task, epoch=epoch: on_steps(task, epoch, n, mean_loss))
             train_seconds = time.perf_counter() - t0
             entry: dict[str, Any] = {
                 "epoch": epoch + 1,
@@ -306,9 +322,10 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                 "patches_per_s": n_steps * s.batch_size / train_seconds if train_seconds > 0 else None,
             }
             if val_ds.items and ((epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs):
+                validated[0] = 0
                 vtask = bar.add_task(f"validation {epoch + 1}/{s.epochs}", total=data.val.pixels, loss="-")
                 _validate(net, data, prog, entry, epoch=epoch, s=s, device=device, precision=precision,
-                          on_image=lambda px, vtask=vtask: bar.advance(vtask, px))
+                          on_image=lambda px, vtask=vtask, epoch=epoch: on_image(vtask, epoch, px))
             entry["seconds"] = time.perf_counter() - t0
             prog.history.append(entry)
             prog.epoch = epoch + 1

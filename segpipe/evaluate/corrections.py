@@ -28,7 +28,7 @@ import numpy as np
 from segpipe.core.errors import SegpipeError
 from segpipe.core.metrics import ConfusionMatrix
 from segpipe.evaluate.evaluation import score_output
-from segpipe.export.vectors import ORIGIN_KEY
+from segpipe.export.origin import ORIGIN_KEY
 from segpipe.io.meta import open_output_group, output_meta
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.labels.dataset import Dataset, Item

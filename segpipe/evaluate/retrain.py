@@ -30,6 +30,11 @@ from segpipe.train.settings import TrainSettings
 log = logging.getLogger("segpipe.retrain")
 
 
+#: the corrections figures a round returns (corrections.json next to the report holds them all)
+CORRECTIONS_SUMMARY = ("pixels", "changed_pixels", "changed_fraction", "mean_dice", "changed_pixels_train",
+                       "changed_pixels_val", "compared", "not_compared", "hand_drawn", "files")
+
+
 @dataclass(frozen=True)
 class RetrainResult:
     """What one retrain round did (``as_dict`` is the flow's return value)."""
@@ -46,7 +51,8 @@ class RetrainResult:
     comparison: str  #: markdown table, champion vs challenger
     #: nothing changed since the last round (data, labels, champion, settings): no training was done
     skipped: bool = False
-    #: what annotators changed against the model outputs they started from (None: no corrected files)
+    #: what annotators changed against the model labels they started from (:data:`CORRECTIONS_SUMMARY`: totals,
+    #: and every labels file with its outcome); None only for a skipped round
     corrections: dict | None = None
 
     def as_dict(self) -> dict:
@@ -155,9 +161,10 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     the last completed round, nothing is trained and the result says so (``skipped``): an idle week
     costs a listing, not a training run.
 
-    Labels files made from segpipe's own output (a GeoPackage export records it; ``baseline``: the folder
-    of outputs they were exported from) are compared with it: the report shows what annotators changed
-    (:mod:`segpipe.evaluate.corrections`), also written as ``corrections.json`` next to it.
+    Labels files made from segpipe's own output (a GeoPackage export carries the model labels it started
+    from; ``baseline``: the folder of outputs files without a record were exported from) are compared with
+    them: the report shows what annotators changed and names every file that could not be compared, with
+    why (:mod:`segpipe.evaluate.corrections`); also written as ``corrections.json`` next to it.
 
     ``margin`` below 0 is refused unless ``allow_negative_margin``. A challenger bit-identical to the
     champion is not registered (it would be a copy); the registered challenger's weights are not kept twice
@@ -180,6 +187,9 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
                              registry=registry, run=str(last.get("run", "")), comparison="", skipped=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     paths = run_dir(workdir or join(registry, "runs"), stamp)
+    # corrections first: against the labels files as this round found them, warnings before the long training
+    corr = corrections(load_dataset(data), baseline, seed=tsettings.seed)
+    corr_md = corrections_markdown(corr)
     trained = train_step(data, paths["challenger"], tsettings)
     challenger_ev = evaluate_step("challenger", trained.uri, data, split, paths["eval_challenger"], ssettings,
                                   dask_address)
@@ -195,14 +205,13 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         decision = Decision(False, f"the challenger is bit-identical to champion {current} (trained on the same "
                                    "train images, labels and settings): not registered",
                             decision.champion_mean_iou, decision.challenger_mean_iou)
-    corr = corrections(load_dataset(data), baseline)
-    corr_md = corrections_markdown(corr) if corr else None
-    if corr:
-        fs, path = filesystem(join(paths["report"], "corrections.json"))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps(corr, indent=2).encode())
-        log.info("corrections: %.2f %% of %d labelled pixels changed by annotators, mean Dice %s",
-                 100 * corr["changed_fraction"], corr["pixels"], corr["mean_dice"])
+    fs, path = filesystem(join(paths["report"], "corrections.json"))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(corr, indent=2).encode())
+    if corr["compared"]:
+        log.info("corrections: %.2f %% of %d labelled pixels changed by annotators (%d on train images, %d on val "
+                 "images), mean Dice %s", 100 * corr["changed_fraction"], corr["pixels"], corr["changed_pixels_train"],
+                 corr["changed_pixels_val"], corr["mean_dice"])
     write_evaluation_report(paths["report"], challenger_ev, title=title, champion=champion_ev,
                             corrections_md=corr_md)
     if same:
@@ -228,6 +237,5 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         champion=version if decision.promote else current,
         challenger_mean_iou=decision.challenger_mean_iou, champion_mean_iou=decision.champion_mean_iou,
         report=join(paths["report"], "report.html"), registry=registry, run=paths["base"], comparison=table,
-        corrections={k: corr[k] for k in ("pixels", "changed_pixels", "changed_fraction", "mean_dice", "images")}
-        if corr else None,
+        corrections={k: corr[k] for k in CORRECTIONS_SUMMARY},
     )

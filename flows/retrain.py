@@ -41,6 +41,7 @@ def retrain(
     seed: int = 0,
     split: str = "val",
     margin: float = 0.005,
+    allow_negative_margin: bool = False,
     chunk_size: int = 512,
     halo: int = 64,
     dask_address: str | None = None,
@@ -54,8 +55,9 @@ def retrain(
 
     ``skip_unchanged`` (default): a round whose data, labels, champion and settings are those of the
     last completed round ends at once with a note — an idle week costs a folder listing.
-    ``baseline``: the folder of segpipe outputs corrected label files were exported from (a GeoPackage
-    export records it itself); the report then shows what annotators changed.
+    ``baseline``: the folder of segpipe outputs that corrected label files without a record (GeoJSON,
+    Shapefile exports) were exported from; GeoPackage exports carry the model labels they started from.
+    ``margin`` below 0 is refused unless ``allow_negative_margin``.
     ``device_limit``: the Prefect global concurrency limit whose slot the round holds while it trains and
     evaluates on this machine (shared with the nightly segmentation; None: none).
     """
@@ -71,8 +73,9 @@ def retrain(
     # training always computes here (evaluation too, without dask_address): one slot of the devices' limit
     with device_slot(device_limit, logger, "retrain"):
         result = lib.retrain(data, registry, tsettings, ssettings, workdir=workdir, split=split, margin=margin,
-                             dask_address=dask_address, skip_unchanged=skip_unchanged, baseline=baseline,
-                             train_step=train_challenger, evaluate_step=evaluate_model)
+                             allow_negative_margin=allow_negative_margin, dask_address=dask_address,
+                             skip_unchanged=skip_unchanged, baseline=baseline, train_step=train_challenger,
+                             evaluate_step=evaluate_model)
     if result.skipped:
         logger.info("%s", result.reason)
         create_markdown_artifact(f"## retrain skipped\n\n{result.reason}\n\nlast report: `{result.report}`",

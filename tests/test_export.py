@@ -506,3 +506,25 @@ def test_kept_exports_are_whole_ones_and_truncated_ones_are_rewritten(tmp_path, 
         np.testing.assert_array_equal(ds.read(1), labels)
     assert all(export_is_whole(k, paths[k], zarr_uri) for k in kinds)
     assert Path(paths["preview"]).read_bytes() == whole["preview"]
+
+
+def test_geopackages_are_gpkg_1_2_which_gdal_3_6_opens_without_a_warning(output, tmp_path) -> None:
+    """Defect: GeoPackages were GPKG 1.4, which GDAL 3.6 / QGIS 3.22 LTR warn 'may only be partially supported'
+    about on every open. Both writers: the polygons and the small feature files (suggestions)."""
+    import shutil
+    import sqlite3
+
+    import shapely
+
+    from segpipe.export.features import write_features
+
+    polygons, small = str(tmp_path / "scene.gpkg"), str(tmp_path / "small.gpkg")
+    export_vectors(output, polygons)
+    write_features(small, [shapely.box(0, 0, 1, 1)], {"rank": [1]}, UTM33)
+    for path in (polygons, small):
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47  # "GPKG"
+            assert db.execute("PRAGMA user_version").fetchone()[0] == 10200
+        if shutil.which("ogrinfo"):  # Debian's gdal-bin (GDAL 3.6), the oracle where installed
+            p = subprocess.run(["ogrinfo", "-so", "-al", path], capture_output=True, text=True, check=True)
+            assert "partially supported" not in p.stderr and "Warning" not in p.stderr, p.stderr

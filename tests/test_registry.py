@@ -221,3 +221,39 @@ def test_remote_registry_on_fsspec(artifacts):
     finally:
         if fs.exists("/segpipe-test-registry"):
             fs.rm("/segpipe-test-registry", recursive=True)
+
+
+def test_prune_keeps_the_newest_the_champion_and_the_previous_champion(artifacts, tmp_path):
+    """Defect: the registry grew with every retrain (~280 MB) and nothing removed old versions."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from segpipe.cli.main import main as cli
+
+    a, _ = artifacts
+    reg = tmp_path / "reg"
+    registry.init_registry(str(reg))
+    run = reg / "runs" / "20260101T000000Z"
+    shutil.copytree(a, run / "challenger")  # a retrain round's run folder, as retrain leaves it
+    for source in (a, a, str(run / "challenger"), a, a):
+        registry.register(str(reg), source)
+    registry.promote(str(reg), "v2")
+    registry.promote(str(reg), "v4")  # previous champion: v2
+    sizes = {v: sum(p.stat().st_size for p in (reg / v).rglob("*") if p.is_file()) for v in ("v1", "v3")}
+    sizes["v3"] += sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+
+    dry = registry.prune(str(reg), 1, dry_run=True)
+    assert [v for v, _ in dry.removed] == ["v1", "v3"] and (reg / "v1").exists() and run.exists()
+    result = CliRunner().invoke(cli, ["models", "prune", str(reg), "--keep", "1"])
+    assert result.exit_code == 0, result.output
+    assert [v.version for v in registry.list_versions(str(reg))] == ["v2", "v4", "v5"]
+    assert not run.exists()  # v3's run folder went with it
+    assert f"removed v1 ({sizes['v1'] / 1e6:,.1f} MB), v3 ({sizes['v3'] / 1e6:,.1f} MB)" in result.output
+    assert f"freed {(sizes['v1'] + sizes['v3']) / 1e6:,.1f} MB" in result.output
+    assert "kept: v2 (previous champion), v4 (champion), v5 (newest)" in result.output
+    assert dry.freed == sizes["v1"] + sizes["v3"]
+    assert registry.resolve(str(reg)).endswith("v4")
+    # the newest version always stays: numbers are never handed out twice
+    bad = CliRunner().invoke(cli, ["models", "prune", str(reg), "--keep", "0"])
+    assert bad.exit_code == 2 and "--keep must be at least 1" in bad.output

@@ -1,4 +1,4 @@
-"""``segpipe models list|show|promote``: the versions of a model registry and its champion."""
+"""``segpipe models list|show|promote|prune``: the versions of a model registry and its champion."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from segpipe.cli.common import console, handle_errors
 
 @click.group()
 def models() -> None:
-    """List, inspect and promote registered model versions."""
+    """List, inspect, promote and prune registered model versions."""
 
 
 @models.command("list")
@@ -60,3 +60,23 @@ def models_promote(registry: str, version: str, reason: str) -> None:
 
     promote(registry, version, reason)
     click.echo(f"{registry}: champion is now {version}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@models.command("prune")
+@click.argument("registry")
+@click.option("--keep", type=int, required=True, help="How many of the newest versions to keep (at least 1).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@handle_errors
+def models_prune(registry: str, keep: int, dry_run: bool) -> None:
+    """Remove all but the KEEP newest versions of REGISTRY (never the champion nor the previous champion)."""
+    from segpipe.models.registry import prune
+
+    result = prune(registry, keep, dry_run=dry_run)
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
+    gone = ", ".join(f"{v} ({_mb(b)})" for v, b in result.removed) or "nothing"
+    click.echo(f"{registry}: {verb} {gone}; {freed} {_mb(result.freed)}")
+    click.echo("kept: " + ", ".join(f"{v} ({why})" for v, why in result.kept.items()))

@@ -110,7 +110,9 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--lr", type=float, default=D["lr"], show_default=True)
 @click.option("--class-balanced/--no-class-balanced", default=D["class_balanced"], show_default=True)
 @click.option("--margin", type=float, default=0.005, show_default=True,
-              help="Promote only when challenger mean IoU ≥ champion's + margin.")
+              help="Promote only when challenger mean IoU ≥ champion's + margin (below 0: refused, see next).")
+@click.option("--allow-negative-margin", is_flag=True,
+              help="Accept a --margin below 0, which promotes a challenger that scores worse than the champion.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -119,14 +121,16 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 @click.option("--gsd", type=float, default=None,
               help="Train the challenger on georeferenced rasters at this pixel size in CRS units.")
 @click.option("--baseline", default=None,
-              help="Folder of segpipe outputs the corrected labels were exported from (GeoPackage exports record "
-                   "it themselves); the report then shows what annotators changed.")
+              help="Folder of segpipe outputs that corrected label files without a record (GeoJSON, Shapefile "
+                   "exports) were exported from; GeoPackage exports carry their model labels themselves. Files "
+                   "without segpipe's output columns are never counted as corrections.")
 @click.option("--skip-unchanged", is_flag=True,
               help="Do nothing when data, labels, champion and settings are those of the last completed round "
                    "(the weekly deployment's default).")
 @handle_errors
 def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batch_size: int, patch_size: int,
-            patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, device: str, precision: str,
+            patches_per_epoch: int | None, lr: float, class_balanced: bool, margin: float, allow_negative_margin: bool,
+            device: str, precision: str,
             seed: int, dask_address: str | None, mpp: float | None, gsd: float | None, baseline: str | None,
             skip_unchanged: bool) -> None:
     """Train a challenger, compare it with the champion on the same split, promote if better."""
@@ -141,6 +145,7 @@ def retrain(data: str, registry: str, arch: str, encoder: str, epochs: int, batc
                                class_balanced=class_balanced, device=device, precision=precision, seed=seed,
                                mpp=mpp, gsd=gsd)
     ssettings = segment_settings(device=device, precision=precision)
-    result = run_retrain(data, registry, tsettings, ssettings, margin=margin, dask_address=dask_address,
+    result = run_retrain(data, registry, tsettings, ssettings, margin=margin,
+                         allow_negative_margin=allow_negative_margin, dask_address=dask_address,
                          skip_unchanged=skip_unchanged, baseline=baseline)
     click.echo(json.dumps(result.as_dict(), indent=2))

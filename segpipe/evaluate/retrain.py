@@ -6,25 +6,33 @@ Prefect tasks as ``train_step``/``evaluate_step`` so each step shows in its run 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from segpipe.core.errors import ConfigError
 from segpipe.core.settings import ClusterSettings, SegmentSettings
 from segpipe.engine.cluster import dask_client
 from segpipe.evaluate.corrections import corrections, corrections_markdown
-from segpipe.evaluate.decision import decide, run_dir
+from segpipe.evaluate.decision import Decision, decide, run_dir
 from segpipe.evaluate.evaluation import Evaluation, evaluate, write_evaluation_report
 from segpipe.evaluate.reports import markdown_table
 from segpipe.io.storage import filesystem, join, tree_fingerprint
 from segpipe.labels.dataset import load_dataset
-from segpipe.models.registry import champion, init_registry, promote, register, resolve
+from segpipe.models.registry import champion, init_registry, promote, register, resolve, weights_sha256
+from segpipe.train.checkpoint import clear_checkpoints
 from segpipe.train.loop import TrainResult, train
 from segpipe.train.settings import TrainSettings
 
 log = logging.getLogger("segpipe.retrain")
+
+
+#: the corrections figures a round returns (corrections.json next to the report holds them all)
+CORRECTIONS_SUMMARY = ("pixels", "changed_pixels", "changed_fraction", "mean_dice", "changed_pixels_train",
+                       "changed_pixels_val", "compared", "not_compared", "hand_drawn", "files")
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,8 @@ class RetrainResult:
     comparison: str  #: markdown table, champion vs challenger
     #: nothing changed since the last round (data, labels, champion, settings): no training was done
     skipped: bool = False
-    #: what annotators changed against the model outputs they started from (None: no corrected files)
+    #: what annotators changed against the model labels they started from (:data:`CORRECTIONS_SUMMARY`: totals,
+    #: and every labels file with its outcome); None only for a skipped round
     corrections: dict | None = None
 
     def as_dict(self) -> dict:
@@ -51,8 +60,17 @@ class RetrainResult:
 
 
 def train_challenger(data: str, out: str, settings: TrainSettings) -> TrainResult:
-    """Train (or resume training) the challenger into ``out``."""
+    """Train (or resume training) the challenger into ``out``.
+
+    The checkpoint serves a resume of this training (a retried task of the same round) only: once the
+    artifact is written it goes — each round trains into a folder of its own, so no later round resumes it,
+    and it is the largest file of a round (model, best model and optimizer moments: ~3× the weights).
+    """
     result = train(data, out, settings, resume=True, progress=False)
+    fs, path = filesystem(out)
+    clear_checkpoints(fs, join(path, "checkpoint"))
+    with contextlib.suppress(OSError):  # the folder, now empty
+        fs.rmdir(join(path, "checkpoint"))
     log.info("challenger trained: %d epoch(s), best %s, val mean IoU %s (%s)", result.epochs_run,
              result.best_epoch, result.metrics.get("val_mean_iou"), result.stop_reason)
     return result
@@ -73,12 +91,21 @@ DATA_PARTS = ("images", "masks", "labels", "regions", "classes.json", "split.jso
 LAST_ROUND = "last-retrain.json"
 
 
-def round_fingerprint(data: str, champion_version: str | None, tsettings: TrainSettings,
+def data_listing(data: str) -> dict[str, str]:
+    """What the dataset's files are now (one listing per part: paths, sizes, mtimes/ETags; no file read)."""
+    return {p: tree_fingerprint(join(data, p)) for p in DATA_PARTS}
+
+
+def round_fingerprint(data: str | dict[str, str], champion_version: str | None, tsettings: TrainSettings,
                       ssettings: SegmentSettings, split: str, margin: float) -> str:
-    """Identity of a retrain round's inputs: every dataset file (listing only), the champion and the settings."""
+    """Identity of a retrain round's inputs: every dataset file (listing only), the champion and the settings.
+
+    ``data``: the dataset's root, or its :func:`data_listing` taken earlier — a round records the listing
+    taken when it *started*, so labels saved while it trained make next week's round a new one.
+    """
     import hashlib
 
-    parts = {p: tree_fingerprint(join(data, p)) for p in DATA_PARTS}
+    parts = data_listing(data) if isinstance(data, str) else data
     blob = json.dumps({"data": parts, "champion": champion_version, "train": tsettings.model_dump(mode="json"),
                        "segment": ssettings.output_key(), "split": split, "margin": margin}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -99,8 +126,31 @@ def _record_round(registry: str, entry: dict) -> None:
     fs.mv(tmp, path)
 
 
+def check_margin(margin: float, allow_negative: bool = False) -> None:
+    """A negative margin promotes a challenger that scores *worse* than the champion: refused unless meant."""
+    if margin < 0 and not allow_negative:
+        raise ConfigError("margin", f"{margin:g} is below 0: it would promote a challenger up to {-margin:g} mean IoU "
+                                    "worse than the champion; pass --allow-negative-margin (flow parameter "
+                                    "allow_negative_margin=True) if that is meant")
+
+
+def _drop_registered_copy(trained: TrainResult, registry: str, version: str) -> None:
+    """The run folder's challenger weights once ``version`` holds the same bytes (the version it was registered
+    as, or the champion it is identical to): a round costs at most one copy."""
+    if weights_sha256(registry, version) != trained.weights_sha256:
+        return
+    fs, path = filesystem(trained.uri)
+    try:
+        fs.rm(join(path, "weights.safetensors"))
+        fs.pipe_file(join(path, "registered.json"), json.dumps(
+            {"registry": registry, "version": version, "weights_sha256": trained.weights_sha256}).encode())
+    except OSError as e:  # a leftover copy costs space, not correctness
+        log.warning("%s: could not remove the registered challenger's weights (%s)", trained.uri, e)
+
+
 def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: SegmentSettings, *,
             workdir: str | None = None, split: str = "val", margin: float = 0.005,
+            allow_negative_margin: bool = False,
             dask_address: str | None = None, skip_unchanged: bool = False, baseline: str | None = None,
             train_step: Callable[[str, str, TrainSettings], TrainResult] = train_challenger,
             evaluate_step: Callable[..., Evaluation] = evaluate_model) -> RetrainResult:
@@ -111,13 +161,22 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     the last completed round, nothing is trained and the result says so (``skipped``): an idle week
     costs a listing, not a training run.
 
-    Labels files made from segpipe's own output (a GeoPackage export records it; ``baseline``: the folder
-    of outputs they were exported from) are compared with it: the report shows what annotators changed
-    (:mod:`segpipe.evaluate.corrections`), also written as ``corrections.json`` next to it.
+    Labels files made from segpipe's own output (a GeoPackage export carries the model labels it started
+    from; ``baseline``: the folder of outputs files without a record were exported from) are compared with
+    them: the report shows what annotators changed and names every file that could not be compared, with
+    why (:mod:`segpipe.evaluate.corrections`); also written as ``corrections.json`` next to it.
+
+    ``margin`` below 0 is refused unless ``allow_negative_margin``. A challenger bit-identical to the
+    champion is not registered (it would be a copy); the registered challenger's weights are not kept twice
+    (the run folder keeps a ``registered.json`` pointing at its version) and its checkpoint is removed once
+    trained, so a rejected challenger costs the registry its weights plus its reports.
     """
+    check_margin(margin, allow_negative_margin)
     init_registry(registry)
     current = champion(registry)
-    fingerprint = round_fingerprint(data, current, tsettings, ssettings, split, margin)
+    # the listing is taken now: labels saved while this round trains belong to the next round
+    listing = data_listing(data)
+    fingerprint = round_fingerprint(listing, current, tsettings, ssettings, split, margin)
     last = _last_round(registry)
     if skip_unchanged and last.get("fingerprint") == fingerprint:
         reason = (f"skipped: data, labels, champion {current} and settings are unchanged since the round of "
@@ -128,6 +187,9 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
                              registry=registry, run=str(last.get("run", "")), comparison="", skipped=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     paths = run_dir(workdir or join(registry, "runs"), stamp)
+    # corrections first: against the labels files as this round found them, warnings before the long training
+    corr = corrections(load_dataset(data), baseline, seed=tsettings.seed)
+    corr_md = corrections_markdown(corr)
     trained = train_step(data, paths["challenger"], tsettings)
     challenger_ev = evaluate_step("challenger", trained.uri, data, split, paths["eval_challenger"], ssettings,
                                   dask_address)
@@ -138,17 +200,26 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
     decision = decide(champion_ev.metrics if champion_ev else None, challenger_ev.metrics, margin)
     title = (f"retrain: challenger vs champion {current}" if champion_ev else
              "retrain: challenger (no champion yet)")
-    corr = corrections(load_dataset(data), baseline)
-    corr_md = corrections_markdown(corr) if corr else None
-    if corr:
-        fs, path = filesystem(join(paths["report"], "corrections.json"))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps(corr, indent=2).encode())
-        log.info("corrections: %.2f %% of %d labelled pixels changed by annotators, mean Dice %s",
-                 100 * corr["changed_fraction"], corr["pixels"], corr["mean_dice"])
+    same = current is not None and trained.weights_sha256 == weights_sha256(registry, current)
+    if same:
+        decision = Decision(False, f"the challenger is bit-identical to champion {current} (trained on the same "
+                                   "train images, labels and settings): not registered",
+                            decision.champion_mean_iou, decision.challenger_mean_iou)
+    fs, path = filesystem(join(paths["report"], "corrections.json"))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(path, json.dumps(corr, indent=2).encode())
+    if corr["compared"]:
+        log.info("corrections: %.2f %% of %d labelled pixels changed by annotators (%d on train images, %d on val "
+                 "images), mean Dice %s", 100 * corr["changed_fraction"], corr["pixels"], corr["changed_pixels_train"],
+                 corr["changed_pixels_val"], corr["mean_dice"])
     write_evaluation_report(paths["report"], challenger_ev, title=title, champion=champion_ev,
                             corrections_md=corr_md)
-    version = register(registry, trained.uri, metrics=challenger_ev.metrics, report_dir=paths["report"])
+    if same:
+        assert current is not None
+        version = current
+    else:
+        version = register(registry, trained.uri, metrics=challenger_ev.metrics, report_dir=paths["report"])
+    _drop_registered_copy(trained, registry, version)
     if decision.promote:
         promote(registry, version, decision.reason)
         log.info("promoted %s: %s", version, decision.reason)
@@ -158,7 +229,7 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
              else markdown_table(challenger_ev.metrics)) + ("\n" + corr_md if corr_md else "")
     # the round's inputs, with the champion it leaves: next week, nothing changed = the same fingerprint
     after = champion(registry)
-    _record_round(registry, {"fingerprint": round_fingerprint(data, after, tsettings, ssettings, split, margin),
+    _record_round(registry, {"fingerprint": round_fingerprint(listing, after, tsettings, ssettings, split, margin),
                              "version": version, "champion": after, "report": join(paths["report"], "report.html"),
                              "run": paths["base"], "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     return RetrainResult(
@@ -166,6 +237,5 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         champion=version if decision.promote else current,
         challenger_mean_iou=decision.challenger_mean_iou, champion_mean_iou=decision.champion_mean_iou,
         report=join(paths["report"], "report.html"), registry=registry, run=paths["base"], comparison=table,
-        corrections={k: corr[k] for k in ("pixels", "changed_pixels", "changed_fraction", "mean_dice", "images")}
-        if corr else None,
+        corrections={k: corr[k] for k in CORRECTIONS_SUMMARY},
     )

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import ConfigError
+from segpipe.export.origin import GPKG_VERSION
 from segpipe.export.targets import _local_target, _remove_quietly, _stem
 from segpipe.export.vectors import vector_driver
 
@@ -45,6 +46,8 @@ def write_features(path: str, geoms: Sequence[Any], fields: Mapping[str, Sequenc
         options: dict[str, Any] = {}
         if driver in ("GPKG", "FlatGeobuf"):
             options["layer"] = layer
+        if driver == "GPKG":
+            options["dataset_options"] = {"VERSION": GPKG_VERSION}
         if driver == "GeoJSON" and json_fields:
             options["layer_options"] = {"AUTODETECT_JSON_STRINGS": "YES"}
         if driver == "ESRI Shapefile":

@@ -35,6 +35,7 @@ from segpipe.export.meta import (
     level0_mapping,
     read_output_meta,
 )
+from segpipe.export.origin import GPKG_VERSION, OUTPUT_FIELDS, embed_baseline, origin_metadata
 from segpipe.export.targets import _local_target, _remove_quietly, _stem
 
 #: polygons buffered before they are appended to the vector file
@@ -79,10 +80,6 @@ def sieve_block(read: Callable[[int, int, int, int], np.ndarray], height: int, w
     return sieved[y0 - ya : y0 - ya + h, x0 - xa : x0 - xa + w]
 
 
-#: GeoPackage layer metadata naming the segpipe output the polygons were exported from
-ORIGIN_KEY = "segpipe_output"
-
-
 class _FeatureSink:
     """Buffers (class id, pixel-space polygon) and appends them, transformed, to the vector file.
 
@@ -92,8 +89,10 @@ class _FeatureSink:
     """
 
     def __init__(self, path: str, driver: str, meta: OutputMeta, transform: tuple[float, ...], min_area: float,
-                 *, qupath: bool = False, clip: tuple[float, float, float, float] | None = None) -> None:
+                 *, qupath: bool = False, clip: tuple[float, float, float, float] | None = None,
+                 layer_metadata: dict[str, str] | None = None) -> None:
         self.path, self.driver, self.meta, self.min_area = path, driver, meta, min_area
+        self.layer_metadata = layer_metadata
         self.matrix = np.array([[transform[0], transform[1]], [transform[3], transform[4]]])
         self.offset = np.array([transform[2], transform[5]])
         self.qupath = qupath and driver == "GeoJSON"
@@ -151,7 +150,7 @@ class _FeatureSink:
         keep = areas >= self.min_area
         geoms, ids, areas = geoms[keep], ids[keep], areas[keep]
         names = np.array([self.meta.classes[i] if i < len(self.meta.classes) else str(i) for i in ids], dtype=object)
-        fields: list[tuple[str, np.ndarray]] = [("class_id", ids), ("class_name", names), ("area", areas)]
+        fields: list[tuple[str, np.ndarray]] = list(zip(OUTPUT_FIELDS, (ids, names, areas), strict=True))
         if self.qupath:
             # QuPath's GeoJSON: objectType + classification {name, color [r, g, b]} (a JSON object:
             # GDAL writes a string field holding a JSON object as that object)
@@ -174,11 +173,12 @@ class _FeatureSink:
         options: dict[str, Any] = {}
         if driver == "GPKG":
             options["layer"] = "segments"
-            if self.driver == "GPKG" and not self.started:
-                # provenance: polygons made by a model, from this output (what a corrections report compares
-                # an annotator's edited copy with); QGIS keeps layer metadata when the layer is edited in place
-                options["layer_metadata"] = {ORIGIN_KEY: self.meta.uri, "segpipe_origin": "model output",
-                                             "segpipe_source": self.meta.source or ""}
+            if not self.started:
+                options["dataset_options"] = {"VERSION": GPKG_VERSION}
+            if self.driver == "GPKG" and not self.started and self.layer_metadata:
+                # provenance: polygons made by a model, from this output (segpipe.export.origin); QGIS keeps
+                # layer metadata when the layer is edited in place
+                options["layer_metadata"] = self.layer_metadata
         if driver == "GeoJSON" and self.qupath:
             options["layer_options"] = {"AUTODETECT_JSON_STRINGS": "YES"}
         if driver == "ESRI Shapefile":
@@ -265,7 +265,9 @@ def export_vectors(
     In pixel coordinates GeoJSON features also carry QuPath's ``objectType: "annotation"`` and
     ``classification: {name, color: [r, g, b]}``, so the file imports into QuPath as classified
     annotations (GeoJSON has no "no CRS": GIS readers assume WGS 84; prefer .gpkg for GIS).
-    The nodata label is never polygonised.
+    The nodata label is never polygonised. A GeoPackage (GPKG 1.2, which GDAL 3.6 / QGIS 3.22 open without a
+    warning) records where it came from and carries the model's labels, so a corrected copy can be compared
+    with them later (:mod:`segpipe.export.origin`).
 
     Blocks of ``block_size`` (default: the chunk side) are polygonised in pixel
     coordinates. A polygon that does not touch an internal block seam is complete and
@@ -305,15 +307,24 @@ def export_vectors(
         if l0 is not None and l0.height and l0.width:
             clip = (0.0, 0.0, float(l0.width), float(l0.height))
     qupath = meta.crs_wkt is None and meta.transform is None
+    origin = None
+    if driver == "GPKG":
+        origin = {**origin_metadata(zarr_uri), "segpipe_level": level, "segpipe_min_area": f"{min_area:g}",
+                  "segpipe_sieve": str(sieve)}
 
     with _local_target(path, os.path.splitext(path)[1]) as local:
         stem = _stem(local)
         _remove_quietly(local, *(stem + e for e in (".shx", ".dbf", ".prj", ".cpg", ".qix"))
                         if driver == "ESRI Shapefile" else ())
-        sink = _FeatureSink(local, driver, meta, transform, float(min_area), qupath=qupath, clip=clip)
+        sink = _FeatureSink(local, driver, meta, transform, float(min_area), qupath=qupath, clip=clip,
+                            layer_metadata=origin)
         try:
             _polygonize(sink, read, height, width, side, sieve, wanted, nodata)
             sink.close()
+            if driver == "GPKG" and level == "0":
+                # the model's labels travel with the polygons: a corrected copy is compared with them, whatever
+                # happens to the output later (segpipe.export.origin)
+                embed_baseline(local, zarr_uri)
         except BaseException:
             sink.abort()
             raise

@@ -40,6 +40,17 @@ def strip_file_scheme(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def absolute_uri(uri: str) -> str:
+    """``uri`` independent of the working directory: a local path made absolute, a URL as it is.
+
+    What a record that outlives the process keeps (a GeoPackage export's origin), so a reader started
+    from another folder (cron, a Prefect deployment) finds the same file.
+    """
+    if has_scheme(uri):
+        return uri
+    return os.path.normpath(os.path.abspath(strip_file_scheme(uri)))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and the path within it."""
     fs, path = fsspec.core.url_to_fs(uri)

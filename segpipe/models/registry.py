@@ -7,6 +7,9 @@ Layout (a local folder or any fsspec URL)::
                                metrics.json, report.html, report.md; registration.json last
     REG/champion               {"version": "v3", "promoted_at": iso, "reason": "...", "previous": "v2"}
     REG/history.jsonl          one line per promotion (append-only log, informational)
+    REG/runs/<stamp>/          retrain rounds (challenger run folder, evaluations, report) when no workdir is given
+
+``prune`` keeps the registry small: all but the newest N versions go, never the champion nor the previous one.
 
 Guarantees and why they hold:
 
@@ -274,6 +277,13 @@ def list_versions(reg_uri: str) -> list[VersionInfo]:
     return out
 
 
+def weights_sha256(reg_uri: str, version: str) -> str | None:
+    """The sha256 of ``version``'s weights as its registration recorded it (None: no such complete version)."""
+    fs, path = _fs(reg_uri)
+    rec = _read_json(fs, join(path, version, REGISTRATION), join(strip_file_scheme(reg_uri), version, REGISTRATION))
+    return rec.get("weights_sha256") if isinstance(rec, dict) else None
+
+
 def champion(reg_uri: str) -> str | None:
     """The champion version (``"v3"``), or None when nothing has been promoted yet."""
     fs, path = _fs(reg_uri)
@@ -330,6 +340,78 @@ def history(reg_uri: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :func:`prune` removed (or would remove, ``dry_run``) and what it kept, and why."""
+
+    removed: list[tuple[str, int]]  #: (version, bytes), its run folder included
+    kept: dict[str, str]  #: version → why it stays ("champion", "previous champion", "newest")
+    freed: int  #: bytes
+    dry_run: bool
+
+
+def _run_folder(fs, reg_path: str, vpath: str) -> str | None:
+    """The retrain run folder ``REG/runs/<stamp>`` a version's challenger was trained in, if it lies there."""
+    rec = _read_json(fs, join(vpath, REGISTRATION), join(vpath, REGISTRATION)) or {}
+    # the source was recorded as the retrain named it (perhaps relative to another working directory):
+    # ".../runs/<stamp>/challenger" names the run folder by its last parts
+    parts = strip_file_scheme(str(rec.get("source") or "")).rstrip("/").split("/")
+    if len(parts) < 3 or parts[-3] != "runs" or not parts[-2]:
+        return None
+    run = join(reg_path, "runs", parts[-2])
+    return run if fs.isdir(run) else None
+
+
+def _size(fs, path: str) -> int:
+    try:
+        return int(fs.du(path, total=True))
+    except FileNotFoundError:
+        return 0
+
+
+def prune(reg_uri: str, keep: int, *, dry_run: bool = False) -> Pruned:
+    """Remove all but the ``keep`` newest versions — never the champion nor the previous champion.
+
+    A removed version takes its retrain run folder along (``REG/runs/<stamp>``: its challenger, evaluations
+    and report) when the run lies in the registry. ``keep`` ≥ 1: the newest version always stays, so a
+    version number is never handed out twice. Interrupted registrations (no ``registration.json``: perhaps
+    one in progress) are left alone. The champion pointer is read again before each removal: a version
+    promoted meanwhile stays.
+    """
+    if keep < 1:
+        raise ModelError(reg_uri, f"--keep must be at least 1 (the newest version always stays), got {keep}")
+    fs, path = _require_registry(reg_uri)
+    versions = _complete_versions(fs, path)
+
+    def protected() -> dict[str, str]:
+        why: dict[str, str] = {v: "newest" for v in versions[-keep:]}
+        pointer = _read_json(fs, join(path, CHAMPION), join(strip_file_scheme(reg_uri), CHAMPION)) or {}
+        if isinstance(pointer, dict):
+            if isinstance(pointer.get("previous"), str):
+                why[pointer["previous"]] = "previous champion"
+            if isinstance(pointer.get("version"), str):
+                why[pointer["version"]] = "champion"
+        return why
+
+    kept = protected()
+    removed: list[tuple[str, int]] = []
+    for v in versions:
+        if v in kept:
+            continue
+        vpath = join(path, v)
+        run = _run_folder(fs, path, vpath)
+        size = _size(fs, vpath) + (_size(fs, run) if run else 0)
+        if not dry_run:
+            if v in protected():  # promoted since we looked
+                kept = protected()
+                continue
+            if run:
+                fs.rm(run, recursive=True)
+            fs.rm(vpath, recursive=True)
+        removed.append((v, size))
+    return Pruned(removed, {v: kept[v] for v in versions if v in kept}, sum(b for _, b in removed), dry_run)
 
 
 def _missing_version(available: list[str]) -> str:

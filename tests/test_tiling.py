@@ -6,6 +6,8 @@ from segpipe.core.geometry import (
     Window,
     batches,
     core_in_window,
+    gather,
+    index_runs,
     input_window,
     reflect_index,
     source_indices,
@@ -73,6 +75,38 @@ def test_windows_equal_numpy_pad(h, w, c, halo):
         got = img[ys[:, None], xs[None, :]]
         ref = big[win.y0 + side * 2: win.y1 + side * 2, win.x0 + side * 2: win.x1 + side * 2]
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize(
+    ("idx", "runs"),
+    [
+        ([], []),
+        ([4], [(0, 1, 4, 1)]),
+        ([2, 1, 0, 1, 2, 3], [(0, 3, 2, -1), (3, 6, 1, 1)]),  # a reflected margin, then the inside
+        ([0, 1, 2, 1, 0], [(0, 3, 0, 1), (3, 5, 1, -1)]),
+        ([0, 0, 0], [(0, 1, 0, 1), (1, 2, 0, 1), (2, 3, 0, 1)]),  # a 1-pixel axis: no run longer than 1
+        ([5, 0, 1, 2], [(0, 1, 5, 1), (1, 2, 0, 1), (2, 4, 1, 1)]),
+    ],
+)
+def test_index_runs(idx, runs):
+    assert index_runs(np.array(idx, dtype=np.int64)) == runs
+
+
+def test_gather_equals_fancy_indexing_for_every_reflected_window():
+    """A window assembled from runs of its block equals the per-pixel gather it replaced, on windows inside,
+    across and far past the edges (many runs: the fallback), 2-D and with a band axis."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        block = rng.integers(0, 255, (3, h, w)).astype(np.uint8)
+        y0, x0 = (int(v) for v in rng.integers(-70, 70, 2))
+        wh, ww = (int(v) for v in rng.integers(1, 120, 2))
+        ys, xs = source_indices(Window(y0, x0, wh, ww), h, w)
+        want = block[:, ys[:, None], xs[None, :]]
+        got = gather(block, ys, xs)
+        assert got.shape == want.shape and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(gather(block[0], ys, xs), want[0])
 
 
 def test_batches_and_bad_grid():

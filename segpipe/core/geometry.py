@@ -189,6 +189,48 @@ def source_indices(window: Window, height: int, width: int) -> tuple[np.ndarray,
     return ys, xs
 
 
+#: more runs than this on one axis (a window many times its image's size): one fancy-index gather instead
+_MAX_RUNS = 16
+
+
+def index_runs(idx: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """``idx`` cut into runs of consecutive indices, as ``(out_start, out_stop, first_index, step)``, step ±1.
+
+    A reflected axis (:func:`reflect_index`) is at most three runs for a halo narrower than the image:
+    the mirrored margin before it (step −1), the inside (+1) and the mirrored margin after it (−1).
+    """
+    n = len(idx)
+    if n == 0:
+        return []
+    d = np.diff(np.asarray(idx, dtype=np.int64))
+    # a run breaks before element j when the step into it is not ±1 or differs from the step before it
+    breaks = np.flatnonzero((np.abs(d) != 1) | np.concatenate(([False], d[1:] != d[:-1]))) + 1
+    bounds = [0, *breaks.tolist(), n]
+    return [(a, b, int(idx[a]), int(d[a]) if b - a > 1 else 1) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def gather(block: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``block[..., rows[:, None], cols[None, :]]`` (the last two axes), copied run by run.
+
+    A reflected window is a few rectangular runs of its source block (:func:`index_runs`): one slice
+    copy each instead of a per-pixel gather, several times faster (docs/benchmarks.md, "Design measurements").
+    """
+    ry, rx = index_runs(rows), index_runs(cols)
+    if len(ry) > _MAX_RUNS or len(rx) > _MAX_RUNS:
+        return np.ascontiguousarray(block[..., np.asarray(rows)[:, None], np.asarray(cols)[None, :]])
+    out = np.empty((*block.shape[:-2], len(rows), len(cols)), dtype=block.dtype)
+    for y0, y1, sy, dy in ry:
+        src_y = _run_slice(sy, y1 - y0, dy)
+        for x0, x1, sx, dx in rx:
+            out[..., y0:y1, x0:x1] = block[..., src_y, _run_slice(sx, x1 - x0, dx)]
+    return out
+
+
+def _run_slice(first: int, n: int, step: int) -> slice:
+    stop = first + step * n
+    return slice(first, None if stop < 0 else stop, step)
+
+
 def strip_order(grid: ChunkGrid, strip: int = 8) -> Iterator[tuple[int, int]]:
     """Chunk keys in column strips ``strip`` chunks wide, each strip top to bottom, row by row.
 

@@ -41,7 +41,7 @@ import numpy as np
 import shapely
 
 from segpipe.core.errors import DatasetError
-from segpipe.core.geometry import Window, source_indices
+from segpipe.core.geometry import Window, gather, source_indices
 from segpipe.core.grid import PixelGrid
 from segpipe.io.readers import ImageInfo, ImageReader
 from segpipe.io.readers.resample import grid_info
@@ -78,7 +78,7 @@ def _window_of(reader_read, window: Window, height: int, width: int) -> np.ndarr
     ys, xs = source_indices(window, height, width)
     y0, x0 = int(ys.min()), int(xs.min())
     inner = Window(y0, x0, int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1)
-    return reader_read(inner)[np.ix_(ys - y0, xs - x0)]
+    return gather(reader_read(inner), ys - y0, xs - x0)
 
 
 class VectorLabelReader:

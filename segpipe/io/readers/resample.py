@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.core.geometry import Window, source_indices
+from segpipe.core.geometry import Window, gather, source_indices
 from segpipe.core.grid import PixelGrid, choose_level, residual
 from segpipe.io.readers.base import ImageInfo, ImageReader
 from segpipe.io.readers.levels import accumulator_dtype, area_resample, nearest_indices, source_span
@@ -93,7 +93,7 @@ class GridReader:
         ys, xs = source_indices(window, g.height, g.width)
         y0, x0 = int(ys.min()), int(xs.min())
         block = self._read_inside(y0, x0, int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1)
-        return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
+        return gather(block, ys - y0, xs - x0)
 
     def read_valid(self, window: Window) -> np.ndarray | None:
         """Where the grid's pixels have data: the source's valid mask under each pixel's centre (None = all)."""
@@ -110,7 +110,7 @@ class GridReader:
             return None
         rows = nearest_indices(y0, h, self.ry, ly0, valid.shape[0])
         cols = nearest_indices(x0, w, self.rx, lx0, valid.shape[1])
-        return valid[rows[:, None], cols[None, :]][(ys - y0)[:, None], (xs - x0)[None, :]]
+        return gather(valid[rows[:, None], cols[None, :]], ys - y0, xs - x0)
 
     def __getattr__(self, name: str) -> Any:  # has_mask, thumbnail and other optional reader features
         if name.startswith("__") or name == "base":

@@ -72,6 +72,46 @@ def test_a_reader_evicted_from_the_shared_cache_still_reads(tmp_path, monkeypatc
     np.testing.assert_array_equal(b.read(Window(0, 0, 5, 5)), b_img[:, :5, :5])
 
 
+def test_pinned_readers_stay_open_however_many_images_are_in_flight(tmp_path, monkeypatch):
+    """An image in progress pins its reader: the LRU evicts only unpinned ones, so its tile tasks do not
+    open it a second time; once unpinned it is evicted like any other."""
+    from segpipe.io.readers import cache, unpin_reader
+
+    monkeypatch.setattr(cache, "_MAX_SHARED", 1)
+    monkeypatch.setattr(cache, "_shared", type(cache._shared)())
+    paths = [str(write_geotiff(tmp_path / f"{i}.tif", sample_photo(40, 50))) for i in range(3)]
+    pinned = [shared_reader(p, pin=True) for p in paths]
+    assert all(r._reader is not None for r in pinned) and len(cache._shared) == 3  # none evicted
+    assert shared_reader(paths[0]) is pinned[0]  # the tasks' lookup finds the same handle
+    for r in pinned:
+        unpin_reader(r)
+    assert [r._reader is None for r in pinned] == [True, True, False]  # back to the LRU's bound
+
+
+def test_intact_pngs_take_the_whole_image_path_and_cut_ones_do_not(tmp_path):
+    """GDAL's whole-image PNG decode (~2.5× less CPU) is used only for a PNG that ends with its IEND chunk:
+    a cut file keeps the row-by-row path, which reports the damage; bytes after IEND read as before."""
+    from segpipe.io.readers.raster import png_is_whole
+
+    img = sample_photo(90, 70)
+    good = write_png(tmp_path / "good.png", img)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[:-100])
+    tail = tmp_path / "tail.png"
+    tail.write_bytes(good.read_bytes() + b"trailing bytes")
+    assert png_is_whole(str(good)) and not png_is_whole(str(cut)) and not png_is_whole(str(tail))
+    assert not png_is_whole("s3://bucket/x.png") and not png_is_whole(str(tmp_path / "missing.png"))
+    for path, fast in ((good, "YES"), (tail, "NO")):
+        with open_image(str(path)) as r:
+            assert r._gdal["GDAL_PNG_WHOLE_IMAGE_OPTIM"] == fast
+            np.testing.assert_array_equal(r.read(Window(0, 0, 90, 70)), img)
+            np.testing.assert_array_equal(r.read(Window(-5, -7, 100, 84))[:, 5:95, 7:77], img)
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        with open_image(str(cut)) as r:
+            assert r._gdal["GDAL_PNG_WHOLE_IMAGE_OPTIM"] == "NO"
+            r.read(Window(0, 0, 90, 70))
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

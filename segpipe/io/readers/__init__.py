@@ -7,7 +7,7 @@ skipped; :mod:`.cache` shares handles within a worker process.
 """
 
 from segpipe.io.readers.base import ImageInfo, ImageReader
-from segpipe.io.readers.cache import shared_reader, thread_reader
+from segpipe.io.readers.cache import shared_reader, thread_reader, unpin_reader
 from segpipe.io.readers.registry import open_image
 
-__all__ = ["ImageInfo", "ImageReader", "open_image", "shared_reader", "thread_reader"]
+__all__ = ["ImageInfo", "ImageReader", "open_image", "shared_reader", "thread_reader", "unpin_reader"]

@@ -31,6 +31,7 @@ class SharedReader:
         self._reopen = reopen  #: opens the same image again (after an eviction from the cache closed it)
         self.info = reader.info
         self._lock = threading.Lock()
+        self.pins = 0  #: images in progress that hold it open (:func:`shared_reader` ``pin``); changed under the cache's lock
 
     def _open(self) -> ImageReader:
         """The handle; an evicted reader that a task still holds reopens itself (called under the lock)."""
@@ -71,11 +72,13 @@ _MAX_SHARED = 8
 
 
 def shared_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGrid | None = None,
-                  fingerprint: str = "") -> SharedReader:
+                  fingerprint: str = "", pin: bool = False) -> SharedReader:
     """This process's reader for an image on ``grid`` (None: its own pixels), opened once, kept in a small LRU.
 
     ``fingerprint`` (size + mtime/ETag) is part of the key: an image rewritten in place between
     two runs must not be served from a handle (and block cache) of its old content.
+    ``pin``: an image in progress holds it open until :func:`unpin_reader`; the LRU evicts only readers
+    nobody pins, so with many small images in flight the tile tasks do not open each image a second time.
     """
     grid = None if grid is None or grid.is_native else grid  # one handle for the image's own pixels
     key = (uri, fingerprint, tuple(bands) if bands else None, grid)
@@ -83,6 +86,7 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
         reader = _shared.get(key)
         if reader is not None:
             _shared.move_to_end(key)
+            reader.pins += pin
             return reader
     # the cache closes the readers it evicts; a task still holding one (more images in flight than the
     # cache keeps) gets it reopened on its next read instead of a closed handle
@@ -90,12 +94,25 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
     with _shared_lock:
         reader = _shared.setdefault(key, opened)
         _shared.move_to_end(key)
-        while len(_shared) > _MAX_SHARED:
-            _, old = _shared.popitem(last=False)
-            old.close()
+        reader.pins += pin
+        _evict()
     if reader is not opened:
         opened.close()
     return reader
+
+
+def unpin_reader(reader: SharedReader) -> None:
+    """An image in progress no longer needs ``reader`` (see :func:`shared_reader`'s ``pin``)."""
+    with _shared_lock:
+        reader.pins = max(0, reader.pins - 1)
+        _evict()
+
+
+def _evict() -> None:
+    """Close the least recently used readers nobody pins, down to ``_MAX_SHARED`` (under ``_shared_lock``)."""
+    excess = len(_shared) - _MAX_SHARED
+    for key in [k for k, r in _shared.items() if not r.pins][:max(0, excess)]:
+        _shared.pop(key).close()
 
 
 _local = threading.local()

@@ -313,3 +313,28 @@ def test_the_write_path_falls_back_only_for_a_layout_that_is_not_plain(tmp_path,
     (tmp_path / "o.zarr" / LEVEL0 / "zarr.json").unlink()
     with pytest.raises(OutputError, match="has no array '0'"):
         write_chunk(gone, ChunkGrid(20, 30, 16).chunk(0, 0), np.zeros((16, 16), np.uint8))
+
+
+def test_uncertainty_array_is_plain_zarr_written_without_zarr_python(tmp_path):
+    """The uncertainty array is written straight into the store (segpipe's plain layout: zarr-python reads it),
+    NaN where not computed, read back the same, and replaced when the chunk grid's shape changed."""
+    from segpipe.io.chunks import RawChunks
+    from segpipe.io.uncertainty import UNCERTAINTY, read_uncertainty, uncertainty_attrs, write_uncertainty
+
+    uri = str(tmp_path / "u.zarr")
+    assert read_uncertainty(uri) is None
+    values = np.full((300, 5), np.nan, np.float32)
+    values[0, 0], values[299, 4] = 0.25, 1.0
+    write_uncertainty(uri, values, 512)
+    arr = zarr.open_array(f"{uri}/{UNCERTAINTY}", mode="r")
+    assert arr.shape == (300, 5) and arr.chunks == (256, 5) and arr.dtype == np.float32
+    assert dict(arr.attrs)["segpipe"] == uncertainty_attrs(512)
+    np.testing.assert_array_equal(arr[...], values)  # NaN where not computed
+    np.testing.assert_array_equal(read_uncertainty(uri), values)
+    assert RawChunks.open(uri, UNCERTAINTY) is not None  # the plain layout
+    values[1, 1] = 0.5
+    write_uncertainty(uri, values, 512)  # rewritten in place
+    np.testing.assert_array_equal(read_uncertainty(uri), values)
+    write_uncertainty(uri, np.zeros((2, 3), np.float32), 512)  # another grid: replaced, no stale chunks
+    np.testing.assert_array_equal(zarr.open_array(f"{uri}/{UNCERTAINTY}", mode="r")[...], np.zeros((2, 3)))
+    assert sorted(p.name for p in (tmp_path / "u.zarr" / UNCERTAINTY / "c").iterdir()) == ["0"]

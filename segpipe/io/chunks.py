@@ -101,6 +101,24 @@ class RawChunks:
             self.fs.pipe_file(path, data)
 
 
+def plain_array_meta(shape: list[int], chunks: list[int], dtype: str, fill: Any, level: int, dims: list[str],
+                     attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Zarr v3 metadata of a plain array (what :class:`RawChunks` reads and writes): regular chunk grid,
+    default '/' keys, bytes (little endian) + zstd ``level``. ``fill`` as Zarr's JSON writes it ("NaN" for floats)."""
+    codec_bytes: dict[str, Any] = {"name": "bytes"}
+    if np.dtype(dtype).itemsize > 1:
+        codec_bytes["configuration"] = {"endian": "little"}
+    return {
+        "shape": shape, "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        "codecs": [codec_bytes, {"name": "zstd", "configuration": {"level": level, "checksum": False}}],
+        "attributes": attributes or {}, "dimension_names": dims, "zarr_format": 3, "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
 #: :meth:`RawChunks.probe`'s answer for an array whose metadata is not in the store
 MISSING = "missing"
 

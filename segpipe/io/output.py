@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from segpipe.core.classes import NODATA_NAME, NODATA_RGBA, class_colors, label_dtype, nodata_label, parse_color
 from segpipe.core.errors import OutputError
 from segpipe.core.geometry import Chunk, ceil_div
-from segpipe.io.chunks import MISSING, RawChunks
+from segpipe.io.chunks import MISSING, RawChunks, plain_array_meta
 from segpipe.io.storage import (
     filesystem,
     join,
@@ -142,26 +143,11 @@ def read_attrs(uri: str) -> dict[str, Any] | None:
     return dict(meta.get("attributes") or {})
 
 
-def _array_meta(shape: list[int], chunks: list[int], dtype: str, fill: int, level: int,
-                dims: list[str]) -> dict[str, Any]:
-    """Zarr v3 array metadata: regular chunk grid, default '/' keys, bytes (little endian) + zstd."""
-    codec_bytes: dict[str, Any] = {"name": "bytes"}
-    if np.dtype(dtype).itemsize > 1:
-        codec_bytes["configuration"] = {"endian": "little"}
-    return {
-        "shape": shape, "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": fill,
-        "codecs": [codec_bytes, {"name": "zstd", "configuration": {"level": level, "checksum": False}}],
-        "attributes": {}, "dimension_names": dims, "zarr_format": 3, "node_type": "array",
-        "storage_transformers": [],
-    }
-
-
 def _group_meta(attrs: dict[str, Any]) -> bytes:
-    return json.dumps({"attributes": attrs, "zarr_format": 3, "consolidated_metadata": None, "node_type": "group"},
-                      indent=2).encode()
+    # not indented: json's C encoder only serves compact output, and the provenance is written twice per
+    # image (the pure-Python indenting encoder was ~1 ms of a small chip's CPU: docs/benchmarks.md, issue 22)
+    return json.dumps({"attributes": attrs, "zarr_format": 3, "consolidated_metadata": None, "node_type": "group"}
+                      ).encode()
 
 
 @dataclass(frozen=True)
@@ -214,13 +200,13 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
         # time: docs/benchmarks.md); the group's zarr.json comes last: it is what marks the path
         # as a segpipe output
         c = target.chunk_size
-        arrays = {LEVEL0: _array_meta([target.height, target.width], [c, c], target.label_dtype, target.nodata_label,
+        arrays = {LEVEL0: plain_array_meta([target.height, target.width], [c, c], target.label_dtype, target.nodata_label,
                                       target.zstd_level, ["y", "x"])}
         if target.has_level1:  # the tile tasks write level 1 from the labels in memory (engine.tasks)
-            arrays[LEVEL1] = _array_meta([ceil_div(target.height, 2), ceil_div(target.width, 2)], [c, c],
+            arrays[LEVEL1] = plain_array_meta([ceil_div(target.height, 2), ceil_div(target.width, 2)], [c, c],
                                          target.label_dtype, target.nodata_label, target.zstd_level, ["y", "x"])
         if target.probabilities:
-            arrays[PROBABILITIES] = _array_meta([target.num_classes, target.height, target.width], [1, c, c], "uint8",
+            arrays[PROBABILITIES] = plain_array_meta([target.num_classes, target.height, target.width], [1, c, c], "uint8",
                                                 0, 3, ["class", "y", "x"])
         # the group's zarr.json first: it marks the path as this run's segpipe output (status "running")
         # before anything else exists, so an interrupted creation is recognised and replaced, never
@@ -229,7 +215,7 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
         write_atomic(fs, join(path, "zarr.json"), _group_meta(attrs), durable=False)
         for name, meta in arrays.items():
             fs.makedirs(join(path, name), exist_ok=True)
-            write_atomic(fs, join(path, name, "zarr.json"), json.dumps(meta, indent=2).encode(), durable=False)
+            write_atomic(fs, join(path, name, "zarr.json"), json.dumps(meta).encode(), durable=False)
     except OSError as e:
         raise output_error(uri, e) or OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
 
@@ -300,19 +286,23 @@ class _ChunkStore:
             self.zarr_arrays = (open_array(LEVEL0), open_array(PROBABILITIES) if target.probabilities else None)
 
 
-_stores: dict[tuple[str, str], _ChunkStore] = {}
+_stores: OrderedDict[tuple[str, str], _ChunkStore] = OrderedDict()
 _stores_lock = threading.Lock()
+#: chunk stores kept per process (a few bytes of metadata each): more than the images in flight
+_MAX_STORES = 256
 
 
 def _store_for(target: OutputTarget) -> _ChunkStore:
-    """One chunk store per process and run (opening reads the arrays' metadata)."""
+    """One chunk store per process and run (opening reads the arrays' metadata), the most recent kept: with
+    many small images in flight, clearing them all at 16 made most chunk writes read the metadata again."""
     key = (target.uri, target.run_id)
     with _stores_lock:
         store = _stores.get(key)
         if store is None:
-            if len(_stores) > 16:
-                _stores.clear()
             store = _stores[key] = _ChunkStore(target)
+            while len(_stores) > _MAX_STORES:
+                _stores.popitem(last=False)
+        _stores.move_to_end(key)
         return store
 
 

@@ -53,6 +53,10 @@ def absolute_uri(uri: str) -> str:
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and the path within it."""
+    if "://" not in uri and "::" not in uri:
+        # a plain local path: what url_to_fs answers, without its parsing (called a dozen times per image,
+        # it was a tenth of a small chip's per-image work: docs/benchmarks.md, issue 22)
+        return LocalFileSystem(), LocalFileSystem._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
 

@@ -14,6 +14,7 @@ run starts from the values in the store, so the values of chunks computed by an 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import SegpipeError
-from segpipe.io.storage import join, output_errors, strip_file_scheme
+from segpipe.io.chunks import MISSING, RawChunks, plain_array_meta
+from segpipe.io.storage import filesystem, join, output_errors, strip_file_scheme, write_atomic
 
 UNCERTAINTY = "uncertainty"
 #: what ``segpipe.uncertainty`` in an output's root attributes says (docs/outputs.md)
@@ -47,6 +49,12 @@ def read_uncertainty(uri: str) -> np.ndarray | None:
     """The output's uncertainty array (chunk rows, chunk cols) as float32, or None when it has none."""
     import zarr
 
+    plain, why = RawChunks.probe(uri, UNCERTAINTY)  # the plain layout segpipe writes: no zarr-python machinery
+    if why == MISSING:
+        return None
+    if plain is not None and len(plain.shape) == 2:
+        with output_errors(uri):
+            return plain.read((slice(0, plain.shape[0]), slice(0, plain.shape[1]))).astype(np.float32, copy=False)
     try:
         arr = zarr.open_array(strip_file_scheme(join(uri, UNCERTAINTY)), mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError, KeyError):  # zarr raises these for a missing array
@@ -56,10 +64,21 @@ def read_uncertainty(uri: str) -> np.ndarray | None:
 
 
 def write_uncertainty(uri: str, values: np.ndarray, chunk_size: int) -> None:
-    """Write the whole uncertainty array (creating it when missing). The caller is its only writer."""
+    """Write the whole uncertainty array (creating it when missing). The caller is its only writer.
+
+    Written chunk by chunk straight into the store (:class:`segpipe.io.chunks.RawChunks`) when the array
+    is missing or plain: zarr-python's array creation and write cost several ms per image, most of a
+    small chip's per-image work (docs/benchmarks.md, issue 22); an array of another layout goes through zarr."""
     import zarr
 
     path = strip_file_scheme(join(uri, UNCERTAINTY))
+    plain, why = RawChunks.probe(uri, UNCERTAINTY)
+    if why == MISSING or (plain is not None and plain.shape != values.shape):
+        plain = _create_plain(uri, values.shape, chunk_size, replace=why != MISSING)
+    if plain is not None:
+        with output_errors(uri):
+            _write_plain(plain, values.astype(np.float32, copy=False))
+        return
     with output_errors(uri):
         try:
             arr = zarr.open_array(path, mode="r+", zarr_format=3)
@@ -71,6 +90,28 @@ def write_uncertainty(uri: str, values: np.ndarray, chunk_size: int) -> None:
                                     dimension_names=["chunk_y", "chunk_x"], zarr_format=3, overwrite=True,
                                     attributes={"segpipe": uncertainty_attrs(chunk_size)})
         arr[...] = values.astype(np.float32, copy=False)
+
+
+def _create_plain(uri: str, shape: tuple[int, ...], chunk_size: int, replace: bool) -> RawChunks:
+    """A new, empty uncertainty array of ``shape`` (``replace``: one of another shape is removed first)."""
+    fs, root = filesystem(strip_file_scheme(uri))
+    path = join(root, UNCERTAINTY)
+    cells = [min(CELLS_PER_CHUNK, shape[0]), min(CELLS_PER_CHUNK, shape[1])]
+    meta = plain_array_meta(list(shape), cells, "float32", "NaN", 3, ["chunk_y", "chunk_x"],
+                            {"segpipe": uncertainty_attrs(chunk_size)})
+    with output_errors(uri):
+        if replace:
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        write_atomic(fs, join(path, "zarr.json"), json.dumps(meta).encode(), durable=False)
+    return RawChunks(fs, path, meta)
+
+
+def _write_plain(plain: RawChunks, values: np.ndarray) -> None:
+    ch, cw = plain.chunks
+    for iy in range(0, values.shape[0], ch):
+        for ix in range(0, values.shape[1], cw):
+            plain.write((iy // ch, ix // cw), values[iy:iy + ch, ix:ix + cw])
 
 
 class ChunkUncertainty:

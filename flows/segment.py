@@ -274,7 +274,7 @@ def segment_images(
             if isinstance(value, ImageResult):
                 by_index[i] = value
                 if value.status == "done":
-                    width.observe(value.host_seconds, value.device_seconds)
+                    width.observe(value.host_seconds, value.device_seconds, bool(value.extra.get("shared_task")))
             else:
                 by_index[i] = ImageResult(source=img.uri, output=names[img.uri], status="failed",
                                           error=str(value) if isinstance(value, SegpipeError)

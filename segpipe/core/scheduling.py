@@ -24,6 +24,10 @@ F = TypeVar("F")
 IMAGES_IN_FLIGHT = 4
 #: at most this many images in progress per worker thread (each holds a driver thread and a few tasks)
 IMAGES_PER_THREAD = 4
+#: ... and this many when most finished images were *small*: their tile work shares Dask tasks
+#: (engine.groups), so each holds only a driver thread and an open reader, and the tasks fill only with
+#: many of them in flight (a worker thread's task carries the small images that arrived while it ran)
+SMALL_IMAGES_PER_THREAD = 16
 #: tile tasks submitted and not finished, per worker thread, over every image of a run (TaskBudget)
 TASKS_PER_THREAD = 2
 #: … and never fewer than this many (a cluster of one or two threads still overlaps reads and writes)
@@ -65,13 +69,17 @@ class ImagesInFlight:
     def __init__(self, threads: int, fixed: int | None = None) -> None:
         self.threads, self.fixed = max(1, threads), fixed
         self.host = self.device = 0.0
+        self.finished = self.small = 0  #: images observed, and how many of them were small
         self._width = min(IMAGES_IN_FLIGHT, self.most)
         self._lock = threading.Lock()
 
-    def observe(self, host_seconds: float, device_seconds: float) -> None:
+    def observe(self, host_seconds: float, device_seconds: float, small: bool = False) -> None:
+        """A finished image's per-image host time and device time; ``small``: its tile work shared a task."""
         with self._lock:
             self.host += max(0.0, host_seconds)
             self.device += max(0.0, device_seconds)
+            self.finished += 1
+            self.small += bool(small)
 
     def __call__(self) -> int:
         if self.fixed is not None:
@@ -79,13 +87,25 @@ class ImagesInFlight:
         with self._lock:
             if self.host <= 0 and self.device <= 0:
                 return self._width  # nothing measured yet
-            self._width = min(2 * self._width, images_in_flight(self.host, self.device, self.threads))
+            if 2 * self.small > self.finished:  # small images: as many as fill the shared tasks
+                want = max(IMAGES_IN_FLIGHT, SMALL_IMAGES_PER_THREAD * self.threads)
+            else:
+                want = images_in_flight(self.host, self.device, self.threads)
+            self._width = min(2 * self._width, want)
             return self._width
 
     @property
     def most(self) -> int:
-        """The widest the window can get (the size of a pool that runs the images)."""
+        """The widest the window can get for images that are not small."""
         return max(1, self.fixed) if self.fixed is not None else max(IMAGES_IN_FLIGHT, IMAGES_PER_THREAD * self.threads)
+
+    @property
+    def pool_size(self) -> int:
+        """The widest the window can get for any images (small ones: :data:`SMALL_IMAGES_PER_THREAD`): the
+        size of a pool that runs them."""
+        if self.fixed is not None:
+            return self.most
+        return max(IMAGES_IN_FLIGHT, SMALL_IMAGES_PER_THREAD * self.threads)
 
 
 class TaskBudget:

@@ -22,6 +22,7 @@ from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
+from segpipe.engine.groups import is_small, share_tasks
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
 from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
@@ -39,7 +40,7 @@ from segpipe.io.output import (
     prepare_output,
     read_attrs,
 )
-from segpipe.io.readers import ImageInfo, open_image, shared_reader
+from segpipe.io.readers import ImageInfo, open_image, shared_reader, unpin_reader
 from segpipe.io.readers.registry import choose_grid
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.io.uncertainty import ChunkUncertainty
@@ -107,6 +108,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     target_uri = target_uri or output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
     lock: OutputLock | None = None
+    pinned: list[Any] = []  # the reader its tile tasks use, held open while the image is in progress
     try:
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         auto_precision = settings.inference.precision == "auto"
@@ -117,7 +119,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if coarser:
             result.notes.append(coarser)
         gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
-        info, background, norm, tissue = _read_header(image, model, settings, grid_px)
+        info, background, norm, tissue = _read_header(image, model, settings, grid_px, pinned)
         result.height, result.width = info.height, info.width
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
         result.chunks = len(grid)
@@ -180,9 +182,14 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
         uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size)  # resumed: kept
+        shared = None
+        if is_small(len(tplan.tiles), sizer.size(), bool(background)):  # its tile work shares a Dask task
+            shared = share_tasks(client, job, threads)
+            result.extra["shared_task"] = True
+
         t_tasks = time.perf_counter()
         stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
-                           gpu_workers, threads, sizer, uncertainty)
+                           gpu_workers, threads, sizer, uncertainty, shared)
         t_tasks = time.perf_counter() - t_tasks
         uncertainty.flush()  # already written at the loop's end unless that failed: then this names the error
         if stats.content and 0 <= stats.min_label == stats.max_label:
@@ -210,20 +217,25 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     finally:
         if lock is not None and (problem := lock.release()) is not None:
             result.notes.append(problem)  # the image's own result stands
+        for reader in pinned:
+            unpin_reader(reader)
         result.seconds = time.perf_counter() - t0
     return result
 
-def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings, grid: PixelGrid
-                 ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm, bool]:
+def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings, grid: PixelGrid,
+                 pinned: list[Any] | None = None) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm, bool]:
     """Header, checks, slide background, the image's input normalisation, and whether its background is
     removed per pixel (a slide with ``skip_empty``), with one open reader.
 
     The reader is the process's shared one for this image (:func:`shared_reader`, same key as the
     tile tasks'): on the embedded cluster the tasks then read through it instead of opening the
-    image a second time (a decode of a PNG chip; a header request per remote COG).
+    image a second time (a decode of a PNG chip; a header request per remote COG). With ``pinned``, it
+    stays open until the caller unpins it (appended there), however many images are in flight.
     """
     r = settings.read
-    reader = shared_reader(image.uri, r.bands, grid=grid, fingerprint=image.fingerprint)
+    reader = shared_reader(image.uri, r.bands, grid=grid, fingerprint=image.fingerprint, pin=pinned is not None)
+    if pinned is not None:
+        pinned.append(reader)
     info = reader.info
     norm = check_image(image.uri, info, model, settings)
     if norm is None:
@@ -307,12 +319,12 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
 
     done: dict[int, ImageResult] = {}
     width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
-    with ThreadPoolExecutor(width.most, thread_name_prefix="segpipe-image") as pool:
+    with ThreadPoolExecutor(width.pool_size, thread_name_prefix="segpipe-image") as pool:
         for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
                                      lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), width):
             done[i] = fut.result()
             if done[i].status == "done":
-                width.observe(done[i].host_seconds, done[i].device_seconds)
+                width.observe(done[i].host_seconds, done[i].device_seconds, bool(done[i].extra.get("shared_task")))
     results.extend(done[i] for i in range(len(images)))
     if planner is not None:
         planner.join()

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -265,8 +265,13 @@ def task_budget(client: Client, threads: int) -> TaskBudget:
 
 def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
-               sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None) -> TileStats:
+               sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None,
+               shared: Callable[[TileWork, dict[str, float] | None], Any] | None = None) -> TileStats:
     """Run the tile tasks with a bounded number in flight; returns merged counters.
+
+    ``shared``: a small image's one task of tile work goes there instead of its own Dask task
+    (``shared(work, resources)`` returns a future-like value: :mod:`segpipe.engine.groups`); fill tasks
+    never do.
 
     The chunks' uncertainty values go to ``uncertainty`` as tasks finish (written periodically, and
     once more when the loop ends, also on an error: resumed chunks keep their values).
@@ -296,8 +301,11 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
         ty, tx = batch[0][0]
         share = (sizer.device_share() if sizer is not None else 1 / TASKS_PER_DEVICE)
         resources = {"GPU": share} if gpu and not fill else None
-        fut = client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
-                            key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
+        if shared is not None and not fill:
+            fut = shared(batch, resources)
+        else:
+            fut = client.submit(run_tiles, job, batch, fill, pure=False, resources=resources,
+                                key=f"segpipe-{kind}-{run}-{ty}-{tx}-{uuid.uuid4().hex[:6]}")
         running[fut.key] = fut
         fut.add_done_callback(finished.put)  # called in a Dask client thread
 
@@ -308,6 +316,10 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
         """Submit as many batches as the budget grants: waiting for a slot only when none of this
         image's tasks runs (it could not go on otherwise)."""
         while upcoming:
+            if shared is not None and not upcoming[0][1]:  # a share of a shared task: no slot of its own
+                submit(*upcoming.pop())
+                upcoming.extend(itertools.islice(batches, 1))
+                continue
             n = budget.take(me, 1 << 30, wait=not running)
             if not n:
                 return
@@ -355,7 +367,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
         budget.leave(me)
         left = list(running.values())
         for f in left:
-            f.cancel()
+            f.cancel()  # a started shared task is waited for here (engine.groups.SharedItem.cancel)
         if uncertainty is not None:
             uncertainty.flush(quiet=True)
         if left:  # the lock is released after this: no task of this run may write after it

@@ -1,7 +1,8 @@
-"""Run a command as a whole process and measure wall time and peak RSS of its process tree."""
+"""Run a command as a whole process and measure wall time, CPU time and peak RSS of its process tree."""
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    #: user + system CPU seconds of the process and its waited-for children (on a shared machine a
+    #: steadier measure of work than wall time, which includes waiting for the cores)
+    cpu_seconds: float = 0.0
 
 
 def _tree_rss(proc: psutil.Process) -> int:
@@ -41,6 +45,7 @@ def measure(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> 
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
         ps = psutil.Process(p.pid)
@@ -49,6 +54,8 @@ def measure(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> 
             peak = max(peak, _tree_rss(ps))
             time.sleep(interval)
         seconds = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         out_f.seek(0)
         err_f.seek(0)
-        return Measured(seconds, peak / 2**20, p.returncode, out_f.read(), err_f.read())
+        return Measured(seconds, peak / 2**20, p.returncode, out_f.read(), err_f.read(), cpu)

@@ -287,3 +287,89 @@ def test_read_errors_are_classified_by_gdal_error_class(http_images, monkeypatch
         monkeypatch.setattr(r, "_read_inside", fail_with(CPLE_HttpResponseError(1, 11, "HTTP response code: 502")))
         with pytest.raises(TransientIOError):
             r.read(Window(0, 0, 8, 8))
+
+
+def test_windows_from_shared_blocks_equal_gdal_and_decode_each_block_once(tmp_path, monkeypatch):
+    """A tiled GeoTIFF read through several handles (the GPU path's per-thread readers): every window equals
+    GDAL's own read (inside, across and past the edges), and each block is decoded once however many
+    overlapping windows and handles read it; a file rewritten in place is never served from its old blocks."""
+    import threading
+
+    import rasterio
+    from rasterio.windows import Window as RWindow
+
+    from segpipe.io.readers import blocks, raster
+
+    monkeypatch.setattr(blocks, "_cache", blocks.BlockCache())
+    img = sample_photo(700, 900)
+    path = write_geotiff(tmp_path / "t.tif", img, tiled=True)  # 256² blocks: 3 × 4
+    decoded: list[tuple[int, int]] = []
+    real = raster.assemble
+
+    def counting(key, y0, x0, h, w, block, size, decode):
+        def count(*box):
+            decoded.append(box[:2])
+            return decode(*box)
+        return real(key, y0, x0, h, w, block, size, count)
+
+    monkeypatch.setattr(raster, "assemble", counting)
+    readers = [open_image(str(path)) for _ in range(3)]
+    assert readers[0]._blocks is not None
+    windows = [Window(y, x, 300, 300) for y in range(-50, 700, 150) for x in range(-50, 900, 150)]
+    got: dict[int, np.ndarray] = {}
+
+    def work(k: int) -> None:
+        for i in range(k, len(windows), 3):
+            got[i] = readers[k].read(windows[i])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    padded = np.pad(img, ((0, 0), (400, 400), (400, 400)), mode="reflect")
+    for i, w in enumerate(windows):
+        np.testing.assert_array_equal(got[i], padded[:, w.y0 + 400:w.y1 + 400, w.x0 + 400:w.x1 + 400])
+    assert sorted(decoded) == sorted(set(decoded)) and len(decoded) == 12  # each of the 3 × 4 blocks once
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(readers[0].read(Window(10, 20, 30, 40)), ds.read(window=RWindow(20, 10, 40, 30)))
+    for r in readers:
+        r.close()
+    write_geotiff(path, img[:, ::-1].copy(), tiled=True)  # the same path, new content
+    with open_image(str(path)) as r:
+        np.testing.assert_array_equal(r.read(Window(0, 0, 700, 900)), img[:, ::-1])
+
+
+def test_block_cache_decodes_once_and_stays_within_its_bound():
+    """Concurrent requests for one block wait for its one decode; a failed decode is retried by the next
+    reader; the cache never holds more than its bound."""
+    import threading
+    import time
+
+    from segpipe.io.readers.blocks import BlockCache
+
+    cache = BlockCache(max_bytes=3 * 1000)
+    calls: list[str] = []
+
+    def slow() -> np.ndarray:
+        calls.append("k")
+        time.sleep(0.2)
+        return np.ones((1, 10, 100), np.uint8)
+
+    out: list[np.ndarray] = []
+    threads = [threading.Thread(target=lambda: out.append(cache.get("k", slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["k"] and len(out) == 4 and all(o is out[0] for o in out) and not out[0].flags.writeable
+
+    def broken() -> np.ndarray:
+        raise OSError("read failed")
+
+    with pytest.raises(OSError):
+        cache.get("bad", broken)
+    assert cache.get("bad", lambda: np.zeros((1, 10, 100), np.uint8)).sum() == 0  # not remembered as failed
+    for i in range(10):
+        cache.get(i, lambda: np.zeros((1, 10, 100), np.uint8))
+    assert cache.bytes <= 3000 and len(cache._blocks) == 3

@@ -25,6 +25,7 @@ import numpy as np
 from segpipe.core.errors import InputError, TransientIOError
 from segpipe.core.geometry import Window, gather, source_indices
 from segpipe.io.readers.base import ImageInfo
+from segpipe.io.readers.blocks import assemble
 from segpipe.io.readers.orientation import exif_orientation, orient_block, oriented_size, stored_window
 from segpipe.io.storage import has_scheme, strip_file_scheme
 
@@ -209,6 +210,11 @@ class RasterioReader:
       refused when another page is a full image (segmenting page 1 alone would lose it).
     """
 
+    #: windows are assembled from the process's shared decoded blocks where the file allows it
+    #: (:meth:`_block_layout`); a resampling reader over this one turns it off: its reads span many
+    #: blocks once, and keeping them would only hold memory (segpipe.io.readers.resample.GridReader)
+    cache_blocks = True
+
     def __init__(self, uri: str, bands: Sequence[int] | None = None, level: int | None = None) -> None:
         import rasterio
         from rasterio.enums import ColorInterp
@@ -270,6 +276,7 @@ class RasterioReader:
         self._orientation = 1 if georeferenced or level else exif_orientation(uri, ds.driver, ds.tags())
         if self._orientation != 1:
             extra["exif_orientation"] = self._orientation
+        self._blocks = self._block_layout(uri, level)
         height, width = oriented_size(self._orientation, ds.height, ds.width)
         # the source pixel type of the bands served (a palette's colours are 8-bit)
         dtype = str(self._lut.dtype) if self._lut is not None else str(np.dtype(ds.dtypes[self._indexes[0] - 1]))
@@ -280,6 +287,27 @@ class RasterioReader:
             nodata=ds.nodata, driver=ds.driver, extra=extra,
             level_shapes=self._overview_shapes() if not level and self._orientation == 1 else (),
         )
+
+    def _block_layout(self, uri: str, level: int | None) -> tuple[Any, tuple[int, int]] | None:
+        """(the file's identity, block shape) when windows are assembled from shared decoded blocks
+        (:mod:`segpipe.io.readers.blocks`): a local tiled GeoTIFF read as stored (no palette, no rotation)."""
+        ds = self._ds
+        if ds.driver != "GTiff" or self._lut is not None or self._orientation != 1 or has_scheme(uri):
+            return None
+        shapes = {tuple(ds.block_shapes[i - 1]) for i in self._indexes}
+        if len(shapes) != 1:
+            return None
+        bh, bw = shapes.pop()
+        if bh < 16 or bw < 16:  # scanlines or thin strips: GDAL's own path
+            return None
+        try:
+            st = os.stat(strip_file_scheme(uri))
+        except OSError:
+            return None
+        # a file rewritten in place is another key: its blocks are never served from the old one's
+        ident = (os.path.realpath(strip_file_scheme(uri)), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                 level or 0, tuple(self._indexes))
+        return ident, (bh, bw)
 
     def _overview_shapes(self) -> tuple[tuple[int, int], ...]:
         """Level 0 and each overview's (height, width): GDAL sizes overview N as ``ceil(size / factor)``."""
@@ -326,6 +354,11 @@ class RasterioReader:
     def _read_stored(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         from rasterio.windows import Window as RWindow
 
+        if self._blocks is not None and self.cache_blocks:  # whole blocks, each decoded once per process
+            ident, shape = self._blocks
+            ds = self._ds
+            return assemble(ident, y0, x0, h, w, shape, (ds.height, ds.width),
+                            lambda by, bx, bh, bw: ds.read(self._indexes, window=RWindow(bx, by, bw, bh)))
         win = RWindow(x0, y0, w, h)
         if self._lut is None:
             return self._ds.read(self._indexes, window=win)

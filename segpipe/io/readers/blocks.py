@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from functools import partial
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def assemble(key: Hashable, y0: int, x0: int, h: int, w: int, block: tuple[int, 
         ty0, ty1 = by * bh, min(height, (by + 1) * bh)
         for bx in range(x0 // bw, (x0 + w - 1) // bw + 1):
             tx0, tx1 = bx * bw, min(width, (bx + 1) * bw)
-            data = _cache.get((key, by, bx), lambda a=ty0, b=tx0, c=ty1 - ty0, d=tx1 - tx0: decode(a, b, c, d))
+            data = _cache.get((key, by, bx), partial(decode, ty0, tx0, ty1 - ty0, tx1 - tx0))
             if out is None:
                 out = np.empty((data.shape[0], h, w), dtype=data.dtype)
             oy0, oy1 = max(y0, ty0), min(y0 + h, ty1)

@@ -5,7 +5,9 @@
   is one line pointing at the log file and exit 3; ``--debug`` re-raises both;
 - :func:`console`: a rich console (stdout, or stderr for progress);
 - :func:`segment_options` and :func:`build_settings`: the options of every command that runs the
-  segmentation engine (``segment``, ``evaluate``) and their translation into settings.
+  segmentation engine (``segment``, ``evaluate``) and their translation into settings;
+- :func:`preload`: the engine's heavy libraries imported at a command's start, without the cyclic
+  garbage collector scanning them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,35 @@ from segpipe.core.errors import ConfigError, SegpipeError, validation_problem
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3
+
+
+#: what a command that runs the engine loads first: Dask, torch and the model library
+ENGINE_LIBRARIES = ("distributed", "torch", "segmentation_models_pytorch")
+
+
+def preload(modules: tuple[str, ...] = ENGINE_LIBRARIES) -> None:
+    """Import ``modules`` with Python's cyclic garbage collector off, then freeze what they allocated.
+
+    Importing torch and segmentation-models-pytorch (which pulls timm, torchvision and torch._dynamo) makes
+    hundreds of thousands of objects that live as long as the process; the collector's full passes over
+    that growing heap were ~1 s of a run's ~4 s of imports (docs/benchmarks.md, issue 22). Frozen, they
+    are never scanned again. A module that is not installed is left to the import that needs it (which
+    says so there)."""
+    import gc
+    import importlib
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def console(stderr: bool = False):

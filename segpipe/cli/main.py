@@ -23,30 +23,42 @@ shows the traceback). ``segment`` exits 0 only when every image succeeded.
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from segpipe.cli.demo import demo
-from segpipe.cli.export import export
 from segpipe.cli.logs import configure_logging
-from segpipe.cli.model import model
-from segpipe.cli.registry import models
-from segpipe.cli.segment import segment
-from segpipe.cli.status import status
-from segpipe.cli.suggest import suggest
-from segpipe.cli.train import evaluate, retrain, train
-from segpipe.cli.worker import worker
+
+#: command → module defining it; a command's module is imported when the command runs (or for --help), so
+#: ``segpipe segment`` does not load training's settings and every other command's imports at start
+COMMANDS = {
+    "segment": "segpipe.cli.segment", "model": "segpipe.cli.model", "train": "segpipe.cli.train",
+    "evaluate": "segpipe.cli.train", "retrain": "segpipe.cli.train", "models": "segpipe.cli.registry",
+    "export": "segpipe.cli.export", "suggest": "segpipe.cli.suggest", "demo": "segpipe.cli.demo",
+    "worker": "segpipe.cli.worker", "status": "segpipe.cli.status",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """The root group: its commands are looked up in :data:`COMMANDS` and imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        command = getattr(importlib.import_module(COMMANDS[cmd_name]), cmd_name)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks and library logs on the terminal.")
 @click.version_option(package_name="segpipe")
 def main(debug: bool) -> None:
     """segpipe: batch semantic segmentation of large images into Zarr masks."""
     configure_logging(debug)
-
-
-for _command in (segment, model, train, evaluate, retrain, models, export, suggest, demo, worker, status):
-    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,6 +17,7 @@ from segpipe.cli.common import (
     console,
     debug_requested,
     handle_errors,
+    preload,
     segment_options,
 )
 from segpipe.cli.logs import log_path, quiet_library_loggers
@@ -132,6 +133,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
                               wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     quiet_library_loggers(debug_requested())
+    preload()
     with dask_client(cluster, device) as client:
         if no_progress:
             results = segment_many(list(sources), model, out, settings, client)

@@ -28,9 +28,12 @@ class ModelRef:
     spec: ModelSpec
 
 def check_model(model: str) -> tuple[ModelRef, Artifact]:
-    """Resolve and load an artifact and build its network once, so a bad model fails before any image."""
+    """Resolve and load an artifact and build its network once, so a bad model fails before any image.
+
+    The network built to validate it is kept by the artifact: a predictor made from the artifact in this
+    process takes it instead of building a second one (~0.3 s of a run's start)."""
     artifact = load_artifact(resolve_model(model))
-    artifact.network()  # validates every tensor's name and shape
+    artifact.keep_network(artifact.network())  # validates every tensor's name and shape
     return ModelRef(artifact.uri, artifact.sha256, artifact.spec), artifact
 
 @dataclass(frozen=True)

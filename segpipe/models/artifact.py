@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -145,11 +145,17 @@ _OPTIONAL_KEYS = ("input_dtype", "normalization", "resolution")
 def check_weights(uri: str, weights: dict[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN or infinity (a diverged training run), naming the first bad tensor
     (by name order)."""
+    import numpy as np
     import torch
 
     for name in sorted(weights):
         t = weights[name]
         if t.is_floating_point() or t.is_complex():
+            if t.dtype in (torch.float16, torch.float32, torch.float64) and t.device.type == "cpu":
+                # numpy's single-threaded pass: torch's OpenMP threads cost ~1 s over a Unet's weights on two
+                # busy cores (their wake-ups, not the arithmetic: docs/benchmarks.md, issue 22)
+                if bool(np.isfinite(t.numpy()).all()):
+                    continue
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
@@ -186,10 +192,28 @@ class Artifact:
     spec: ModelSpec
     weights: dict[str, torch.Tensor]
     sha256: str
+    #: a network built from these weights and kept for the next :meth:`network` call (:meth:`keep_network`)
+    _kept: list[torch.nn.Module] = field(default_factory=list, repr=False, compare=False)
+
+    def keep_network(self, net: torch.nn.Module) -> None:
+        """Hand ``net`` (built by :meth:`network`, unchanged since) to the next :meth:`network` call instead of
+        building another: a run that validates its model by building it gives that network to its predictor."""
+        self._kept[:] = [net]
 
     def network(self) -> torch.nn.Module:
-        """Build the network and load the weights (strict: names and shapes must match)."""
-        net = build_network(self.spec.architecture, self.spec.encoder, self.spec.in_channels, self.spec.num_classes)
+        """Build the network and load the weights (strict: names and shapes must match).
+
+        The network is laid out without initialising its parameters (built on the meta device, then given
+        empty memory that the weights fill): a random initialisation the weights overwrite anyway cost
+        ~0.3 s of a run's start, twice (docs/benchmarks.md, issue 22). An architecture that cannot be
+        built that way, or that has buffers the weights do not hold, is built the ordinary way. A network
+        given to :meth:`keep_network` is returned instead, once."""
+        if self._kept:
+            return self._kept.pop()
+        spec = self.spec
+        net = _unfilled_network(spec.architecture, spec.encoder, spec.in_channels, spec.num_classes)
+        if net is None:
+            net = build_network(spec.architecture, spec.encoder, spec.in_channels, spec.num_classes)
         expected = net.state_dict()
         for name, tensor in expected.items():
             if name not in self.weights:
@@ -202,8 +226,24 @@ class Artifact:
         if extra:
             raise ModelError(self.uri, f"weights hold tensor {extra[0]!r} that {self.spec.architecture}/"
                              f"{self.spec.encoder} does not have")
-        net.load_state_dict(self.weights, strict=True)
+        net.load_state_dict(self.weights, strict=True)  # every tensor: strict names and shapes, checked above
         return net.eval()
+
+
+def _unfilled_network(architecture: str, encoder: str, in_channels: int, num_classes: int) -> torch.nn.Module | None:
+    """The network with uninitialised parameters and buffers on the CPU, or None when it cannot be built so
+    (then :func:`build_network` builds it, and reports what is wrong)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = build_network(architecture, encoder, in_channels, num_classes)
+    except Exception:  # noqa: BLE001 - any failure: the ordinary build decides (and names the error)
+        return None
+    saved = set(net.state_dict())
+    if any(name not in saved for name, _ in net.named_buffers()):
+        return None  # a buffer the weights do not hold would stay uninitialised
+    return net.to_empty(device="cpu")
 
 
 def read_spec(uri: str) -> ModelSpec:

@@ -34,6 +34,34 @@ def test_round_trip(art_dir):
     assert all(torch.equal(loaded[k], art.weights[k]) for k in ref)
 
 
+def test_network_is_filled_by_its_weights_without_a_random_initialisation(tmp_path, art_dir):
+    """The network is laid out on the meta device and filled by the weights: no random initialisation (the
+    generator never moves for a 3-band Unet), the same network as an ordinary build given the same weights;
+    the network check_model builds to validate the artifact is handed to the next network() call (a run
+    builds it once)."""
+    from segpipe.engine.job import check_model
+
+    create_artifact(str(tmp_path / "unet"), "Unet", "resnet18", ["a", "b", "c"], seed=2)
+    for path, bands in ((tmp_path / "unet", 3), (art_dir, 4)):
+        art = load_artifact(str(path))
+        ref = build_network(art.spec.architecture, "resnet18", bands, len(art.spec.classes))
+        ref.load_state_dict(art.weights)
+        ref.eval()
+        state = torch.random.get_rng_state()
+        net = art.network()
+        if bands == 3:  # (smp patches a 4-band first conv with one small draw of its own)
+            assert torch.equal(torch.random.get_rng_state(), state)  # nothing was initialised
+        assert all(p.device.type == "cpu" and not p.is_meta for p in [*net.parameters(), *net.buffers()])
+        x = torch.rand(2, bands, 64, 64, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            assert torch.equal(net(x), ref(x))
+        _, checked = check_model(str(path))
+        kept = checked.network()
+        assert kept is not checked.network()  # handed over once; the next call builds a new one
+        with torch.inference_mode():
+            assert torch.equal(kept(x), ref(x))
+
+
 def test_seeded(tmp_path):
     a = create_artifact(str(tmp_path / "a"), "Unet", "resnet18", ["x", "y"], seed=1)
     create_artifact(str(tmp_path / "b"), "Unet", "resnet18", ["x", "y"], seed=1)

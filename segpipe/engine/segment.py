@@ -114,7 +114,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         auto_precision = settings.inference.precision == "auto"
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
-        native = shared_reader(image.uri, settings.read.bands, fingerprint=image.fingerprint).info
+        # pinned from the first look: with many images in flight an unpinned handle is evicted before the
+        # header read below, and the image opened twice
+        pinned.append(shared_reader(image.uri, settings.read.bands, fingerprint=image.fingerprint, pin=True))
+        native = pinned[0].info
         settings, grid_px, coarser = at_model_resolution(native, model, settings, image.uri)
         if coarser:
             result.notes.append(coarser)

@@ -9,19 +9,21 @@ would wait for. The model must have as many classes as bands (3 for RGB).
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 from segpipe.models import artifact
 
 
-class FreeNetwork(torch.nn.Module):
-    """logits = input: no parameters, no compute beyond what the engine does around it."""
+def _free(self: artifact.Artifact) -> Any:
+    """A network with logits = input: no parameters, no compute beyond what the engine does around it.
+    (torch is imported here, when the engine builds its network, not when this runner starts: the command
+    sets torch's process up first, as for the real model.)"""
+    import torch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    class FreeNetwork(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
 
-
-def _free(self: artifact.Artifact) -> torch.nn.Module:
     if self.spec.in_channels != self.spec.num_classes:
         raise SystemExit("the free model needs as many classes as input bands")
     return FreeNetwork()

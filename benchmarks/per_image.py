@@ -1,22 +1,32 @@
-"""Where a small image's time goes: the per-image path of ``segment_many`` profiled stage by stage.
+"""Where a small image's time goes: the per-image path of ``segment_many`` profiled stage by stage, against
+one image of the same pixels.
 
-Runs a folder of PNG chips through the real ``segment_many`` in one process (embedded threaded
-cluster, the simulated device of ``_sim_device.py`` on its GPU path, so the forward costs the host
-nothing), with every per-image step wrapped in a timer that records its wall time and the calling
-thread's CPU time: header, output inspection, lock, output creation and provenance, the tile task
-round trip, pyramid, finalize, lock release, and inside the tile task its reads, writes and forward.
-Variants run back to back in the same process (warm imports, same cluster), so compare them side by side:
+Runs a folder of PNG chips and the GeoTIFF mosaic of the same pixels (``many.py``'s inputs) through the
+real ``segment_many`` in one process (embedded threaded cluster, warm: the model is checked once, as in
+one CLI run), runs interleaved, with every per-image step wrapped in a timer that records the calling
+thread's CPU time (header, output inspection, lock, output creation, uncertainty, the driver loop,
+finalize; inside the tile tasks their reads, writes and batches; the forward on the compute thread), and
+the CPU of every thread of the process by name from /proc (Dask's event loop, its worker threads, the
+compute thread, native threads: GDAL's decoders, OpenMP). Medians per image (chips) and per tile (mosaic):
 
-    python benchmarks/per_image.py --chips 300 --rate 30 --variants derived,fixed4 [--json OUT]
+    python benchmarks/per_image.py --forward free --inputs chips,mosaic --variants derived [--reps 3] [--json OUT]
+    python benchmarks/per_image.py --chips 300 --rate 30 --variants derived,fixed4   # simulated device (default)
 
-``fixed4`` is the previous policy (4 images in flight); ``derived`` the default (``ImagesInFlight``).
+``--forward free``: logits = the normalised input (``_free_segment.py``); ``sim``: the simulated device of
+``_sim_device.py`` on its GPU path. ``--variants``: ``derived`` (the default width of images in flight) or
+``fixedN`` (N images in flight). The engine's libraries are loaded as the CLI loads them
+(``segpipe.cli.common.preload``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import re
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -50,80 +60,137 @@ def timed(name: str, fn: Any) -> Any:
 
 
 STAGES = {
-    "segpipe.engine.segment": ["resolve_run_precision", "recent_worker_capacity", "_read_header", "inspect_output",
-                               "plan_output", "acquire_lock", "output_arrays_exist", "provenance", "prepare_output",
-                               "_run_tasks", "_build_pyramid", "finalize"],
-    "segpipe.engine.tasks": ["_run_tiles", "write_chunk", "shared_reader", "infer_tiles"],
-    "segpipe.engine.predictor": ["cached_predictor"],
+    "segpipe.engine.segment": ["segment_image", "shared_reader", "_read_header", "inspect_output", "acquire_lock",
+                               "provenance", "prepare_output", "ChunkUncertainty", "_run_tasks", "_build_pyramid",
+                               "finalize"],
+    "segpipe.engine.tasks": ["_run_tiles", "write_chunk"],
     "segpipe.engine.tiled": ["_predict_batch"],
 }
 
 
 def install_timers() -> None:
-    import importlib
-
-    from segpipe.io import locks
+    from segpipe.engine import predictor
+    from segpipe.io import locks, uncertainty
+    from segpipe.io.readers import raster
 
     for module, names in STAGES.items():
         mod = importlib.import_module(module)
         for name in names:
-            setattr(mod, name, timed(f"{module.rsplit('.', 1)[1]}.{name}", getattr(mod, name)))
+            if hasattr(mod, name):  # (older checkouts lack some)
+                setattr(mod, name, timed(f"{module.rsplit('.', 1)[1]}.{name}", getattr(mod, name)))
     locks.OutputLock.release = timed("segment.lock.release", locks.OutputLock.release)
+    uncertainty.ChunkUncertainty.flush = timed("segment.uncertainty.flush", uncertainty.ChunkUncertainty.flush)
+    raster.RasterioReader.read = timed("tasks.reader.read", raster.RasterioReader.read)
+    predictor.Predictor._predict = timed("compute._predict", predictor.Predictor._predict)
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads by name (numbers stripped; native threads as "native")."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = defaultdict(float)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = re.sub(r"(-\d+)+$|_\d+$", "", names.get(int(tid), "native"))
+        out["thread:" + name] += (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--chips", type=int, default=300)
+    ap.add_argument("--chips", type=int, default=600)
     ap.add_argument("--side", type=int, default=256)
-    ap.add_argument("--rate", type=float, default=30.0, help="Simulated device, MP/s of windows.")
+    ap.add_argument("--forward", choices=("free", "sim"), default="sim")
+    ap.add_argument("--rate", type=float, default=30.0, help="Simulated device, MP/s of windows (--forward sim).")
+    ap.add_argument("--inputs", default="chips")
     ap.add_argument("--variants", default="derived,fixed4")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    try:  # the engine's libraries loaded as the CLI loads them (absent from older checkouts)
+        from segpipe.cli.common import preload
+    except ImportError:
+        pass
+    else:
+        preload()
 
-    import _sim_device as sim
     from many import make_inputs
 
     from segpipe.core.settings import segment_settings
+    from segpipe.engine import segment
     from segpipe.engine.cluster import dask_client
-    from segpipe.engine.segment import segment_many
     from segpipe.models.artifact import create_artifact
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-per-image-"))
     work.mkdir(parents=True, exist_ok=True)
-    chips = work / "chips"
-    if not chips.exists():
+    if not (work / "chips").exists():
         make_inputs(work, args.chips, args.side)
     model = work / "model"
     if not model.exists():
-        create_artifact(str(model), "Unet", "resnet18", ["a", "b", "c", "d"], seed=0)
-    for obj, name, value in sim.sim_patches(sim.SimDevice(args.rate)):
-        setattr(obj, name, value)
+        create_artifact(str(model), "Unet", "resnet18", ["a", "b", "c"], seed=0)
+    if args.forward == "free":
+        import _free_segment
+
+        from segpipe.models import artifact
+
+        artifact.Artifact.network = _free_segment._free  # type: ignore[method-assign]
+    else:
+        import _sim_device as sim
+
+        for obj, name, value in sim.sim_patches(sim.SimDevice(args.rate)):
+            setattr(obj, name, value)
     install_timers()
+    checked: dict[str, Any] = {}
+    check = segment.check_model
+    segment.check_model = lambda m: checked.setdefault(m, check(m))  # once per process, as in one CLI run
     c = args.side
-    settings = segment_settings(chunk_size=c, tile_size=c, halo=32, precision="fp32")
-    n = len(list(chips.glob("*.png")))
-    report: dict[str, Any] = {"chips": n, "side": c, "rate_mp_s": args.rate, "variants": {}}
+    settings = segment_settings(chunk_size=c, tile_size=c, halo=32, precision="fp32" if args.forward == "sim" else "auto")
+    sources = {"chips": work / "chips", "mosaic": work / "mosaic" / "mosaic.tif"}
+    n = len(list((work / "chips").glob("*.png")))
+    runs: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     with dask_client() as client:
-        segment_many([str(sorted(chips.glob("*.png"))[0])], str(model), str(work / "warm"), settings, client)
-        for variant in args.variants.split(","):
-            out = work / f"out-{variant}"
-            shutil.rmtree(out, ignore_errors=True)
-            _totals.clear()
-            width = int(variant[len("fixed"):]) if variant.startswith("fixed") else None
-            t0 = time.perf_counter()
-            results = segment_many([str(chips)], str(model), str(out), settings, client, max_concurrent_images=width)
-            wall = time.perf_counter() - t0
-            assert all(r.status == "done" for r in results), [r.error for r in results if r.error][:3]
-            stages = {k: {"wall_ms_per_image": round(v[0] / n * 1e3, 2), "cpu_ms_per_image": round(v[1] / n * 1e3, 2),
-                          "calls_per_image": round(v[2] / n, 2)} for k, v in sorted(_totals.items())}
-            report["variants"][variant] = {
-                "seconds": round(wall, 2), "chips_per_s": round(n / wall, 1),
-                "host_ms_per_image": round(sum(r.host_seconds for r in results) / n * 1e3, 2),
-                "device_ms_per_image": round(sum(r.device_seconds for r in results) / n * 1e3, 2),
-                "stages": stages}
-            print(json.dumps({variant: {k: v for k, v in report["variants"][variant].items() if k != "stages"}}),
-                  file=sys.stderr)
+        segment.segment_many([str(sorted((work / "chips").glob("*.png"))[0])], str(model), str(work / "warm"),
+                             settings, client)
+        for _ in range(args.reps):
+            for variant in args.variants.split(","):
+                width = int(variant[len("fixed"):]) if variant.startswith("fixed") else None
+                for name in args.inputs.split(","):
+                    out = work / f"out-{name}-{variant}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    _totals.clear()
+                    threads0 = thread_cpu()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    results = segment.segment_many([str(sources[name])], str(model), str(out), settings, client,
+                                                   max_concurrent_images=width)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    assert all(r.status == "done" for r in results), [r.error for r in results if r.error][:3]
+                    threads1 = thread_cpu()
+                    row = runs[f"{name}/{variant}"]
+                    row["wall"].append(wall)
+                    row["cpu"].append(cpu)
+                    for k, v in _totals.items():
+                        row[k].append(v[1])
+                    for k in set(threads0) | set(threads1):
+                        row[k].append(threads1.get(k, 0.0) - threads0.get(k, 0.0))
+                    print(json.dumps({"input": name, "variant": variant, "wall_s": round(wall, 2),
+                                      "cpu_s": round(cpu, 2)}), file=sys.stderr)
+    report: dict[str, Any] = {"chips": n, "side": c, "forward": args.forward, "reps": args.reps,
+                              "rate_mp_s": args.rate if args.forward == "sim" else None,
+                              "load_average": os.getloadavg(), "ms_per_image": {}}
+    for key, row in runs.items():  # per chip, or per mosaic tile (the same pixels: one tile per chip)
+        report["ms_per_image"][key] = {k: round(1e3 * statistics.median(v) / n, 3)
+                                       for k, v in sorted(row.items(), key=lambda kv: -statistics.median(kv[1]))}
+    for variant in args.variants.split(","):
+        chips, mosaic = runs.get(f"chips/{variant}"), runs.get(f"mosaic/{variant}")
+        if chips and mosaic:  # per pair of runs, then the median
+            report.setdefault("toll", {})[variant] = {
+                "per_image_cpu_ms": round(statistics.median(1e3 * (a - b) / n for a, b in zip(chips["cpu"], mosaic["cpu"])), 2),
+                "ratio_cpu": round(statistics.median(b / a for a, b in zip(chips["cpu"], mosaic["cpu"])), 3),
+                "ratio_wall": round(statistics.median(b / a for a, b in zip(chips["wall"], mosaic["wall"])), 3)}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -125,3 +125,33 @@ def test_train_help_names_vector_labels_beside_masks():
     assert r.exit_code == 0 and "masks/" in r.output and "labels/ (vector labels" in r.output
     for command in ("evaluate", "retrain"):
         assert "labels/ (vector labels" in run(command, "--help").output
+
+
+def test_preload_imports_without_the_gc_and_bounds_openmp_spinning_on_small_machines(monkeypatch):
+    """The engine's libraries load with the cyclic GC off (then frozen, and the GC back on); below 4 cores
+    libgomp's spinning is bounded before torch loads it, unless the user chose a value or a wait policy."""
+    import gc
+    import os
+
+    from segpipe.cli.common import preload
+
+    seen: list[bool] = []
+    real_import = __import__("importlib").import_module
+
+    def importing(name):
+        seen.append(gc.isenabled())
+        return real_import(name)
+
+    monkeypatch.setattr("importlib.import_module", importing)
+    for cores, env, want in (({0, 1}, {}, "300"), ({0, 1}, {"GOMP_SPINCOUNT": "9"}, "9"),
+                             ({0, 1}, {"OMP_WAIT_POLICY": "ACTIVE"}, None), (set(range(8)), {}, None)):
+        for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        preload(("json", "no_such_module_here"))
+        assert os.environ.get("GOMP_SPINCOUNT") == want
+        assert gc.isenabled()
+    assert seen and not any(seen)  # every import ran with the GC off
+    gc.unfreeze()

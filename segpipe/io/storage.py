@@ -53,6 +53,23 @@ def join(base: str, *parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class ItemRef:
+    """The STAC item an image came from (:mod:`segpipe.io.stac`): recorded in the output's provenance and
+    linked from the output's own STAC item."""
+
+    href: str  #: the item's own URL or path
+    id: str
+    collection: str | None
+    asset: str  #: the asset key that was segmented
+    updated: str | None = None  #: the item's ``updated`` (else ``created``) time: the only-new-work key
+    datetime: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"href": self.href, "id": self.id, "collection": self.collection, "asset": self.asset,
+                "updated": self.updated, "datetime": self.datetime}
+
+
+@dataclass(frozen=True)
 class SourceImage:
     """One image found under a source: its URI, its path relative to the source root, and a fingerprint."""
 
@@ -60,6 +77,8 @@ class SourceImage:
     relative: str
     fingerprint: str
     size: int
+    #: the STAC item it is an asset of, when it was found through STAC
+    item: ItemRef | None = None
 
 
 def _fingerprint(info: dict) -> str:

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from segpipe.core.errors import ConfigError, InputError, SegpipeError
+from segpipe.core.errors import ConfigError, InputError, SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult
 from segpipe.core.stac import StacSearch, band_indexes, matches, parse_query, pick_asset
 from segpipe.io.storage import ItemRef, SourceImage, filesystem, has_scheme, safe_relative, strip_file_scheme
@@ -109,8 +109,35 @@ def read_json(href: str) -> Any:
 
 
 def _reason(e: BaseException) -> str:
+    unreachable = _unreachable(e)
+    if unreachable:
+        return unreachable
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+def _unreachable(e: BaseException) -> str | None:
+    """Why a server could not be reached at all (refused, unknown host, timed out), from the exception chain;
+    None for an answer that came back wrong. HTTP clients wrap these (requests, aiohttp), so walk the causes."""
+    import socket
+
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        if isinstance(cur, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cur, socket.gaierror):
+            return "unknown host"
+        if isinstance(cur, TimeoutError):
+            return "timed out"
+        cur = cur.__cause__ or cur.__context__
+    text = str(e)
+    for words, why in (("Connection refused", "connection refused"), ("Connect call failed", "connection refused"),
+                       ("Name or service not known", "unknown host"), ("timed out", "timed out")):
+        if words in text:
+            return why
+    return None
 
 
 def resolve_href(base: str, href: str) -> str:
@@ -256,6 +283,8 @@ def _api_search(url: str, search: StacSearch) -> list[tuple[dict[str, Any], str,
                                max_items=search.max_items + 1 if search.max_items else None)
         items = list(result.items_as_dicts())
     except (APIError, OSError) as e:
+        if _unreachable(e):  # a nightly run retries this (flows/segment.py), bad answers it does not
+            raise TransientIOError(url, f"the STAC API cannot be reached ({_unreachable(e)})") from None
         raise InputError(url, f"the STAC API cannot be searched ({_reason(e)})") from None
     except NotImplementedError as e:  # pystac-client's DoesNotConformTo: no item search
         raise InputError(url, f"is not a STAC API with item search ({_reason(e)})") from None
@@ -286,10 +315,7 @@ def list_sources(sources: Sequence[str], search: StacSearch, bands: str | None =
     names = _band_names(bands)
     resolved: tuple[int, ...] | None = None
     for source in sources:
-        if not is_stac_source(source, search):
-            if names:
-                raise ConfigError("--bands", f"band names ({bands}) need a STAC source that describes its bands; "
-                                             f"{source} is not one: give 1-based band numbers")
+        if not is_stac_source(source, search):  # band names then fail in the settings, as numbers are expected
             listing.sources.append(source)
             continue
         listing.stac = True

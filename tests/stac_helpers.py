@@ -91,7 +91,7 @@ ANALYTIC = [{"name": "B02", "common_name": "blue"}, {"name": "B03", "common_name
 def make_item(folder: Path, photo: np.ndarray, i: int, collection: str = "tiles", size: int = 72,
               start: dt.datetime = dt.datetime(2024, 5, 1, 10, tzinfo=dt.UTC), updated: str | None = None,
               analytic: bool = True) -> dict[str, Any]:
-    """Item ``tile-i``: a 3-band ``visual`` COG (role data) and a 4-band ``analytic`` COG, 1 km apart in x per
+    """Item ``tile-i`` (asset hrefs are file:// URIs, as an API serves them): a 3-band ``visual`` COG (role data) and a 4-band ``analytic`` COG, 1 km apart in x per
     i, one day apart from ``start``, eo:cloud_cover = 10·i; files in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     x0, y0, pixel = 500000.0 + 1000.0 * i, 4100000.0, 10.0
@@ -100,13 +100,13 @@ def make_item(folder: Path, photo: np.ndarray, i: int, collection: str = "tiles"
     bbox, geom = footprint(x0, y0, size, size, pixel)
     when = (start + dt.timedelta(days=i)).isoformat().replace("+00:00", "Z")
     assets: dict[str, Any] = {
-        "visual": {"href": str(visual), "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+        "visual": {"href": visual.as_uri(), "type": "image/tiff; application=geotiff; profile=cloud-optimized",
                    "roles": ["data", "visual"], "eo:bands": RGB},
-        "thumbnail": {"href": str(visual), "type": "image/png", "roles": ["thumbnail"]},
+        "thumbnail": {"href": visual.as_uri(), "type": "image/png", "roles": ["thumbnail"]},
     }
     if analytic:
         four = np.concatenate([crop[::-1], crop[:1]], axis=0)  # blue, green, red, "nir"
-        assets["analytic"] = {"href": str(write_cog(folder / f"tile-{i}-analytic.tif", four, x0, y0, pixel)),
+        assets["analytic"] = {"href": write_cog(folder / f"tile-{i}-analytic.tif", four, x0, y0, pixel).as_uri(),
                               "type": "image/tiff; application=geotiff; profile=cloud-optimized",
                               "roles": ["analytic"], "eo:bands": ANALYTIC}
     return {

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from segpipe.core.errors import InputError
 from segpipe.io.readers.base import ImageReader
+from segpipe.io.readers.omezarr import open_omezarr
 from segpipe.io.readers.raster import RasterioReader, check_local_file
 from segpipe.io.readers.resample import at_pixel_size
 from segpipe.io.readers.slide import open_slide
@@ -22,7 +23,7 @@ def _rasterio(uri: str, bands: Sequence[int] | None, level: int | None = None,
 
 
 #: tried in order; each returns a reader, or None for "not mine"
-READERS: tuple[Callable[..., ImageReader | None], ...] = (open_slide, _rasterio)
+READERS: tuple[Callable[..., ImageReader | None], ...] = (open_slide, open_omezarr, _rasterio)
 
 
 def open_image(uri: str, bands: Sequence[int] | None = None, level: int | None = None,

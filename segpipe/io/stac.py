@@ -334,8 +334,10 @@ def list_sources(sources: Sequence[str], search: StacSearch, bands: str | None =
                 listing.problems.append((href, str(e) if href in str(e) else f"{href}: {e}"))
                 continue
             listing.sources.append(image)
-    if names:
-        listing.bands = ",".join(str(i) for i in resolved) if resolved is not None else None
+    if resolved is not None:
+        listing.bands = ",".join(str(i) for i in resolved)
+    elif names and listing.stac and not listing.sources:
+        listing.bands = None  # no item to segment (each is a problem line): nothing to resolve the names against
     return listing
 
 

@@ -4,7 +4,8 @@ Layout (a local folder or any fsspec URL)::
 
     REG/registry.json          {"format": "segpipe-registry/1", "created": iso}  (the marker)
     REG/v1/ REG/v2/ …          one artifact each (model.json, weights.safetensors) plus optional
-                               metrics.json, report.html, report.md; registration.json last
+                               metrics.json, report.html, report.md; mlm.json (the version as a STAC
+                               MLM item: segpipe.models.mlm); registration.json last
     REG/champion               {"version": "v3", "promoted_at": iso, "reason": "...", "previous": "v2"}
     REG/history.jsonl          one line per promotion (append-only log, informational)
 

@@ -110,6 +110,15 @@ def test_segment_an_ome_zarr_and_a_dicom_series(tmp_path, pyramids, client):
     out = segment_to_zarr(str(pyramids["0.5"][0]), str(model), tmp_path / "out", client, chunk=64)
     seg = zarr.open_group(out, mode="r").attrs["segpipe"]
     assert out.endswith("v0.5.ome.zarr") and seg["reader"]["driver"] == "ome-zarr" and seg["mpp"] == 0.25
+    # its STAC item (--stac): a valid label item without a footprint (not georeferenced), linked to its source
+    from segpipe.export.stac import write_stac
+    from tests.stac_helpers import schema_errors
+
+    written = write_stac(out, {})
+    item = json.loads(open(written["stac_item"]).read())
+    assert schema_errors(item) == [] and item["geometry"] is None and "proj:code" not in item["properties"]
+    assert item["properties"]["segpipe:mpp"] == 0.25
+    assert {link["rel"]: link["href"] for link in item["links"]}["source"] == str(pyramids["0.5"][0])
     rgb = photo.transpose(1, 2, 0)
     write_dicom_wsi(tmp_path / "slides" / "case-1", [rgb, np.ascontiguousarray(rgb[::2, ::2])], mpp=0.5)
     out = segment_to_zarr(str(tmp_path / "slides"), str(model), tmp_path / "out", client, chunk=64)

@@ -200,3 +200,31 @@ def test_models_as_mlm_items(tmp_path, model_dir):
     assert stored["id"] == "reg-v1" and schema_errors(stored) == []
     r = CliRunner().invoke(main, ["models", "show", f"{reg}@v1", "--stac"])
     assert r.exit_code == 0 and json.loads(r.output) == stored
+
+
+def test_collection_updates_are_incremental_and_serialised(tmp_path):
+    """Threads finishing outputs of one folder at once: every item is listed once, the extent covers them all,
+    and a collection.json that is not segpipe's is never replaced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segpipe.core.errors import OutputError
+    from segpipe.export.stac import add_to_collection
+
+    def item(i: int) -> dict:
+        return {"id": f"o{i}", "bbox": [10.0 + i, 40.0, 10.5 + i, 40.5],
+                "properties": {"datetime": f"2024-05-{i + 1:02d}T00:00:00Z"}}
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: add_to_collection(str(tmp_path), item(i), str(tmp_path / f"o{i}.item.json")), range(16)))
+    add_to_collection(str(tmp_path), item(3), str(tmp_path / "o3.item.json"))  # again: still listed once
+    coll = json.loads((tmp_path / "collection.json").read_text())
+    hrefs = [link["href"] for link in coll["links"] if link["rel"] == "item"]
+    assert sorted(hrefs) == sorted(f"./o{i}.item.json" for i in range(16))
+    assert coll["extent"]["spatial"]["bbox"] == [[10.0, 40.0, 25.5, 40.5]]
+    assert coll["extent"]["temporal"]["interval"] == [["2024-05-01T00:00:00Z", "2024-05-16T00:00:00Z"]]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "collection.json").write_text('{"type": "Collection", "id": "mine"}')
+    with pytest.raises(OutputError, match="exists and is not a segpipe output collection; it was left untouched"):
+        add_to_collection(str(foreign), item(0), str(foreign / "o0.item.json"))
+    assert json.loads((foreign / "collection.json").read_text()) == {"type": "Collection", "id": "mine"}

@@ -203,17 +203,14 @@ def collection_id(folder: str) -> str:
     return f"{posixpath.basename(strip_file_scheme(folder).rstrip('/')) or 'outputs'}-segmentation"
 
 
-def _model_item(zarr_uri: str, folder: str, notes: list[str]) -> tuple[str | None, str | None]:
+def _model_item(zarr_uri: str, seg: dict[str, Any], folder: str, notes: list[str]) -> tuple[str | None, str | None]:
     """The MLM item of the output's model, written once into ``folder``; (href, mlm:name) or (None, None)."""
-    from segpipe.models.registry import version_mlm_item
-
-    seg = dict(open_output_group(zarr_uri).attrs.get("segpipe") or {})
     model = seg.get("model") or {}
     uri, sha = model.get("uri"), model.get("weights_sha256")
     if not uri or not sha:
         return None, None
     try:
-        item = version_mlm_item(uri)
+        item = _mlm_item(uri, sha)
     except SegpipeError as e:
         notes.append(f"{zarr_uri}: no model link in its STAC item: the model cannot be read ({e})")
         return None, None
@@ -226,6 +223,26 @@ def _model_item(zarr_uri: str, folder: str, notes: list[str]) -> tuple[str | Non
     if not fs.exists(p):
         write_atomic(fs, p, (json.dumps(item, indent=2) + "\n").encode(), durable=False)
     return path, str(item["properties"].get("mlm:name") or item["id"])
+
+
+#: MLM items made in this process, by (model URI, weights sha256): an artifact's item hashes its weights,
+#: once per model rather than once per output
+_mlm_cache: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _mlm_item(uri: str, sha: str) -> dict[str, Any]:
+    from segpipe.models.registry import version_mlm_item
+
+    key = (uri, sha)
+    with _locks_guard:
+        cached = _mlm_cache.get(key)
+    if cached is None:
+        cached = version_mlm_item(uri)
+        with _locks_guard:
+            if len(_mlm_cache) > 64:  # a bound: a long-lived worker sees few models
+                _mlm_cache.clear()
+            _mlm_cache[key] = cached
+    return cached
 
 
 @contextlib.contextmanager
@@ -311,10 +328,11 @@ def write_stac(zarr_uri: str, exports: dict[str, str], notes: list[str] | None =
     read). ``notes`` receives one line when the model link cannot be made.
     """
     notes = notes if notes is not None else []
-    if (open_output_group(zarr_uri).attrs.get("segpipe") or {}).get("status") != "complete":
+    seg = dict(open_output_group(zarr_uri).attrs.get("segpipe") or {})
+    if seg.get("status") != "complete":
         return {}  # another run is writing it (a skipped image): its run writes the item
     folder = posixpath.dirname(strip_file_scheme(zarr_uri).rstrip("/"))
-    model_href, mlm_name = _model_item(zarr_uri, folder, notes)
+    model_href, mlm_name = _model_item(zarr_uri, seg, folder, notes)
     item = output_item(zarr_uri, exports, model_href, mlm_name)
     path = item_path(zarr_uri)
     fs, p = filesystem(path)

@@ -129,9 +129,8 @@ def test_broken_link_unreachable_api_and_max_items_are_one_line_with_nothing_wri
     ]
     for args, expected in cases:
         out = tmp_path / "out"
-        p = subprocess.run([*SEG, *args, "--model", model_dir, "--out", str(out), "--no-progress"],
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 2 and p.stderr.strip() == expected, p.stderr
+        r = CliRunner().invoke(main, ["segment", *args, "--model", model_dir, "--out", str(out), "--no-progress"])
+        assert r.exit_code == 2 and r.stderr.strip() == expected, r.output
         assert not out.exists()
 
 

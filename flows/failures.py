@@ -1,4 +1,6 @@
-"""A failed run in one line: what Prefect's engine logs when a flow ends Failed on a segpipe error.
+"""A failed run in one line, and segpipe's warnings in the run's logs.
+
+What Prefect's engine logs when a flow ends Failed on a segpipe error:
 
 A flow that returns a ``Failed`` state (failed images, a bad source) ends its run Failed as it
 should, but a deployment's runner then calls ``state.result()`` in its engine, which raises the
@@ -35,3 +37,29 @@ def install_one_line_failures() -> None:
     logger = logging.getLogger(ENGINE_LOGGER)
     if not any(isinstance(f, OneLineForSegpipeErrors) for f in logger.filters):
         logger.addFilter(OneLineForSegpipeErrors())
+
+
+#: segpipe's own loggers (the library logs under this name)
+SEGPIPE_LOGGER = "segpipe"
+
+
+class _InARun(logging.Filter):
+    """Pass records made inside a flow or task run: only those have a run to be shown in."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def install_segpipe_warnings() -> None:
+    """Send segpipe's warnings (label features repaired, dropped or outside the image, a mask that wins
+    over labels, …) to the flow run's logs in the API and UI, where the person who runs the weekly
+    retrain reads them; Prefect ships only its own loggers there. Once per process, from the flow bodies."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger(SEGPIPE_LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        handler = APILogHandler(level=logging.WARNING)
+        handler.addFilter(_InARun())
+        logger.addHandler(handler)

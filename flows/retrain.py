@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.failures import install_one_line_failures
+from flows.failures import install_one_line_failures, install_segpipe_warnings
 from segpipe.core.settings import segment_settings
 from segpipe.evaluate import retrain as lib
 from segpipe.train.settings import TRAIN_DEFAULTS as D
@@ -56,6 +56,7 @@ def retrain(
     """
     logger = get_run_logger()
     install_one_line_failures()  # a dataset error ends the run Failed with one line, not the engine's traceback
+    install_segpipe_warnings()  # segpipe's warnings in the run's logs, not only on the worker's terminal
     tsettings = train_settings(
         architecture=architecture, encoder=encoder, epochs=epochs, batch_size=batch_size, patch_size=patch_size,
         patches_per_epoch=patches_per_epoch, lr=lr, class_balanced=class_balanced, device=device,

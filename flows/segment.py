@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed, State
 
-from flows.failures import install_one_line_failures
+from flows.failures import install_one_line_failures, install_segpipe_warnings
 from segpipe.core.errors import SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult, summary_rows
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
@@ -251,6 +251,7 @@ def segment_images(
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
+    install_segpipe_warnings()  # segpipe's warnings in the run's logs, not only on the worker's terminal
     search = stac_search(collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, query=query,
                          max_items=max_items, asset=asset)
     stac_listing = ingest_stac(source, search, bands) if is_stac_source(source, search) else None

@@ -63,3 +63,10 @@ def trained_model(tmp_path_factory, landcover) -> str:
     settings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=4, batch_size=8, patch_size=128,
                              patches_per_epoch=160, lr=2e-3, seed=0, early_stopping_patience=None)
     return train(landcover, str(out), settings, progress=False).uri
+
+
+def pytest_configure(config):
+    # compiled labels go to a cache of this test session, never the user's ~/.cache (subprocesses inherit it)
+    import tempfile
+
+    os.environ.setdefault("SEGPIPE_CACHE", tempfile.mkdtemp(prefix="segpipe-test-cache-"))

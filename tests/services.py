@@ -133,6 +133,26 @@ def s3_server(log_dir: Path) -> Iterator[dict[str, str]]:
         stop(proc, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def aws_environment(aws: dict[str, str]) -> Iterator[None]:
+    """The AWS variables of an endpoint set in this process (s3fs reads them when a filesystem is made;
+    its cached instances are dropped on the way in and out), the previous values restored after."""
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class FaultProxy:
     """A real S3 endpoint with faults: an HTTP proxy in front of moto that answers chosen requests with an
     S3 error (``fail``) and passes every other request through unchanged.

@@ -107,3 +107,21 @@ def test_both_module_entry_points_run():
         assert p.returncode == 0 and "Commands:" in p.stdout, p.stderr
         assert all(c in p.stdout for c in ("segment", "model", "models", "train", "evaluate", "retrain", "export",
                                            "demo"))
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--mpp", "0.5", "--gsd", "1"], "error: train at one resolution: mpp (slides) or gsd (rasters), not both"),
+    (["--patch-size", "33"], "error: --patch-size: patch_size must be a multiple of 32 (encoders downsample 32×), "
+                             "got 33"),
+    (["--epochs", "0"], "error: --epochs: Input should be greater than or equal to 1 (got 0)"),
+])
+def test_a_bad_option_value_is_one_line_without_pydantic_prefixes(tmp_path, args, expected):
+    r = run("train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), *args)
+    assert r.exit_code == 2 and r.stderr.strip() == expected, r.stderr
+
+
+def test_train_help_names_vector_labels_beside_masks():
+    r = run("train", "--help")
+    assert r.exit_code == 0 and "masks/" in r.output and "labels/ (vector labels" in r.output
+    for command in ("evaluate", "retrain"):
+        assert "labels/ (vector labels" in run(command, "--help").output

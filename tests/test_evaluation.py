@@ -225,12 +225,12 @@ def test_score_output_leaves_out_nodata_and_ignored_pixels(tmp_path):
     g.create_array("0", shape=pred.shape, chunks=(2, 2), dtype="uint8", fill_value=255)[:] = pred
     mask = write_geotiff(tmp_path / "mask.tif", truth[None], tiled=False)
     cm = score_output(str(out), str(mask), 3)
-    # counted (truth, pred): (0,0) (0,1) (2,2) (1,2) (1,1); nodata prediction (1,255) and
-    # ignored truth (255,2) (255,255) are left out
+    # in the matrix (truth, pred): (0,0) (0,1) (2,2) (1,2) (1,1); the labelled pixel predicted as nodata
+    # (1,255) is a miss of class 1; ignored truth (255,2) (255,255) is left out
     assert cm.matrix.tolist() == [[1, 1, 0],
                                   [0, 1, 1],
                                   [0, 0, 1]]
-    assert cm.total == 5
+    assert cm.unpredicted.tolist() == [0, 1, 0] and cm.total == 6
 
 
 def test_report_samples_read_the_image_and_mask_in_bounded_strips(tmp_path, monkeypatch):
@@ -256,10 +256,14 @@ def test_report_samples_read_the_image_and_mask_in_bounded_strips(tmp_path, monk
         return opened
 
     monkeypatch.setattr(ev, "open_image", recording(ev.open_image))
-    monkeypatch.setattr(ev, "open_mask", recording(ev.open_mask))
     monkeypatch.setattr(dec, "STRIP_PIXELS", 50_000)
     pred = rng.integers(0, 4, (h, w), dtype=np.uint8)
-    s = ev._sample("i", str(tmp_path / "i.tif"), str(tmp_path / "m.tif"), pred, h, w)
+    from segpipe.labels.dataset import open_mask_on
+
+    with ev.open_image(str(tmp_path / "i.tif")) as r:
+        grid = r.info.grid
+    truth = recording(open_mask_on)(str(tmp_path / "m.tif"), grid)
+    s = ev._sample("i", str(tmp_path / "i.tif"), grid, truth, pred)
     step = -(-max(h, w) // ev.SAMPLE_SIDE)
     np.testing.assert_array_equal(s.image, img[:, ::step, ::step].transpose(1, 2, 0))
     np.testing.assert_array_equal(s.truth, mask[0, ::step, ::step])

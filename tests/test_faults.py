@@ -7,7 +7,6 @@ look foreign (4), switched the chunk writer to another code path (12), or escape
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import numpy as np
@@ -25,22 +24,11 @@ def s3(tmp_path_factory):
     """The faulty endpoint for this module: the AWS variables set in this process, a bucket, the proxy."""
     import s3fs
 
-    from tests.services import faulty_s3
+    from tests.services import aws_environment, faulty_s3
 
-    with faulty_s3(tmp_path_factory.mktemp("moto")) as (aws, proxy):
-        saved = {k: os.environ.get(k) for k in aws}
-        os.environ.update(aws)
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            s3fs.S3FileSystem().mkdir("faults")
-            yield proxy
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with faulty_s3(tmp_path_factory.mktemp("moto")) as (aws, proxy), aws_environment(aws):
+        s3fs.S3FileSystem().mkdir("faults")
+        yield proxy
 
 
 @pytest.fixture

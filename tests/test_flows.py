@@ -160,3 +160,39 @@ def test_a_failed_run_logs_one_line_not_the_engine_traceback(caplog):
     assert one.getMessage() == "flow run failed: src/: 1 of 3 image(s) failed: src/b.tif: is truncated"
     assert one.exc_info is None and caplog.text.count("Traceback") == 1  # the bug's only
     assert bug.exc_info is not None  # a bug keeps its traceback
+
+
+@pytest.mark.slow
+def test_segpipe_warnings_reach_the_flow_run_logs(harness):
+    """A label file's "1 outside the image" is read where the weekly retrain's runs are read: the run's logs."""
+    import asyncio
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.failures import install_segpipe_warnings
+
+    @flow
+    def labels_round() -> None:
+        install_segpipe_warnings()
+        install_segpipe_warnings()  # once per process, however many runs
+        logging.getLogger("segpipe.labels.truth").warning("labels/a.gpkg: 2 feature(s): 0 repaired, 0 dropped "
+                                                          "(no area), 1 outside the image")
+        logging.getLogger("segpipe.labels.truth").info("labels/b.gpkg: 2 feature(s): nothing to say")
+
+    state = labels_round(return_state=True)
+    APILogHandler().flush()  # the handler ships logs from a background worker: wait for it
+    run_id = state.state_details.flow_run_id
+
+    async def logs():
+        async with get_client() as c:
+            return await c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+
+    messages = [(x.name, x.level, x.message) for x in asyncio.run(logs())]
+    assert ("segpipe.labels.truth", logging.WARNING, "labels/a.gpkg: 2 feature(s): 0 repaired, 0 dropped (no area), "
+            "1 outside the image") in messages
+    assert not any("nothing to say" in m for _, _, m in messages)
+    assert sum(isinstance(h, APILogHandler) for h in logging.getLogger("segpipe").handlers) == 1

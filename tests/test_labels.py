@@ -372,7 +372,7 @@ def test_metrics_score_only_labelled_pixels(tmp_path):
     item = ds.items[0]
     with open_truth(ds, item) as r:
         whole = r.read(Window(0, 0, 40, 48))[0]
-    assert (_sample("a", item.image_uri, open_truth(ds, item), pred, 40, 48).truth == whole).all()
+    assert (_sample("a", item.image_uri, item.grid, open_truth(ds, item), pred).truth == whole).all()
     # no regions, unlabelled = ignore: only the drawn features count
     ds = load_dataset(str(_sparse_dataset(tmp_path / "i", regions=False, unlabelled="ignore")))
     cm = score_output(out, open_truth(ds, ds.items[0]), 3)

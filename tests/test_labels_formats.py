@@ -201,7 +201,9 @@ def test_qupath_coordinates_are_level0_pixels_even_on_a_georeferenced_image_and_
     feats = VectorFeatures("s.geojson", np.array([shapely.box(0, 0, 40, 20)], dtype=object), ["building"],
                            ["feature 0"], None, True, "qupath")
     assert shapely.bounds(to_pixels(feats, _geo_info())[0]).tolist() == [0, 0, 40, 20]
-    level2 = ImageInfo("s.svs", 15, 20, 3, "uint8", extra={"downsample": 4.0, "resample_factor": 1.0})
+    from segpipe.core.grid import PixelGrid
+
+    level2 = ImageInfo("s.svs", 15, 20, 3, "uint8", on_grid=PixelGrid(15, 20, (60, 80), 4.0))
     assert shapely.bounds(to_pixels(feats, level2)[0]).tolist() == [0, 0, 10, 5]
 
 
@@ -281,5 +283,6 @@ def test_coco_polygons_and_rle(tmp_path):
     assert poly_mask[2:22, 2:22].all()
     # RLE: exactly its pixels, hole included (pixel-edge polygons burned at centres)
     assert ((a == 2) == (blob == 1)).all() and mask_utils.area(mask_utils.encode(np.asfortranarray(blob))) == (a == 2).sum()
-    with pytest.raises(DatasetError, match="describes 2 images and none"):
+    with pytest.raises(DatasetError, match=r"describes no image named 'nothere'\.\* \(its images: photo\.jpg, "
+                                           r"other\.jpg\)"):
         _burn(str(path), PIX, image_name="nothere")

@@ -88,7 +88,7 @@ def test_class_absent_from_truth_and_prediction_is_null_and_left_out_of_mean() -
     pred = np.array([[0, 1, 1, 1]])
     r = scores(confusion_matrix(truth, pred, 3), ["a", "b", "c"])
     c = r["per_class"]["c"]
-    assert c == {"iou": None, "precision": None, "recall": None, "f1": None, "support": 0}
+    assert c == {"iou": None, "precision": None, "recall": None, "f1": None, "support": 0, "unpredicted": 0}
     # a: tp 1, fn 1 → iou 1/2; b: tp 2, fp 1 → iou 2/3
     assert r["per_class"]["a"]["iou"] == pytest.approx(0.5)
     assert r["per_class"]["b"]["iou"] == pytest.approx(2 / 3)
@@ -100,7 +100,7 @@ def test_class_in_truth_never_predicted_scores_zero() -> None:
     truth = np.array([0, 0, 1, 1])
     pred = np.array([0, 0, 0, 0])
     r = scores(confusion_matrix(truth, pred, 2), ["a", "b"])
-    assert r["per_class"]["b"] == {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    assert r["per_class"]["b"] == {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2, "unpredicted": 0}
     assert r["per_class"]["a"]["precision"] == pytest.approx(0.5)
     assert r["per_class"]["a"]["recall"] == pytest.approx(1.0)
     assert r["mean_iou"] == pytest.approx(0.25)
@@ -110,7 +110,7 @@ def test_class_predicted_but_absent_from_truth_scores_zero() -> None:
     truth = np.array([0, 0, 0, 0])
     pred = np.array([0, 0, 0, 1])
     r = scores(confusion_matrix(truth, pred, 2), ["a", "b"])
-    assert r["per_class"]["b"] == {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert r["per_class"]["b"] == {"iou": 0.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "unpredicted": 0}
     assert r["mean_iou"] == pytest.approx((0.75 + 0.0) / 2)
     # frequency weighting ignores classes without truth pixels
     assert r["frequency_weighted_iou"] == pytest.approx(0.75)
@@ -125,7 +125,7 @@ def test_all_ignored_gives_nulls() -> None:
     assert r["pixel_accuracy"] is None
     assert r["mean_iou"] is None
     assert r["frequency_weighted_iou"] is None
-    assert all(v == {"iou": None, "precision": None, "recall": None, "f1": None, "support": 0}
+    assert all(v == {"iou": None, "precision": None, "recall": None, "f1": None, "support": 0, "unpredicted": 0}
                for v in r["per_class"].values())
     assert r["confusion_matrix"] == [[0, 0, 0]] * 3
 
@@ -138,7 +138,7 @@ def test_empty_arrays() -> None:
 def test_single_class() -> None:
     truth = np.zeros((4, 4), dtype=np.uint8)
     r = scores(confusion_matrix(truth, truth, 1), ["only"])
-    assert r["per_class"]["only"] == {"iou": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 16}
+    assert r["per_class"]["only"] == {"iou": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 16, "unpredicted": 0}
     assert r["mean_iou"] == r["pixel_accuracy"] == r["frequency_weighted_iou"] == 1.0
 
 
@@ -197,27 +197,32 @@ def test_prediction_of_255_raises_when_nodata_is_off() -> None:
         confusion_matrix(np.array([0, 1, 2]), np.array([0, 255, 2]), 3, nodata=None)
 
 
-def test_nodata_in_truth_or_prediction_is_not_counted() -> None:
+def test_nodata_truth_is_not_counted_and_an_unpredicted_labelled_pixel_is_a_miss() -> None:
     """3 classes → nodata label 255; the mask's own ignore value here is 9 (not 255)."""
     truth = np.array([[0, 0, 1, 1, 2],
                       [2, 255, 1, 9, 0]], dtype=np.uint8)
     pred = np.array([[0, 1, 1, 255, 2],
                      [1, 0, 255, 2, 255]], dtype=np.uint8)
-    # counted pixels (truth, pred): (0,0) (0,1) (1,1) (2,2) (2,1); left out: (1,255) (255,0)
-    # (1,255) (9 ignored, 2) (0,255)
+    # in the matrix (truth, pred): (0,0) (0,1) (1,1) (2,2) (2,1); not scored: (255,0) (9 ignored, 2);
+    # labelled but predicted as nodata — misses of their class: (1,255) (1,255) (0,255)
     m = confusion_matrix(truth, pred, 3, ignore_index=9)
     assert m.tolist() == [[1, 1, 0],
                           [0, 1, 0],
                           [0, 1, 1]]
     cm = ConfusionMatrix(3, ignore_index=9).update(truth, pred)
-    assert cm.total == 5 and cm.nodata == 255
+    assert cm.total == 8 and cm.nodata == 255 and cm.unpredicted.tolist() == [1, 2, 0]
     s = cm.scores(["a", "b", "c"])
-    assert s["pixel_accuracy"] == pytest.approx(3 / 5)
-    # iou: a 1/(1+0+1), b 1/(1+2+0), c 1/(1+0+1)
-    assert [s["per_class"][n]["iou"] for n in "abc"] == pytest.approx([1 / 2, 1 / 3, 1 / 2])
-    assert s["mean_iou"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
-    # merging keeps the rule; the default mask ignore value (255) is the nodata label as well
-    assert (cm + ConfusionMatrix(3).update(np.array([255, 0]), np.array([1, 255]))).total == 5
+    assert s["pixel_accuracy"] == pytest.approx(3 / 8) and s["unpredicted_pixels"] == 3
+    # support and recall include the misses: a 1 of 3, b 1 of 3, c 1 of 2
+    assert [s["per_class"][n]["support"] for n in "abc"] == [3, 3, 2]
+    assert [s["per_class"][n]["recall"] for n in "abc"] == pytest.approx([1 / 3, 1 / 3, 1 / 2])
+    # iou: a 1/(1+0+2), b 1/(1+2+2), c 1/(1+0+1)
+    assert [s["per_class"][n]["iou"] for n in "abc"] == pytest.approx([1 / 3, 1 / 5, 1 / 2])
+    # merging keeps the rule (counts add); the default mask ignore value (255) is the nodata label as well
+    merged = cm + ConfusionMatrix(3).update(np.array([255, 0]), np.array([1, 255]))
+    assert merged.total == 9 and merged.unpredicted.tolist() == [2, 2, 0]
+    # the counts survive metrics.json
+    assert ConfusionMatrix.from_metrics(s) == cm
 
 
 def test_nodata_label_of_uint16_classes() -> None:

@@ -12,7 +12,7 @@ import zarr
 
 from segpipe.core.geometry import Window
 from segpipe.io.readers import open_image
-from segpipe.io.readers.resample import ResampledReader, pixel_size
+from segpipe.io.readers.resample import GridReader
 from tests.helpers import write_geotiff
 
 
@@ -20,15 +20,17 @@ def test_resampled_reads_are_area_averages_and_nearest_labels(tmp_path):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 250, (3, 120, 90), dtype=np.uint8)
     path = write_geotiff(tmp_path / "a.tif", a, pixel=0.25)
-    with ResampledReader(open_image(str(path)), 2.0) as r:
+    with open_image(str(path), gsd=0.5) as r:
         assert (r.info.height, r.info.width) == (60, 45) and r.info.transform[0] == 0.5
-        assert pixel_size(r.info) == 0.5
+        assert r.info.grid.pixel_size == 0.5 and r.info.grid.scale == 2.0
         want = np.rint(a.reshape(3, 60, 2, 45, 2).astype(np.float64).mean(axis=(2, 4))).astype(np.uint8)
         np.testing.assert_array_equal(r.read(Window(0, 0, 60, 45)), want)
         np.testing.assert_array_equal(r.read(Window(7, 3, 20, 11)), want[:, 7:27, 3:14])  # any window
-    with ResampledReader(open_image(str(path)), 3.0, labels=True) as r:  # class ids: the centre pixel
-        np.testing.assert_array_equal(r.read(Window(0, 0, 40, 30)), a[:, 1::3, 1::3])
-    with ResampledReader(open_image(str(path)), 1.5) as r:  # a factor between overviews
+    with open_image(str(path)) as base:
+        grid = base.info.grid.at_scale(3.0)
+        with GridReader(base, grid, 3.0, 3.0, labels=True) as r:  # class ids: the centre pixel
+            np.testing.assert_array_equal(r.read(Window(0, 0, 40, 30)), a[:, 1::3, 1::3])
+    with open_image(str(path), gsd=0.375) as r:  # a factor between overviews
         assert (r.info.height, r.info.width) == (80, 60)
         got = r.read(Window(0, 0, 80, 60)).astype(np.float64)
         assert abs(got.mean() - a.mean()) < 0.5  # area averaging keeps the mean
@@ -39,8 +41,8 @@ def test_open_image_at_a_ground_sample_distance(tmp_path):
     path = write_geotiff(tmp_path / "g.tif", a, pixel=0.25)
     with open_image(str(path), gsd=0.5) as r:
         assert (r.info.height, r.info.width) == (32, 32)
-    with open_image(str(path), gsd=0.25) as r:
-        assert not isinstance(r, ResampledReader)  # the same pixel size: read as it is
+    with open_image(str(path), gsd=0.252) as r:  # the same pixel size (within 2 %): read as it is
+        assert not isinstance(r, GridReader) and r.info.grid.is_native
     photo = write_geotiff(tmp_path / "p.tif", a, crs=None)
     from segpipe.core.errors import InputError
 
@@ -125,7 +127,7 @@ def test_a_dataset_at_a_resolution_reads_resampled_images_and_truth(tmp_path):
     data = write_dataset(tmp_path / "d", 2, 96, seed=2)  # 0.5 m pixels
     ds = at_resolution(load_dataset(str(data)), gsd=1.0)
     item = ds.items[0]
-    assert (item.scale, item.height, item.width) == (2.0, 48, 48)
+    assert (item.grid.scale, item.height, item.width) == (2.0, 48, 48)
     with open_item_image(item) as img, open_truth(ds, item) as truth:
         assert img.read(Window(0, 0, 48, 48)).shape == (3, 48, 48)
         with open_mask(item.mask_uri) as full:

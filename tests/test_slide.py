@@ -11,8 +11,9 @@ from scipy.ndimage import binary_dilation
 
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.geometry import Chunk, Window
+from segpipe.core.grid import choose_level
 from segpipe.io.readers import open_image
-from segpipe.io.readers.levels import area_resample, area_weights, choose_level
+from segpipe.io.readers.levels import area_resample, area_weights
 from segpipe.io.readers.raster import RasterioReader
 from segpipe.io.readers.registry import READERS
 from segpipe.io.readers.slide import OmeTiffReader, OpenSlideReader, open_slide, rgba_to_rgb
@@ -88,31 +89,35 @@ def chw(image: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("level", "mpp", "expected"),
+    ("mpp", "expected"),
     [
-        (None, None, (0, 1.0)),
-        (2, None, (2, 1.0)),
-        (None, 0.25, (0, 1.0)),
-        (None, 1.0, (1, 1.0)),
-        (None, 1.0004, (1, 1.0)),  # within tolerance of a level: no resampling
-        (None, 2.0, (1, 2.0)),  # between levels: the finer one, halved
-        (None, 0.5, (0, 2.0)),
-        (None, 8.0, (2, 2.0)),
-        (None, 0.1, (0, 0.4)),  # finer than level 0: upsampled from level 0
+        (0.25, (0, 1.0)),
+        (1.0, (1, 1.0)),
+        (1.004, (1, 1.0)),  # within the same-pixel-size tolerance of a level: no resampling
+        (2.0, (1, 2.0)),  # between levels: the finer one, halved
+        (0.5, (0, 2.0)),
+        (8.0, (2, 2.0)),
+        (0.1, (0, 0.4)),  # finer than level 0: upsampled from level 0
     ],
 )
-def test_choose_level(level, mpp, expected) -> None:
-    chosen, factor = choose_level([1.0, 4.0, 16.0], 0.25, level=level, mpp=mpp, uri="s.svs")
-    assert (chosen, pytest.approx(factor)) == expected
+def test_choose_level(mpp, expected) -> None:
+    shapes = [(1600, 1600), (400, 400), (100, 100)]  # downsamples 1, 4, 16 of a 0.25 µm slide
+    chosen, ry, rx = choose_level(shapes, mpp / 0.25)
+    assert (chosen, pytest.approx(ry), pytest.approx(rx)) == (expected[0], expected[1], expected[1])
 
 
-def test_choose_level_errors() -> None:
-    with pytest.raises(ConfigError, match="not both"):
-        choose_level([1.0], 0.25, level=0, mpp=1.0, uri="s")
+def test_choose_grid_errors() -> None:
+    from segpipe.io.readers.base import ImageInfo
+    from segpipe.io.readers.registry import choose_grid
+
+    info = ImageInfo("s", 1600, 1600, 3, "uint8", mpp=0.25, level_shapes=((1600, 1600), (400, 400)))
+    with pytest.raises(ConfigError, match="choose one"):
+        choose_grid(info, level=0, mpp=1.0)
     with pytest.raises(InputError, match="level 3 does not exist"):
-        choose_level([1.0, 4.0], 0.25, level=3, mpp=None, uri="s")
+        choose_grid(info, level=3)
     with pytest.raises(InputError, match="no microns-per-pixel"):
-        choose_level([1.0, 4.0], None, level=None, mpp=1.0, uri="s")
+        choose_grid(ImageInfo("s", 1600, 1600, 3, "uint8"), mpp=1.0)
+    assert choose_grid(info, level=1).scale == 4.0 and choose_grid(info, mpp=1.0).shape == (400, 400)
 
 
 def test_area_weights() -> None:
@@ -124,14 +129,20 @@ def test_area_weights() -> None:
 
 
 @pytest.mark.parametrize(
-    ("start", "count", "factor", "level_start"), [(0, 10, 2.0, 0), (3, 7, 1.5, 4), (5, 9, 0.4, 2), (2, 4, 3.3, 6)],
+    ("start", "count", "factor", "level_start"),
+    [(0, 10, 2.0, 0), (3, 7, 1.5, 4), (5, 9, 0.4, 2), (2, 4, 3.3, 6), (2, 9, 6.7, 5), (1, 6, 4.5, 0), (0, 7, 3.0, 0)],
 )
 def test_area_resample_equals_the_weight_matrix(start, count, factor, level_start) -> None:
     rng = np.random.default_rng(int(factor * 10))
     n = int(np.ceil((start + count) * factor)) - level_start
     block = rng.integers(0, 256, (2, n, 5)).astype(np.uint8)
     expected = np.einsum("ij,bjk->bik", area_weights(start, count, factor, level_start, level_start + n), block)
-    np.testing.assert_allclose(area_resample(block, 1, start, count, factor, level_start), expected, atol=1e-9)
+    np.testing.assert_allclose(area_resample(block, 1, start, count, factor, level_start, np.float64), expected,
+                               atol=1e-9)
+    # uint8 accumulates in float32 by default: within a rounding of the exact average
+    got = area_resample(block, 1, start, count, factor, level_start)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def test_rgba_to_rgb_composites_over_white() -> None:
@@ -203,8 +214,8 @@ def test_reflection_outside_equals_numpy_pad(svs, slide_levels) -> None:
 
 
 def test_mpp_between_levels_is_area_averaged(svs, slide_levels) -> None:
-    with open_slide(svs, mpp=2.0) as reader:
-        assert reader.info.extra["level"] == 1 and reader.info.extra["resample_factor"] == 2.0
+    with open_image(svs, mpp=2.0) as reader:
+        assert reader.info.extra["level"] == 1 and reader.info.grid.scale == 8.0
         assert (reader.info.height, reader.info.width) == (150, 200)
         assert reader.info.mpp == pytest.approx(2.0)
         expected = chw(block_mean(slide_levels[1], 2))
@@ -212,9 +223,9 @@ def test_mpp_between_levels_is_area_averaged(svs, slide_levels) -> None:
         np.testing.assert_array_equal(reader.read(Window(33, 71, 40, 50)), expected[:, 33:73, 71:121])
         padded = np.pad(expected, ((0, 0), (8, 8), (8, 8)), mode="reflect")
         np.testing.assert_array_equal(reader.read(Window(-8, -8, 60, 60)), padded[:, :60, :60])
-    with open_slide(svs, mpp=4.0) as reader:  # exactly level 2
-        assert reader.info.extra["level"] == 2 and reader.info.extra["resample_factor"] == 1.0
-    with open_slide(svs, mpp=0.1) as reader:
+    with open_image(svs, mpp=4.0) as reader:  # exactly level 2, read as it is
+        assert reader.info.extra["level"] == 2 and "grid_factor" not in reader.info.extra
+    with open_image(svs, mpp=0.1) as reader:
         assert (reader.info.height, reader.info.width) == (3000, 4000)
         # upsampled 2.5×: output pixel (1, 1) covers level-0 [0.4, 0.8)² — inside pixel (0, 0)
         np.testing.assert_array_equal(reader.read(Window(1, 1, 1, 1))[:, 0, 0], slide_levels[0][0, 0])
@@ -289,7 +300,7 @@ def test_ome_tiff_pyramid(tmp_path, slide_levels) -> None:
         assert (info.height, info.width, info.count, info.dtype, info.mpp) == (H, W, 3, "uint8", 0.5)
         assert info.extra["vendor"] == "ome-tiff" and info.extra["level_count"] == 3
         np.testing.assert_array_equal(reader.read(Window(700, 900, 100, 120)), chw(levels[0][700:800, 900:1020]))
-    with open_slide(path, mpp=1.0) as reader:
+    with open_image(path, mpp=1.0) as reader:
         assert reader.info.extra["level"] == 1 and (reader.info.height, reader.info.width) == (600, 800)
         np.testing.assert_array_equal(reader.read(Window(10, 20, 50, 60)), chw(levels[1][10:60, 20:80]))
     with open_slide(path, level=2) as reader:

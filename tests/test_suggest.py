@@ -280,8 +280,8 @@ def test_suggest_for_a_slide_writes_qupath_rectangles_in_level0_pixels(tmp_path,
     g = zarr.open_group(c, mode="r+")
     seg = {k: v for k, v in g.attrs["segpipe"].items() if k not in ("crs_wkt", "transform")}
     # segmented at level 1 of a slide whose level 0 is 4× larger
-    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1, "downsample": 4.0,
-                                "level0_height": 433 * 4, "level0_width": 389 * 4})
+    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1},
+               grid={"height": 433, "width": 389, "level0": [433 * 4, 389 * 4], "scale": 4.0, "mpp": 1.0})
     g.attrs["segpipe"] = seg
     r = _suggest(c, "--top", "3", "--out", str(tmp_path / "s.geojson"))
     assert r.exit_code == 0, r.stderr

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from segpipe.cli.logs import log_path
-from segpipe.core.errors import ConfigError, SegpipeError
+from segpipe.core.errors import ConfigError, SegpipeError, validation_problem
 
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
@@ -61,9 +61,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ValidationError as e:
             if debug:
                 raise
-            err = e.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            click.echo(f"error: {where}: {err['msg']}", err=True)
+            where, what = validation_problem(e.errors()[0])
+            click.echo(f"error: {option_name(where)}: {what}" if where else f"error: {what}", err=True)
             sys.exit(EXIT_USAGE)
         except Exception as e:  # noqa: BLE001 - a bug: keep the traceback, but in the log
             if debug:
@@ -76,6 +75,15 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_BUG)
 
     return wrapper
+
+
+def option_name(field: str) -> str:
+    """The command's option for a settings field (``patch_size`` → ``--patch-size``), else the field as is."""
+    ctx = click.get_current_context(silent=True)
+    for param in (ctx.command.params if ctx is not None else []):
+        if param.name == field and isinstance(param, click.Option):
+            return max(param.opts, key=len)
+    return field
 
 
 def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -11,9 +11,14 @@ import click
 from segpipe.cli.common import build_settings, handle_errors, segment_options
 from segpipe.train.settings import TRAIN_DEFAULTS as D
 
+#: what --data holds (every command that reads a dataset says the same)
+DATA_HELP = ("Dataset root: images/, and per image masks/ (raster class ids) or labels/ (vector labels: "
+             "GeoPackage, GeoJSON, Shapefile, QuPath, COCO, …), optional regions/; classes.json[, split.json] "
+             "(docs/labels.md).")
+
 
 @click.command()
-@click.option("--data", required=True, help="Dataset root (images/, masks/, classes.json[, split.json]).")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--out", required=True, help="Artifact folder to write.")
 @click.option("--arch", default=D["architecture"], show_default=True)
 @click.option("--encoder", default=D["encoder"], show_default=True)
@@ -36,7 +41,14 @@ from segpipe.train.settings import TRAIN_DEFAULTS as D
 def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | None, epochs: int, batch_size: int,
           patch_size: int, patches_per_epoch: int | None, lr: float, class_balanced: bool, device: str,
           precision: str, seed: int, mpp: float | None, gsd: float | None, resume: bool) -> None:
-    """Train a model on a dataset and write an artifact."""
+    """Train a model on a dataset and write an artifact.
+
+    The dataset gives each image's truth as a raster mask (masks/) or vector labels (labels/:
+    polygons from QGIS, QuPath or CVAT), optionally with labelled regions (regions/).
+    """
+    import sys
+
+    from segpipe.train.loop import epoch_line
     from segpipe.train.loop import train as run_train
     from segpipe.train.settings import train_settings
 
@@ -44,7 +56,11 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
                               batch_size=batch_size, patch_size=patch_size, patches_per_epoch=patches_per_epoch, lr=lr,
                               class_balanced=class_balanced, device=device, precision=precision, seed=seed,
                               mpp=mpp, gsd=gsd)
-    result = run_train(data, out, settings, resume=resume)
+    # a progress bar needs a terminal; piped into a file or a CI log it shows nothing useful, so
+    # there each epoch is one plain line
+    tty = sys.stdout.isatty()
+    result = run_train(data, out, settings, resume=resume, progress=tty,
+                       on_epoch=None if tty else lambda entry: click.echo(epoch_line(entry, settings.epochs)))
     miou = result.metrics.get("val_mean_iou")
     click.echo(f"wrote {result.uri}: {result.epochs_run} epoch(s), best epoch {result.best_epoch}, "
                f"val mean IoU {'n/a' if miou is None else f'{miou:.4f}'} ({result.stop_reason})")
@@ -52,7 +68,7 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 
 @click.command()
 @click.option("--model", "model", required=True, help="Model folder, registry folder or REGISTRY@vN.")
-@click.option("--data", required=True, help="Dataset root.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--split", default="val", show_default=True, help="train | val | a split named in split.json.")
 @click.option("--out", required=True, help="Folder for metrics.json, report.html, report.md, predictions/.")
 @segment_options
@@ -83,7 +99,7 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 
 
 @click.command()
-@click.option("--data", required=True, help="Dataset root.")
+@click.option("--data", required=True, help=DATA_HELP)
 @click.option("--registry", required=True, help="Registry folder or bucket URL.")
 @click.option("--arch", default=D["architecture"], show_default=True)
 @click.option("--encoder", default=D["encoder"], show_default=True)

@@ -8,6 +8,9 @@ Every error here carries one line for the user: *what* (a path or a name) and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 
 class SegpipeError(Exception):
     """Base class: a problem with the user's input or environment.
@@ -58,3 +61,18 @@ class DatasetError(SegpipeError):
 #: errors worth retrying (network hiccups, bucket throttling); bad input is never retried.
 class TransientIOError(SegpipeError):
     """A storage operation failed in a way that may succeed when retried."""
+
+
+def validation_problem(error: Mapping[str, Any]) -> tuple[str, str]:
+    """(where, what) of one pydantic validation error (an item of ``ValidationError.errors()``), for one line.
+
+    ``where`` is the field's dotted path, ``""`` for a check across fields (never an empty ``: ``
+    prefix); ``what`` is the message without pydantic's ``"Value error, "`` prefix (the check's own
+    words), and with the value given when pydantic's message does not show it.
+    """
+    where = ".".join(str(x) for x in error.get("loc", ()))
+    what = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    value = error.get("input")
+    if where and error.get("type") != "value_error" and isinstance(value, str | int | float | bool):
+        what = f"{what} (got {value!r})"
+    return where, what

@@ -11,12 +11,15 @@ Conventions (the ``metrics.json`` contract, see docs/architecture.md):
 * rows are the true class, columns the predicted class;
 * pixels whose truth equals ``ignore_index`` (a mask's own "don't score" value, 255 in the
   dataset layout) are not counted at all;
-* pixels whose truth **or** prediction is the *nodata label* (:func:`segpipe.core.classes.nodata_label`:
-  255 for up to 255 classes, 65,535 above; a segpipe output writes it where the source has no
-  data) are not counted either: there is nothing to score there, and it is never a class;
-* for class *c*: ``tp`` = M[c, c], ``fp`` = column sum − tp, ``fn`` = row sum − tp, ``support`` = row sum;
-  ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``, ``recall = tp / (tp + fn)``,
-  ``f1 = 2·tp / (2·tp + fp + fn)``.
+* pixels whose truth is the *nodata label* (:func:`segpipe.core.classes.nodata_label`: 255 for up
+  to 255 classes, 65,535 above) are not counted either: there is nothing to score there;
+* a labelled pixel whose **prediction** is the nodata label (a segpipe output writes it where the
+  source has no data, or outside a slide's tissue) is a miss for its true class, never silence:
+  :class:`ConfusionMatrix` counts it in ``unpredicted`` (per true class, beside the K×K matrix,
+  since "no prediction" is not a class), and it adds to that class's ``fn`` and ``support``;
+* for class *c*: ``tp`` = M[c, c], ``fp`` = column sum − tp, ``fn`` = row sum − tp + unpredicted,
+  ``support`` = row sum + unpredicted; ``iou = tp / (tp + fp + fn)``, ``precision = tp / (tp + fp)``,
+  ``recall = tp / (tp + fn)``, ``f1 = 2·tp / (2·tp + fp + fn)``; ``pixel_accuracy`` = trace / Σ support.
 
 Degenerate cases, decided once here:
 
@@ -41,9 +44,10 @@ from segpipe.core.classes import nodata_label
 from segpipe.core.errors import DatasetError
 
 #: keys every metrics.json holds (the public contract)
-METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequency_weighted_iou", "pixel_accuracy")
+METRICS_KEYS = ("classes", "confusion_matrix", "per_class", "mean_iou", "frequency_weighted_iou", "pixel_accuracy",
+                "unpredicted_pixels")
 #: per-class keys
-CLASS_KEYS = ("iou", "precision", "recall", "f1", "support")
+CLASS_KEYS = ("iou", "precision", "recall", "f1", "support", "unpredicted")
 
 
 #: ``nodata="auto"``: the nodata label of the class count (:func:`segpipe.core.classes.nodata_label`)
@@ -77,11 +81,18 @@ def _as_labels(a: np.ndarray, what: str) -> np.ndarray:
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
                      ignore_index: int | None = 255, nodata: Nodata = "auto") -> np.ndarray:
-    """K×K int64 counts: ``M[t, p]`` = pixels of true class *t* predicted as *p*.
+    """K×K int64 counts: ``M[t, p]`` = pixels of true class *t* predicted as *p* (:func:`confusion_counts`
+    without the unpredicted pixels)."""
+    return confusion_counts(truth, pred, num_classes, ignore_index, nodata)[0]
 
-    Pixels whose truth is ``ignore_index`` are skipped (their prediction is not checked), and
-    so are pixels whose truth or prediction is ``nodata`` (``"auto"``: the nodata label of
-    ``num_classes``; ``None``: no such value).
+
+def confusion_counts(truth: np.ndarray, pred: np.ndarray, num_classes: int,
+                     ignore_index: int | None = 255, nodata: Nodata = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(K×K counts ``M[t, p]``, K counts of labelled pixels per true class whose prediction is ``nodata``).
+
+    Pixels whose truth is ``ignore_index`` or ``nodata`` (``"auto"``: the nodata label of
+    ``num_classes``; ``None``: no such value) are skipped (their prediction is not checked); a
+    labelled pixel predicted as ``nodata`` is *unpredicted* (a miss, see the module docstring).
     Every other truth and prediction id must lie in ``0..num_classes-1``; otherwise a
     :class:`~segpipe.core.errors.DatasetError` names the first offending value — a silently
     dropped id would make the scores look better than they are.
@@ -98,17 +109,23 @@ def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int,
     if ignore_index is not None:
         keep = t != ignore_index
     nd = resolve_nodata(nodata, num_classes)
+    k = num_classes
+    unpredicted = np.zeros(k, dtype=np.int64)
     if nd is not None:
-        valid = (t != nd) & (p != nd)
-        keep = valid if keep is None else keep & valid
+        keep = t != nd if keep is None else keep & (t != nd)
+        missing = p == nd
+        if missing.any():
+            missed = t[missing if keep is None else missing & keep]
+            _check_ids(missed, num_classes, "truth", ignore_index)
+            unpredicted = np.bincount(missed.astype(np.int64), minlength=k)[:k].astype(np.int64, copy=False)
+            keep = ~missing if keep is None else keep & ~missing
     if keep is not None and not keep.all():
         t, p = t[keep], p[keep]
     _check_ids(t, num_classes, "truth", ignore_index)
     _check_ids(p, num_classes, "prediction", ignore_index)
-    k = num_classes
     # int64 before multiplying: uint8 ids times K would wrap around
     flat = t.astype(np.int64) * k + p.astype(np.int64)
-    return np.bincount(flat, minlength=k * k).reshape(k, k).astype(np.int64, copy=False)
+    return np.bincount(flat, minlength=k * k).reshape(k, k).astype(np.int64, copy=False), unpredicted
 
 
 class ConfusionMatrix:
@@ -119,7 +136,7 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, matrix: np.ndarray | None = None, ignore_index: int | None = 255,
-                 nodata: Nodata = "auto") -> None:
+                 nodata: Nodata = "auto", unpredicted: np.ndarray | None = None) -> None:
         if num_classes < 1:
             raise DatasetError("num_classes", f"must be at least 1, got {num_classes}")
         self.num_classes = num_classes
@@ -135,10 +152,18 @@ class ConfusionMatrix:
             if not np.issubdtype(m.dtype, np.integer) or (m.size and m.min() < 0):
                 raise DatasetError("confusion matrix", "must hold non-negative integer counts")
             self.matrix = m.astype(np.int64, copy=True)
+        #: labelled pixels per true class that the prediction left as nodata (misses; see the module docstring)
+        self.unpredicted = np.zeros(num_classes, dtype=np.int64) if unpredicted is None else \
+            np.asarray(unpredicted, dtype=np.int64).copy()
+        if self.unpredicted.shape != (num_classes,):
+            raise DatasetError("confusion matrix", f"unpredicted counts {self.unpredicted.shape} do not fit "
+                                                   f"{num_classes} classes")
 
     def update(self, truth: np.ndarray, pred: np.ndarray) -> ConfusionMatrix:
         """Add the counts of one chunk (in place); returns ``self`` for chaining."""
-        self.matrix += confusion_matrix(truth, pred, self.num_classes, self.ignore_index, self.nodata)
+        m, u = confusion_counts(truth, pred, self.num_classes, self.ignore_index, self.nodata)
+        self.matrix += m
+        self.unpredicted += u
         return self
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
@@ -146,7 +171,8 @@ class ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise DatasetError("confusion matrix", f"cannot merge {other.num_classes} classes "
                                                    f"into {self.num_classes}")
-        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.ignore_index, self.nodata)
+        return ConfusionMatrix(self.num_classes, self.matrix + other.matrix, self.ignore_index, self.nodata,
+                               self.unpredicted + other.unpredicted)
 
     def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
         if not isinstance(other, ConfusionMatrix):
@@ -156,13 +182,14 @@ class ConfusionMatrix:
     def __radd__(self, other: object) -> ConfusionMatrix:
         # lets sum([cm_a, cm_b, ...]) work (sum starts from 0)
         if other == 0:
-            return ConfusionMatrix(self.num_classes, self.matrix, self.ignore_index, self.nodata)
+            return ConfusionMatrix(self.num_classes, self.matrix, self.ignore_index, self.nodata, self.unpredicted)
         return NotImplemented
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ConfusionMatrix):
             return NotImplemented
-        return self.num_classes == other.num_classes and bool(np.array_equal(self.matrix, other.matrix))
+        return self.num_classes == other.num_classes and bool(np.array_equal(self.matrix, other.matrix)) \
+            and bool(np.array_equal(self.unpredicted, other.unpredicted))
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
@@ -171,18 +198,21 @@ class ConfusionMatrix:
 
     @property
     def total(self) -> int:
-        """Pixels counted so far."""
-        return int(self.matrix.sum())
+        """Labelled pixels scored so far (predicted or not)."""
+        return int(self.matrix.sum() + self.unpredicted.sum())
 
     def scores(self, class_names: Sequence[str]) -> dict[str, Any]:
         """:func:`scores` of the accumulated counts."""
-        return scores(self.matrix, class_names)
+        return scores(self.matrix, class_names, self.unpredicted)
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any]) -> ConfusionMatrix:
         """The counts back from a ``metrics.json`` dict (to merge evaluations or re-derive scores)."""
         m = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-        return cls(len(metrics["classes"]), m)
+        names = metrics["classes"]
+        per = metrics.get("per_class") or {}
+        unpredicted = [int((per.get(n) or {}).get("unpredicted") or 0) for n in names]
+        return cls(len(names), m, unpredicted=np.asarray(unpredicted, dtype=np.int64))
 
 
 def _ratio(num: np.ndarray, den: np.ndarray, undefined: np.ndarray) -> np.ndarray:
@@ -196,14 +226,15 @@ def _none_if_nan(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
-def scores(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Every score of ``metrics.json`` from one confusion matrix (rows truth, columns prediction).
+def scores(matrix: np.ndarray, class_names: Sequence[str], unpredicted: np.ndarray | None = None) -> dict[str, Any]:
+    """Every score of ``metrics.json`` from one confusion matrix (rows truth, columns prediction) and the
+    labelled pixels per class that were left unpredicted (misses; None = none).
 
     Returns a JSON-ready dict (plain ints/floats, ``None`` for undefined values)::
 
         {"classes": [...], "confusion_matrix": [[...]],
-         "per_class": {name: {"iou", "precision", "recall", "f1", "support"}},
-         "mean_iou", "frequency_weighted_iou", "pixel_accuracy"}
+         "per_class": {name: {"iou", "precision", "recall", "f1", "support", "unpredicted"}},
+         "mean_iou", "frequency_weighted_iou", "pixel_accuracy", "unpredicted_pixels"}
 
     ``mean_iou`` is the mean over classes that have a score (present in truth or prediction);
     ``frequency_weighted_iou`` = Σ_c support_c · iou_c / Σ support; ``pixel_accuracy`` = trace / total.
@@ -216,8 +247,9 @@ def scores(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     if len(set(class_names)) != k:
         raise DatasetError("class names", "must be unique")
     m = m.astype(np.int64)
+    missed = np.zeros(k, dtype=np.int64) if unpredicted is None else np.asarray(unpredicted, dtype=np.int64)
     tp = np.diag(m).astype(np.float64)
-    support = m.sum(axis=1).astype(np.float64)  # truth pixels per class
+    support = (m.sum(axis=1) + missed).astype(np.float64)  # labelled pixels per class, predicted or not
     predicted = m.sum(axis=0).astype(np.float64)
     fp = predicted - tp
     fn = support - tp
@@ -244,6 +276,7 @@ def scores(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
             "recall": _none_if_nan(recall[i]),
             "f1": _none_if_nan(f1[i]),
             "support": int(support[i]),
+            "unpredicted": int(missed[i]),
         }
         for i, name in enumerate(class_names)
     }
@@ -254,4 +287,5 @@ def scores(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
         "mean_iou": mean_iou,
         "frequency_weighted_iou": fw_iou,
         "pixel_accuracy": pixel_accuracy,
+        "unpredicted_pixels": int(missed.sum()),
     }

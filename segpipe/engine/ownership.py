@@ -67,6 +67,8 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "crs_wkt": info.crs_wkt,
         "transform": list(info.transform) if info.transform else None,
         "mpp": info.mpp,
+        # the pixels this output is on: evaluation, corrections and exports open the source and its truth on it
+        "grid": info.grid.as_dict(),
         "reader": {"driver": info.driver, **info.extra},
         "input": {"dtype": info.dtype, "normalization": norm.as_dict() if norm else None},
         "run_id": run_id,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.core.geometry import ChunkGrid
+from segpipe.core.grid import PixelGrid, same_pixel_size
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
@@ -39,6 +40,7 @@ from segpipe.io.output import (
     read_attrs,
 )
 from segpipe.io.readers import ImageInfo, open_image, shared_reader
+from segpipe.io.readers.registry import choose_grid
 from segpipe.io.storage import SourceImage, list_images, output_uri
 from segpipe.io.uncertainty import ChunkUncertainty
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
@@ -62,32 +64,32 @@ def check_image(uri: str, info: ImageInfo, model: ModelRef, settings: SegmentSet
     return check_input(model.spec, info, uri)
 
 def at_model_resolution(info: ImageInfo, model: ModelRef, settings: SegmentSettings, uri: str
-                        ) -> tuple[SegmentSettings, str | None]:
-    """The settings that read ``uri`` at the pixel size its model was trained at, and a warning line when
-    the image is coarser than that (it is then upsampled: the model sees less detail than in training).
+                        ) -> tuple[SegmentSettings, PixelGrid, str | None]:
+    """(the settings, the pixel grid ``uri`` is segmented on, a warning line or None): the image's grid at the
+    pixel size its model was trained at (``info``: its full-resolution header), decided once per image.
 
     ``--level``, ``--mpp`` or ``--gsd`` given by the user win; a model without a recorded resolution,
     or an image without the matching kind of pixel size (mpp for slides, a georeference for ``gsd``),
-    is read as it is.
+    is read as it is. The warning says when the image is coarser than the model's pixels (it is then
+    upsampled: the model sees less detail than in training).
     """
-    from segpipe.io.readers.resample import SAME_SIZE_RTOL, pixel_size
-
     r, res = settings.read, model.spec.resolution
-    if res is None or r.level is not None or r.mpp is not None or r.gsd is not None:
-        return settings, None
-    if res.mpp is not None and info.mpp is not None:
-        read, have, want, unit = r.model_copy(update={"mpp": res.mpp}), info.mpp, res.mpp, "µm per pixel"
-    elif res.gsd is not None and pixel_size(info) is not None:
-        have = pixel_size(info)
-        assert have is not None
-        read, want, unit = r.model_copy(update={"gsd": res.gsd}), res.gsd, "CRS units per pixel"
-    else:
-        return settings, None
+    native = info.grid
+    have = want = None
+    if res is not None and r.level is None and r.mpp is None and r.gsd is None:
+        if res.mpp is not None and native.mpp is not None:
+            settings = settings.model_copy(update={"read": r.model_copy(update={"mpp": res.mpp})})
+            have, want, unit = native.mpp, res.mpp, "µm per pixel"
+        elif res.gsd is not None and native.pixel_size is not None:
+            settings = settings.model_copy(update={"read": r.model_copy(update={"gsd": res.gsd})})
+            have, want, unit = native.pixel_size, res.gsd, "CRS units per pixel"
+    r = settings.read
+    grid = choose_grid(info, level=r.level, mpp=r.mpp, gsd=r.gsd)
     note = None
-    if have > want * (1 + SAME_SIZE_RTOL):
+    if have is not None and want is not None and have > want and not same_pixel_size(have, want):
         note = (f"{uri}: its pixels ({have:g} {unit}) are coarser than the model's ({want:g}); it is upsampled, "
                 "so the model sees less detail than it was trained on")
-    return settings.model_copy(update={"read": read}), note
+    return settings, grid, note
 
 
 def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
@@ -109,13 +111,12 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
-        r = settings.read
-        native = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd).info
-        settings, coarser = at_model_resolution(native, model, settings, image.uri)
+        native = shared_reader(image.uri, settings.read.bands, fingerprint=image.fingerprint).info
+        settings, grid_px, coarser = at_model_resolution(native, model, settings, image.uri)
         if coarser:
             result.notes.append(coarser)
         gpu_workers, threads = recent_worker_capacity(client)  # a scheduler round trip at most every 10 s
-        info, background, norm, tissue = _read_header(image, model, settings)
+        info, background, norm, tissue = _read_header(image, model, settings, grid_px)
         result.height, result.width = info.height, info.width
         grid = ChunkGrid(info.height, info.width, settings.tiling.chunk_size)
         result.chunks = len(grid)
@@ -168,7 +169,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         per_task = tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm, tissue=tissue,
-                       forward_batch=per_task)
+                       forward_batch=per_task, grid=grid_px)
         compute, fill = _tile_work(tplan, done, background)
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
@@ -206,7 +207,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         result.seconds = time.perf_counter() - t0
     return result
 
-def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
+def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings, grid: PixelGrid
                  ) -> tuple[ImageInfo, set[tuple[int, int]], InputNorm, bool]:
     """Header, checks, slide background, the image's input normalisation, and whether its background is
     removed per pixel (a slide with ``skip_empty``), with one open reader.
@@ -216,7 +217,7 @@ def _read_header(image: SourceImage, model: ModelRef, settings: SegmentSettings
     image a second time (a decode of a PNG chip; a header request per remote COG).
     """
     r = settings.read
-    reader = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd)
+    reader = shared_reader(image.uri, r.bands, grid=grid, fingerprint=image.fingerprint)
     info = reader.info
     norm = check_image(image.uri, info, model, settings)
     if norm is None:
@@ -235,19 +236,18 @@ def _background_chunks(reader: Any, settings: SegmentSettings) -> set[tuple[int,
     grid = ChunkGrid(reader.info.height, reader.info.width, settings.tiling.chunk_size)
     return {c.key for c in grid if not chunk_has_tissue(tm.mask, c, tm.scale)}
 
-def _plan(images: Sequence[SourceImage], settings: SegmentSettings) -> tuple[int, float]:
-    """Total chunks and megapixels of a run, from image headers only (for progress and ETA)."""
+def _plan(images: Sequence[SourceImage], model: ModelRef, settings: SegmentSettings) -> tuple[int, float]:
+    """Total chunks and megapixels of a run, from image headers only (for progress and ETA): each image on
+    the grid it is segmented on (:func:`at_model_resolution`)."""
     chunks, mp = 0, 0.0
     for image in images:
         try:
-            reader = open_image(image.uri, settings.read.bands, level=settings.read.level, mpp=settings.read.mpp,
-                                gsd=settings.read.gsd)
+            with open_image(image.uri, settings.read.bands) as reader:
+                grid = at_model_resolution(reader.info, model, settings, image.uri)[1]
         except SegpipeError:
             continue  # reported when the image itself runs
-        info = reader.info
-        reader.close()
-        chunks += len(ChunkGrid(info.height, info.width, settings.tiling.chunk_size))
-        mp += info.megapixels
+        chunks += len(ChunkGrid(grid.height, grid.width, settings.tiling.chunk_size))
+        mp += grid.pixels / 1e6
     return chunks, mp
 
 def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, settings: SegmentSettings, client: Client,
@@ -292,7 +292,7 @@ def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, set
     names = assign_outputs(images, out)
     planner = None
     if progress:
-        planner = threading.Thread(target=lambda: progress.plan(*_plan(images, settings)), daemon=True,
+        planner = threading.Thread(target=lambda: progress.plan(*_plan(images, ref, settings)), daemon=True,
                                    name="segpipe-plan")
         planner.start()
 

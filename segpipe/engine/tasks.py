@@ -158,7 +158,7 @@ _tissue_lock = threading.Lock()
 def worker_tissue_mask(reader: Any, source: str, fingerprint: str, read: Any) -> TissueMask:
     """This process's tissue mask of an image: computed from one thumbnail on first use, then reused
     by every tile task of the image (a few recent images are kept)."""
-    key = (source, fingerprint, read.bands, read.level, read.mpp)
+    key = (source, fingerprint, read.bands, reader.info.grid)
     with _tissue_lock:
         hit = _tissue_cache.get(key)
     if hit is None:
@@ -195,7 +195,7 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
     # one tile per task (CPU): one shared handle, each block decoded once; several (GPU): a
     # handle per thread so batches are read in parallel (overlaps within a tile stay cached)
     open_reader = thread_reader if len(work) >= PARALLEL_READ_BATCH else shared_reader
-    reader = open_reader(job.source, r.bands, r.level, r.mpp, job.fingerprint, gsd=r.gsd)
+    reader = open_reader(job.source, r.bands, grid=job.grid, fingerprint=job.fingerprint)
     predictor = cached_predictor(job.model.uri, job.model.sha256, job.inference)
     if predictor.cpu is not None and predictor.cpu.host_cores and not getattr(_pinned, "done", False):
         pin_thread(predictor.cpu.host_cores)  # this worker thread reads and writes beside the forward's cores

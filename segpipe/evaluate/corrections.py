@@ -27,7 +27,7 @@ import numpy as np
 
 from segpipe.core.errors import SegpipeError
 from segpipe.core.metrics import ConfusionMatrix
-from segpipe.evaluate.evaluation import score_output
+from segpipe.evaluate.evaluation import output_grid, score_output
 from segpipe.export.vectors import ORIGIN_KEY
 from segpipe.io.meta import open_output_group, output_meta
 from segpipe.io.storage import filesystem, join, strip_file_scheme
@@ -115,7 +115,7 @@ def corrections(dataset: Dataset, baseline: str | None = None) -> dict[str, Any]
         try:
             meta = output_meta(origin, open_output_group(origin))
             # rows: the corrected labels (as truth), columns: the model's output, over the labelled pixels
-            cm = score_output(origin, open_truth(dataset, item), k)
+            cm = score_output(origin, open_truth(dataset, item, output_grid(origin)), k)
         except SegpipeError as e:
             log.warning("%s: corrections not counted (%s)", item.labels_uri, e)
             continue

@@ -4,10 +4,14 @@ The predictions are made exactly as ``segment`` makes them (same chunk size, hal
 chunk tasks on Dask) into ``OUT/predictions/<name>.zarr``; truth and prediction are then
 compared chunk by chunk, so evaluation images can be as large as production images.
 
+Everything is compared on the **prediction's pixel grid** (:mod:`segpipe.core.grid`, recorded in the
+output): a model with a recorded resolution segments an image at its own pixel size, and the truth
+(mask or vector labels) and the report's thumbnails are then read on that same grid.
+
 Not scored: truth pixels holding the mask's ignore value (:data:`segpipe.labels.dataset.IGNORE_INDEX`)
-and pixels whose truth or prediction is the nodata label (:func:`segpipe.core.classes.nodata_label`:
-the output writes it where the source has no data). ``metrics.json`` records how many pixels
-that left out under ``data.unscored_pixels``.
+or the nodata label; ``metrics.json`` records how many under ``data.unscored_pixels``. A labelled
+pixel the prediction left as nodata (outside a slide's tissue, the source's no-data) is a miss for its
+class, counted per class as ``unpredicted`` (:mod:`segpipe.core.metrics`), never left out silently.
 """
 
 from __future__ import annotations
@@ -21,18 +25,18 @@ import numpy as np
 from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import ChunkGrid, Window
-from segpipe.core.metrics import ConfusionMatrix, scores
+from segpipe.core.grid import PixelGrid
+from segpipe.core.metrics import ConfusionMatrix
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.job import ModelRef, check_model
 from segpipe.engine.segment import segment_image
+from segpipe.io.meta import open_output_group, output_meta
 from segpipe.io.metrics import write_metrics_json
 from segpipe.io.output import open_labels, read_attrs
 from segpipe.io.readers import ImageReader, open_image
 from segpipe.io.readers.decimate import read_decimated
-from segpipe.io.readers.levels import resampled_size
-from segpipe.io.readers.resample import ResampledReader
 from segpipe.io.storage import SourceImage, join, list_images
-from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask
+from segpipe.labels.dataset import IGNORE_INDEX, Dataset, load_dataset, open_mask_on
 from segpipe.labels.truth import open_truth
 
 if TYPE_CHECKING:
@@ -62,12 +66,13 @@ def _source(item_uri: str, name: str) -> SourceImage:
     return SourceImage(found.uri, f"{name}.{ext}", found.fingerprint, found.size)
 
 
-def _sample(name: str, image_uri: str, truth: str | ImageReader, pred, h: int, w: int) -> Sample:
-    """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report."""
+def _sample(name: str, image_uri: str, grid: PixelGrid, truth: ImageReader, pred) -> Sample:
+    """A decimated view (≤ SAMPLE_SIDE px) of image | truth | prediction for the report, all three on the
+    prediction's pixel grid."""
     from segpipe.evaluate.overlays import Sample
 
-    step = max(1, -(-max(h, w) // SAMPLE_SIDE))
-    with open_image(image_uri) as r:  # strip by strip: evaluation images may be as large as production ones
+    step = max(1, -(-max(grid.height, grid.width) // SAMPLE_SIDE))
+    with open_image(image_uri, grid=grid) as r:  # strip by strip: evaluation images may be as large as production
         bands = min(3, r.info.count)
         img = read_decimated(r, step, bands)
     if img.dtype != np.uint8:  # stretch other dtypes to 0..255 for display
@@ -75,36 +80,36 @@ def _sample(name: str, image_uri: str, truth: str | ImageReader, pred, h: int, w
         img = np.clip((img - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
     if bands == 1:
         img = np.repeat(img, 3, axis=0)
-    # truth: a mask's URI or a reader of class ids (segpipe.labels.truth.open_truth), closed here
-    with open_mask(truth) if isinstance(truth, str) else truth as r:
+    with truth as r:  # a reader of class ids on the same grid (segpipe.labels.truth.open_truth), closed here
         ids = read_decimated(r, step, 1)[0]
     return Sample(name, np.ascontiguousarray(img.transpose(1, 2, 0)), ids.astype(np.int64),
                   np.asarray(pred[::step, ::step]).astype(np.int64))
 
 
-def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) -> ConfusionMatrix:
-    """Confusion matrix of a segpipe output against a mask, one output chunk at a time.
+def output_grid(output_uri: str) -> PixelGrid:
+    """The pixel grid a segpipe output was computed on (what its truth must be opened on)."""
+    meta = output_meta(output_uri, open_output_group(output_uri))
+    assert meta.grid is not None
+    return meta.grid
 
-    ``truth``: a mask's URI, or a reader of class ids (:func:`segpipe.labels.truth.open_truth`:
-    vector labels, regions), which is closed here. Truth pixels equal to
-    :data:`~segpipe.labels.dataset.IGNORE_INDEX` (ignored names, outside every labelled region)
-    and pixels whose truth or prediction is the nodata label of ``num_classes`` are not counted.
+
+def score_output(output_uri: str, truth: str | ImageReader, num_classes: int) -> ConfusionMatrix:
+    """Confusion matrix of a segpipe output against its truth, one output chunk at a time.
+
+    ``truth``: a mask's URI (read on the output's pixel grid, nearest class ids), or a reader of class ids
+    already on that grid (:func:`segpipe.labels.truth.open_truth` with ``grid=``:func:`output_grid`), which is
+    closed here. Truth pixels equal to :data:`~segpipe.labels.dataset.IGNORE_INDEX` (ignored names, outside
+    every labelled region) or to the nodata label are not counted; a labelled pixel predicted as nodata is
+    counted as unpredicted (a miss).
     """
+    grid = output_grid(output_uri)
     pred = open_labels(output_uri)
     height, width = pred.shape
-    reader: ImageReader = open_mask(truth) if isinstance(truth, str) else truth
-    mask_uri = reader.info.uri
-    if (reader.info.height, reader.info.width) != (height, width):
-        # the model read the image at its own resolution (model.json resolution): the truth is read at the
-        # prediction's pixel size too, class ids by nearest neighbour (never averaged)
-        fy, fx = reader.info.height / height, reader.info.width / width
-        if abs(fy - fx) <= 0.02 * max(fy, fx) and resampled_size(reader.info.height, fx) == height \
-                and resampled_size(reader.info.width, fx) == width:
-            reader = ResampledReader(reader, fx, labels=True)
+    reader: ImageReader = open_mask_on(truth, grid) if isinstance(truth, str) else truth
     with reader as masks:
         if (masks.info.height, masks.info.width) != (height, width):
-            raise DatasetError(mask_uri, f"is {masks.info.width}×{masks.info.height}, the prediction "
-                               f"{width}×{height}")
+            raise DatasetError(masks.info.uri, f"is read on {masks.info.grid.describe()}, but the prediction "
+                                               f"{output_uri} is on {grid.describe()}")
         cm = ConfusionMatrix(num_classes, ignore_index=IGNORE_INDEX, nodata="auto")
         for ch in ChunkGrid(height, width, pred.chunks[0]):
             ids = masks.read(Window(ch.y0, ch.x0, ch.h, ch.w))[0]
@@ -141,18 +146,22 @@ def evaluate(model: str, data: str | Dataset, out: str, settings: SegmentSetting
             not_scored.append({"image": item.image_uri, "reason": reason})
             log.warning("not scored: %s", reason)
             continue
-        cm = cm + score_output(result.output, open_truth(ds, item), ds.num_classes)
-        scored, pixels = scored + 1, pixels + item.height * item.width
-        pred = open_labels(result.output)
+        # the truth and the thumbnails on the prediction's own pixel grid (the model's resolution)
+        grid = output_grid(result.output)
+        cm = cm + score_output(result.output, open_truth(ds, item, grid), ds.num_classes)
+        scored, pixels = scored + 1, pixels + grid.pixels
         if len(samples) < n_samples:
-            samples.append(_sample(item.name, item.image_uri, open_truth(ds, item), pred, item.height, item.width))
+            samples.append(_sample(item.name, item.image_uri, grid, open_truth(ds, item, grid),
+                                   open_labels(result.output)))
     if not scored:
         raise DatasetError(ds.root, f"no image of the {split} split could be scored: {not_scored[0]['reason']}")
-    metrics = scores(cm.matrix, ds.classes)
+    metrics = cm.scores(ds.classes)
     metrics["model"] = {"uri": ref.uri, "weights_sha256": ref.sha256}
     metrics["data"] = {"root": ds.root, "split": split, "images": scored, "pixels": pixels,
-                       # ignored truth or nodata (truth or prediction): not in the confusion matrix
+                       # ignored or nodata truth: not scored (labelled pixels without a prediction are
+                       # scored, as misses: unpredicted_pixels)
                        "unscored_pixels": pixels - cm.total,
+                       "unpredicted_pixels": int(cm.unpredicted.sum()),
                        # predictions another run was writing: left out, and said so
                        "not_scored": not_scored}
     write_metrics_json(join(out, "metrics.json"), metrics)

@@ -120,6 +120,8 @@ def level0_mapping(meta: OutputMeta) -> Level0 | None:
     """
     if not meta.is_slide:
         return None
+    if meta.grid_recorded and meta.grid is not None:
+        return Level0(scale=meta.grid.scale, height=meta.grid.level0[0], width=meta.grid.level0[1])
     reader = meta.reader
     level = int(reader.get("level") or 0)
     factor = float(reader.get("resample_factor") or 1.0)

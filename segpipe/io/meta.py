@@ -20,6 +20,7 @@ import numpy as np
 
 from segpipe.core.classes import class_colors, colors_from_spec, palette_rgba
 from segpipe.core.errors import OutputError
+from segpipe.core.grid import PixelGrid
 from segpipe.io.storage import strip_file_scheme
 
 #: readers that read a level (and optionally an mpp) of a whole-slide pyramid
@@ -123,6 +124,10 @@ class OutputMeta:
     reader: dict = field(default_factory=dict)
     mpp: float | None = None
     status: str | None = None
+    #: the pixel grid the output was computed on (its source's pixels, possibly at another resolution)
+    grid: PixelGrid | None = None
+    #: the grid is recorded (``segpipe.grid``), not reconstructed for an output written before it was
+    grid_recorded: bool = False
 
     @property
     def is_slide(self) -> bool:
@@ -160,4 +165,20 @@ def output_meta(zarr_uri: str, group: Any) -> OutputMeta:
         source=seg.get("source"), levels=levels,
         nodata=int(nodata) if nodata is not None else None, class_colors=tuple(hexes),
         reader=dict(seg.get("reader") or {}), mpp=seg.get("mpp"), status=seg.get("status"),
+        grid=recorded_grid(seg, int(height), int(width)), grid_recorded=isinstance(seg.get("grid"), dict),
     )
+
+
+def recorded_grid(seg: dict[str, Any], height: int, width: int) -> PixelGrid:
+    """The pixel grid an output records (``segpipe.grid``); for outputs written before it was recorded, the
+    grid their size, georeference and reader record (a slide level's ``downsample × resample_factor``)."""
+    if isinstance(seg.get("grid"), dict):
+        return PixelGrid.from_dict(seg["grid"])
+    reader = seg.get("reader") or {}
+    scale = float(reader.get("downsample") or 1.0) * float(reader.get("resample_factor") or reader.get("resampled_by")
+                                                             or 1.0)
+    h0, w0 = reader.get("level0_height"), reader.get("level0_width")
+    level0 = (int(h0), int(w0)) if h0 and w0 else (round(height * scale), round(width * scale))
+    t = seg.get("transform")
+    return PixelGrid(height, width, level0, scale, seg.get("crs_wkt") or None,
+                     tuple(float(v) for v in t) if t else None, seg.get("mpp"))

@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from segpipe.core.classes import class_colors, parse_color, to_hex
-from segpipe.core.errors import ConfigError, DatasetError
+from segpipe.core.errors import ConfigError, DatasetError, validation_problem
 
 #: label value that is neither trained on nor scored (the dataset's ignore value)
 IGNORE_INDEX = 255
@@ -204,9 +204,8 @@ def parse_label_classes(data: Any, uri: str) -> LabelClasses:
     try:
         parsed = _ClassesFile.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "top level"
-        raise DatasetError(uri, f"{where}: {err['msg']} ({_SHAPE})") from None
+        where, what = validation_problem(e.errors()[0])
+        raise DatasetError(uri, f"{where or 'top level'}: {what} ({_SHAPE})") from None
     names = tuple(c.name for c in parsed.classes)
     colors = tuple(class_colors(len(names), [c.color for c in parsed.classes]))
     exact: dict[str, int] = {}

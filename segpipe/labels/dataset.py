@@ -45,7 +45,10 @@ from typing import NamedTuple
 import numpy as np
 
 from segpipe.core.errors import DatasetError, InputError
-from segpipe.io.readers import ImageReader, open_image
+from segpipe.core.grid import PixelGrid, same_pixel_size
+from segpipe.io.readers import ImageInfo, ImageReader, open_image
+from segpipe.io.readers.registry import choose_grid
+from segpipe.io.readers.resample import on_grid
 from segpipe.io.storage import filesystem, join, list_images, strip_file_scheme
 
 # IGNORE_INDEX (255) is re-exported: the mask value that is not trained on nor scored; the same
@@ -62,7 +65,12 @@ VAL_FRACTION = 0.2
 
 
 class Item(NamedTuple):
-    """One training image and its ground truth: a raster mask, vector labels and/or regions."""
+    """One training image and its ground truth: a raster mask, vector labels and/or regions.
+
+    ``grid`` is the pixel grid the image and its truth are read on (:mod:`segpipe.core.grid`): the
+    image's own pixels when loaded, the dataset's resolution after :func:`at_resolution`; ``height``
+    and ``width`` are the grid's.
+    """
 
     name: str  #: path relative to images/ without extension
     image_uri: str
@@ -71,8 +79,11 @@ class Item(NamedTuple):
     width: int
     labels_uri: str | None = None  #: DATA/labels/<name>.<ext> (unused when there is a mask)
     regions_uri: str | None = None  #: DATA/regions/<name>.<ext>: the exhaustively labelled areas
-    #: source pixels per training pixel (:func:`at_resolution`); height and width are then the resampled ones
-    scale: float = 1.0
+    grid: PixelGrid | None = None  #: None only for items made by hand: the image's own pixels
+
+    def on(self, grid: PixelGrid) -> Item:
+        """This item read on ``grid`` (an output's, the dataset's resolution)."""
+        return self._replace(grid=grid, height=grid.height, width=grid.width)
 
     @property
     def truth_uri(self) -> str:
@@ -150,26 +161,51 @@ def _read_split_file(root: str, names: Sequence[str]) -> dict[str, list[str]] | 
     data = _read_json(fs, path, uri)
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise DatasetError(uri, 'must hold a JSON object {"train": [names], "val": [names]}')
-    known = set(names)
+    spelling = split_spellings(names)
+    names_set = set(names)
     out: dict[str, list[str]] = {}
     for key, value in data.items():
         if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
             raise DatasetError(uri, f"{key!r} must be a list of image names (paths under images/ without extension)")
-        # names may carry their extension ("a.tif" for images/a.tif): accept both spellings
-        out[key] = [n if n in known or posixpath.splitext(n)[0] not in known else posixpath.splitext(n)[0]
-                    for n in value]
+        out[key] = [_split_name(n, spelling) for n in value]
     if "train" not in out:
         raise DatasetError(uri, 'has no "train" list')
     for key, value in out.items():
-        missing = [n for n in value if n not in known]
+        missing = [n for n in value if n not in names_set]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            listed = sorted(names)
+            known = ", ".join(listed[:10]) + (f" (and {len(listed) - 10} more)" if len(listed) > 10 else "")
             raise DatasetError(uri, f"{key!r} names image(s) not found under images/: "
-                                    f"{', '.join(missing[:3])}{more}")
+                                    f"{', '.join(missing[:3])}{more}; known names: {known}")
     both = sorted(set(out["train"]) & set(out.get("val", [])))
     if both:
         raise DatasetError(uri, f"image {both[0]!r} is in both train and val")
     return out
+
+
+def split_spellings(names: Sequence[str]) -> dict[str, str]:
+    """Every spelling ``split.json`` may use for an image → its name: the name (``tiles/a``, ``a.ome`` for
+    ``images/a.ome.tif``), the name with the file's extension (``a.tif``, ``a.ome.tif``), and a double
+    extension's stem (``a`` for ``a.ome.tif``) when no other image has it."""
+    out = {n: n for n in names}
+    extra: dict[str, set[str]] = {}
+    for n in names:
+        stem, ext = posixpath.splitext(n)
+        if ext and stem:
+            extra.setdefault(stem, set()).add(n)
+    for stem, found in extra.items():
+        if stem not in out and len(found) == 1:
+            out[stem] = next(iter(found))
+    return out
+
+
+def _split_name(name: str, spelling: dict[str, str]) -> str:
+    """``name`` as written in split.json → the image's name (a trailing file extension is dropped)."""
+    if name in spelling:
+        return spelling[name]
+    stem = posixpath.splitext(name)[0]
+    return spelling.get(stem, name)
 
 
 def seeded_split(names: Sequence[str], seed: int = 0, val_fraction: float = VAL_FRACTION) -> dict[str, list[str]]:
@@ -192,11 +228,10 @@ def _by_stem(found, folder_uri: str) -> dict[str, str]:
     return out
 
 
-def _header(uri: str, mask: bool = False) -> tuple[int, int, int, str]:
+def read_header(uri: str, mask: bool = False) -> ImageInfo:
     reader = open_mask(uri) if mask else open_reader(uri)
     try:
-        i = reader.info
-        return i.height, i.width, i.count, i.dtype
+        return reader.info
     finally:
         reader.close()
 
@@ -264,7 +299,8 @@ def _load_all(root: str) -> Dataset:
         if mask_uri is not None and label_uri is not None:
             both.append(name)
             label_uri = None  # the mask wins
-        h, w, count, dt = _header(image_uri)
+        info = read_header(image_uri)
+        h, w, count, dt = info.height, info.width, info.count, info.dtype
         if in_channels is None:
             in_channels, dtype, first = count, dt, image_uri
         elif count != in_channels:
@@ -275,10 +311,10 @@ def _load_all(root: str) -> Dataset:
                                           "all images need the same dtype")
         if mask_uri is not None:
             _check_mask(mask_uri, image_uri, h, w)
-        items.append(Item(name, image_uri, mask_uri, h, w, label_uri, region_uri))
+        items.append(Item(name, image_uri, mask_uri, h, w, label_uri, region_uri, info.grid))
     if both:
-        log.info("%s: %d image(s) have both a mask and vector labels; the mask is used (first: %s)",
-                 root, len(both), both[0])
+        log.warning("%s: %d image(s) have both a mask and vector labels; the mask is used (first: %s)",
+                    root, len(both), both[0])
     for what, found, uri in (("mask", masks, masks_uri), ("label file", labels, labels_uri),
                              ("region file", regions, regions_uri)):
         stray = sorted(set(found) - set(images))
@@ -290,7 +326,8 @@ def _load_all(root: str) -> Dataset:
 
 
 def _check_mask(mask_uri: str, image_uri: str, h: int, w: int) -> None:
-    mh, mw, mcount, mdt = _header(mask_uri, mask=True)
+    m = read_header(mask_uri, mask=True)
+    mh, mw, mcount, mdt = m.height, m.width, m.count, m.dtype
     if (mh, mw) != (h, w):
         raise DatasetError(mask_uri, f"is {mh}×{mw} pixels but its image {image_uri} is {h}×{w}")
     if mcount != 1:
@@ -337,43 +374,70 @@ def _serve_palette_indices(reader: ImageReader, uri: str) -> None:
 
 
 def open_item_image(item: Item) -> ImageReader:
-    """The image of ``item`` at the dataset's resolution (area-averaged when :func:`at_resolution` set a scale)."""
-    from segpipe.io.readers.resample import ResampledReader
+    """The image of ``item`` on its pixel grid (the dataset's resolution: nearest finer level, area-averaged)."""
+    try:
+        return open_image(item.image_uri, grid=item.grid)
+    except InputError as e:
+        raise DatasetError(item.image_uri, e.problem) from None
 
-    reader = open_reader(item.image_uri)
-    return reader if item.scale == 1.0 else ResampledReader(reader, item.scale)
+
+def open_mask_on(uri: str, grid: PixelGrid | None) -> ImageReader:
+    """A mask (:func:`open_mask`) on ``grid``: the class id under each grid pixel's centre (never averaged)."""
+    reader = open_mask(uri)
+    if grid is None:
+        return reader
+    try:
+        return on_grid(reader, grid, labels=True)
+    except ValueError as e:
+        raise DatasetError(uri, f"cannot be read on its image's pixel grid ({e})") from None
 
 
-def at_resolution(dataset: Dataset, *, mpp: float | None = None, gsd: float | None = None) -> Dataset:
-    """``dataset`` read at one pixel size: ``mpp`` (slides: microns per pixel) or ``gsd`` (georeferenced
-    rasters: CRS units per pixel). Each item gets its scale (source pixels per pixel) and resampled size;
-    images and truth are then read through :func:`open_item_image` and :func:`segpipe.labels.truth.open_truth`.
+def at_resolution(dataset: Dataset, *, mpp: float | None = None, gsd: float | None = None,
+                  strict: bool = True) -> Dataset:
+    """``dataset`` read at one pixel size: ``mpp`` (slides: microns per pixel) and/or ``gsd`` (georeferenced
+    rasters: CRS units per pixel). Each item gets its pixel grid at that size
+    (:func:`segpipe.io.readers.registry.choose_grid`; an image at the same pixel size keeps its own), read by
+    :func:`open_item_image` and :func:`segpipe.labels.truth.open_truth`.
 
-    An image without that kind of pixel size, or coarser than asked by more than 0.1 %, is refused
-    (training on upsampled pixels would teach detail that is not there).
+    ``strict`` (a resolution the user chose): an image without that kind of pixel size, or coarser than
+    asked, is refused (training on upsampled pixels would teach detail that is not there). Otherwise (the
+    dataset's own median, recorded in the model): such images keep their pixels or are upsampled, and one
+    warning says how many images are resampled, because the model then sees them as ``segment`` will.
     """
-    from segpipe.io.readers.levels import resampled_size
-    from segpipe.io.readers.resample import SAME_SIZE_RTOL, pixel_size
-
-    if (mpp is None) == (gsd is None):
+    if mpp is None and gsd is None:
         raise DatasetError(dataset.root, "give one resolution to train at: mpp (slides) or gsd (rasters)")
-    want = float(mpp if mpp is not None else gsd)  # type: ignore[arg-type]
-    unit = "µm per pixel" if mpp is not None else "CRS units per pixel"
-    items = []
+    items, resampled, upsampled = [], [], []
     for item in dataset.items:
-        reader = open_reader(item.image_uri)
+        reader = open_reader(item.image_uri)  # the header: pixel size and pyramid levels
         try:
-            have = reader.info.mpp if mpp is not None else pixel_size(reader.info)
+            info = reader.info
         finally:
             reader.close()
-        if not have:
-            what = "records no microns per pixel" if mpp is not None else "has no georeference"
-            raise DatasetError(item.image_uri, f"{what}, so it cannot be trained on at {want:g} {unit}")
-        scale = want / have
-        if scale < 1 - SAME_SIZE_RTOL:
-            raise DatasetError(item.image_uri, f"has {have:g} {unit}, coarser than the {want:g} asked to train at")
-        if abs(scale - 1) < SAME_SIZE_RTOL:
-            scale = 1.0
-        items.append(item._replace(scale=scale, height=resampled_size(item.height, scale),
-                                   width=resampled_size(item.width, scale)))
+        native = info.grid
+        # slides by their microns per pixel, georeferenced rasters by their ground sample distance
+        use_mpp = mpp is not None and (native.mpp is not None or gsd is None)
+        want = mpp if use_mpp else gsd
+        have = native.mpp if use_mpp else native.pixel_size
+        unit = "µm per pixel" if use_mpp else "CRS units per pixel"
+        assert want is not None
+        if have is None:
+            if strict:
+                what = "records no microns per pixel" if use_mpp else "has no georeference"
+                raise DatasetError(item.image_uri, f"{what}, so it cannot be trained on at {want:g} {unit}")
+            items.append(item.on(native))
+            continue
+        if have > want and not same_pixel_size(have, want):
+            if strict:
+                raise DatasetError(item.image_uri, f"has {have:g} {unit}, coarser than the {want:g} asked to "
+                                                   "train at")
+            upsampled.append(item.image_uri)
+        grid = choose_grid(info, mpp=want) if use_mpp else choose_grid(info, gsd=want)
+        if not grid.is_native:
+            resampled.append(item.image_uri)
+        items.append(item.on(grid))
+    if resampled:
+        log.warning("%s: %d of %d image(s) are read resampled to the dataset's pixel size%s (first: %s)%s",
+                    dataset.root, len(resampled), len(items),
+                    "".join(f" {v:g} {k}" for k, v in (("µm", mpp), ("CRS units", gsd)) if v is not None),
+                    resampled[0], f"; {len(upsampled)} of them coarser, so upsampled" if upsampled else "")
     return dataclasses.replace(dataset, items=items)

@@ -7,23 +7,29 @@ evaluation read vector labels exactly as they read raster masks:
 
 * a raster mask → the mask reader (palette indices as class ids);
 * vector labels (``DATA/labels/<name>.<ext>``) → :class:`VectorLabelReader`, which burns the
-  features of each window on demand (:mod:`segpipe.labels.burn`) through an STRtree: no
-  whole-image array is ever made, at any image size;
+  features of each window (:mod:`segpipe.labels.burn`) through an STRtree: no whole-image array
+  is ever made, at any image size;
 * labelled regions (``DATA/regions/<name>.<ext>``, a ``regions`` GeoPackage layer, or features
   of a ``region_classes`` class) → pixels outside every region read 255, for vector labels and
   raster masks alike (:class:`RegionMaskedReader`); inside a region, pixels no feature covers
   read ``unlabelled``.
 
 Without regions, ``classes.json``'s ``unlabelled`` decides what uncovered pixels are; vector
-labels without it are an error (a dataset never leaves that to a guess).
+labels without it are an error (a dataset never leaves that to a guess). Labels that say nothing
+(every feature outside the image, no feature and no regions, regions all outside) are errors too
+(:func:`check_says_something`).
 
-Prepared features (repaired, in pixels, indexed) are cached per process
-(:func:`prepare_labels`), keyed by the files, the image geometry and the rules, and their
-counts of repaired, dropped and outside features are logged once, when prepared.
+**Compiled once.** Vector truth is read, reprojected, repaired and burned once per file version,
+pixel grid and rules (:func:`compiled_labels`): the result is a tiled class-id raster in the label
+cache (:mod:`segpipe.io.labelcache`), which every later reader — in any process — opens like a mask.
+Before compiling, the prepared features (repaired, in pixels, indexed) are kept per process
+(:func:`prepare_labels`), and their counts of repaired, dropped and outside features are reported
+once, when prepared: a warning when any is non-zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -32,15 +38,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
 
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, source_indices
+from segpipe.core.grid import PixelGrid
 from segpipe.io.readers import ImageInfo, ImageReader
+from segpipe.io.readers.resample import grid_info
 from segpipe.io.storage import filesystem, strip_file_scheme
 from segpipe.labels.burn import BurnStats, LabelShapes, burn_window, cover_window, prepare_shapes
 from segpipe.labels.classes import IGNORE_INDEX, LabelClasses
-from segpipe.labels.dataset import Dataset, Item, open_mask, open_reader, read_label_classes
-from segpipe.labels.vectors import VectorFeatures, read_regions_layer, read_vector_file, to_pixels
+from segpipe.labels.dataset import Dataset, Item, open_mask_on, open_reader, read_label_classes
+from segpipe.labels.vectors import VectorFeatures, read_label_file, read_vector_file, to_pixels
 
 log = logging.getLogger("segpipe.labels.truth")
 
@@ -84,7 +93,7 @@ class VectorLabelReader:
         self.prepared = prepared
         self.info = ImageInfo(uri=uri, height=image.height, width=image.width, count=1, dtype="uint8",
                               crs_wkt=image.crs_wkt, transform=image.transform, mpp=image.mpp,
-                              driver="vector-labels", extra={"image": image.uri})
+                              driver="vector-labels", extra={"image": image.uri}, on_grid=image.grid)
 
     def _read_inside(self, window: Window) -> np.ndarray:
         p = self.prepared
@@ -139,16 +148,42 @@ def _resolve(features: VectorFeatures, classes: LabelClasses) -> tuple[list[int]
     """(values, ranks, region flags) of a file's features."""
     values, ranks = [], []
     region = np.zeros(len(features), dtype=bool)
+    ids = features.class_ids
     for i, c in enumerate(features.classes):
         if classes.is_region(c):
             region[i] = True
             values.append(0)
             ranks.append(0)
             continue
-        v = classes.resolve(c, uri=features.uri, feature=features.idents[i], where=functools.partial(features.where, i))
+        where = functools.partial(features.where, i)
+        v = classes.resolve(c, uri=features.uri, feature=features.idents[i], where=where)
+        if ids is not None and ids[i] is not None and ids[i] is not c:  # (c is the id where class_name was empty)
+            _check_class_id(features, i, v, classes)
         values.append(v)
         ranks.append(classes.rank(v))
     return values, ranks, region
+
+
+def _check_class_id(features: VectorFeatures, i: int, value: int, classes: LabelClasses) -> None:
+    """segpipe's export writes ``class_id`` and ``class_name``; an annotator who changed one of them
+    and not the other left two answers, and guessing which one was meant would train one of them wrong."""
+    cid = features.class_ids[i] if features.class_ids is not None else None
+    if isinstance(cid, float) and cid.is_integer():
+        cid = int(cid)
+    if cid == value:
+        return
+
+    def named(v: object) -> str:
+        if v == IGNORE_INDEX:
+            return "ignore"
+        return repr(classes.names[v]) if isinstance(v, int) and 0 <= v < classes.num_classes else "no class"
+
+    name = features.classes[i]
+    also = "" if named(value) == repr(name) else f" ({named(value)})"
+    raise DatasetError(features.uri, f"{features.idents[i]} {features.where(i)}: class_name {name!r}{also} "
+                                     f"and class_id {cid!r} ({named(cid)} in {classes.source}) "
+                                     "disagree; correct the one that is wrong, or delete the class_id field to "
+                                     "go by class_name")
 
 
 def _shapes(features: VectorFeatures, pixels: np.ndarray, keep: np.ndarray, values: list[int], ranks: list[int],
@@ -170,21 +205,32 @@ def build_labels(labels_uri: str | None, regions_uri: str | None, image: ImageIn
 
     Regions come from ``regions_uri``, the ``regions`` layer of a GeoPackage label file, and the
     label features whose class is in ``region_classes``; all of them together are the labelled area.
+
+    Labels that say nothing are refused (:func:`check_says_something`): a label file whose features
+    all miss the image, one without any feature unless regions say where the image is labelled
+    (then it means "all unlabelled" there), and regions that all miss the image. Counts of repaired,
+    dropped and outside features are reported once per file, as a warning when any is non-zero.
     """
     region_parts: list[LabelShapes] = []
+    region_sources: list[VectorFeatures] = []
     labels: LabelShapes | None = None
+    feats: VectorFeatures | None = None
     if labels_uri is not None:
-        feats = read_vector_file(labels_uri, layer=layer, image_name=image_name)
+        feats, layer_regions = read_label_file(labels_uri, layer=layer, image_name=image_name)
         values, ranks, is_region = _resolve(feats, classes)
         pixels = to_pixels(feats, image)
         labels = _shapes(feats, pixels, ~is_region, values, ranks, image, classes)
         if is_region.any():
             region_parts.append(_shapes(feats, pixels, is_region, [1] * len(feats), [0] * len(feats), image, classes))
-        layer_regions = read_regions_layer(labels_uri) if layer is None else None
+            region_sources.append(feats)
         if layer_regions is not None:
             region_parts.append(_region_shapes(layer_regions, image, classes))
+            region_sources.append(layer_regions)
+    labels_file_parts = [labels] + region_parts if labels is not None else []
     if regions_uri is not None:
-        region_parts.append(_region_shapes(read_vector_file(regions_uri, image_name=image_name), image, classes))
+        regions_feats = read_vector_file(regions_uri, image_name=image_name)
+        region_parts.append(_region_shapes(regions_feats, image, classes))
+        region_sources.append(regions_feats)
     if labels is None:
         labels = prepare_shapes([], [], [], height=image.height, width=image.width)
     regions = _merge(region_parts) if region_parts else None
@@ -194,7 +240,99 @@ def build_labels(labels_uri: str | None, regions_uri: str | None, image: ImageIn
         raise DatasetError(source, f"{classes.source} does not say what the pixels no label covers are {where}: "
                                    'add "unlabelled": "ignore" or "unlabelled": "<class name>"'
                                    + ("" if regions is not None else ", or draw regions (DATA/regions/<name>)"))
+    check_says_something(feats, labels, region_sources, regions, image, image_name=image_name)
+    if labels_uri is not None:
+        _report(labels_uri, labels_file_parts, regions)
+    if regions_uri is not None:
+        _report(regions_uri, region_parts[-1:], None)
     return PreparedLabels(labels, regions, classes.unlabelled, classes.burn.all_touched)
+
+
+#: the report lines already given in this process: a file prepared again (another image size, the
+#: cache's bound, DataLoader workers forked after the index) is not reported again
+_reported: set[str] = set()
+
+
+def _report(uri: str, parts: list[LabelShapes], regions: LabelShapes | None) -> None:
+    """One line per prepared file: a warning when features were repaired, dropped or left outside
+    (each of those changes what is trained on), else a note in the log file; once per process."""
+    stats = BurnStats()
+    for p in parts:
+        stats = stats + p.stats
+    line = f"{uri}: {stats.describe()}" + (f"; {len(regions)} labelled region(s)" if regions is not None else "")
+    with _cache_lock:
+        seen = line in _reported
+        _reported.add(line)
+    level = logging.WARNING if stats.repaired or stats.dropped or stats.outside else logging.INFO
+    log.log(logging.DEBUG if seen else level, "%s", line)
+
+
+def check_says_something(labels_file: VectorFeatures | None, labels: LabelShapes,
+                         region_sources: list[VectorFeatures], regions: LabelShapes | None, image: ImageInfo, *,
+                         image_name: str | None = None) -> None:
+    """Refuse labels that would train an image as "all unlabelled" without anybody having said so.
+
+    * a label file whose features (with an area) all miss the image — a wrong CRS, another image's file;
+    * a label file without any feature (an empty layer: an annotator who did not save), unless labelled
+      regions on the image say where it was looked at: regions and no labels is how to say "nothing there";
+    * labelled regions that all miss the image (nothing would be labelled at all).
+
+    The error names the file, its CRS and bounds, and the image's.
+    """
+    if labels_file is not None:
+        s = labels.stats  # label features only: region-class features are prepared apart
+        if not len(labels) and s.outside:
+            raise DatasetError(labels_file.uri, f"all {s.outside} feature(s) lie outside the image "
+                                                f"({_extent(labels_file, image)}); check the file's CRS and that it "
+                                                "is this image's file")
+        if not len(labels) and regions is None:
+            what = f"holds {s.features} feature(s), none with an area" if s.features else "holds no features"
+            name = image_name or "<name>"
+            raise DatasetError(labels_file.uri, f"{what} ({_extent(labels_file, image)}); an unsaved layer? To say "
+                               f"that the image holds nothing to label, draw where it was looked at as regions "
+                               f"(regions/{name}.<ext>, a 'regions' layer or a region class)")
+    if regions is not None and not len(regions):
+        first = region_sources[0]
+        what = "lie outside the image" if regions.stats.outside else "hold no feature with an area"
+        raise DatasetError(first.uri, f"the labelled regions of this image all {what} "
+                                      f"({_extent(first, image)}): nothing on it would be labelled")
+
+
+def _crs_name(wkt: str) -> str:
+    from pyproj import CRS
+
+    crs = CRS.from_wkt(wkt)
+    auth = crs.to_authority()
+    return f"{auth[0]}:{auth[1]}" if auth else crs.name
+
+
+def _bounds_text(b: tuple[float, float, float, float] | np.ndarray) -> str:
+    return f"x {b[0]:.10g}..{b[2]:.10g}, y {b[1]:.10g}..{b[3]:.10g}"
+
+
+def _extent(feats: VectorFeatures, image: ImageInfo) -> str:
+    """The file's CRS and bounds and the image's, in their own coordinates (the facts a wrong CRS shows in)."""
+    present = [g for g in feats.geoms if g is not None and not shapely.is_empty(g)]
+    if feats.pixel_space or image.transform is None:
+        file_crs = "pixels"
+    elif feats.crs_wkt is None:
+        file_crs = "no CRS (read as the image's)"
+    else:
+        file_crs = _crs_name(feats.crs_wkt)
+    file_part = f"file {file_crs}" + (f", {_bounds_text(shapely.total_bounds(present))}" if present else ", empty")
+    if feats.pixel_space or image.transform is None:
+        scale = float(image.extra.get("downsample", 1.0)) * float(image.extra.get("resample_factor", 1.0))
+        level0 = "level-0 " if scale != 1.0 else ""
+        img = f"image {image.uri}: {level0}pixels x 0..{image.width * scale:.10g}, y 0..{image.height * scale:.10g}"
+    else:
+        from affine import Affine
+
+        t = Affine(*image.transform[:6])
+        xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (image.width, 0), (0, image.height),
+                                                (image.width, image.height))), strict=True)
+        crs = _crs_name(image.crs_wkt) if image.crs_wkt else "no CRS"
+        img = f"image {image.uri}: {crs}, {_bounds_text((min(xs), min(ys), max(xs), max(ys)))}"
+    return f"{file_part}; {img}"
 
 
 def _merge(parts: list[LabelShapes]) -> LabelShapes:
@@ -232,18 +370,13 @@ def prepare_labels(labels_uri: str | None, regions_uri: str | None, image: Image
                    image_name: str | None = None) -> PreparedLabels:
     """:func:`build_labels` through a small per-process cache (keyed by the files' size and time,
     the image's geometry and the rules); logs the feature counts when a file is first prepared."""
-    key = (_file_key(labels_uri), _file_key(regions_uri), image.height, image.width, image.transform,
-           image.crs_wkt, image.extra.get("downsample"), image.extra.get("resample_factor"), classes.fingerprint,
-           image_name)
+    key = (_file_key(labels_uri), _file_key(regions_uri), image.grid, classes.fingerprint, image_name)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
-    prepared = build_labels(labels_uri, regions_uri, image, classes, image_name=image_name)
-    s = prepared.stats
-    log.info("%s: %s%s", labels_uri or regions_uri, s.describe(),
-             f"; {len(prepared.regions)} labelled region(s)" if prepared.regions is not None else "")
+    prepared = build_labels(labels_uri, regions_uri, image, classes, image_name=image_name)  # reports its counts
     with _cache_lock:
         _cache[key] = prepared
         while len(_cache) > CACHE_SIZE:
@@ -258,32 +391,97 @@ def _label_classes(dataset: Dataset) -> LabelClasses:
     return dataset.label_classes if dataset.label_classes is not None else read_label_classes(dataset.root)
 
 
-def open_truth(dataset: Dataset, item: Item) -> ImageReader:
-    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring),
-    at the dataset's resolution (an item's ``scale``: the class id under each pixel's centre)."""
-    reader = _open_truth(dataset, item)
-    if item.scale == 1.0:
-        return reader
-    from segpipe.io.readers.resample import ResampledReader
+def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> ImageReader:
+    """The class ids of ``item`` as a reader (raster mask, vector labels, regions: see the module docstring) on
+    ``grid`` — by default the item's own (the dataset's resolution); an output's grid to score that output.
 
-    return ResampledReader(reader, item.scale, labels=True)
-
-
-def _open_truth(dataset: Dataset, item: Item) -> ImageReader:
+    Vector labels and regions are burned on the grid itself (pixel centres of the grid, as
+    ``gdal_rasterize`` would at that resolution) **once** per file version, grid and rules: compiled into
+    the label cache (:func:`compiled_labels`) and read from there by the index, the sampler, validation,
+    evaluation and corrections alike. A raster mask gives the class id under each grid pixel's centre
+    (never averaged).
+    """
+    grid = grid if grid is not None else item.grid
+    if grid is None:
+        grid = _image_info(item.image_uri).grid
     if item.labels_uri is None and item.regions_uri is None:
         assert item.mask_uri is not None
-        return open_mask(item.mask_uri)
+        return open_mask_on(item.mask_uri, grid)
     classes = _label_classes(dataset)
-    image = open_reader(item.image_uri)
-    try:
-        info = image.info
-    finally:
-        image.close()
+    return compiled_labels(item, grid, classes)
+
+
+#: what a compiled label raster's key says about how it was made (bump when burning changes)
+COMPILED_FORMAT = "segpipe-compiled-labels/1"
+
+
+def compiled_labels(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
+    """``item``'s vector truth on ``grid``, from the label cache (:mod:`segpipe.io.labelcache`), compiled on a miss.
+
+    The key is every input of the pixels: the files' versions (size and time / ETag), the grid, the
+    label rules (``classes.json``) and the image's name (a COCO file holds several images). A file
+    edited after compiling has another key, so it is read again; nothing is ever served stale.
+    """
+    import hashlib
+    import json
+
+    from segpipe.io.labelcache import label_entry
+
+    files = [_file_key(item.labels_uri), _file_key(item.regions_uri),
+             _file_key(item.mask_uri if item.labels_uri is None else None)]
+    blob = json.dumps([COMPILED_FORMAT, files, grid.as_dict(), classes.fingerprint, item.name], sort_keys=True,
+                      default=str)
+    path = label_entry(hashlib.sha256(blob.encode()).hexdigest()[:40])
+    if not os.path.exists(path):
+        _compile(_burned_truth(item, grid, classes), path)
+    reader = open_mask_on(path, None)
+    # the header of the grid it was burned on (size, georeference), named after the file people drew
+    reader.info = dataclasses.replace(grid_info(reader.info, grid), uri=item.truth_uri, driver="compiled-labels",
+                                      extra={"compiled": path, "image": item.image_uri})
+    return reader
+
+
+def _compile(reader: ImageReader, path: str) -> None:
+    """Burn ``reader`` (vector labels, regions) tile by tile into ``path``: one pass over the grid, in strips."""
+    from segpipe.io.labelcache import BLOCK, write_class_raster
+
+    h, w = reader.info.height, reader.info.width
+
+    def strips():
+        for y0 in range(0, h, BLOCK):
+            sh = min(BLOCK, h - y0)
+            strip = np.empty((sh, w), dtype=np.uint8)
+            for x0 in range(0, w, BLOCK):
+                sw = min(BLOCK, w - x0)
+                strip[:, x0:x0 + sw] = reader.read(Window(y0, x0, sh, sw))[0]
+            yield strip
+
+    with reader:
+        write_class_raster(path, h, w, strips())
+
+
+def _burned_truth(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
+    """The vector truth of ``item`` burned window by window on ``grid`` (what :func:`compiled_labels` stores)."""
+    info = _grid_image(item.image_uri, grid)
     if item.mask_uri is not None:
         assert item.regions_uri is not None
         regions = prepare_labels(None, item.regions_uri, info, classes.with_unlabelled(IGNORE_INDEX),
                                  image_name=item.name).regions
         assert regions is not None
-        return RegionMaskedReader(open_mask(item.mask_uri), regions, classes.burn.all_touched)
+        return RegionMaskedReader(open_mask_on(item.mask_uri, grid), regions, classes.burn.all_touched)
     prepared = prepare_labels(item.labels_uri, item.regions_uri, info, classes, image_name=item.name)
     return VectorLabelReader(prepared, info, item.truth_uri)
+
+
+def _image_info(uri: str) -> ImageInfo:
+    image = open_reader(uri)
+    try:
+        return image.info
+    finally:
+        image.close()
+
+
+def _grid_image(image_uri: str, grid: PixelGrid) -> ImageInfo:
+    """The header labels are burned against: the image's URI on ``grid`` (its size, georeference, scale)."""
+    return ImageInfo(uri=image_uri, height=grid.height, width=grid.width, count=1, dtype="uint8",
+                     crs_wkt=grid.crs_wkt, transform=grid.transform, mpp=grid.mpp, on_grid=grid)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segpipe.core.errors import ConfigError, ModelError
+from segpipe.core.errors import ConfigError, ModelError, validation_problem
 from segpipe.io.storage import filesystem, join, strip_file_scheme
 from segpipe.models.normalization import (
     DTYPE_BY_SCALE,
@@ -223,10 +223,8 @@ def read_spec(uri: str) -> ModelSpec:
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "model.json"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ModelError(uri, f"{MODEL_JSON}: {where}: {msg}") from None
+        where, msg = validation_problem(e.errors()[0])
+        raise ModelError(uri, f"{MODEL_JSON}: {where or 'model.json'}: {msg}") from None
 
 
 def load_artifact(uri: str) -> Artifact:
@@ -289,7 +287,7 @@ def create_artifact(out: str, architecture: str, encoder: str, classes: list[str
                          classes=list(classes), mean=mean or dm, std=std or ds, input_scale=input_scale,
                          **extra)
     except ValidationError as e:
-        raise ConfigError("model", e.errors()[0]["msg"]) from None
+        raise ConfigError("model", validation_problem(e.errors()[0])[1]) from None
     torch.manual_seed(seed)
     net = build_network(architecture, encoder, in_channels, len(classes))
     save_artifact(out, spec, net.state_dict())

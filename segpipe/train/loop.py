@@ -117,7 +117,8 @@ def _progress_bar(enabled: bool):
                     transient=False)
 
 
-def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Dataset, s: TrainSettings) -> _Data:
+def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Dataset, s: TrainSettings,
+                  resolution: Resolution | None) -> _Data:
     """Index the masks (every class id checked), class weights, band statistics and the patch sampler."""
     index = index_masks(train_ds)  # also checks every class id
     if val_ds.items:
@@ -131,9 +132,7 @@ def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Data
     sampler = PatchSampler(train_ds, patch_size=s.patch_size, patches_per_epoch=s.patches_per_epoch,
                            mean=mean, std=std, input_scale=input_scale, augment=s.augment, index=index,
                            class_balanced=s.class_balanced, balance_power=s.class_balance_power, seed=s.seed)
-    chosen = Resolution(mpp=s.mpp, gsd=s.gsd) if s.mpp is not None or s.gsd is not None else None
-    return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler,
-                 chosen or dataset_resolution(full))
+    return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler, resolution)
 
 
 def _optimizer(net: torch.nn.Module, s: TrainSettings, device: torch.device, precision: str):
@@ -248,14 +247,18 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     full = load_dataset(data_root)
-    if s.mpp is not None or s.gsd is not None:  # every image read at one pixel size, recorded in model.json
-        full = at_resolution(full, mpp=s.mpp, gsd=s.gsd)
+    # one pixel size for every image, recorded in model.json: the chosen one, else the images' median;
+    # every image and its truth are read on their grid at it, as segment will read them
+    chosen = s.mpp is not None or s.gsd is not None
+    resolution = Resolution(mpp=s.mpp, gsd=s.gsd) if chosen else dataset_resolution(full)
+    if resolution is not None:
+        full = at_resolution(full, mpp=resolution.mpp, gsd=resolution.gsd, strict=chosen)
     train_ds = split_dataset(full, "train", s.seed)
     val_ds = split_dataset(full, "val", s.seed)
     _seed_everything(s.seed)
     # the network first: a wrong name or unavailable pretrained weights fail before any data pass
     net = build_network(s.architecture, s.encoder, full.in_channels, full.num_classes, s.encoder_weights)
-    data = _prepare_data(data_root, full, train_ds, val_ds, s)
+    data = _prepare_data(data_root, full, train_ds, val_ds, s, resolution)
 
     net = net.to(device).to(memory_format=torch.channels_last)
     opt, sched, scaler = _optimizer(net, s, device, precision)
@@ -312,9 +315,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
             if prog.epoch == s.epochs and prog.stop_reason is None:
                 prog.stop_reason = "completed"
             save_checkpoint(fs, ckdir, net, opt, sched, scaler, prog, s, data_root)
-            log.info("epoch %d/%d: loss %.4f, lr %.2e, val mIoU %s, pixel acc %s, %.1f patches/s",
-                     epoch + 1, s.epochs, entry["train_loss"], entry["lr"], _fmt(entry.get("val_mean_iou")),
-                     _fmt(entry.get("val_pixel_accuracy")), entry["patches_per_s"] or 0.0)
+            log.info("%s", epoch_line(entry, s.epochs))
             if on_epoch is not None:
                 on_epoch(dict(entry))
             bar.remove_task(task)
@@ -366,6 +367,13 @@ def _write_artifact(out_uri: str, net, prog: Progress, data: _Data, s: TrainSett
     return TrainResult(uri=out_uri, spec=spec, metrics=metrics, history=list(prog.history),
                        best_epoch=prog.best_epoch, epochs_run=prog.epoch, stop_reason=prog.stop_reason,
                        weights_sha256=sha, seconds=seconds)
+
+
+def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """One line for an epoch's history entry (the log file's, and what ``segpipe train`` prints without a TTY)."""
+    return (f"epoch {entry['epoch']}/{epochs}: loss {entry['train_loss']:.4f}, lr {entry['lr']:.2e}, "
+            f"val mIoU {_fmt(entry.get('val_mean_iou'))}, pixel acc {_fmt(entry.get('val_pixel_accuracy'))}, "
+            f"{entry.get('patches_per_s') or 0.0:.1f} patches/s, {entry.get('seconds') or 0.0:.1f} s")
 
 
 def _fmt(v: float | None) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from segpipe.core.geometry import Window
+from segpipe.core.grid import PixelGrid
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,27 @@ class ImageInfo:
     mpp: float | None = None  #: microns per pixel (slides)
     driver: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the pixel grid served (:mod:`segpipe.core.grid`); None = the source's own full-resolution pixels
+    on_grid: PixelGrid | None = None
+    #: (height, width) of each pyramid level / overview of the source, level 0 first (() = one level)
+    level_shapes: tuple[tuple[int, int], ...] = ()
 
     @property
     def megapixels(self) -> float:
         return self.height * self.width / 1e6
+
+    @property
+    def grid(self) -> PixelGrid:
+        """The pixels this reader serves: its :attr:`on_grid`, else the native grid of its size and georeference."""
+        if self.on_grid is not None:
+            return self.on_grid
+        return PixelGrid.native(self.height, self.width, crs_wkt=self.crs_wkt, transform=self.transform,
+                                mpp=self.mpp)
+
+    @property
+    def levels(self) -> tuple[tuple[int, int], ...]:
+        """:attr:`level_shapes`, or the image's own size alone."""
+        return self.level_shapes or ((self.height, self.width),)
 
 
 class ImageReader(Protocol):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.geometry import Window
+from segpipe.core.grid import PixelGrid
 from segpipe.io.readers.base import ImageReader
 from segpipe.io.readers.registry import open_image
 
@@ -69,14 +70,15 @@ _shared_lock = threading.Lock()
 _MAX_SHARED = 8
 
 
-def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None, fingerprint: str = "", gsd: float | None = None) -> SharedReader:
-    """This process's reader for an image (opened once, kept in a small LRU).
+def shared_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGrid | None = None,
+                  fingerprint: str = "") -> SharedReader:
+    """This process's reader for an image on ``grid`` (None: its own pixels), opened once, kept in a small LRU.
 
     ``fingerprint`` (size + mtime/ETag) is part of the key: an image rewritten in place between
     two runs must not be served from a handle (and block cache) of its old content.
     """
-    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp, gsd)
+    grid = None if grid is None or grid.is_native else grid  # one handle for the image's own pixels
+    key = (uri, fingerprint, tuple(bands) if bands else None, grid)
     with _shared_lock:
         reader = _shared.get(key)
         if reader is not None:
@@ -84,8 +86,7 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | Non
             return reader
     # the cache closes the readers it evicts; a task still holding one (more images in flight than the
     # cache keeps) gets it reopened on its next read instead of a closed handle
-    opened = SharedReader(open_image(uri, bands, level=level, mpp=mpp, gsd=gsd),
-                          reopen=lambda: open_image(uri, bands, level=level, mpp=mpp, gsd=gsd))
+    opened = SharedReader(open_image(uri, bands, grid=grid), reopen=lambda: open_image(uri, bands, grid=grid))
     with _shared_lock:
         reader = _shared.setdefault(key, opened)
         _shared.move_to_end(key)
@@ -100,8 +101,8 @@ def shared_reader(uri: str, bands: Sequence[int] | None = None, level: int | Non
 _local = threading.local()
 
 
-def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                  mpp: float | None = None, fingerprint: str = "", gsd: float | None = None) -> ImageReader:
+def thread_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGrid | None = None,
+                  fingerprint: str = "") -> ImageReader:
     """This thread's own reader for an image (a few handles per thread, LRU).
 
     For large batches (GPU workers): each thread reads its batch of neighbouring windows in
@@ -109,10 +110,11 @@ def thread_reader(uri: str, bands: Sequence[int] | None = None, level: int | Non
     """
     cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
     _local.readers = cache
-    key = (uri, fingerprint, tuple(bands) if bands else None, level, mpp, gsd)
+    grid = None if grid is None or grid.is_native else grid
+    key = (uri, fingerprint, tuple(bands) if bands else None, grid)
     reader = cache.get(key)
     if reader is None:
-        reader = open_image(uri, bands, level=level, mpp=mpp, gsd=gsd)
+        reader = open_image(uri, bands, grid=grid)
         cache[key] = reader
         while len(cache) > 4:
             cache.popitem(last=False)[1].close()

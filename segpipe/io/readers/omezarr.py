@@ -4,15 +4,16 @@ What is read from the metadata (``multiscales[0]``; 0.5 keeps it under the ``ome
 
 * the **axes**: ``y`` and ``x`` (type ``space``), an optional channel axis (type ``channel``, or named
   ``c``) that becomes the bands, and any other axis (``t``, ``z``) only when it has one element;
-* the **levels**: the ``datasets`` in order, each a Zarr array; a level's downsample is its ``x`` scale over
-  level 0's (``coordinateTransformations``), or the size ratio when no scale is recorded;
-* the **pixel size**: level 0's ``x`` scale (times the multiscale's own scale, if any) in the axis's
-  ``unit``, as microns per pixel, so ``--mpp`` picks and resamples levels exactly as for a slide
-  (:mod:`segpipe.io.readers.levels`).
+* the **levels**: the ``datasets`` in order, each a Zarr array, listed in ``info.level_shapes``;
+* the **pixel size**: level 0's ``x`` scale (``coordinateTransformations``, times the multiscale's own
+  scale, if any) in the axis's ``unit``, as microns per pixel; a level's is that times its size ratio, so
+  ``--mpp`` picks a level and resamples from it exactly as for a slide (:mod:`segpipe.core.grid`,
+  :func:`segpipe.io.readers.resample.on_grid`).
 
 A bioformats2raw conversion (``bioformats2raw.layout``) is read through its first image (``0/``). Windows
-read only the chunks they cover. The reader follows :class:`~segpipe.io.readers.slide._PyramidReader`
-(level shapes, downsamples, mpp, reflection past the edges, thumbnails for the tissue mask).
+read only the chunks they cover. The reader follows the slide readers (``_PyramidReader`` of
+:mod:`segpipe.io.readers.slide`): one pyramid level as it is, the level shapes, the mpp, reflection past
+the edges, thumbnails for the tissue mask.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import numpy as np
 
 from segpipe.core.errors import InputError
 from segpipe.io.readers.base import ImageInfo
-from segpipe.io.readers.levels import choose_level, resampled_size
 from segpipe.io.readers.raster import select_bands
-from segpipe.io.readers.slide import _PyramidReader  # noqa: PLC2701 - the shared pyramid logic of slide readers
+from segpipe.io.readers.slide import _check_level, _PyramidReader  # noqa: PLC2701 - the slide readers' shared logic
 from segpipe.io.storage import filesystem, has_scheme, join, strip_file_scheme
 
 #: NGFF space units → micrometres
@@ -63,7 +63,7 @@ class OmeZarrReader(_PyramidReader):
     """One image of an OME-Zarr store: its multiscale levels as a pyramid, its channel axis as bands."""
 
     def __init__(self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None,
-                 mpp: float | None = None, group: Any = None) -> None:
+                 group: Any = None) -> None:
         self._group = group if group is not None else open_group(uri)
         ome = _ome(dict(self._group.attrs))
         if "multiscales" not in ome and "bioformats2raw.layout" in ome and "0" in self._group:
@@ -100,28 +100,22 @@ class OmeZarrReader(_PyramidReader):
         y, x = names.index("y"), names.index("x")
         self._level_shapes = [(int(a.shape[y]), int(a.shape[x])) for a in self._arrays]
         global_scale = _scale(ms.get("coordinateTransformations"), ndim)
-        scales = [_scale(ds.get("coordinateTransformations"), ndim) for ds in ms["datasets"]]
-        if all(s[x] > 0 for s in scales) and any(s != [1.0] * ndim for s in scales):
-            downsamples = [s[x] / scales[0][x] for s in scales]
-        else:
-            downsamples = [self._level_shapes[0][1] / w for _, w in self._level_shapes]
+        scale0 = _scale(ms["datasets"][0].get("coordinateTransformations"), ndim)
         unit = str(axes[x].get("unit") or "").lower()
-        base_mpp = scales[0][x] * global_scale[x] * _UNIT_TO_UM[unit] if unit in _UNIT_TO_UM else None
+        base_mpp = scale0[x] * global_scale[x] * _UNIT_TO_UM[unit] if unit in _UNIT_TO_UM else None
         base_mpp = base_mpp if base_mpp and math.isfinite(base_mpp) and base_mpp > 0 else None
-        self._level, self._factor = choose_level(downsamples, base_mpp, level=level, mpp=mpp, uri=uri)
-        lh, lw = self._level_shapes[self._level]
-        level_mpp = base_mpp * downsamples[self._level] if base_mpp else None
+        # a level's pixel size follows from its size, as for every pyramid (segpipe.core.grid decides levels by
+        # shape); the datasets' own scales say the same for any pyramid written by a conforming tool
+        self._level = _check_level(uri, level, len(self._arrays))
+        height, width = self._level_shapes[self._level]
+        downsample = self._level_shapes[0][1] / width
         self.info = ImageInfo(
-            uri=uri, height=resampled_size(lh, self._factor), width=resampled_size(lw, self._factor),
-            count=len(self._indexes), dtype=str(self._arrays[0].dtype),
-            mpp=level_mpp * self._factor if level_mpp else None, driver="ome-zarr", extra={
+            uri=uri, height=height, width=width, count=len(self._indexes), dtype=str(self._arrays[0].dtype),
+            mpp=base_mpp * downsample if base_mpp else None, driver="ome-zarr",
+            level_shapes=tuple(self._level_shapes),
+            extra={
                 "level": self._level,
                 "level_count": len(self._arrays),
-                "resample_factor": self._factor,
-                # what maps output pixels back to level 0 (QuPath vectors): level0 = output × downsample × factor
-                "downsample": downsamples[self._level],
-                "level0_height": self._level_shapes[0][0],
-                "level0_width": self._level_shapes[0][1],
                 "vendor": "ome-zarr",
                 "ngff_version": ome.get("version") or ms.get("version"),
             },
@@ -165,8 +159,7 @@ def open_group(uri: str) -> Any:
         raise InputError(uri, f"cannot be opened as a Zarr store ({type(e).__name__}: {e})") from None
 
 
-def open_omezarr(uri: str, bands: Sequence[int] | None = None, level: int | None = None,
-                 mpp: float | None = None) -> OmeZarrReader | None:
+def open_omezarr(uri: str, bands: Sequence[int] | None = None, level: int | None = None) -> OmeZarrReader | None:
     """An :class:`OmeZarrReader` when ``uri`` is a Zarr store with OME-NGFF multiscales (or a bioformats2raw
     layout), else None; decided by content. Remote URLs are probed only when they end in ``.zarr`` (an image
     file on a bucket costs no extra request). A Zarr store that is not an OME-Zarr image, or a segpipe output
@@ -185,4 +178,4 @@ def open_omezarr(uri: str, bands: Sequence[int] | None = None, level: int | None
     ome = _ome(attrs)
     if "multiscales" not in ome and "bioformats2raw.layout" not in ome:
         raise InputError(uri, "is a Zarr store without OME-NGFF multiscales metadata; segpipe reads OME-Zarr images")
-    return OmeZarrReader(uri, bands, level=level, mpp=mpp, group=group)
+    return OmeZarrReader(uri, bands, level=level, group=group)

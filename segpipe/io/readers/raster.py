@@ -260,7 +260,16 @@ class RasterioReader:
             crs_wkt=crs,
             transform=(t.a, t.b, t.c, t.d, t.e, t.f) if georeferenced else None,
             nodata=ds.nodata, driver=ds.driver, extra=extra,
+            level_shapes=self._overview_shapes() if not level and self._orientation == 1 else (),
         )
+
+    def _overview_shapes(self) -> tuple[tuple[int, int], ...]:
+        """Level 0 and each overview's (height, width): GDAL sizes overview N as ``ceil(size / factor)``."""
+        ds = self._ds
+        factors = ds.overviews(self._indexes[0] if self._lut is None else 1)
+        if not factors:
+            return ()
+        return ((ds.height, ds.width), *((-(-ds.height // f), -(-ds.width // f)) for f in factors))
 
     def _palette_lut(self, uri: str) -> np.ndarray:
         cmap = self._ds.colormap(1)

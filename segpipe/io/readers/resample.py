@@ -1,124 +1,179 @@
-"""Any reader at a coarser resolution: the image a model trained at another pixel size expects.
+"""A reader on a pixel grid: any source served on the :class:`~segpipe.core.grid.PixelGrid` chosen for it.
 
-A georeferenced raster has one pixel size; a model trained at 0.5 m must see 0.5 m pixels. GDAL
-overviews come in powers of two, so the general case is a resampled read: output pixel ``i``
-covers source pixels ``[i·f, (i+1)·f)`` (``f`` = source pixels per output pixel) and is their
-area average (:func:`segpipe.io.readers.levels.area_resample`, the slide readers' rule) — or,
-for class ids, the source pixel under its centre (nearest: labels are not averaged).
-Every read is one source window of about ``f²`` times the output window: no whole image.
+:func:`on_grid` is the one way an image, a mask or a label reader is put on a grid:
+
+* the grid's pixels come from the coarsest pyramid level / COG overview at or finer than the
+  grid (:func:`segpipe.core.grid.choose_level`; the level read as it is when it *is* the grid);
+* the remaining factor is area-averaged (:func:`segpipe.io.readers.levels.area_resample`) — or,
+  for class ids (``labels=True``), the source pixel under each grid pixel's centre; labels are read
+  from level 0 (a mask's overviews, when it has any, were averaged or decimated by some other rule);
+* a read is done in strips of grid rows whose source block stays under a budget tied to the
+  window, so the memory of one read is a small constant multiple of its output at any factor (a
+  1,152² window at 6.7× no longer makes a 7,700² block and float64 copies of it);
+* windows past the grid's edge are reflected on the grid, as every reader reflects on its own pixels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import numpy as np
 
-from segpipe.core.geometry import Window
+from segpipe.core.geometry import Window, source_indices
+from segpipe.core.grid import PixelGrid, choose_level, residual
 from segpipe.io.readers.base import ImageInfo, ImageReader
-from segpipe.io.readers.levels import area_resample, resampled_size
+from segpipe.io.readers.levels import accumulator_dtype, area_resample, nearest_indices, source_span
 
-#: relative difference under which two pixel sizes count as the same (no resampling)
-SAME_SIZE_RTOL = 1e-3
-
-
-def pixel_size(info: ImageInfo) -> float | None:
-    """The side of one pixel in CRS units (square pixels), or None for an image without georeference."""
-    if info.transform is None or not info.crs_wkt:
-        return None
-    a, b, _, d, e, _ = info.transform[:6]
-    sx, sy = math.hypot(a, d), math.hypot(b, e)
-    return (sx + sy) / 2 if sx > 0 and sy > 0 else None
+#: source pixels (per band) one strip of a resampled read may hold, at least: small windows read in one go
+STRIP_MIN_PIXELS = 1 << 18
 
 
-def scaled_info(info: ImageInfo, factor: float) -> ImageInfo:
-    """The header of ``info``'s image at ``factor`` source pixels per pixel: size, transform and mpp scaled."""
-    t = info.transform
-    transform = None if t is None else (t[0] * factor, t[1] * factor, t[2], t[3] * factor, t[4] * factor, t[5])
-    return dataclasses.replace(
-        info, height=resampled_size(info.height, factor), width=resampled_size(info.width, factor),
-        transform=transform, mpp=None if info.mpp is None else info.mpp * factor,
-        extra={**info.extra, "resampled_by": factor})
+def grid_info(info: ImageInfo, grid: PixelGrid, **extra: Any) -> ImageInfo:
+    """``info`` (a source's header) as served on ``grid``: the grid's size, georeference and resolution."""
+    return dataclasses.replace(info, height=grid.height, width=grid.width, crs_wkt=grid.crs_wkt,
+                               transform=grid.transform, mpp=grid.mpp, on_grid=grid,
+                               extra={**info.extra, **extra})
 
 
-class ResampledReader:
-    """``base`` at ``factor`` source pixels per output pixel (area average; ``labels=True``: nearest)."""
+class GridReader:
+    """``base`` (one pyramid level of the source) served on ``grid``: ``ry`` × ``rx`` base pixels per grid
+    pixel, area-averaged (images) or nearest (``labels``); see the module docstring."""
 
-    def __init__(self, base: ImageReader, factor: float, labels: bool = False) -> None:
-        if factor <= 0:
-            raise ValueError(f"factor must be positive, got {factor}")
-        self.base, self.factor, self.labels = base, float(factor), labels
-        self.info = scaled_info(base.info, self.factor)
+    def __init__(self, base: ImageReader, grid: PixelGrid, ry: float, rx: float, *, labels: bool = False,
+                 level: int = 0) -> None:
+        if ry <= 0 or rx <= 0:
+            raise ValueError(f"factors must be positive, got {ry}, {rx}")
+        self.base, self.grid, self.ry, self.rx, self.labels = base, grid, float(ry), float(rx), labels
+        self.info = grid_info(base.info, grid, level=level, grid_factor=[self.ry, self.rx])
 
-    def _centres(self, start: int, count: int, lo: int, n: int) -> np.ndarray:
-        """Indices, within a source block starting at ``lo`` of ``n`` pixels, of the source pixel under
-        each output pixel's centre (nearest)."""
-        idx = np.floor((start + np.arange(count) + 0.5) * self.factor).astype(np.int64) - lo
-        return np.clip(idx, 0, n - 1)
+    @property
+    def factor(self) -> float:
+        return self.rx
 
-    def _source(self, start: int, count: int) -> tuple[int, int]:
-        lo = math.floor(start * self.factor)
-        hi = math.ceil((start + count) * self.factor)
-        return lo, max(hi, lo + 1)
+    def _rows_per_strip(self, h: int, w: int) -> int:
+        # source pixels per grid row ≈ ry · rx · w: a strip's block holds about an eighth of the output's pixels
+        per_row = max(1.0, self.ry * self.rx * w)
+        return max(1, min(h, int(max(h * w // 8, STRIP_MIN_PIXELS) // per_row)))
+
+    def _read_inside(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        (lx0, lx1) = source_span(x0, w, self.rx)
+        if self.ry == 1.0 and self.rx == 1.0:
+            return self.base.read(Window(y0, x0, h, w))
+        out: np.ndarray | None = None
+        step = self._rows_per_strip(h, w)
+        for s0 in range(0, h, step):
+            sh = min(step, h - s0)
+            ly0, ly1 = source_span(y0 + s0, sh, self.ry)
+            block = self.base.read(Window(ly0, lx0, ly1 - ly0, lx1 - lx0))
+            if out is None:
+                out = np.empty((block.shape[0], h, w), dtype=block.dtype)
+            if self.labels:
+                rows = nearest_indices(y0 + s0, sh, self.ry, ly0, block.shape[1])
+                cols = nearest_indices(x0, w, self.rx, lx0, block.shape[2])
+                out[:, s0:s0 + sh] = block[:, rows[:, None], cols]
+                continue
+            acc = accumulator_dtype(block.dtype)
+            part = area_resample(block, 1, y0 + s0, sh, self.ry, ly0, acc)
+            del block
+            part = area_resample(part, 2, x0, w, self.rx, lx0, acc)
+            if np.issubdtype(out.dtype, np.integer):
+                lim = np.iinfo(out.dtype)
+                np.rint(part, out=part)
+                np.clip(part, lim.min, lim.max, out=part)
+            out[:, s0:s0 + sh] = part
+        assert out is not None
+        return out
 
     def read(self, window: Window) -> np.ndarray:
-        """(bands, h, w) of the resampled image; outside the image the base reader reflects."""
-        (y0, y1), (x0, x1) = self._source(window.y0, window.h), self._source(window.x0, window.w)
-        block = self.base.read(Window(y0, x0, y1 - y0, x1 - x0))
-        if self.labels:
-            rows = self._centres(window.y0, window.h, y0, block.shape[1])
-            cols = self._centres(window.x0, window.w, x0, block.shape[2])
-            return block[:, rows[:, None], cols]
-        out = area_resample(block, 1, window.y0, window.h, self.factor, y0)
-        out = area_resample(out, 2, window.x0, window.w, self.factor, x0)
-        if np.issubdtype(block.dtype, np.integer):
-            info = np.iinfo(block.dtype)
-            return np.clip(np.rint(out), info.min, info.max).astype(block.dtype)
-        return out.astype(block.dtype)
+        """(bands, h, w) on the grid; outside the grid, reflected on the grid."""
+        g = self.grid
+        if window.inside(g.height, g.width):
+            return self._read_inside(window.y0, window.x0, window.h, window.w)
+        ys, xs = source_indices(window, g.height, g.width)
+        y0, x0 = int(ys.min()), int(xs.min())
+        block = self._read_inside(y0, x0, int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1)
+        return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
 
     def read_valid(self, window: Window) -> np.ndarray | None:
-        """Where the resampled pixels have data: the source mask under each pixel's centre (None = all)."""
+        """Where the grid's pixels have data: the source's valid mask under each pixel's centre (None = all)."""
         fn = getattr(self.base, "read_valid", None)
-        if fn is None:
-            return None
-        (y0, y1), (x0, x1) = self._source(window.y0, window.h), self._source(window.x0, window.w)
-        valid = fn(Window(y0, x0, y1 - y0, x1 - x0))
+        if fn is None or (self.ry == 1.0 and self.rx == 1.0 and window.inside(self.grid.height, self.grid.width)):
+            return None if fn is None else fn(window)
+        g = self.grid
+        ys, xs = source_indices(window, g.height, g.width)
+        y0, x0 = int(ys.min()), int(xs.min())
+        h, w = int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1
+        (ly0, ly1), (lx0, lx1) = source_span(y0, h, self.ry), source_span(x0, w, self.rx)
+        valid = fn(Window(ly0, lx0, ly1 - ly0, lx1 - lx0))
         if valid is None:
             return None
-        rows = self._centres(window.y0, window.h, y0, valid.shape[0])
-        cols = self._centres(window.x0, window.w, x0, valid.shape[1])
-        return valid[rows[:, None], cols[None, :]]
+        rows = nearest_indices(y0, h, self.ry, ly0, valid.shape[0])
+        cols = nearest_indices(x0, w, self.rx, lx0, valid.shape[1])
+        return valid[rows[:, None], cols[None, :]][(ys - y0)[:, None], (xs - x0)[None, :]]
 
-    def __getattr__(self, name: str) -> Any:  # has_mask and other optional reader features
+    def __getattr__(self, name: str) -> Any:  # has_mask, thumbnail and other optional reader features
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
         return getattr(self.base, name)
 
     def close(self) -> None:
         self.base.close()
 
-    def __enter__(self) -> ResampledReader:
+    def __enter__(self) -> GridReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def at_pixel_size(reader: ImageReader, gsd: float, uri: str, labels: bool = False) -> ImageReader:
-    """``reader`` at a pixel size of ``gsd`` CRS units (its own when they agree within 0.1 %).
+def on_grid(reader: ImageReader, grid: PixelGrid, *, labels: bool = False, reopen_level: Any = None) -> ImageReader:
+    """``reader`` (a source at its level 0) served on ``grid`` — the one way any reader is put on a grid.
 
-    A georeferenced image finer than ``gsd`` is area-averaged; one coarser is upsampled (the caller
-    warns: the model then sees less detail than it was trained on). Images without a georeference
-    cannot be read at a ground sample distance: :class:`~segpipe.core.errors.InputError`.
+    ``reopen_level(level)`` opens the same source at a pyramid level (readers of files with
+    overviews or levels); without it, or for ``labels``, every grid is served from level 0.
+    The reader returned owns ``reader`` (closing it closes both).
     """
-    from segpipe.core.errors import InputError
-
-    size = pixel_size(reader.info)
-    if size is None:
+    info = reader.info
+    if grid.level0 != (info.height, info.width):
         reader.close()
-        raise InputError(uri, f"has no georeference, so it cannot be read at a ground sample distance of {gsd:g}; "
-                              "use --level or --mpp, or a model without a recorded gsd")
-    factor = gsd / size
-    if abs(factor - 1) < SAME_SIZE_RTOL:
+        raise ValueError(f"a grid over {grid.level0[1]}×{grid.level0[0]} pixels cannot serve a "
+                         f"{info.width}×{info.height} image")
+    if grid.is_native:
+        reader.info = dataclasses.replace(info, on_grid=grid)
         return reader
-    return ResampledReader(reader, factor, labels=labels)
+    shapes = info.levels if (reopen_level is not None and not labels) else (info.levels[0],)
+    level = choose_level(shapes, grid.scale)[0]
+    base = reader
+    if level:
+        base = reopen_level(level)
+        reader.close()
+    ry, rx = residual(grid.scale, (base.info.height, base.info.width), grid.level0)
+    if ry == 1.0 and rx == 1.0 and (base.info.height, base.info.width) == grid.shape:
+        return _Regridded(base, grid, level=level)
+    return GridReader(base, grid, ry, rx, labels=labels, level=level)
+
+
+class _Regridded:
+    """A reader whose pixels already are the grid's: only its header says so."""
+
+    def __init__(self, base: ImageReader, grid: PixelGrid, level: int = 0) -> None:
+        self.base, self.grid = base, grid
+        self.info = grid_info(base.info, grid, level=level)
+
+    def read(self, window: Window) -> np.ndarray:
+        return self.base.read(window)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self) -> _Regridded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -5,12 +5,13 @@
 * :class:`OmeTiffReader` — OME-TIFF pyramids through tifffile's Zarr store (one level is
   a Zarr array, so a window read decodes only the tiles it covers).
 
-Both read one **pyramid level**, optionally resampled to a requested resolution (the rule,
-and the area resampling, are pure geometry in :mod:`segpipe.io.readers.levels`).
+Both read one **pyramid level** as it is (``info.level_shapes`` lists them all): a resolution
+between levels is a pixel grid served by :func:`segpipe.io.readers.resample.on_grid` from the
+level this reader opens, like every other source's.
 
-The reader's image is that (possibly resampled) level: ``info.height``/``width`` are its
-size, ``info.mpp`` its resolution, and windows outside it are filled by reflection exactly
-like :class:`~segpipe.io.readers.raster.RasterioReader`.
+The reader's image is that level: ``info.height``/``width`` are its size, ``info.mpp`` its
+resolution, and windows outside it are filled by reflection exactly like
+:class:`~segpipe.io.readers.raster.RasterioReader`.
 
 Which files are ours (:func:`open_slide`, tried before rasterio by :mod:`segpipe.io.readers.registry`):
 OME-TIFF by content; then anything OpenSlide recognises, except GeoTIFFs (georeferencing
@@ -32,8 +33,9 @@ import numpy as np
 
 from segpipe.core.errors import InputError
 from segpipe.core.geometry import Window, source_indices
+from segpipe.core.grid import resampled_size
 from segpipe.io.readers.base import ImageInfo
-from segpipe.io.readers.levels import area_resample, choose_level, resampled_size
+from segpipe.io.readers.levels import area_resample
 from segpipe.io.readers.raster import select_bands
 from segpipe.io.storage import has_scheme, strip_file_scheme
 
@@ -61,41 +63,24 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 
 
 class _PyramidReader:
-    """Windowed reads of one level of a pyramid, resampled by ``factor`` when it is not 1."""
+    """Windowed reads of one level of a pyramid, as it is."""
 
     info: ImageInfo
     _level: int
-    _factor: float
     _level_shapes: list[tuple[int, int]]
 
     def _read_level(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """(bands, h, w) of ``level`` for an in-level box (implemented per format)."""
         raise NotImplementedError
 
-    def _read_resampled(self, level: int, factor: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """(bands, h, w) of ``level`` area-resampled by ``factor`` (output pixel box ``y0, x0, h, w``)."""
-        if factor == 1.0:
-            return self._read_level(level, y0, x0, h, w)
-        lh, lw = self._level_shapes[level]
-        ly0, lx0 = min(int(math.floor(y0 * factor)), lh - 1), min(int(math.floor(x0 * factor)), lw - 1)
-        ly1, lx1 = min(int(math.ceil((y0 + h) * factor)), lh), min(int(math.ceil((x0 + w) * factor)), lw)
-        ly1, lx1 = max(ly1, ly0 + 1), max(lx1, lx0 + 1)
-        block = self._read_level(level, ly0, lx0, ly1 - ly0, lx1 - lx0)
-        out = area_resample(area_resample(block, 1, y0, h, factor, ly0), 2, x0, w, factor, lx0)
-        dtype = np.dtype(self.info.dtype)
-        if dtype.kind in "ui":
-            info = np.iinfo(dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        return out.astype(dtype)
-
     def read(self, window: Window) -> np.ndarray:
         """Pixels of ``window`` as (bands, h, w); reflected outside the image."""
         info = self.info
         if window.inside(info.height, info.width):
-            return self._read_resampled(self._level, self._factor, window.y0, window.x0, window.h, window.w)
+            return self._read_level(self._level, window.y0, window.x0, window.h, window.w)
         ys, xs = source_indices(window, info.height, info.width)
         y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-        block = self._read_resampled(self._level, self._factor, y0, x0, y1 - y0, x1 - x0)
+        block = self._read_level(self._level, y0, x0, y1 - y0, x1 - x0)
         return block[:, (ys - y0)[:, None], (xs - x0)[None, :]]
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
@@ -107,8 +92,17 @@ class _PyramidReader:
         lh, lw = self._level_shapes[coarsest]
         factor = max(1.0, max(lh, lw) / max_side)
         h, w = resampled_size(lh, factor), resampled_size(lw, factor)
-        strips = [self._read_resampled(coarsest, factor, y, 0, min(_THUMB_STRIP, h - y), w)
-                  for y in range(0, h, _THUMB_STRIP)]
+        dtype = np.dtype(self.info.dtype)
+        strips = []
+        for y in range(0, h, _THUMB_STRIP):
+            sh = min(_THUMB_STRIP, h - y)
+            ly0 = min(int(math.floor(y * factor)), lh - 1)
+            ly1 = max(min(int(math.ceil((y + sh) * factor)), lh), ly0 + 1)
+            block = self._read_level(coarsest, ly0, 0, ly1 - ly0, lw)
+            out = area_resample(area_resample(block, 1, y, sh, factor, ly0), 2, 0, w, factor, 0)
+            if dtype.kind in "ui":
+                out = np.clip(np.rint(out), np.iinfo(dtype).min, np.iinfo(dtype).max)
+            strips.append(out.astype(dtype))
         return np.concatenate(strips, axis=1)
 
     def __enter__(self) -> _PyramidReader:
@@ -121,9 +115,11 @@ class _PyramidReader:
         raise NotImplementedError
 
 
-def _resolution(level_shapes: list[tuple[int, int]], level: int, factor: float) -> tuple[int, int]:
-    lh, lw = level_shapes[level]
-    return resampled_size(lh, factor), resampled_size(lw, factor)
+def _check_level(uri: str, level: int | None, count: int) -> int:
+    chosen = 0 if level is None else level
+    if not 0 <= chosen < count:
+        raise InputError(uri, f"has {count} pyramid level(s) (0–{count - 1}); level {chosen} does not exist")
+    return chosen
 
 
 # --------------------------------------------------------------------------- OpenSlide
@@ -132,9 +128,7 @@ def _resolution(level_shapes: list[tuple[int, int]], level: int, factor: float) 
 class OpenSlideReader(_PyramidReader):
     """Whole-slide images through OpenSlide: RGB uint8, transparent (no-data) pixels white."""
 
-    def __init__(
-        self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None, mpp: float | None = None,
-    ) -> None:
+    def __init__(self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None) -> None:
         import openslide
 
         path = strip_file_scheme(uri)
@@ -149,23 +143,18 @@ class OpenSlideReader(_PyramidReader):
         self._level_shapes = [(h, w) for w, h in slide.level_dimensions]
         base_mpp = _float(props.get(openslide.PROPERTY_NAME_MPP_X))
         try:
-            self._level, self._factor = choose_level(self._downsamples, base_mpp, level=level, mpp=mpp, uri=uri)
+            self._level = _check_level(uri, level, slide.level_count)
         except Exception:
             slide.close()
             raise
-        height, width = _resolution(self._level_shapes, self._level, self._factor)
-        level_mpp = base_mpp * self._downsamples[self._level] if base_mpp else None
+        height, width = self._level_shapes[self._level]
         self.info = ImageInfo(
             uri=uri, height=height, width=width, count=len(self._indexes), dtype="uint8",
-            mpp=(level_mpp * self._factor if level_mpp else None), driver="openslide",
+            mpp=(base_mpp * self._downsamples[self._level] if base_mpp else None), driver="openslide",
+            level_shapes=tuple(self._level_shapes),
             extra={
                 "level": self._level,
                 "level_count": slide.level_count,
-                "resample_factor": self._factor,
-                # what maps output pixels back to level 0 (QuPath vectors): level0 = output × downsample × factor
-                "downsample": self._downsamples[self._level],
-                "level0_height": self._level_shapes[0][0],
-                "level0_width": self._level_shapes[0][1],
                 "objective_power": _float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)),
                 "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
             },
@@ -226,10 +215,8 @@ class OmeTiffReader(_PyramidReader):
     axes of size 1. tifffile ≥ 2025 returns a Zarr-3 store: ``zarr.open(series.aszarr(level=L))``.
     """
 
-    def __init__(
-        self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None, mpp: float | None = None,
-        tiff: Any = None,
-    ) -> None:
+    def __init__(self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None,
+                 tiff: Any = None) -> None:
         import tifffile
 
         path = strip_file_scheme(uri)
@@ -238,12 +225,12 @@ class OmeTiffReader(_PyramidReader):
         except (tifffile.TiffFileError, OSError) as e:
             raise InputError(uri, f"OME-TIFF cannot be read ({e})") from None
         try:
-            self._setup(uri, bands, level, mpp)
+            self._setup(uri, bands, level)
         except Exception:
             self._tiff.close()
             raise
 
-    def _setup(self, uri: str, bands: Sequence[int] | None, level: int | None, mpp: float | None) -> None:
+    def _setup(self, uri: str, bands: Sequence[int] | None, level: int | None) -> None:
         series = self._tiff.series[0]
         self._series = series
         axes = series.axes
@@ -260,23 +247,19 @@ class OmeTiffReader(_PyramidReader):
         self._level_shapes = []
         for lvl in series.levels:
             self._level_shapes.append((lvl.shape[lvl.axes.index("Y")], lvl.shape[lvl.axes.index("X")]))
-        base_h, base_w = self._level_shapes[0]
+        base_w = self._level_shapes[0][1]
         downsamples = [base_w / w for _, w in self._level_shapes]
         base_mpp, magnification = _ome_physical(self._tiff.ome_metadata or "")
-        self._level, self._factor = choose_level(downsamples, base_mpp, level=level, mpp=mpp, uri=uri)
-        height, width = _resolution(self._level_shapes, self._level, self._factor)
-        level_mpp = base_mpp * downsamples[self._level] if base_mpp else None
+        self._level = _check_level(uri, level, len(self._level_shapes))
+        height, width = self._level_shapes[self._level]
         self._arrays: dict[int, Any] = {}
         self.info = ImageInfo(
             uri=uri, height=height, width=width, count=len(self._indexes), dtype=str(series.dtype),
-            mpp=(level_mpp * self._factor if level_mpp else None), driver="ome-tiff",
+            mpp=(base_mpp * downsamples[self._level] if base_mpp else None), driver="ome-tiff",
+            level_shapes=tuple(self._level_shapes),
             extra={
                 "level": self._level,
                 "level_count": len(self._level_shapes),
-                "resample_factor": self._factor,
-                "downsample": downsamples[self._level],
-                "level0_height": base_h,
-                "level0_width": base_w,
                 "objective_power": magnification,
                 "vendor": "ome-tiff",
             },
@@ -331,7 +314,7 @@ def _is_tiff(path: str) -> bool:
 
 
 def open_slide(
-    uri: str, bands: Sequence[int] | None = None, level: int | None = None, mpp: float | None = None,
+    uri: str, bands: Sequence[int] | None = None, level: int | None = None,
 ) -> OpenSlideReader | OmeTiffReader | None:
     """A slide reader for ``uri`` when the content is a slide or OME-TIFF pyramid, else None.
 
@@ -352,7 +335,7 @@ def open_slide(
             return None
         try:
             if tiff.is_ome:
-                reader = OmeTiffReader(uri, bands, level=level, mpp=mpp, tiff=tiff)
+                reader = OmeTiffReader(uri, bands, level=level, tiff=tiff)
                 tiff = None  # the reader owns the handle now
                 return reader
             if tiff.pages and tiff.pages.first.is_geotiff:
@@ -370,7 +353,7 @@ def open_slide(
         return None
     if vendor is None:
         return None
-    reader = OpenSlideReader(uri, bands, level=level, mpp=mpp)
+    reader = OpenSlideReader(uri, bands, level=level)
     if vendor == "generic-tiff" and reader.info.extra["level_count"] == 1:
         reader.close()  # a plain tiled TIFF: rasterio serves it (nodata, masks, georeference)
         return None

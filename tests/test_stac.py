@@ -124,8 +124,9 @@ def test_broken_link_unreachable_api_and_max_items_are_one_line_with_nothing_wri
          f"error: http://127.0.0.1:{port}/: the STAC API cannot be reached (connection refused)"),
         ([str(catalog), "--bbox", "15,38,16"], "error: --bbox: takes 4 numbers (west,south,east,north); got 3"),
         ([str(catalog), "--datetime", "2024-13-01"],
-         "error: datetime: Value error, datetime takes RFC 3339 times like 2024-05-01T00:00:00Z or start/end; "
-         "got '2024-13-01'"),
+         "error: --datetime: takes RFC 3339 times like 2024-05-01T00:00:00Z or start/end; got '2024-13-01'"),
+        ([str(catalog), "--datetime", "2024-06-01/2024-05-01"],
+         "error: --datetime: interval ends before it starts: '2024-06-01/2024-05-01'"),
     ]
     for args, expected in cases:
         out = tmp_path / "out"

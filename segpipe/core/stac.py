@@ -98,14 +98,14 @@ def parse_interval(text: str) -> tuple[_dt.datetime | None, _dt.datetime | None]
     """(start, end) of an RFC 3339 instant or ``start/end`` interval (``..`` or empty = open), in UTC."""
     parts = text.split("/")
     if len(parts) > 2:
-        raise ValueError(f"datetime is an instant or start/end; got {text!r}")
+        raise ValueError(f"is an RFC 3339 instant or start/end interval; got {text!r}")
     if len(parts) == 1:
         t = _instant(parts[0], text, end=False)
         return t, (_instant(parts[0], text, end=True) if len(parts[0].strip()) == 10 else t)
     start = None if parts[0].strip() in ("", "..") else _instant(parts[0], text, end=False)
     end = None if parts[1].strip() in ("", "..") else _instant(parts[1], text, end=True)
     if start and end and start > end:
-        raise ValueError(f"datetime interval ends before it starts: {text!r}")
+        raise ValueError(f"interval ends before it starts: {text!r}")
     return start, end
 
 
@@ -118,7 +118,7 @@ def _instant(part: str, text: str, end: bool) -> _dt.datetime:
             return _dt.datetime.combine(d, t, tzinfo=_dt.UTC)
         value = _dt.datetime.fromisoformat(part.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(f"datetime takes RFC 3339 times like 2024-05-01T00:00:00Z or start/end; got {text!r}") from None
+        raise ValueError(f"takes RFC 3339 times like 2024-05-01T00:00:00Z or start/end; got {text!r}") from None
     return value if value.tzinfo else value.replace(tzinfo=_dt.UTC)
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from segpipe.core.errors import ConfigError, InputError, SegpipeError, TransientIOError
 from segpipe.core.results import ImageResult
-from segpipe.core.stac import StacSearch, band_indexes, matches, parse_query, pick_asset
+from segpipe.core.stac import StacSearch, band_indexes, matches, parse_interval, parse_query, pick_asset
 from segpipe.io.storage import ItemRef, SourceImage, filesystem, has_scheme, safe_relative, strip_file_scheme
 
 #: links followed when a static catalogue is walked
@@ -61,6 +61,11 @@ def stac_search(*, collections: str | Sequence[str] | None = None, bbox: str | S
             raise ConfigError("--bbox", f"takes west,south,east,north in degrees; got {bbox!r}") from None
     if bbox is not None and len(bbox) != 4:
         raise ConfigError("--bbox", f"takes 4 numbers (west,south,east,north); got {len(bbox)}")
+    if datetime:
+        try:
+            parse_interval(datetime)
+        except ValueError as e:
+            raise ConfigError("--datetime", str(e)) from None
     geometry = _geometry(intersects) if isinstance(intersects, str) else intersects
     return StacSearch(collections=tuple(collections) if collections else None,
                       bbox=tuple(bbox) if bbox is not None else None, intersects=geometry, datetime=datetime or None,

@@ -36,6 +36,7 @@ from segpipe.engine.segment import segment_image
 from segpipe.evaluate.suggest import DEFAULT_TOP, suggest_regions
 from segpipe.export import Exports
 from segpipe.export.results import write_image_exports
+from segpipe.io.stac import StacListing, StacSearch, is_stac_source, list_sources, stac_search
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
 
 
@@ -63,6 +64,16 @@ def ingest(source: str) -> list[SourceImage]:
         raise TransientIOError(source, f"listing failed ({e})") from e
     get_run_logger().info("found %d image(s) under %s", len(images), source)
     return images
+
+
+@task(name="ingest-stac", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient,
+      cache_policy=NO_CACHE)
+def ingest_stac(source: str, search: StacSearch, bands: str | None) -> StacListing:
+    """The items a STAC document or STAC API search selects, as images (band names resolved)."""
+    listing = list_sources([source], search, bands)
+    get_run_logger().info("STAC: %d item(s) from %s, %d that cannot be segmented", len(listing.images), source,
+                          len(listing.problems))
+    return listing
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
@@ -220,6 +231,14 @@ def segment_images(
     preview: bool = False,
     min_area: float = 0.0,
     suggestions: int = DEFAULT_TOP,
+    collections: list[str] | str | None = None,
+    bbox: list[float] | str | None = None,
+    intersects: str | None = None,
+    datetime: str | None = None,
+    query: list[str] | dict | None = None,
+    max_items: int | None = None,
+    asset: str | None = None,
+    stac: bool | None = None,
 ) -> list[dict] | State:
     """Segment every image under ``source`` into ``out``; skip complete outputs, resume partial ones.
 
@@ -232,29 +251,44 @@ def segment_images(
     ``wait_for_workers``: seconds to wait for a first worker of ``dask_address`` when it has none (adaptive
     clusters start at 0). ``device_limit``: the Prefect global concurrency limit whose slot the run holds
     while its embedded cluster computes on this machine (shared with the weekly retrain; None: none).
+    A STAC ``source`` (a ``.json`` document, or an API URL with ``collections``/``bbox``/``intersects``/
+    ``datetime``/``query``/``max_items``) segments the items it selects; items whose ``updated`` time has a
+    complete output are skipped, so a nightly run does the new items only. ``stac`` writes a STAC item per
+    output and a collection per output folder (default: for STAC sources).
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
     forward_library_logs()  # which cluster, waiting for workers, …: in the run's logs
+    search = stac_search(collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, query=query,
+                         max_items=max_items, asset=asset)
+    stac_listing = ingest_stac(source, search, bands) if is_stac_source(source, search) else None
+    bands = stac_listing.bands if stac_listing is not None else bands
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
-    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area,
+                      stac=stac_listing is not None if stac is None else stac)
     cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device,
                               wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     results: list[ImageResult] = []
-    listing = ingest.submit(source)
+    listing = ingest.submit(source) if stac_listing is None else None
     ref = load_model(model, out)
-    wait([listing])
-    if listing.state.is_completed():
-        images = listing.result()
-    else:  # the source cannot be listed: that source fails, with its one line
-        images = []
-        error = listing.state.result(raise_on_failure=False)
-        results.append(ImageResult(source=source, output="", status="failed",
-                                   error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
+    if listing is None:  # a STAC source: its items were listed above
+        assert stac_listing is not None
+        images = stac_listing.images
+        results.extend(stac_listing.failed_results())
+    else:
+        wait([listing])
+        if listing.state.is_completed():
+            images = listing.result()
+        else:  # the source cannot be listed: that source fails, with its one line
+            images = []
+            error = listing.state.result(raise_on_failure=False)
+            results.append(ImageResult(source=source, output="", status="failed",
+                                       error=str(error) if isinstance(error, SegpipeError)
+                                       else str(listing.state.message)))
     names = assign_outputs(images, out)
     # the embedded cluster computes on this machine: one slot of the devices' limit (an address: the cluster's own)
     with device_slot(None if dask_address else device_limit, logger, "segment-images"), \

@@ -257,3 +257,80 @@ def faulty_s3(log_dir: Path) -> Iterator[tuple[dict[str, str], FaultProxy]]:
             yield {**aws, "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1", "GDAL_HTTP_MAX_RETRY": "0"}, proxy
         finally:
             proxy.close()
+
+
+def _postgres_bin() -> Path | None:
+    """PostgreSQL's server programs, when PostgreSQL and PostGIS are installed (.ci/run installs them)."""
+    import glob
+
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        version = Path(d).parent.name
+        if Path(d, "initdb").exists() and glob.glob(f"/usr/share/postgresql/{version}/extension/postgis.control"):
+            return Path(d)
+    return None
+
+
+def stac_api_available() -> str | None:
+    """Why :func:`stac_api` cannot start here, or None when it can."""
+    if _postgres_bin() is None:
+        return "PostgreSQL with PostGIS is not installed (apt-get install postgresql postgresql-15-postgis-3)"
+    if not (BIN / "pypgstac").exists():
+        return "pypgstac is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def stac_api(log_dir: Path) -> Iterator[str]:
+    """A real STAC API on loopback: stac-fastapi-pgstac (uvicorn) over PostgreSQL with PostGIS and pgstac
+    (``pypgstac migrate``), transactions enabled; yields its landing-page URL. Both stopped by PID.
+
+    PostgreSQL refuses to run as root: as root (CI) its programs run as the ``postgres`` user
+    (``setpriv``), on a data folder outside pytest's private temporary folders.
+    """
+    import shutil
+    import tempfile
+
+    pg_bin = _postgres_bin()
+    assert pg_bin is not None, stac_api_available()
+    data = Path(tempfile.mkdtemp(prefix="segpipe-pgstac-"))
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    pg: subprocess.Popen | None = None
+    try:
+        subprocess.run([*as_postgres, str(pg_bin / "initdb"), "-D", str(data / "db"), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        port = free_port()
+        pg = start([*as_postgres, str(pg_bin / "postgres"), "-D", str(data / "db"), "-p", str(port), "-k", str(data),
+                    "-h", "127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"], dict(os.environ),
+                   log_dir / "postgres.log")
+        wait_for(lambda: port_open(port), 60, "postgres", pg)
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        migrate = subprocess.run([str(BIN / "pypgstac"), "migrate", "--dsn", dsn], capture_output=True, text=True,
+                                 timeout=300)
+        assert migrate.returncode == 0, migrate.stderr[-2000:]
+        api_port = free_port()
+        env = {**os.environ, "PGUSER": "postgres", "PGPASSWORD": "unused", "PGHOST": "127.0.0.1", "PGPORT": str(port),
+               "PGDATABASE": "postgres", "ENABLE_TRANSACTIONS_EXTENSIONS": "true"}
+        api = start([sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory", "--host",
+                     "127.0.0.1", "--port", str(api_port)], env, log_dir / "stac-api.log")
+        url = f"http://127.0.0.1:{api_port}"
+        try:
+            wait_for(lambda: http_ok(url + "/"), 90, "stac-fastapi-pgstac", api)
+            yield url
+        finally:
+            stop(api, signal.SIGTERM)
+    finally:
+        if pg is not None:
+            stop(pg, signal.SIGINT)  # PostgreSQL's fast shutdown
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def stac_post(url: str, path: str, doc: dict, method: str = "POST") -> dict:
+    """One call of a STAC API's transactions extension (create a collection or an item)."""
+    import json
+
+    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(doc).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"{}")

@@ -46,6 +46,7 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "version": __version__,
         "source": image.uri,
         "source_fingerprint": image.fingerprint,
+        **({"source_item": image.item.as_dict()} if image.item is not None else {}),
         "height": info.height,
         "width": info.width,
         "bands": list(settings.read.bands) if settings.read.bands else None,

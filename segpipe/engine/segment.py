@@ -256,9 +256,10 @@ def _plan(images: Sequence[SourceImage], model: ModelRef, settings: SegmentSetti
         mp += grid.pixels / 1e6
     return chunks, mp
 
-def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
+def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, settings: SegmentSettings, client: Client,
                  progress: Progress | None = None, max_concurrent_images: int | None = None) -> list[ImageResult]:
-    """List every source, check the model once, then segment the images, a few at a time.
+    """List every source (or take it as listed: a :class:`SourceImage`), check the model once, then segment the
+    images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
     Model errors raise (nothing can run without a model). Several images are in progress at once, in a
@@ -280,6 +281,9 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     images: list[SourceImage] = []
     results: list[ImageResult] = []
     for s in sources:
+        if isinstance(s, SourceImage):  # already listed (a STAC search: segpipe.io.stac)
+            images.append(s)
+            continue
         try:
             images.extend(list_images(s))
         except SegpipeError as e:

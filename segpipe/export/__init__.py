@@ -48,6 +48,8 @@ class Exports:
     vector: str | None = None
     preview: bool = False
     min_area: float = 0.0
+    #: a STAC item per output and a collection per output folder (:mod:`segpipe.export.stac`)
+    stac: bool = False
 
     def __post_init__(self) -> None:
         if self.vector:
@@ -55,7 +57,7 @@ class Exports:
             vector_driver("x." + self.vector)  # a one-line ConfigError for an unknown format
 
     def __bool__(self) -> bool:
-        return bool(self.cog or self.vector or self.preview)
+        return bool(self.cog or self.vector or self.preview or self.stac)
 
 
 def export_is_whole(kind: str, path: str, zarr_uri: str) -> bool:

@@ -13,12 +13,17 @@ from segpipe.io.storage import output_error
 
 
 def write_image_exports(result: ImageResult, exports: Exports) -> None:
-    """COG / vectors / preview next to a finished output (CLI and flow alike); a failure fails the image."""
+    """COG / vectors / preview next to a finished output, then its STAC item (CLI and flow alike); a failure
+    fails the image."""
     if not exports or result.status not in ("done", "skipped") or not result.output:
         return
     try:
         result.extra["exports"] = write_exports(result.output, result.source, exports,
                                                 recompute=result.status == "done")
+        if exports.stac:  # last: the item lists the exports as assets
+            from segpipe.export.stac import write_stac
+
+            result.extra["exports"].update(write_stac(result.output, result.extra["exports"], result.notes))
     except SegpipeError as e:
         result.status, result.error = "failed", f"export of {result.output}: {e}"
     except OSError as e:

@@ -64,6 +64,23 @@ def join(base: str, *parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class ItemRef:
+    """The STAC item an image came from (:mod:`segpipe.io.stac`): recorded in the output's provenance and
+    linked from the output's own STAC item."""
+
+    href: str  #: the item's own URL or path
+    id: str
+    collection: str | None
+    asset: str  #: the asset key that was segmented
+    updated: str | None = None  #: the item's ``updated`` (else ``created``) time: the only-new-work key
+    datetime: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"href": self.href, "id": self.id, "collection": self.collection, "asset": self.asset,
+                "updated": self.updated, "datetime": self.datetime}
+
+
+@dataclass(frozen=True)
 class SourceImage:
     """One image found under a source: its URI, its path relative to the source root, and a fingerprint."""
 
@@ -71,6 +88,8 @@ class SourceImage:
     relative: str
     fingerprint: str
     size: int
+    #: the STAC item it is an asset of, when it was found through STAC
+    item: ItemRef | None = None
 
 
 def _fingerprint(info: dict) -> str:
@@ -138,20 +157,62 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
     except OSError as e:
         raise InputError(source, f"cannot be listed ({_reason(e)})") from None
     if info.get("type") == "directory":
+        store = _zarr_metadata(fs, path)
+        if store is not None:  # a Zarr store given itself (an OME-Zarr image: readers.omezarr) is one image
+            uri = source if prefix else os.path.normpath(os.path.abspath(path))
+            return [SourceImage(uri, posixpath.basename(path.rstrip("/")), _fingerprint(store), 0)]
         try:
             entries = fs.find(path, detail=True)
         except OSError as e:
             raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+        series: dict[str, list[tuple[str, dict]]] = {}
         for p, finfo in sorted(entries.items()):
-            if finfo.get("type") == "directory" or not p.lower().endswith(extensions):
+            if finfo.get("type") == "directory":
                 continue
             if "/." in p[len(path):] or ".zarr/" in p:  # hidden files and Zarr stores are never inputs
                 continue
+            if p.lower().endswith(DICOM_EXTENSIONS):
+                series.setdefault(posixpath.dirname(p), []).append((p, finfo))
+                continue
+            if not p.lower().endswith(extensions):
+                continue
             rel = posixpath.relpath(p, path.rstrip("/"))
             found.append(SourceImage(prefix + p, rel, _fingerprint(finfo), int(finfo.get("size") or 0)))
-        return found
+        found += [_dicom_series(prefix, path, folder, files) for folder, files in series.items()]
+        return sorted(found, key=lambda i: i.relative)
     uri = source if prefix else os.path.normpath(os.path.abspath(path))  # one spelling per local file
     return [SourceImage(uri, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
+
+
+#: DICOM instances: a folder of them is one whole-slide image (its pyramid levels are the instances)
+DICOM_EXTENSIONS = (".dcm",)
+
+
+def _zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    """The file info of a Zarr group's metadata (``zarr.json``, ``.zattrs``, ``.zgroup``) when ``path`` is a
+    Zarr store, else None: the store is then one image, fingerprinted by its metadata file."""
+    for name in ("zarr.json", ".zattrs", ".zgroup"):
+        try:
+            return fs.info(join(path, name))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _dicom_series(prefix: str, root: str, folder: str, files: list[tuple[str, dict]]) -> SourceImage:
+    """One image of a folder of DICOM instances (a DICOM WSI series: OpenSlide 4 opens it from any of its
+    files and finds the others in the folder). Named after the folder; fingerprinted by every instance."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, finfo in files:
+        h.update(f"{posixpath.basename(p)}\0{_fingerprint(finfo)}\n".encode())
+    rel = posixpath.relpath(folder, root.rstrip("/"))
+    name = posixpath.basename(root.rstrip("/")) if rel == "." else rel
+    return SourceImage(prefix + files[0][0], name + ".dcm", f"dicom:{h.hexdigest()[:32]}",
+                       sum(int(f.get("size") or 0) for _, f in files))
 
 
 def _reason(e: OSError) -> str:

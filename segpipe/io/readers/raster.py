@@ -78,8 +78,8 @@ def check_local_file(uri: str) -> None:
     path = strip_file_scheme(uri)
     if not os.path.exists(path):
         raise InputError(uri, "does not exist")
-    if os.path.isdir(path):
-        raise InputError(uri, "is a folder, not an image")
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zattrs")):
+        raise InputError(uri, "is a folder, not an image")  # a Zarr store is one (OME-Zarr: readers.omezarr)
     if os.path.getsize(path) == 0:
         raise InputError(uri, "is empty (0 bytes)")
 

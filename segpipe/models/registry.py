@@ -30,6 +30,10 @@ Guarantees and why they hold:
 
 ``resolve`` turns what users pass as ``--model`` into an artifact folder: an artifact folder
 as is, a registry folder → its champion, ``REGISTRY@vN`` → that version.
+
+Why this module is long: registering, listing, promoting, the history and pruning all read and write
+one on-disk layout (versions, ``champion.json``, runs) through the same small private helpers; the
+layout stays in one module so no other one depends on its private details.
 """
 
 from __future__ import annotations

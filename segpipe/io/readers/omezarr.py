@@ -11,7 +11,7 @@ What is read from the metadata (``multiscales[0]``; 0.5 keeps it under the ``ome
   :func:`segpipe.io.readers.resample.on_grid`).
 
 A bioformats2raw conversion (``bioformats2raw.layout``) is read through its first image (``0/``). Windows
-read only the chunks they cover. The reader follows the slide readers (``_PyramidReader`` of
+read only the chunks they cover. The reader follows the slide readers (``PyramidReader`` of
 :mod:`segpipe.io.readers.slide`): one pyramid level as it is, the level shapes, the mpp, reflection past
 the edges, thumbnails for the tissue mask.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from segpipe.core.errors import InputError
 from segpipe.io.readers.base import ImageInfo
 from segpipe.io.readers.raster import select_bands
-from segpipe.io.readers.slide import _check_level, _PyramidReader  # noqa: PLC2701 - the slide readers' shared logic
+from segpipe.io.readers.slide import PyramidReader, check_level  # noqa: PLC2701 - the slide readers' shared logic
 from segpipe.io.storage import filesystem, has_scheme, join, strip_file_scheme
 
 #: NGFF space units → micrometres
@@ -59,7 +59,7 @@ def _scale(transforms: Any, ndim: int) -> list[float]:
     return scale
 
 
-class OmeZarrReader(_PyramidReader):
+class OmeZarrReader(PyramidReader):
     """One image of an OME-Zarr store: its multiscale levels as a pyramid, its channel axis as bands."""
 
     def __init__(self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None,
@@ -106,7 +106,7 @@ class OmeZarrReader(_PyramidReader):
         base_mpp = base_mpp if base_mpp and math.isfinite(base_mpp) and base_mpp > 0 else None
         # a level's pixel size follows from its size, as for every pyramid (segpipe.core.grid decides levels by
         # shape); the datasets' own scales say the same for any pyramid written by a conforming tool
-        self._level = _check_level(uri, level, len(self._arrays))
+        self._level = check_level(uri, level, len(self._arrays))
         height, width = self._level_shapes[self._level]
         downsample = self._level_shapes[0][1] / width
         self.info = ImageInfo(

@@ -18,8 +18,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-#: tile side of a compiled raster (also the strip height it is written in)
+#: strip height a compiled raster is written in (and the side of the tiles it is burned in)
 BLOCK = 512
+#: tile side of a compiled raster: a training patch decodes a few small tiles, not a few 512² ones
+TILE = 256
 
 
 def cache_root() -> str:
@@ -43,7 +45,7 @@ def write_class_raster(path: str, height: int, width: int, strips: Iterable[np.n
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     profile = dict(driver="GTiff", height=height, width=width, count=1, dtype="uint8", tiled=True,
-                   blockxsize=BLOCK, blockysize=BLOCK, compress="zstd", BIGTIFF="IF_SAFER")
+                   blockxsize=TILE, blockysize=TILE, compress="zstd", BIGTIFF="IF_SAFER")
     try:
         with rasterio.open(tmp, "w", **profile) as dst:
             y0 = 0

@@ -23,9 +23,10 @@ from segpipe.core.geometry import Window
 from segpipe.core.grid import PixelGrid
 from segpipe.io.labelcache import BLOCK, label_entry, write_class_raster
 from segpipe.io.readers import ImageReader
+from segpipe.io.readers.raster import RasterioReader
 from segpipe.io.readers.resample import grid_info
 from segpipe.io.storage import filesystem, strip_file_scheme
-from segpipe.labels.dataset import Item, open_mask_on
+from segpipe.labels.dataset import Item
 
 #: what a compiled label raster's key says about how it was made (bump when burning changes)
 COMPILED_FORMAT = "segpipe-compiled-labels/1"
@@ -60,7 +61,8 @@ def compiled_labels(item: Item, grid: PixelGrid, rules: str, burn: Callable[[], 
     path = label_entry(hashlib.sha256(blob.encode()).hexdigest()[:40])
     if not os.path.exists(path):
         _compile(burn(), path)
-    reader = open_mask_on(path, None)
+    # the cache's own format: opened straight with GDAL, without probing which reader a file needs
+    reader = RasterioReader(path)
     reader.info = dataclasses.replace(grid_info(reader.info, grid), uri=item.truth_uri, driver="compiled-labels",
                                       extra={"compiled": path, "image": item.image_uri})
     return reader

@@ -19,7 +19,7 @@ def write_image_exports(result: ImageResult, exports: Exports) -> None:
         return
     try:
         result.extra["exports"] = write_exports(result.output, result.source, exports,
-                                                recompute=result.status == "done")
+                                                recompute=result.status == "done", notes=result.notes)
         if exports.stac:  # last: the item lists the exports as assets
             from segpipe.export.stac import write_stac
 

@@ -92,6 +92,16 @@ class SourceImage:
     item: ItemRef | None = None
 
 
+def file_version(uri: str) -> str | None:
+    """A file's version — size and ETag / modification time, as listings fingerprint images — or None when
+    there is no such file. The one definition of "this file changed" (label cache keys, edited exports)."""
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        return _fingerprint(fs.info(path))
+    except FileNotFoundError:
+        return None
+
+
 def _fingerprint(info: dict) -> str:
     size = info.get("size")
     for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created"):

@@ -25,7 +25,7 @@ from segpipe.io.labelcache import BLOCK, label_entry, write_class_raster
 from segpipe.io.readers import ImageReader
 from segpipe.io.readers.raster import RasterioReader
 from segpipe.io.readers.resample import grid_info
-from segpipe.io.storage import filesystem, strip_file_scheme
+from segpipe.io.storage import file_version
 from segpipe.labels.dataset import Item
 
 #: what a compiled label raster's key says about how it was made (bump when burning changes)
@@ -33,19 +33,16 @@ COMPILED_FORMAT = "segpipe-compiled-labels/1"
 
 
 def file_key(uri: str | None) -> tuple:
-    """A file's version: (uri, size, modification time or ETag); ``(None,)`` for no file."""
+    """A file's version (:func:`segpipe.io.storage.file_version`) with its URI; ``(None,)`` for no file."""
     if uri is None:
         return (None,)
-    local = strip_file_scheme(uri)
     try:
-        if "://" not in local:
-            st = os.stat(local)
-            return (uri, st.st_size, st.st_mtime_ns)
-        fs, path = filesystem(uri)
-        info = fs.info(path)
-        return (uri, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
-    except (OSError, FileNotFoundError):
-        raise DatasetError(uri, "does not exist") from None
+        version = file_version(uri)
+    except OSError:
+        version = None
+    if version is None:
+        raise DatasetError(uri, "does not exist")
+    return (uri, version)
 
 
 def compiled_labels(item: Item, grid: PixelGrid, rules: str, burn: Callable[[], ImageReader]) -> ImageReader:

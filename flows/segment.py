@@ -197,6 +197,7 @@ def segment_images(
     batch_size: int | None = None,
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    runtime: Literal["auto", "torch", "onnx"] = "auto",
     tta: bool = False,
     probabilities: bool = False,
     bands: str | None = None,
@@ -229,7 +230,8 @@ def segment_images(
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
-                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                precision=precision, runtime=runtime, tta=tta, probabilities=probabilities, bands=bands,
+                                level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)

@@ -23,6 +23,7 @@ from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
+from segpipe.engine.runtime import resolve_run_runtime
 from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work
 from segpipe.engine.tiled import TilePlan
@@ -108,6 +109,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     try:
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+        settings = settings.with_runtime(resolve_run_runtime(client, settings.inference))  # so is the runtime
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
         r = settings.read
         native = shared_reader(image.uri, r.bands, r.level, r.mpp, image.fingerprint, gsd=r.gsd).info
@@ -282,6 +284,7 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     ref, artifact = check_model(model)
     ensure_writable(out)
     settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+    settings = settings.with_runtime(resolve_run_runtime(client, settings.inference))
     if is_in_process(client):
         prime_predictor(artifact, settings.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory

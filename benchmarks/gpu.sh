@@ -12,6 +12,8 @@
 # Without nvidia-smi (this CPU machine, CI) it runs end to end on the CPU: the GPU tests skip, the real
 # benchmark runs on a small scene, the sweep uses the simulated device only, and nothing is sampled.
 # SIZE=small forces the small sizes anywhere. Results: OUT_DIR/*.json, *.log, nvidia-smi.csv.
+# The references (raw forward, I/O floor) resolve precision, runtime and windows as the segpipe run recorded
+# them; a ratio above 1 against one of them fails that step with one line instead of being reported.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -49,12 +51,12 @@ tail -1 "$OUT/pytest-gpu.log" >&2
 stamp "2/3 real $PREC benchmark, ${MP} MP, $DEVICE, against the raw forward"
 "$PY" benchmarks/engine.py --megapixels "$MP" --device "$DEVICE" --precision "$PREC" --skip-monai \
   --workdir "$WORK/engine" --json "$OUT/engine-real.json" > "$OUT/engine-real.log" 2>&1 \
-  || stamp "real benchmark FAILED (see engine-real.log)"
+  || stamp "real benchmark FAILED: $(tail -1 "$OUT/engine-real.log")"
 
 stamp "3/3 device utilisation sweep ($RATES) on ${SWEEP_MP} MP scene, ${SLIDE_MP} MP slide, 600 chips"
 "$PY" benchmarks/engine.py --sim-device "$RATES" --megapixels "$SWEEP_MP" --slide-megapixels "$SLIDE_MP" \
   --device "$DEVICE" --precision "$PREC" --workdir "$WORK/sweep" --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1 \
-  || stamp "sweep FAILED (see sweep.log)"
+  || stamp "sweep FAILED: $(tail -1 "$OUT/sweep.log")"
 cleanup
 SMI_PID=""
 

@@ -2,7 +2,7 @@
 
 1. generate a synthetic aerial-like land-cover dataset (5 classes, exact masks, imbalance)
 2. run the ``retrain`` flow: train a challenger for a time budget, evaluate, register, promote (no champion yet)
-3. generate a large scene (6,144 × 6,144 by default) with its true mask
+3. generate a large scene (4,096 × 4,096 by default) with its true mask
 4. run the ``segment-images`` flow over it with the registry's champion → Zarr
 5. score the scene output against its mask, write a report and a preview
 """
@@ -31,12 +31,13 @@ class DemoSizes:
     #: training's time budget (validation included): the epochs and the schedule are fitted to it, so the
     #: demo takes minutes on a CPU without native bf16 (fp32, ~4× slower) as on one with it
     train_seconds: float | None = None
+    lr: float = 1e-3  #: peak learning rate (a short one-cycle schedule learns faster with a higher peak)
 
     @classmethod
     def full(cls) -> DemoSizes:
         # short epochs (20 steps): the first measures the pace early, and the budget is cut finely
         return cls(images=16, image_side=512, epochs=24, patches_per_epoch=160, patch_size=256, batch_size=8,
-                   scene_side=6144, chunk_size=512, halo=64, train_seconds=300.0)
+                   scene_side=4096, chunk_size=512, halo=64, train_seconds=400.0, lr=2e-3)
 
     @classmethod
     def quick(cls) -> DemoSizes:
@@ -83,7 +84,7 @@ def run_demo(out: str, *, quick: bool = False, seed: int = 0, precision: str = "
     tsettings = TrainSettings(architecture="Unet", encoder="resnet18", epochs=sizes.epochs,
                               batch_size=sizes.batch_size, patch_size=sizes.patch_size,
                               patches_per_epoch=sizes.patches_per_epoch, class_balanced=True, seed=seed,
-                              max_seconds=sizes.train_seconds, precision=precision)
+                              max_seconds=sizes.train_seconds, precision=precision, lr=sizes.lr)
     ssettings = segment_settings(chunk_size=sizes.chunk_size, halo=sizes.halo, precision=precision)
     retrained = retrain(str(data), registry, tsettings, ssettings, workdir=str(root / "runs"), margin=0.0).as_dict()
     step("retrain (train, evaluate, register, promote)", t)

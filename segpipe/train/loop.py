@@ -273,9 +273,8 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     steps_per_epoch = s.patches_per_epoch // s.batch_size
     planned = planned_epochs(sched, steps_per_epoch)  # s.epochs, or what a time budget left (resume)
     with _progress_bar(progress) as bar:
-        for epoch in range(prog.epoch, planned):
-            if prog.stop_reason is not None:
-                break
+        while prog.epoch < planned and prog.stop_reason is None:  # a time budget may move ``planned``
+            epoch = prog.epoch
             t0 = time.perf_counter()
             order.epoch = epoch
             task = bar.add_task(f"epoch {epoch + 1}/{planned}", total=steps_per_epoch,
@@ -297,17 +296,17 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
             entry["seconds"] = time.perf_counter() - t0
             prog.history.append(entry)
             prog.epoch = epoch + 1
-            fit = epochs_in_budget(s, prog.epoch, time.perf_counter() - t_start, entry["seconds"])
-            if fit < planned and prog.stop_reason is None:
-                if epoch == 0:  # the first epoch measured the pace: the schedule is fitted to the budget once
-                    log.info("time budget %.0f s: %d of %d epochs fit (%.0f s per epoch)", s.max_seconds,
+            if s.max_seconds is not None and prog.stop_reason is None:
+                # each epoch measures the pace: the epochs left and the schedule are fitted to what remains
+                # of the budget (the first epoch is slower: kernels are chosen, the machine may be busy)
+                fit = epochs_in_budget(s, prog.epoch, time.perf_counter() - t_start, entry["seconds"])
+                if fit != planned:
+                    log.info("time budget %.0f s: %d epoch(s) fit, not %d (%.0f s per epoch now)", s.max_seconds,
                              fit, planned, entry["seconds"])
                     planned, sched = fit, replan(opt, sched, s, fit)
-                else:  # later epochs got slower than the first: stop rather than overrun
-                    prog.stop_reason = f"time budget: {s.max_seconds:.0f} s spent after {prog.epoch} epochs"
             if prog.epoch >= planned and prog.stop_reason is None:
                 prog.stop_reason = "completed" if planned == s.epochs else \
-                    f"completed the {planned} epochs that fit in the time budget ({s.max_seconds:.0f} s)"
+                    f"completed {planned} epoch(s), all that fit in the time budget ({s.max_seconds:.0f} s)"
             save_checkpoint(fs, ckdir, net, opt, sched, scaler, prog, s, data_root)
             log.info("epoch %d/%d: loss %.4f, lr %.2e, val mIoU %s, pixel acc %s, %.1f patches/s",
                      epoch + 1, planned, entry["train_loss"], entry["lr"], _fmt(entry.get("val_mean_iou")),

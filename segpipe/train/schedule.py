@@ -1,7 +1,7 @@
 """The optimizer, its learning-rate schedule over all steps, and a training run's time budget.
 
 A schedule is planned over the epochs to run (one-cycle: warm-up, then decay to the end); with
-``max_seconds`` (:class:`segpipe.train.settings.TrainSettings`) the first epoch measures the pace, and the
+``max_seconds`` (:class:`segpipe.train.settings.TrainSettings`) each epoch measures the pace, and the
 schedule is planned again over the epochs that fit (:func:`epochs_in_budget`, :func:`replan`). The
 scheduler's state is in every checkpoint, so a resumed run keeps the plan (:func:`planned_epochs`).
 """

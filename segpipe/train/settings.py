@@ -32,9 +32,10 @@ class TrainSettings(BaseModel):
     )
     epochs: int = Field(20, ge=1, le=100_000, description="Epochs to train (at most; early stopping may end sooner).")
     max_seconds: float | None = Field(
-        None, gt=0, description="Time budget of the training, validation included: after the first epoch, the "
-        "epochs are cut to what fits in it (never more than epochs) and the learning-rate schedule is planned "
-        "over them; an epoch that would end past it is not started. None = epochs alone decide.",
+        None, gt=0, description="Time budget of the training, validation included: after each epoch, the epochs "
+        "that fit in what is left at the last epoch's pace (never more than epochs) are planned, and the "
+        "learning-rate schedule with them; an epoch that would end past it is not started. None = epochs alone "
+        "decide.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Patches per optimizer step.")
     patch_size: int = Field(256, ge=32, le=8192, description="Side of a training patch in pixels (multiple of 32).")

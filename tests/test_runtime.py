@@ -145,6 +145,14 @@ def test_segment_resolves_auto_to_onnx_without_native_bf16_and_records_it(tmp_pa
     seg = json.loads((zarr_path / "zarr.json").read_text())["attributes"]["segpipe"]
     assert seg["inference"]["precision"] == "fp32" and seg["inference"]["runtime"] == "onnx"
     assert seg["settings"]["runtime"] == "onnx"
+    # a complete onnx output is not taken for a torch one: kept, and the change is named
+    from click.testing import CliRunner
+
+    from segpipe.cli.main import main
+
+    r = CliRunner().invoke(main, ["segment", scene_tif, "--model", model_dir, "--out", str(out), "--chunk-size", "128",
+                                  "--halo", "16", "--precision", "fp32", "--runtime", "torch", "--no-progress"])
+    assert r.exit_code == 1 and "is complete with other settings (runtime onnx → torch)" in r.stderr, r.stderr
 
     from segpipe.engine.job import check_model
     from segpipe.engine.segment import segment_image

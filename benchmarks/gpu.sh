@@ -25,7 +25,7 @@ if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1 && [ "${S
   GPU=1; DEVICE=cuda; PREC=bf16; MP=200; SWEEP_MP=100; SLIDE_MP=100; RATES=0.5x,2x,real
 else
   # precision auto: bf16 only where the CPU computes it natively (emulated bf16 is ~50× slower)
-  GPU=0; DEVICE=cpu; PREC=auto; MP=${MP:-2}; SWEEP_MP=${SWEEP_MP:-12}; SLIDE_MP=${SLIDE_MP:-6}; RATES=0.5x,2x
+  GPU=0; DEVICE=cpu; PREC=auto; MP=${MP:-8}; SWEEP_MP=${SWEEP_MP:-12}; SLIDE_MP=${SLIDE_MP:-6}; RATES=0.5x,2x
   echo "no GPU: the kit runs on the CPU with the simulated device and small sizes" >&2
 fi
 WORK="$OUT/work"

@@ -210,6 +210,7 @@ def segment_images(
     batch_size: int | None = None,
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    runtime: Literal["auto", "torch", "onnx"] = "auto",
     tta: bool = False,
     probabilities: bool = False,
     bands: str | None = None,
@@ -264,7 +265,8 @@ def segment_images(
     stac_listing = ingest_stac(source, search, bands) if is_stac_source(source, search) else None
     bands = stac_listing.bands if stac_listing is not None else bands
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
-                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                precision=precision, runtime=runtime, tta=tta, probabilities=probabilities, bands=bands,
+                                level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area,

@@ -117,7 +117,7 @@ def print_summary(results: list) -> None:
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
             batch_size: int | None,
-            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+            device: str, precision: str, runtime: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
             min_area: float, collections: str | None, bbox: str | None, intersects: str | None,
@@ -145,7 +145,7 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
                                                 asset=asset), bands)
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, listing.bands,
                               level, mpp, skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size,
-                              task_seconds=task_seconds, gsd=gsd)
+                              task_seconds=task_seconds, gsd=gsd, runtime=runtime)
     exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area,
                       stac=listing.stac if stac_out is None else stac_out)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,

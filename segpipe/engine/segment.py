@@ -24,6 +24,7 @@ from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
+from segpipe.engine.runtime import resolve_run_runtime
 from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work
 from segpipe.engine.tiled import TilePlan
@@ -111,6 +112,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         auto_precision = settings.inference.precision == "auto"
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+        settings = settings.with_runtime(resolve_run_runtime(client, settings.inference))  # so is the runtime
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
         native = shared_reader(image.uri, settings.read.bands, fingerprint=image.fingerprint).info
         settings, grid_px, coarser = at_model_resolution(native, model, settings, image.uri)
@@ -294,6 +296,7 @@ def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, set
     # resolved once here for the whole run (cached per client); each image is given the settings as asked,
     # so it knows when its precision is what ``auto`` resolved to (an output made in another is then kept)
     resolved = settings.with_precision(resolve_run_precision(client, settings.inference))
+    resolved = resolved.with_runtime(resolve_run_runtime(client, resolved.inference))
     if is_in_process(client):
         prime_predictor(artifact, resolved.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory

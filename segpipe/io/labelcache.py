@@ -18,17 +18,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from segpipe.io.storage import cache_root
+
 #: strip height a compiled raster is written in (and the side of the tiles it is burned in)
 BLOCK = 512
 #: tile side of a compiled raster: a training patch decodes a few small tiles, not a few 512² ones
 TILE = 256
-
-
-def cache_root() -> str:
-    """``$SEGPIPE_CACHE`` or ``$XDG_CACHE_HOME/segpipe`` (default ``~/.cache/segpipe``)."""
-    base = os.environ.get("SEGPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "segpipe")
-    return base
 
 
 def label_entry(key: str) -> str:

@@ -92,6 +92,13 @@ class SourceImage:
     item: ItemRef | None = None
 
 
+def cache_root() -> str:
+    """segpipe's local cache folder (compiled labels, exported ONNX graphs): ``$SEGPIPE_CACHE``, else
+    ``$XDG_CACHE_HOME/segpipe`` (default ``~/.cache/segpipe``). Everything in it can be deleted at any time."""
+    return os.environ.get("SEGPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "segpipe")
+
+
 def file_version(uri: str) -> str | None:
     """A file's version — size and ETag / modification time, as listings fingerprint images — or None when
     there is no such file. The one definition of "this file changed" (label cache keys, edited exports)."""

@@ -17,8 +17,9 @@ from prefect.futures import as_completed, wait
 from prefect.states import Completed, Failed, State
 
 from flows.failures import install_one_line_failures
-from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.errors import SegpipeError
 from segpipe.core.results import ImageResult, summary_rows
+from segpipe.core.retry import RetryPolicy
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.engine.cluster import (
@@ -37,37 +38,20 @@ from segpipe.export.results import write_image_exports
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry only what may succeed on a second try (network, throttling), never bad input."""
-    try:
-        state.result()
-    except TransientIOError:
-        return True
-    except (ConnectionError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-    return False
-
-
-@task(name="ingest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def ingest(source: str) -> list[SourceImage]:
-    """List the images under ``source`` with a fingerprint each (size + mtime/ETag)."""
-    try:
-        images = list_images(source)
-    except (ConnectionError, TimeoutError, OSError) as e:
-        if isinstance(e, SegpipeError):
-            raise
-        raise TransientIOError(source, f"listing failed ({e})") from e
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(source: str, retry: RetryPolicy) -> list[SourceImage]:
+    """List the images under ``source`` with a fingerprint each (size + mtime/ETag); a bucket's fault that
+    may pass is retried with the run's policy (the one of every storage call of the run)."""
+    images = retry.call(lambda: list_images(source))
     get_run_logger().info("found %d image(s) under %s", len(images), source)
     return images
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
-def load_model(model: str, out: str) -> ModelRef:
+def load_model(model: str, out: str, retry: RetryPolicy) -> ModelRef:
     """Resolve the model (artifact, registry champion or REGISTRY@vN), check it, and check OUT is writable."""
     ref, _ = check_model(model)
-    ensure_writable(out)
+    retry.call(lambda: ensure_writable(out))
     get_run_logger().info("model %s (%s/%s), weights %s", ref.uri, ref.spec.architecture, ref.spec.encoder,
                           ref.sha256[:12])
     return ref
@@ -133,15 +117,15 @@ class PrefectProgress:
         update_progress_artifact(self.artifact, min(100.0, 100.0 * self.done / self.total))
 
 
-@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE)
 def segment_one(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings,
                 scheduler: str, exports: Exports, target_uri: str | None = None) -> ImageResult | State:
     """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr.
 
     A failed image ends this task run *Failed* (red in the run graph, so task-failure
-    automations fire) with the image's one-line error as the state message; a storage error
-    that may pass (throttling, a dropped connection) is raised so Prefect retries the task.
+    automations fire) with the image's one-line error as the state message. Storage faults that may
+    pass were already retried by the engine with ``settings.retry`` (and the image tried again from
+    its chunks in the store): Prefect does not retry the task on top of that.
     """
     logger = get_run_logger()
     result = segment_image(image, model, out, settings, client_for(scheduler), PrefectProgress(image.relative),
@@ -153,36 +137,43 @@ def segment_one(image: SourceImage, model: ModelRef, out: str, settings: Segment
     if result.status == "failed":
         result.error = flow_wording(result.error or "")
         logger.error("%s", result.error)
-        if result.transient:
-            raise TransientIOError(None, result.error or "storage error")
         return Failed(message=result.error, data=result)
-    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, in %.1f s (%.2f MP/s) → %s", result.status,
-                image.relative, result.chunks_computed, result.chunks, result.chunks_skipped, result.seconds,
+    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, %d storage retries, %d recomputed after a "
+                "lost worker, in %.1f s (%.2f MP/s) → %s", result.status, image.relative, result.chunks_computed,
+                result.chunks, result.chunks_skipped, result.storage_retries, result.recomputed, result.seconds,
                 result.mp_per_s, result.output)
     return result
 
 
-def publish_suggestions(results: list[ImageResult], top: int, source: str) -> list[dict]:
+def publish_suggestions(results: list[ImageResult], top: int, source: str, retry: RetryPolicy | None = None
+                        ) -> list[dict]:
     """The ``top`` regions to label next among the run's finished outputs, as the table artifact
     ``segment-images-suggestions``; returns its rows. Outputs without uncertainty (written by an
-    older segpipe) are left out with a log line; a problem here never fails the run."""
+    older segpipe) or unreadable now are left out with a log line.
+
+    Never fails the run: the images are done when this runs, and suggestions are advice. Any error here —
+    bad input, a storage fault, a bug — is one warning line (a bug's traceback at debug level)."""
     logger = get_run_logger()
     outputs = [r.output for r in results if r.status in ("done", "skipped") and r.output]
     if not outputs:
         return []
     notes: list[str] = []
     try:
-        regions = suggest_regions(outputs, top, notes, strict=False)
+        regions = suggest_regions(outputs, top, notes, strict=False, retry=retry)
+        rows = [s.as_row() for s in regions]
+        if rows:
+            create_table_artifact(rows, key="segment-images-suggestions",
+                                  description=f"where to label next: the {len(rows)} most uncertain regions of "
+                                              f"segment-images over {source} (segpipe suggest)")
     except SegpipeError as e:
         logger.warning("no suggestions: %s", e)
         return []
+    except Exception as e:  # noqa: BLE001 - advice must never turn a successful run into a failed one
+        logger.warning("no suggestions: unexpected %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logger.debug("suggestions failed", exc_info=True)
+        return []
     for note in notes:
         logger.info("suggestions: %s", note)
-    rows = [s.as_row() for s in regions]
-    if rows:
-        create_table_artifact(rows, key="segment-images-suggestions",
-                              description=f"where to label next: the {len(rows)} most uncertain regions of "
-                                          f"segment-images over {source} (segpipe suggest)")
     return rows
 
 
@@ -236,8 +227,8 @@ def segment_images(
     cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device)
     check_device_pinning(device, cluster)
     results: list[ImageResult] = []
-    listing = ingest.submit(source)
-    ref = load_model(model, out)
+    listing = ingest.submit(source, settings.retry)
+    ref = load_model(model, out, settings.retry)
     wait([listing])
     if listing.state.is_completed():
         images = listing.result()
@@ -274,7 +265,7 @@ def segment_images(
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
     if suggestions:
-        publish_suggestions(results, suggestions, source)
+        publish_suggestions(results, suggestions, source, settings.retry)
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     create_markdown_artifact(

@@ -10,8 +10,16 @@ retry 5 s later). Tile tasks look at their own state before each chunk they writ
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from segpipe.core.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -43,8 +51,9 @@ def cancelled() -> bool:
     return ts is not None and ts.state == "cancelled"
 
 
-def _executing(dask_worker: Any, prefix: tuple[str, ...]) -> list[str]:
-    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now, cancelled ones included (via client.run)."""
+def _executing(prefix: tuple[str, ...], dask_worker: Any = None) -> list[str]:
+    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now, cancelled ones included (via client.run,
+    which passes the worker as the keyword ``dask_worker``, after the positional arguments)."""
     running = set(dask_worker.state.executing) | set(dask_worker.state.long_running)
     return [str(ts.key) for ts in running if str(ts.key).startswith(prefix)]
 
@@ -69,3 +78,131 @@ def wait_for_started(client: Client, prefix: tuple[str, ...], timeout: float = 6
         delay = min(0.2, delay * 2)
 
 #: a task's work: (tile key, [chunk keys of that tile to write])
+
+
+@dataclass
+class RunTasks:
+    """One image run's Dask tasks as the driver sees them: their keys (whose prefix is the fence), the
+    :class:`RetryPolicy` the tasks retry storage faults with, and the retries they reported."""
+
+    run_id: str
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    storage_retries: int = 0
+    retried: str | None = None  #: the last fault a task retried (one line)
+
+    def prefix(self, kind: str) -> str:
+        """The key prefix of this run's tasks of ``kind`` ("tiles", "fill", "pyramid")."""
+        return f"segpipe-{kind}-{self.run_id[:8]}-"
+
+    def key(self, kind: str) -> str:
+        """A unique key for a task of ``kind`` of this run."""
+        return self.prefix(kind) + uuid.uuid4().hex[:12]
+
+    def observe(self, counters: dict[str, Any]) -> None:
+        """Count the retries a task reported in its counters (``storage_retries``, ``retried``)."""
+        if counters.get("storage_retries"):
+            self.storage_retries += int(counters["storage_retries"])
+            self.retried = counters.get("retried") or self.retried
+
+
+def task_prefixes(run_id: str) -> tuple[str, ...]:
+    """The key prefixes of one image run's Dask tasks (tile, fill and pyramid tasks): what the fence waits
+    for and what a lost worker's recomputations are counted by."""
+    run = RunTasks(run_id)
+    return (run.prefix("tiles"), run.prefix("fill"), run.prefix("pyramid"))
+
+
+class LostWorkers:
+    """The workers a client saw lost, and the task keys each had in hand (scheduler events).
+
+    When a worker dies unexpectedly, the scheduler publishes a ``remove-worker`` event on its ``all`` topic
+    with the keys it was processing and the results it held (``processing-tasks``, ``lost-computed-tasks``)
+    — exactly the tasks Dask runs again elsewhere — before it reschedules them. The event reaches the client
+    on the same ordered stream as task results, so by the time an image's last task is back, every loss
+    that touched it is here. Counting from inside a task cannot see this (a task does not know it ran
+    before), and the scheduler forgets a task's state once its result is released. A graceful removal
+    (``expected``: retirement, adaptive scale-down) hands its tasks over and is not counted.
+
+    The client is subscribed only while an image watches (:meth:`watch`): a client that stays subscribed
+    to ``all`` makes the scheduler log a CRITICAL "Closed comm" line when that client closes.
+    """
+
+    def __init__(self, client: Client, keep: int = 1000) -> None:
+        self.client = client
+        self._events: deque[tuple[float, frozenset[str]]] = deque(maxlen=keep)
+        self._mutex = threading.Lock()
+        self._watching = 0
+
+    def handle(self, event: tuple[float, Any]) -> None:
+        """The ``subscribe_topic("all")`` handler (runs on the client's event loop)."""
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker" or msg.get("expected"):
+            return
+        keys = frozenset(str(k) for k in (*msg.get("processing-tasks", ()), *msg.get("lost-computed-tasks", ())))
+        ours = [k for k in keys if k.startswith("segpipe-")]
+        if ours:
+            log.warning("worker %s was lost with %d segpipe task(s) in hand; Dask runs them again elsewhere",
+                        msg.get("worker", "?"), len(ours))
+        with self._mutex:
+            self._events.append((time.monotonic(), keys))
+
+    def watch(self) -> LostWorkerWatch:
+        """Start counting for one image (subscribes the client when it is the first image in flight)."""
+        with self._mutex:
+            if self._watching == 0:
+                self.client.subscribe_topic("all", self.handle)
+            self._watching += 1
+        return LostWorkerWatch(self, time.monotonic())
+
+    def _unwatch(self) -> None:
+        with self._mutex:
+            self._watching -= 1
+            if self._watching:
+                return
+            try:
+                self.client.unsubscribe_topic("all")
+            except Exception:  # noqa: BLE001 - a client that is closing has no subscription left to end
+                log.debug("cannot unsubscribe from the scheduler's events", exc_info=True)
+
+    def recomputed(self, prefixes: Iterable[str], since: float) -> int:
+        """Tasks whose key starts with one of ``prefixes`` that lost workers had in hand since ``since``
+        (``time.monotonic()``)."""
+        prefixes = tuple(prefixes)
+        with self._mutex:
+            events = [keys for t, keys in self._events if t >= since]
+        return sum(1 for keys in events for k in keys if k.startswith(prefixes))
+
+
+@dataclass
+class LostWorkerWatch:
+    """One image's view of :class:`LostWorkers`, from its start until :meth:`close`."""
+
+    lost: LostWorkers | None
+    since: float
+
+    def recomputed(self, prefixes: Iterable[str]) -> int:
+        """The image's tasks (keys starting with one of ``prefixes``) that a lost worker had in hand."""
+        return self.lost.recomputed(prefixes, self.since) if self.lost is not None else 0
+
+    def close(self) -> None:
+        if self.lost is not None:
+            self.lost._unwatch()
+            self.lost = None
+
+
+_watched: weakref.WeakKeyDictionary[Any, LostWorkers] = weakref.WeakKeyDictionary()
+_watched_lock = threading.Lock()
+
+
+def watch_lost_workers(client: Client) -> LostWorkerWatch:
+    """Count, for one image, the tasks that lost workers of ``client``'s cluster had in hand; ``close()`` it
+    when the image ends. A client that cannot subscribe counts nothing (the image runs all the same)."""
+    with _watched_lock:
+        lost = _watched.get(client)
+        if lost is None:
+            lost = _watched[client] = LostWorkers(client)
+    try:
+        return lost.watch()
+    except Exception:  # noqa: BLE001 - counting is a report; a client that cannot subscribe still runs
+        log.debug("cannot subscribe to the scheduler's events", exc_info=True)
+        return LostWorkerWatch(None, time.monotonic())

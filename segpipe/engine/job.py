@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from segpipe.core.retry import RetryPolicy
 from segpipe.core.settings import InferenceSettings, ReadSettings, TilingSettings
 from segpipe.io.output import (
     OutputTarget,
@@ -51,5 +52,7 @@ class ChunkJob:
     tissue: bool = False
     #: tiles per forward pass inside a task (tasks may carry more tiles than one forward: --task-seconds)
     forward_batch: int | None = None
+    #: the run's retries of storage faults that may pass (``SegmentSettings.retry``)
+    retry: RetryPolicy = RetryPolicy()
 
 TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

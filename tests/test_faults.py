@@ -375,3 +375,33 @@ def test_a_5xx_on_the_uncertainty_read_leaves_the_flow_run_completed(proxy, harn
     state = F.segment_images(**kw, return_state=True)
     assert state.is_completed(), state.message
     assert [r["status"] for r in state.result()] == ["skipped"]
+
+
+def test_a_tried_again_image_loses_no_uncertainty_value(tmp_path, photo, model_dir, client, monkeypatch):
+    """A tile task that wrote its chunks and then failed for good (or was cut short at the fence) never
+    returned their uncertainty values, and the next try resumed past those chunks: their values stayed NaN.
+    Now a later try computes such chunks again."""
+    import segpipe.engine.tasks as T
+    from segpipe.engine.job import check_model
+    from segpipe.engine.segment import segment_image
+    from segpipe.io.uncertainty import read_uncertainty
+
+    ref, _ = check_model(model_dir)
+    image = one_image(tmp_path, photo)
+    clean = segment_image(image, ref, str(tmp_path / "clean"), fast_settings(), client)
+    real, failures = T._run_tiles, []
+
+    def written_then_failed(job, work, fill):
+        counters = real(job, work, fill)
+        if not fill and (0, 0) in [w[0] for w in work] and len(failures) < FAST.attempts:
+            failures.append(1)  # every try of the task within the image's first try
+            raise TransientIOError(job.target.uri, "cannot be written (injected after the chunks)")
+        return counters
+
+    monkeypatch.setattr(T, "_run_tiles", written_then_failed)
+    result = segment_image(image, ref, str(tmp_path / "out"), fast_settings(), client)
+    assert result.status == "done" and result.storage_retries == FAST.attempts, result
+    a, b = read_uncertainty(clean.output), read_uncertainty(result.output)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_array_equal(labels_of(result.output), labels_of(clean.output))

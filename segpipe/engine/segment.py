@@ -12,7 +12,10 @@ import posixpath
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
@@ -42,7 +45,7 @@ from segpipe.io.output import (
 )
 from segpipe.io.readers import ImageInfo, open_image, shared_reader
 from segpipe.io.storage import SourceImage, list_images, output_uri
-from segpipe.io.uncertainty import ChunkUncertainty
+from segpipe.io.uncertainty import ChunkUncertainty, read_uncertainty
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
 
 if TYPE_CHECKING:
@@ -105,9 +108,9 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     """
     t0 = time.perf_counter()
     first: ImageResult | None = None
-    carried, last, notes = 0, None, []
+    carried, last, notes, tries = 0, None, [], _Tries()
     for delay in [*settings.retry.delays(), None]:
-        result = _segment_once(image, model, out, settings, client, progress, target_uri)
+        result = _segment_once(image, model, out, settings, client, progress, target_uri, tries)
         result.storage_retries += carried
         result.retried = result.retried or last
         result.notes = list(dict.fromkeys([*notes, *result.notes]))
@@ -130,8 +133,29 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     return result
 
 
+@dataclass
+class _Tries:
+    """What the tries of one image share."""
+
+    #: the chunks in the store when the first try planned (written before this run)
+    done_before: set[tuple[int, int]] | None = None
+
+
+def _with_values(uri: str, done: set[tuple[int, int]], before: set[tuple[int, int]], shape: tuple[int, int],
+                 settings: SegmentSettings, count: Any) -> set[tuple[int, int]]:
+    """The chunks of ``done`` to keep on a later try: those from before the run, and those whose uncertainty
+    reached the store. A tile task cut short at the fence when a try failed may have written chunks whose
+    values never came back (the driver is the array's only writer): computing them again writes the same
+    class ids and gives their values (an empty chunk among them costs a read)."""
+    values = settings.retry.call(lambda: read_uncertainty(uri), retried=count)
+    if values is None or values.shape != shape:
+        return done
+    return {k for k in done if k in before or bool(np.isfinite(values[k]))}
+
+
 def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
-                  progress: Progress | None = None, target_uri: str | None = None) -> ImageResult:
+                  progress: Progress | None = None, target_uri: str | None = None,
+                  tries: _Tries | None = None) -> ImageResult:
     """Segment one image into ``target_uri`` (default ``OUT/<relative>.zarr``): one try.
 
     Skips a complete identical output, resumes a partial one, and never touches a path that
@@ -144,6 +168,7 @@ def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: Segme
     t0 = time.perf_counter()
     target_uri = target_uri or output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
+    tries = tries or _Tries()
     lock: OutputLock | None = None
     tasks: RunTasks | None = None  # this try's Dask tasks (key prefix, retries they report)
     lost = watch_lost_workers(client)  # this try's tasks that a lost worker had in hand
@@ -193,9 +218,13 @@ def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: Segme
             attrs = read_attrs(target_uri) or {}
             run_id = attrs["segpipe"]["run_id"]
             done = done_chunks(target_uri)
+            if tries.done_before is not None:  # a later try: redo what a failed try wrote without its values
+                done = _with_values(target_uri, done, tries.done_before, grid.shape, settings, count)
         else:
             run_id = uuid.uuid4().hex
             done = set()
+        if tries.done_before is None:
+            tries.done_before = done
         tasks = RunTasks(run_id, settings.retry)
         target = OutputTarget(target_uri, info.height, info.width, settings.tiling.chunk_size,
                               model.spec.num_classes, settings.inference.probabilities, run_id,

@@ -244,11 +244,13 @@ def acquire(output_uri: str, run_id: str | None = None, retry: RetryPolicy | Non
             storage(lambda stale=holder: _remove_stale(fs, path, stale), "removed")
             continue
         if is_local(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 continue  # someone else was faster: look at who
+            except OSError as e:  # a read-only folder, a full disk: one line naming the lock file
+                raise storage_error(lock_path(output_uri), e, "written") from None
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
         else:

@@ -1,10 +1,12 @@
-"""The fence between a failed image's tile tasks and the next writer of its output.
+"""The fence between a failed image's Dask tasks and the next writer of its output; what lost workers did.
 
-``Future.cancel`` stops only tasks that have not started; a started tile task runs on, and its
-writes would land after the driver released the output's lock, beside another run's (a Prefect
-retry 5 s later). Tile tasks look at their own state before each chunk they write
+``Future.cancel`` stops only tasks that have not started; a started tile or pyramid task runs on, and
+its writes would land after the driver released the output's lock, beside another run's (the image's
+next try a second later). The tasks look at their own state before each chunk they write
 (:func:`cancelled`: a :class:`Fenced` stop), and the driver waits until no task of the run executes
-(:func:`wait_for_started`) before it lets the lock go.
+(:func:`wait_for_started`) before it lets the lock go. A run's tasks are known by their key prefix
+(:class:`RunTasks`, :func:`task_prefixes`), which also counts the tasks a lost worker had in hand
+(:class:`LostWorkers`).
 """
 
 from __future__ import annotations
@@ -51,33 +53,42 @@ def cancelled() -> bool:
     return ts is not None and ts.state == "cancelled"
 
 
+#: worker task states from which a task never runs again (its result is there, it failed, it is gone)
+_SETTLED = frozenset({"memory", "error", "released", "forgotten"})
+
+
 def _executing(prefix: tuple[str, ...], dask_worker: Any = None) -> list[str]:
-    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now, cancelled ones included (via client.run,
-    which passes the worker as the keyword ``dask_worker``, after the positional arguments)."""
-    running = set(dask_worker.state.executing) | set(dask_worker.state.long_running)
-    return [str(ts.key) for ts in running if str(ts.key).startswith(prefix)]
+    """Keys starting with one of ``prefix`` that ``dask_worker`` runs now or may still start (via client.run,
+    which passes the worker as the keyword ``dask_worker``, after the positional arguments).
+
+    A cancelled task that runs stays ``cancelled`` until it returns; one that was queued on the worker
+    when the cancellation left the scheduler is ``ready`` until the worker hears of it, and could start
+    meanwhile: both count."""
+    return [str(k) for k, ts in list(dask_worker.state.tasks.items())
+            if str(k).startswith(prefix) and ts.state not in _SETTLED]
 
 
 def wait_for_started(client: Client, prefix: tuple[str, ...], timeout: float = 600.0) -> None:
-    """Return once no worker runs a task whose key starts with one of ``prefix`` (cancelled tasks stop at their
-    next chunk, see :func:`cancelled`); after ``timeout`` s, go on with a warning."""
+    """Return once no worker runs, or may still start, a task whose key starts with one of ``prefix``
+    (cancelled tasks stop at their next chunk, see :func:`cancelled`); after ``timeout`` s, go on with a
+    warning. Two looks in a row must find none: a task the scheduler sent just before the cancellation
+    may reach its worker after the first look."""
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    delay, quiet = 0.01, 0
     while True:
         try:
             running = [k for keys in client.run(_executing, prefix).values() for k in keys]
         except Exception:  # noqa: BLE001 - a scheduler that is gone runs nothing more
             log.debug("could not ask the workers what runs", exc_info=True)
             return
-        if not running:
+        quiet = 0 if running else quiet + 1
+        if quiet >= 2:
             return
         if time.monotonic() > deadline:
-            log.warning("%d cancelled tile task(s) still run after %.0f s: %s", len(running), timeout, running[:3])
+            log.warning("%d cancelled task(s) still run after %.0f s: %s", len(running), timeout, running[:3])
             return
-        time.sleep(delay)
+        time.sleep(delay if running else 0.05)
         delay = min(0.2, delay * 2)
-
-#: a task's work: (tile key, [chunk keys of that tile to write])
 
 
 @dataclass

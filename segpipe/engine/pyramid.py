@@ -255,8 +255,7 @@ def _run_tasks(fn: Any, task_args: list, client: Any, tasks: RunTasks | None = N
                     raise counters["error"]
                 pixels.append(int(counters["pixels"]))
         except BaseException:
-            for f in futures:
-                f.cancel()
+            client.cancel(futures)  # one round trip; tasks already started stop at their next chunk
             wait_for_started(client, (tasks.prefix("pyramid"),))
             raise
         return pixels

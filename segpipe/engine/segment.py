@@ -108,10 +108,11 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     """
     t0 = time.perf_counter()
     first: ImageResult | None = None
-    carried, last, notes, tries = 0, None, [], _Tries()
+    carried, recomputed, last, notes, tries = 0, 0, None, [], _Tries()
     for delay in [*settings.retry.delays(), None]:
         result = _segment_once(image, model, out, settings, client, progress, target_uri, tries)
         result.storage_retries += carried
+        result.recomputed += recomputed
         result.retried = result.retried or last
         result.notes = list(dict.fromkeys([*notes, *result.notes]))
         if first is not None:  # chunks an earlier try wrote are this run's work, not resumed from before it
@@ -120,7 +121,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         if result.status != "failed" or not result.transient or delay is None:
             break
         log.warning("%s; the image is tried again in %.1f s", result.error, delay)
-        carried, last, notes = result.storage_retries + 1, result.error, result.notes
+        carried, recomputed, last, notes = result.storage_retries + 1, result.recomputed, result.error, result.notes
         first = first or result
         time.sleep(delay)
     if result.storage_retries:
@@ -148,8 +149,8 @@ def _with_values(uri: str, done: set[tuple[int, int]], before: set[tuple[int, in
     values never came back (the driver is the array's only writer): computing them again writes the same
     class ids and gives their values (an empty chunk among them costs a read)."""
     values = settings.retry.call(lambda: read_uncertainty(uri), retried=count)
-    if values is None or values.shape != shape:
-        return done
+    if values is None or values.shape != shape:  # never written (or unusable): no chunk since has its value
+        return done & before
     return {k for k in done if k in before or bool(np.isfinite(values[k]))}
 
 

@@ -17,11 +17,12 @@ import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from segpipe.core.retry import RetryPolicy
+from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.retry import RetryPolicy, describe
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -114,6 +115,48 @@ class RunTasks:
         if counters.get("storage_retries"):
             self.storage_retries += int(counters["storage_retries"])
             self.retried = counters.get("retried") or self.retried
+
+    def map(self, client: Client, kind: str, fn: Callable[[Any], Any], items: list[Any]) -> list[dict[str, Any]]:
+        """``fn(item)`` for every item as Dask tasks of this run (``kind``: their key's word), each retrying
+        storage faults with :attr:`retry` (:func:`retried_task`); returns their counters as they finish
+        (``value``: what ``fn`` returned) and counts their retries. On the first error: the other tasks are
+        cancelled, and it is raised once none of them runs or may still start (the fence)."""
+        from distributed import as_completed
+
+        futures = [client.submit(retried_task, fn, self.retry, item, key=self.key(kind), pure=False)
+                   for item in items]
+        done: list[dict[str, Any]] = []
+        try:
+            for fut in as_completed(futures):
+                counters = fut.result()
+                self.observe(counters)
+                if "error" in counters:
+                    raise counters["error"]
+                done.append(counters)
+        except BaseException:
+            client.cancel(futures)  # one round trip; tasks already started stop at their next chunk
+            wait_for_started(client, (self.prefix(kind),))
+            raise
+        return done
+
+
+def retried_task(fn: Callable[[Any], Any], retry: RetryPolicy, item: Any) -> dict[str, Any]:
+    """Dask task: ``fn(item)`` with storage faults that may pass retried (until the task is cancelled).
+
+    Returns ``{"value": …}`` (plus ``storage_retries`` and the last fault's line when it retried), or
+    ``{"error": e}`` for a :class:`SegpipeError` that outlasted the retries — returned, not raised, so the
+    worker logs no "Compute Failed" block (as :func:`segpipe.engine.tasks.run_tiles`)."""
+    retried: list[str] = []
+    try:
+        counters: dict[str, Any] = {"value": retry.call(lambda: fn(item), retried=lambda e: retried.append(
+            describe(e)), stop=cancelled)}
+    except SegpipeError as e:
+        counters = {"error": e.detached()}
+    except (ConnectionError, TimeoutError) as e:
+        counters = {"error": TransientIOError(None, f"a task failed ({describe(e)})")}
+    if retried:
+        counters.update(storage_retries=len(retried), retried=retried[-1])
+    return counters
 
 
 def task_prefixes(run_id: str) -> tuple[str, ...]:

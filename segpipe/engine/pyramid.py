@@ -38,10 +38,10 @@ from typing import Any, Literal
 import numpy as np
 
 from segpipe.core.classes import label_dtype
-from segpipe.core.errors import OutputError, SegpipeError, TransientIOError
+from segpipe.core.errors import OutputError
 from segpipe.core.geometry import batches, ceil_div
-from segpipe.core.retry import RetryPolicy, describe
-from segpipe.engine.fence import Fenced, RunTasks, cancelled, wait_for_started
+from segpipe.core.retry import RetryPolicy
+from segpipe.engine.fence import Fenced, RunTasks, cancelled
 from segpipe.io.storage import output_errors, strip_file_scheme
 
 Reduction = Literal["mode", "mean"]
@@ -212,53 +212,14 @@ def _reduce(block: np.ndarray, reduction: Reduction, num_classes: int) -> np.nda
     return downsample_mode(block, num_classes) if reduction == "mode" else downsample_mean(block)
 
 
-def pyramid_task(fn: Any, retry: RetryPolicy, args: Any) -> dict[str, Any]:
-    """Dask task: ``fn(args)`` with storage faults that may pass retried (until the task is cancelled).
-
-    Returns ``{"pixels": n}`` (plus ``storage_retries`` and the last fault's line when it retried), or
-    ``{"error": e}`` for a :class:`SegpipeError` that outlasted the retries — returned, not raised, so the
-    worker logs no "Compute Failed" block (as :func:`segpipe.engine.tasks.run_tiles`)."""
-    retried: list[str] = []
-    try:
-        counters: dict[str, Any] = {"pixels": retry.call(lambda: fn(args), retried=lambda e: retried.append(
-            describe(e)), stop=cancelled)}
-    except SegpipeError as e:
-        counters = {"error": e.detached()}
-    except (ConnectionError, TimeoutError) as e:
-        counters = {"error": TransientIOError(None, f"a pyramid task failed ({describe(e)})")}
-    if retried:
-        counters.update(storage_retries=len(retried), retried=retried[-1])
-    return counters
-
-
 def _run_tasks(fn: Any, task_args: list, client: Any, tasks: RunTasks | None = None) -> list[int]:
-    """Run ``fn(args)`` for every item: on the Dask ``client`` when given, else in a thread pool.
-
-    Only the small counters come back through the scheduler. On Dask, each task retries with
-    ``tasks.retry`` and carries ``tasks``' key prefix; the first error cancels the others and waits until
-    none of them runs (the fence) before it is raised.
-    """
+    """Run ``fn(args)`` for every item: on the Dask ``client`` when given (as ``tasks``' tasks: retried,
+    fenced, counted, see :meth:`RunTasks.map`), else in a thread pool. Only small counters come back."""
     if not task_args:
         return []
     if client is not None:
-        from distributed import as_completed
-
         tasks = tasks or RunTasks(uuid.uuid4().hex, RetryPolicy(attempts=1))
-        futures = [client.submit(pyramid_task, fn, tasks.retry, a, key=tasks.key("pyramid"), pure=False)
-                   for a in task_args]
-        pixels: list[int] = []
-        try:
-            for fut in as_completed(futures):
-                counters = fut.result()
-                tasks.observe(counters)
-                if "error" in counters:
-                    raise counters["error"]
-                pixels.append(int(counters["pixels"]))
-        except BaseException:
-            client.cancel(futures)  # one round trip; tasks already started stop at their next chunk
-            wait_for_started(client, (tasks.prefix("pyramid"),))
-            raise
-        return pixels
+        return [int(c["value"]) for c in tasks.map(client, "pyramid", fn, task_args)]
     workers = max(1, min(len(task_args), os.cpu_count() or 1, 4))
     if workers == 1:
         return [fn(a) for a in task_args]

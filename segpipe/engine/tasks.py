@@ -10,15 +10,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.errors import SegpipeError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
-from segpipe.core.retry import describe
-from segpipe.engine.fence import Fenced, RunTasks, cancelled, wait_for_started
+from segpipe.engine.fence import Fenced, RunTasks, cancelled, retried_task, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
 from segpipe.engine.sizing import TASKS_PER_DEVICE, TaskSizer, TimedPredictor
 from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
@@ -65,22 +65,8 @@ def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False) -> dict[str, An
     log a "Compute Failed" block with a traceback, while an input error deserves one line, printed once by
     the driver. Anything else (a bug) still raises, with its traceback.
     """
-    retried: list[str] = []
-
-    def note(e: BaseException) -> None:
-        retried.append(describe(e))
-        log.debug("storage fault on %s tiles %s", job.source, [w[0] for w in work[:2]], exc_info=True)
-
-    try:
-        counters = job.retry.call(lambda: _run_tiles(job, work, fill), retried=note, stop=cancelled)
-    except SegpipeError as e:
-        log.debug("tiles %s of %s failed", [w[0] for w in work[:2]], job.source, exc_info=True)
-        counters = {"error": e.detached()}  # detached: no chained context crosses the process boundary
-    except (ConnectionError, TimeoutError) as e:  # not from the io layer (which names its faults): one line
-        counters = {"error": TransientIOError(job.target.uri, f"a tile task failed ({describe(e)})")}
-    if retried:
-        counters.update(storage_retries=len(retried), retried=retried[-1])
-    return counters
+    counters = retried_task(partial(_run_tiles, job, work), job.retry, fill)
+    return {**counters.pop("value", {}), **counters}
 
 class _ZarrSink:
     """Merged chunks into the output: one writer per chunk, class ids last (the completion record).

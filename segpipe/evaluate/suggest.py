@@ -23,6 +23,10 @@ says why (outputs left out, too few chunks with a value, the rest touching picks
 outputs; in **level-0 pixels** for whole slides and in pixels for other images, with QuPath's
 ``objectType: "annotation"`` and a ``name``, so that QuPath imports a GeoJSON file as rectangle
 annotations.
+
+Why this module is long: the ranking rule, the bounded stream of chunks it ranks and the rectangles in
+each file's units (written, and printed by ``segpipe suggest``) are one answer to one question; the
+rectangles need the picked outputs' metadata that ranking reads, and the notes on what was left out.
 """
 
 from __future__ import annotations

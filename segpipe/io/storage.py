@@ -209,13 +209,6 @@ def _permanent(exc: BaseException) -> str | None:
     return _PERMANENT_ERRNOS.get(exc.errno or -1)
 
 
-def output_error(uri: str, exc: BaseException) -> OutputError | None:
-    """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None
-    (see :func:`_permanent`; :func:`storage_error` gives the error for every case)."""
-    reason = _permanent(exc)
-    return None if reason is None else OutputError(uri, f"cannot be written: {reason}")
-
-
 @contextlib.contextmanager
 def output_errors(uri: str, doing: str = "written") -> Iterator[None]:
     """Every storage error inside the block leaves as :func:`storage_error`'s one line, without a chained

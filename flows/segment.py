@@ -19,8 +19,9 @@ from prefect.states import Completed, Failed, State
 from flows.devices import DEVICE_LIMIT, device_slot
 from flows.failures import install_one_line_failures
 from flows.logs import forward_library_logs
-from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.errors import SegpipeError
 from segpipe.core.results import ImageResult, summary_rows
+from segpipe.core.retry import RetryPolicy
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.engine.cluster import (
@@ -40,47 +41,30 @@ from segpipe.io.stac import StacListing, StacSearch, is_stac_source, list_source
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry only what may succeed on a second try (network, throttling), never bad input."""
-    try:
-        state.result()
-    except TransientIOError:
-        return True
-    except (ConnectionError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-    return False
-
-
-@task(name="ingest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def ingest(source: str) -> list[SourceImage]:
-    """List the images under ``source`` with a fingerprint each (size + mtime/ETag)."""
-    try:
-        images = list_images(source)
-    except (ConnectionError, TimeoutError, OSError) as e:
-        if isinstance(e, SegpipeError):
-            raise
-        raise TransientIOError(source, f"listing failed ({e})") from e
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(source: str, retry: RetryPolicy) -> list[SourceImage]:
+    """List the images under ``source`` with a fingerprint each (size + mtime/ETag); a bucket's fault that
+    may pass is retried with the run's policy (the one of every storage call of the run)."""
+    images = retry.call(lambda: list_images(source))
     get_run_logger().info("found %d image(s) under %s", len(images), source)
     return images
 
 
-@task(name="ingest-stac", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient,
-      cache_policy=NO_CACHE)
-def ingest_stac(source: str, search: StacSearch, bands: str | None) -> StacListing:
-    """The items a STAC document or STAC API search selects, as images (band names resolved)."""
-    listing = list_sources([source], search, bands)
+@task(name="ingest-stac", cache_policy=NO_CACHE)
+def ingest_stac(source: str, search: StacSearch, bands: str | None, retry: RetryPolicy) -> StacListing:
+    """The items a STAC document or STAC API search selects, as images (band names resolved); a fault that may
+    pass is retried with the run's policy."""
+    listing = retry.call(lambda: list_sources([source], search, bands))
     get_run_logger().info("STAC: %d item(s) from %s, %d that cannot be segmented", len(listing.images), source,
                           len(listing.problems))
     return listing
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
-def load_model(model: str, out: str) -> ModelRef:
+def load_model(model: str, out: str, retry: RetryPolicy) -> ModelRef:
     """Resolve the model (artifact, registry champion or REGISTRY@vN), check it, and check OUT is writable."""
     ref, _ = check_model(model)
-    ensure_writable(out)
+    retry.call(lambda: ensure_writable(out))
     get_run_logger().info("model %s (%s/%s), weights %s", ref.uri, ref.spec.architecture, ref.spec.encoder,
                           ref.sha256[:12])
     return ref
@@ -146,15 +130,15 @@ class PrefectProgress:
         update_progress_artifact(self.artifact, min(100.0, 100.0 * self.done / self.total))
 
 
-@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE)
 def segment_one(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings,
                 scheduler: str, exports: Exports, target_uri: str | None = None) -> ImageResult | State:
     """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr.
 
     A failed image ends this task run *Failed* (red in the run graph, so task-failure
-    automations fire) with the image's one-line error as the state message; a storage error
-    that may pass (throttling, a dropped connection) is raised so Prefect retries the task.
+    automations fire) with the image's one-line error as the state message. Storage faults that may
+    pass were already retried by the engine with ``settings.retry`` (and the image tried again from
+    its chunks in the store): Prefect does not retry the task on top of that.
     """
     logger = get_run_logger()
     result = segment_image(image, model, out, settings, client_for(scheduler), PrefectProgress(image.relative),
@@ -166,36 +150,43 @@ def segment_one(image: SourceImage, model: ModelRef, out: str, settings: Segment
     if result.status == "failed":
         result.error = flow_wording(result.error or "")
         logger.error("%s", result.error)
-        if result.transient:
-            raise TransientIOError(None, result.error or "storage error")
         return Failed(message=result.error, data=result)
-    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, in %.1f s (%.2f MP/s) → %s", result.status,
-                image.relative, result.chunks_computed, result.chunks, result.chunks_skipped, result.seconds,
+    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, %d storage retries, %d recomputed after a "
+                "lost worker, in %.1f s (%.2f MP/s) → %s", result.status, image.relative, result.chunks_computed,
+                result.chunks, result.chunks_skipped, result.storage_retries, result.recomputed, result.seconds,
                 result.mp_per_s, result.output)
     return result
 
 
-def publish_suggestions(results: list[ImageResult], top: int, source: str) -> list[dict]:
+def publish_suggestions(results: list[ImageResult], top: int, source: str, retry: RetryPolicy | None = None
+                        ) -> list[dict]:
     """The ``top`` regions to label next among the run's finished outputs, as the table artifact
     ``segment-images-suggestions``; returns its rows. Outputs without uncertainty (written by an
-    older segpipe) are left out with a log line; a problem here never fails the run."""
+    older segpipe) or unreadable now are left out with a log line.
+
+    Never fails the run: the images are done when this runs, and suggestions are advice. Any error here —
+    bad input, a storage fault, a bug — is one warning line (a bug's traceback at debug level)."""
     logger = get_run_logger()
     outputs = [r.output for r in results if r.status in ("done", "skipped") and r.output]
     if not outputs:
         return []
     notes: list[str] = []
     try:
-        regions = suggest_regions(outputs, top, notes, strict=False)
+        regions = suggest_regions(outputs, top, notes, strict=False, retry=retry)
+        rows = [s.as_row() for s in regions]
+        if rows:
+            create_table_artifact(rows, key="segment-images-suggestions",
+                                  description=f"where to label next: the {len(rows)} most uncertain regions of "
+                                              f"segment-images over {source} (segpipe suggest)")
     except SegpipeError as e:
         logger.warning("no suggestions: %s", e)
         return []
+    except Exception as e:  # noqa: BLE001 - advice must never turn a successful run into a failed one
+        logger.warning("no suggestions: unexpected %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logger.debug("suggestions failed", exc_info=True)
+        return []
     for note in notes:
         logger.info("suggestions: %s", note)
-    rows = [s.as_row() for s in regions]
-    if rows:
-        create_table_artifact(rows, key="segment-images-suggestions",
-                              description=f"where to label next: the {len(rows)} most uncertain regions of "
-                                          f"segment-images over {source} (segpipe suggest)")
     return rows
 
 
@@ -262,7 +253,8 @@ def segment_images(
     forward_library_logs()  # which cluster, waiting for workers, …: in the run's logs
     search = stac_search(collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, query=query,
                          max_items=max_items, asset=asset)
-    stac_listing = ingest_stac(source, search, bands) if is_stac_source(source, search) else None
+    # the run's retry policy is the default one (settings need the bands the listing resolves)
+    stac_listing = ingest_stac(source, search, bands, RetryPolicy()) if is_stac_source(source, search) else None
     bands = stac_listing.bands if stac_listing is not None else bands
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
                                 precision=precision, runtime=runtime, tta=tta, probabilities=probabilities, bands=bands,
@@ -275,8 +267,8 @@ def segment_images(
                               wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     results: list[ImageResult] = []
-    listing = ingest.submit(source) if stac_listing is None else None
-    ref = load_model(model, out)
+    listing = ingest.submit(source, settings.retry) if stac_listing is None else None
+    ref = load_model(model, out, settings.retry)
     if listing is None:  # a STAC source: its items were listed above
         assert stac_listing is not None
         images = stac_listing.images
@@ -319,7 +311,7 @@ def segment_images(
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
     if suggestions:
-        publish_suggestions(results, suggestions, source)
+        publish_suggestions(results, suggestions, source, settings.retry)
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     create_markdown_artifact(

@@ -61,13 +61,14 @@ def print_summary(results: list) -> None:
     from rich.table import Table
 
     table = Table(title="segpipe segment", show_lines=False)
-    for col in ("image", "size", "chunks", "skipped", "seconds", "MP/s", "status", "output"):
+    for col in ("image", "size", "chunks", "skipped", "retries", "recomputed", "seconds", "MP/s", "status", "output"):
         table.add_column(col, overflow="fold")
     for r in results:
         size = f"{r.width}×{r.height}" if r.height else "-"
         status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
         computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
-        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}",
+        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), str(r.storage_retries or "-"),
+                      str(r.recomputed or "-"), f"{r.seconds:.1f}",
                       f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
                       status, r.output or "-")
     console().print(table)
@@ -100,7 +101,8 @@ def print_summary(results: list) -> None:
                    "[default: on for STAC sources].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None,
-              help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
+              help="Also write the per-image results (status, chunks computed/resumed, storage retries, tasks "
+                   "recomputed after a lost worker, seconds) as JSON.")
 @click.option("--workers", type=int, default=None,
               help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
 @click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")

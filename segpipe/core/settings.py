@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from segpipe.core.errors import ConfigError
+from segpipe.core.retry import RetryPolicy
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
@@ -168,6 +169,8 @@ class SegmentSettings(_Settings):
     read: ReadSettings = Field(default_factory=ReadSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    #: how storage faults that may pass are retried (never part of an output's identity)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
     def with_precision(self, precision: str) -> SegmentSettings:
         """These settings with ``auto`` replaced by the precision the workers resolved it to."""

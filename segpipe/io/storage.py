@@ -169,10 +169,8 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(source, "does not exist") from None
-    except PermissionError:
-        raise InputError(source, "cannot be read (permission denied)") from None
     except OSError as e:
-        raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+        raise _listing_error(source, e) from None
     if info.get("type") == "directory":
         store = _zarr_metadata(fs, path)
         if store is not None:  # a Zarr store given itself (an OME-Zarr image: readers.omezarr) is one image
@@ -181,7 +179,7 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
         try:
             entries = fs.find(path, detail=True)
         except OSError as e:
-            raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+            raise _listing_error(source, e) from None
         series: dict[str, list[tuple[str, dict]]] = {}
         for p, finfo in sorted(entries.items()):
             if finfo.get("type") == "directory":
@@ -235,7 +233,23 @@ def _dicom_series(prefix: str, root: str, folder: str, files: list[tuple[str, di
 def _reason(e: OSError) -> str:
     if e.errno == errno.ELOOP:
         return "a symbolic link loop"
+    if _denied_by_store(e):
+        return f"access denied by the store: {str(e).strip() or 'AccessDenied'}"
     return e.strerror or str(e) or type(e).__name__
+
+
+def _denied_by_store(e: BaseException) -> bool:
+    """A 403 from an object store (s3fs raises ``PermissionError`` without an errno), not a local EACCES."""
+    return isinstance(e, PermissionError) and e.errno is None
+
+
+def _listing_error(source: str, e: OSError) -> InputError | TransientIOError:
+    """A failed listing of a source: the input's fault (a local permission, a loop) or a fault that may pass."""
+    if isinstance(e, PermissionError) and not _denied_by_store(e):
+        return InputError(source, "cannot be read (permission denied)")
+    if _permanent(e) or not has_scheme(source):
+        return InputError(source, f"cannot be listed ({_reason(e)})")
+    return TransientIOError(source, f"cannot be listed ({_reason(e)})")
 
 
 def safe_relative(relative: str) -> str:
@@ -272,52 +286,48 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def output_error(uri: str, exc: BaseException) -> OutputError | None:
-    """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None.
+def _permanent(exc: BaseException) -> str | None:
+    """Why retrying ``exc`` cannot help (:data:`_PERMANENT_ERRNOS`, by ``errno`` or class), or None.
 
-    Classified by ``errno`` or the exception's class (never by words in the message). Connection errors and time-outs
-    are ``OSError`` too but may succeed when retried, so they are not converted.
+    Never by words in the message. Connection errors and time-outs are ``OSError`` too but may pass; so
+    may an object store's 403 (``PermissionError`` without an errno: credentials being refreshed, a policy
+    still propagating), which is retried and, if it stays, reported as denied access after the retries.
     """
-    if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError):
+    if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError) or _denied_by_store(exc):
         return None
-    reason = _PERMANENT_ERRNOS.get(exc.errno or -1)
-    if reason is None and isinstance(exc, PermissionError):  # s3fs's AccessDenied carries no errno
-        reason = _PERMANENT_ERRNOS[errno.EACCES]
-    if reason is None:
-        return None
-    return OutputError(uri, f"cannot be written: {reason}")
+    return _PERMANENT_ERRNOS.get(exc.errno or -1)
 
 
 @contextlib.contextmanager
-def output_errors(uri: str) -> Iterator[None]:
-    """Permanent storage errors inside the block leave as :func:`output_error`'s one line (without a
-    chained cause); transient ones (connection, time-out) and others leave as they are, to be retried."""
+def output_errors(uri: str, doing: str = "written") -> Iterator[None]:
+    """Every storage error inside the block leaves as :func:`storage_error`'s one line, without a chained
+    cause: an :class:`OutputError` when retrying cannot help, else a :class:`TransientIOError` to retry
+    (a chunk PUT's ``OSError(EREMOTEIO)``, s3fs's word for a bucket's 500, is one)."""
     try:
         yield
     except OSError as e:
-        err = output_error(uri, e)
-        if err is None:
-            raise
-        raise err from None
+        raise storage_error(uri, e, doing) from None
 
 
 def storage_error(uri: str, exc: OSError, doing: str = "read") -> OutputError | TransientIOError:
-    """The one-line error for a failed storage call on an output (``doing``: "read" or "written").
+    """The one-line error for a failed storage call on an output (``doing``: "read", "written", …).
 
-    A permanent error (:data:`_PERMANENT_ERRNOS`, by ``errno``) is an :class:`OutputError`; anything
-    else (a bucket's 5xx, a dropped connection, a time-out, a local I/O error) is a
-    :class:`TransientIOError`, which the tile tasks and the flow retry. Never None: callers use it where a
-    storage fault must be *reported*, not mistaken for "nothing there" or handled by another code path.
+    A permanent error (:func:`_permanent`, by ``errno``) is an :class:`OutputError`; anything else (a
+    bucket's 5xx or 403, a dropped connection, a time-out, a local I/O error) is a
+    :class:`TransientIOError`, retried with the run's :class:`~segpipe.core.retry.RetryPolicy`. Never
+    None: callers use it where a storage fault must be *reported*, not mistaken for "nothing there" or
+    "another run holds it", nor handled by another code path.
     """
-    err = output_error(uri, exc)
-    if err is not None:
-        return OutputError(uri, err.problem.replace("cannot be written", f"cannot be {doing}", 1))
-    reason = _reason(exc).strip().splitlines()
-    return TransientIOError(uri, f"cannot be {doing} ({reason[0] if reason else type(exc).__name__})")
+    reason = _permanent(exc)
+    if reason is not None:
+        return OutputError(uri, f"cannot be {doing}: {reason}")
+    lines = _reason(exc).strip().splitlines()
+    return TransientIOError(uri, f"cannot be {doing} ({lines[0] if lines else type(exc).__name__})")
 
 
 def ensure_writable(out: str) -> None:
-    """Create ``out`` if needed and prove it can be written (fails early with one clear line)."""
+    """Create ``out`` if needed and prove it can be written (fails early with one clear line: an
+    :class:`OutputError`, or a :class:`TransientIOError` for a bucket's fault that may pass)."""
     out = strip_file_scheme(out)
     fs, path = filesystem(out)
     probe = join(path, f".segpipe-write-test-{os.getpid()}")
@@ -326,9 +336,10 @@ def ensure_writable(out: str) -> None:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except (OSError, PermissionError) as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise OutputError(out, f"cannot be written ({reason})") from None
+    except OSError as e:
+        if not has_scheme(out) or _permanent(e):
+            raise OutputError(out, f"cannot be written ({_reason(e)})") from None
+        raise TransientIOError(out, f"cannot be written ({_reason(e)})") from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from segpipe.core.errors import SegpipeError
-from segpipe.io.storage import join, output_errors, strip_file_scheme
+from segpipe.core.retry import RetryPolicy
+from segpipe.io.storage import join, output_errors, storage_error, strip_file_scheme
 
 UNCERTAINTY = "uncertainty"
 #: what ``segpipe.uncertainty`` in an output's root attributes says (docs/outputs.md)
@@ -51,7 +52,9 @@ def read_uncertainty(uri: str) -> np.ndarray | None:
         arr = zarr.open_array(strip_file_scheme(join(uri, UNCERTAINTY)), mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError, KeyError):  # zarr raises these for a missing array
         return None
-    with output_errors(uri):
+    except OSError as e:  # a bucket's fault is never "no array": the run would start from NaN
+        raise storage_error(uri, e, "read") from None
+    with output_errors(uri, "read"):
         return np.asarray(arr[...], dtype=np.float32)
 
 
@@ -77,12 +80,15 @@ class ChunkUncertainty:
     """The driver's copy of one output's uncertainty array: values recorded as tile tasks finish,
     written back every :data:`FLUSH_SECONDS` and by :meth:`flush`.
 
-    Starts from what the store holds (a resumed run keeps the earlier run's values), else all NaN.
+    Starts from what the store holds (a resumed run keeps the earlier run's values), else all NaN. Reads
+    and writes are retried with ``retry`` (default: no retry), and ``retried(error)`` is told of each retry.
     """
 
-    def __init__(self, uri: str, rows: int, cols: int, chunk_size: int, every: float = FLUSH_SECONDS) -> None:
+    def __init__(self, uri: str, rows: int, cols: int, chunk_size: int, every: float = FLUSH_SECONDS,
+                 retry: RetryPolicy | None = None, retried: Callable[[BaseException], None] | None = None) -> None:
         self.uri, self.chunk_size, self.every = uri, chunk_size, every
-        stored = read_uncertainty(uri)
+        self.retry, self.retried = retry or RetryPolicy(attempts=1), retried
+        stored = self.retry.call(lambda: read_uncertainty(uri), retried=retried)
         if stored is not None and stored.shape == (rows, cols):
             self.values = stored
         else:
@@ -108,7 +114,8 @@ class ChunkUncertainty:
         already be on its way; the flush before finalize raises it, named once)."""
         if self.dirty:
             try:
-                write_uncertainty(self.uri, self.values, self.chunk_size)
+                self.retry.call(lambda: write_uncertainty(self.uri, self.values, self.chunk_size),
+                                retried=self.retried)
             except (SegpipeError, OSError):
                 if not quiet:
                     raise

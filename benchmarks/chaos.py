@@ -102,17 +102,16 @@ def summary_rows(env: dict[str, str]) -> list[dict]:
 
 def run_chaos(work: Path, images: int = 24, side: int = 384, rate: float = 0.03, kill: bool = True,
               workers: int = 2, seed: int = 0, kill_after: float = 0.3, model: str | None = None,
-              gdal_threads: str = "1", log: Any = print) -> dict[str, Any]:
+              gdal_threads: str | None = None, log: Any = print) -> dict[str, Any]:
     """One chaos run in ``work``; returns the figures (see the module docstring). Leaves nothing running.
 
     The clean run goes through ``segpipe segment --dask-address`` on the same cluster (its workers load
     the model once, for both runs), while the Prefect server starts and the deployment is served.
 
-    ``gdal_threads`` is ``GDAL_NUM_THREADS`` for every process. segpipe's reader defaults to ``ALL_CPUS``,
-    and then GDAL 3.10's GTiff reads a window's tiles through one multi-range request that it never
-    retries (OSGeo/gdal#12933, retried from GDAL's #13898 on): a single 5xx or reset there reads as a
-    "corrupt or truncated image" and fails the image for good. ``"1"`` (the default here) takes GDAL's
-    retried single-range path; ``"ALL_CPUS"`` shows the failure.
+    ``gdal_threads`` sets ``GDAL_NUM_THREADS`` for every process (None: segpipe's own choice, one thread for
+    remote sources). With ``"ALL_CPUS"`` GDAL 3.10's GTiff reads a remote window's tiles through one
+    multi-range request that it never retries (OSGeo/gdal#12933, retried from GDAL's #13898 on): a single
+    5xx or reset there reads as a "corrupt or truncated image" and fails the image for good.
     """
     t_start = time.monotonic()
 
@@ -124,10 +123,10 @@ def run_chaos(work: Path, images: int = 24, side: int = 384, rate: float = 0.03,
     total = sum(len(range(0, side, 64)) ** 2 for _ in paths)
     report: dict[str, Any] = {"images": images, "side": side, "chunks": total, "rate": rate, "workers": workers,
                               "seed": seed, "mix": MIX, "kill": kill}
-    report["gdal_num_threads"] = gdal_threads
+    report["gdal_num_threads"] = gdal_threads or "segpipe's default (1 for remote sources)"
     saved = dict(os.environ)
     with faulty_s3(work / "logs", client_retries=True) as (aws, proxy):
-        aws = {**aws, "GDAL_NUM_THREADS": gdal_threads}
+        aws = {**aws, "GDAL_NUM_THREADS": gdal_threads} if gdal_threads else aws
         os.environ.update(aws)
         try:
             import s3fs
@@ -228,7 +227,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-kill", action="store_true", help="keep every worker alive")
-    ap.add_argument("--gdal-threads", default="1", help="GDAL_NUM_THREADS (ALL_CPUS: segpipe's default, see run_chaos)")
+    ap.add_argument("--gdal-threads", default=None,
+                    help="GDAL_NUM_THREADS for every process (default: segpipe's, 1 for remote sources; see run_chaos)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()

@@ -29,8 +29,8 @@ from segpipe.io.readers.orientation import exif_orientation, orient_block, orien
 from segpipe.io.storage import has_scheme, strip_file_scheme
 
 
-def gdal_options() -> dict[str, str | int]:
-    """GDAL settings for S3-compatible endpoints, derived from the standard AWS variables.
+def gdal_options(uri: str | None = None) -> dict[str, str | int]:
+    """GDAL settings for reading ``uri``; for S3-compatible endpoints, derived from the standard AWS variables.
 
     s3fs/boto read ``AWS_ENDPOINT_URL``; GDAL's /vsis3/ needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
@@ -49,8 +49,12 @@ def gdal_options() -> dict[str, str | int]:
     # GDAL 3.10's whole-image PNG fast path returns zeros *without an error* for a truncated PNG
     # (a window covering the whole image takes that path); the row-by-row path reports the damage
     opts["GDAL_PNG_WHOLE_IMAGE_OPTIM"] = "NO"
-    # decode the blocks of one window read in parallel (GTiff)
-    opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
+    # decode the blocks of one window read in parallel (GTiff) — local files only: with threads on, GDAL
+    # 3.10 fetches a remote window's tiles in one multi-range request it never retries (OSGeo/gdal#12933,
+    # retried from #13898 on), so one 5xx or reset from the bucket reads as a corrupt image and fails it for
+    # good (the chaos run, docs/benchmarks.md); one thread takes GDAL's retried single-range path
+    remote = uri is not None and has_scheme(strip_file_scheme(uri))
+    opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "1" if remote else "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
         scheme, _, hostport = endpoint.partition("://")
@@ -201,7 +205,7 @@ class RasterioReader:
         check_local_file(uri)
         # GDAL settings apply per call (rasterio.Env is a per-thread stack: holding one open for the
         # reader's lifetime breaks when readers are closed in another order than they were opened)
-        self._gdal = gdal_options()
+        self._gdal = gdal_options(uri)
         # level N of a GeoTIFF/COG is its overview N (level 0 = full resolution)
         opts = {"overview_level": level - 1} if level else {}
         try:

@@ -125,6 +125,7 @@ STORAGE_OUTSIDE_IO = {
     "segpipe/cli/segment.py": ({"open"}, "writes --report-json"),
     "segpipe/engine/predictor.py": ({"open"}, "reads /proc/cpuinfo (native bf16)"),
     "segpipe/engine/pyramid.py": ({"zarr"}, "writes the lower pyramid levels of an output it is building"),
+    "segpipe/engine/runtime.py": ({"open", "tempfile"}, "exports the network to ONNX in segpipe's cache folder"),
     "segpipe/evaluate/corrections.py": ({"tempfile"}, "unpacks the model labels a GeoPackage export carries"),
     "segpipe/evaluate/figures.py": ({"PIL"}, "report figures (PNG)"),
     "segpipe/evaluate/overlays.py": ({"PIL"}, "report thumbnails (PNG)"),

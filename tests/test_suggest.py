@@ -399,8 +399,8 @@ def test_suggest_says_why_it_returns_fewer_than_top_and_prints_the_files_units(t
     c, sc = _copy_with_scores(scored_output, tmp_path / "slide.zarr", 3)
     g = zarr.open_group(c, mode="r+")
     seg = {k: v for k, v in g.attrs["segpipe"].items() if k not in ("crs_wkt", "transform")}
-    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1, "downsample": 4.0,
-                                "level0_height": 433 * 4, "level0_width": 389 * 4})
+    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1},
+               grid={"height": 433, "width": 389, "level0": [433 * 4, 389 * 4], "scale": 4.0, "mpp": 1.0})
     g.attrs["segpipe"] = seg
     r = _suggest(c, "--top", "1", "--out", str(tmp_path / "s.geojson"))
     assert r.exit_code == 0, r.stderr

@@ -110,8 +110,10 @@ def _gdal_reason(exc: BaseException) -> str:
     return msg
 
 
-#: HTTP statuses that a retry may cure (timeout, throttling); any other 4xx is final (404, 403, …)
-_RETRYABLE_4XX = (408, 429)
+#: HTTP statuses that a retry may cure: timeout, throttling, and an object store's 403 (credentials being
+#: refreshed, a policy propagating: the same rule as io.storage's for outputs); any other 4xx is final (404, …).
+#: A 403 that does not clear fails the image after the run's retries, with one line naming it.
+_RETRYABLE_4XX = (403, 408, 429)
 _HTTP_STATUS = re.compile(r"HTTP (?:response|error) code\s*:\s*(\d{3})")
 
 
@@ -124,17 +126,17 @@ def _transient_class(exc: BaseException) -> bool:
         m = _HTTP_STATUS.search(str(exc))
         code = int(m.group(1)) if m else None  # no status: curl failed (timeout, reset): transient
         return code is None or code >= 500 or code in _RETRYABLE_4XX
-    # CPLE_AWSError is S3's generic error (SlowDown, InternalError, …); its siblings
-    # (AccessDenied, BucketNotFound, ObjectNotFound, InvalidCredentials, SignatureDoesNotMatch) are final
-    return type(exc) in (_err.CPLE_AWSError, _err.CPLE_FileIOError)
+    # CPLE_AWSError is S3's generic error (SlowDown, InternalError, …), AccessDenied a 403 (above); the other
+    # siblings (BucketNotFound, ObjectNotFound, InvalidCredentials, SignatureDoesNotMatch) are final
+    return type(exc) in (_err.CPLE_AWSError, _err.CPLE_AWSAccessDeniedError, _err.CPLE_FileIOError)
 
 
 def transient_gdal_error(exc: BaseException) -> bool:
     """True when a failed GDAL call on a remote file is worth retrying, decided by error class.
 
     Walks the exception and its causes (rasterio ≥ 1.4 chains GDAL's error stack as
-    ``__cause__``): :class:`rasterio._err.CPLE_HttpResponseError` (5xx, 408, 429, or no status),
-    the generic :class:`rasterio._err.CPLE_AWSError`, :class:`rasterio._err.CPLE_FileIOError`,
+    ``__cause__``): :class:`rasterio._err.CPLE_HttpResponseError` (5xx, 403, 408, 429, or no status),
+    the generic :class:`rasterio._err.CPLE_AWSError` and its AccessDenied, :class:`rasterio._err.CPLE_FileIOError`,
     ``ConnectionError`` and ``TimeoutError`` are transient. Messages are never searched for words,
     so a format error that quotes a ``/vsicurl/https://…`` path is the file's fault. (GDAL 3.10
     reports an HTTP failure *during* a tile read only through libtiff's ``CPLE_AppDefined``

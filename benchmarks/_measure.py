@@ -59,3 +59,36 @@ def measure(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> 
         out_f.seek(0)
         err_f.seek(0)
         return Measured(seconds, peak / 2**20, p.returncode, out_f.read(), err_f.read(), cpu)
+
+
+def fail_above_limits(results: object, keys: set[str], what: str) -> None:
+    """Exit 1 with one line when any ratio named in ``keys`` (anywhere in ``results``) is above 1.
+
+    Each of these ratios compares a run with its limit (the raw forward of the same windows, the I/O
+    floor, min(device, floor)): above 1, the run did less work than its reference or the reference
+    more than the run (another precision, runtime or window count), so the figure is not reported.
+    """
+    import sys
+
+    found: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                here = f"{path}.{k}" if path else str(k)
+                if k in keys and isinstance(v, (int, float)) and v > 1:
+                    found.append(f"{here} = {v}")
+                walk(v, here)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(results, "")
+    if found:
+        import json
+
+        # the figures for diagnosis, then the one line that says why they are not a result
+        print(json.dumps(results, indent=2), flush=True)
+        print(f"{what}: FAILED, above its limit (the run and its reference did not do the same work): "
+              f"{'; '.join(found)}", file=sys.stderr)
+        sys.exit(1)

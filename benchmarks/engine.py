@@ -38,10 +38,25 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure  # noqa: E402
+from _measure import fail_above_limits, measure  # noqa: E402
 
 PY = sys.executable
 CLASSES = "background,building,road,water"
+#: ratios of a run against its limit (raw forward of the same windows, I/O floor, min(device, floor)): above 1
+#: the two did not do the same work, and the benchmark fails instead of reporting it
+LIMIT_RATIOS = {"ratio_steady_vs_raw", "ratio_image_vs_raw", "ratio_steady_vs_raw_with_warmup",
+                "ratio_image_vs_raw_with_warmup", "ratio_steady_vs_raw_chunk_windows",
+                "ratio_image_vs_raw_chunk_windows", "ratio_image_vs_floor", "ratio_steady_vs_floor",
+                "throughput_vs_bound", "image_throughput_vs_bound", "throughput_vs_floor"}
+
+
+def resolved_forward(device_name: str, precision: str, runtime: str) -> tuple[object, str, str]:
+    """(device, precision, runtime) resolved by segpipe's own functions, as its workers resolve them."""
+    from segpipe.engine.runtime import resolve_device, resolve_precision, resolve_runtime
+
+    device = resolve_device(device_name)
+    prec = resolve_precision(precision, device)
+    return device, prec, resolve_runtime(runtime, prec, device)
 
 
 def make_scene(path: Path, side: int) -> None:
@@ -66,16 +81,26 @@ def make_scene(path: Path, side: int) -> None:
 
 
 def raw_forward(args: argparse.Namespace) -> None:
-    """The limit: N forwards of (batch, 3, T, T) through the same network, no I/O."""
+    """The limit: N forwards of (batch, 3, T, T) through the same network, no I/O, in the precision and
+    runtime the compared run recorded (resolved by segpipe's functions when given as ``auto``)."""
     import torch
 
-    from segpipe.engine.predictor import resolve_device
+    from segpipe.engine.predictor import available_cores
     from segpipe.models.artifact import load_artifact
 
-    device = resolve_device(args.device)
-    net = load_artifact(args.model).network().to(device).to(memory_format=torch.channels_last).eval()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    x = torch.randn(args.batch, 3, args.side, args.side, device=device).contiguous(memory_format=torch.channels_last)
+    device, precision, runtime = resolved_forward(args.device, args.precision, args.runtime)
+    art = load_artifact(args.model)
+    net = art.network().to(device).to(memory_format=torch.channels_last).eval()
+    if device.type == "cpu":
+        torch.set_num_threads(available_cores())
+    x = torch.randn(args.batch, 3, args.side, args.side, device=device)
+    if runtime == "onnx":
+        from segpipe.engine.runtime import onnx_network
+
+        net = onnx_network(net, art.sha256, art.spec.in_channels, available_cores())
+    else:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     n_batches = math.ceil(args.tiles / args.batch)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         t0 = time.perf_counter()
@@ -89,7 +114,8 @@ def raw_forward(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "batches": n_batches, "warmup_seconds": warmup}))
+    print(json.dumps({"seconds": seconds, "batches": n_batches, "warmup_seconds": warmup, "precision": precision,
+                      "runtime": runtime}))
 
 
 def monai_run(args: argparse.Namespace) -> None:
@@ -99,10 +125,9 @@ def monai_run(args: argparse.Namespace) -> None:
     import zarr
     from monai.inferers import sliding_window_inference
 
-    from segpipe.engine.predictor import resolve_device
     from segpipe.models.artifact import load_artifact
 
-    device = resolve_device(args.device)
+    device, precision, _ = resolved_forward(args.device, args.precision, "torch")  # MONAI runs torch
     art = load_artifact(args.model)
     net = art.network().to(device).eval()
     with rasterio.open(args.scene) as ds:
@@ -111,7 +136,7 @@ def monai_run(args: argparse.Namespace) -> None:
     mean = torch.tensor(art.spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(art.spec.std).view(1, -1, 1, 1)
     x = ((x - mean) / std).to(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         out = sliding_window_inference(x, roi_size=(args.side, args.side), sw_batch_size=args.batch,
                                        predictor=net, overlap=args.overlap, mode="constant",
@@ -274,7 +299,8 @@ def sim_sweep(args: argparse.Namespace) -> dict:
                 rate = token
             runs = [("", inp["src"])] + ([("small", inp["small"])] if args.sim_memory and "small" in inp else [])
             for tag, src in runs:
-                device = ["--device", args.device, "--precision", args.precision] if rate == "real" else []
+                device = ["--device", args.device, "--precision", args.precision, "--runtime", args.runtime] \
+                    if rate == "real" else []
                 run = _sim_run(work, model, src, [*inp["opts"], *device], rate, env, f"{name}-{token}{tag}",
                                args.segment_args)
                 run["rate"], run["rate_token"] = rate, token
@@ -331,6 +357,7 @@ def main() -> None:
     ap.add_argument("--megapixels", type=float, default=50.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--runtime", default="auto", help="segpipe's --runtime (auto | torch | onnx).")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--halo", type=int, default=64)
     ap.add_argument("--tile-size", type=int, default=None, help="segpipe's --tile-size [default: 2 × chunk].")
@@ -365,6 +392,7 @@ def main() -> None:
         p.add_argument("--precision", default="bf16")
         p.add_argument("--side", type=int, default=640)
         p.add_argument("--batch", type=int, default=2)
+    r.add_argument("--runtime", default="auto")
     r.add_argument("--tiles", type=int, required=True)
     m.add_argument("--scene", required=True)
     m.add_argument("--overlap", type=float, required=True)
@@ -378,6 +406,7 @@ def main() -> None:
         return io_floor(args)
     if args.sim_device:
         results = sim_sweep(args)
+        fail_above_limits(results, LIMIT_RATIOS, "benchmarks/engine.py --sim-device")
         print(json.dumps(results, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -386,7 +415,9 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    from segpipe.core.geometry import ChunkGrid, tile_side
+    from segpipe.core.settings import TilingSettings
+    from segpipe.engine.predictor import default_batch_size
+    from segpipe.engine.tiled import TilePlan
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segpipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -401,27 +432,27 @@ def run_all(args: argparse.Namespace) -> None:
         from segpipe.models.artifact import create_artifact
 
         create_artifact(str(model), "Unet", "resnet18", CLASSES.split(","), seed=0)
-    from segpipe.core.geometry import effective_tile_size
-
     if args.free_model:
         model = work / "model-free"
         if not model.exists():
             from segpipe.models.artifact import create_artifact
 
             create_artifact(str(model), "Unet", "resnet18", ["a", "b", "c"], seed=0)
-    tile = effective_tile_size(args.tile_size or 2 * args.chunk_size, args.chunk_size, side, side)
-    batch = args.batch_size or 1
-    T = tile_side(tile, args.halo)
-    tiles = len(ChunkGrid(side, side, tile))
+    # the windows segpipe computes for this scene, by its own plan (tile size, halo, padding)
+    plan = TilePlan.of(TilingSettings(chunk_size=args.chunk_size, halo=args.halo, tile_size=args.tile_size), side, side)
+    tile, T, tiles = plan.tile_size, plan.window_side, len(plan.tiles)
+    device, precision, runtime = resolved_forward(args.device, args.precision, args.runtime)
+    batch = args.batch_size or default_batch_size(device.type)
     runner = [PY, str(Path(__file__).with_name("_free_segment.py"))] if args.free_model else [PY, "-m", "segpipe.cli.main"]
     segpipe = [*runner, "segment", "--model", str(model), "--chunk-size", str(args.chunk_size),
                "--halo", str(args.halo), "--device", args.device, "--precision", args.precision,
-               "--no-progress", *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+               "--runtime", args.runtime, "--no-progress", *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
                *args.segment_args.split()]
     env = {**os.environ}
     results: dict = {"scene": f"{side}x{side}", "megapixels": side * side / 1e6, "chunk_size": args.chunk_size,
                      "tile_size": tile, "tiles": tiles, "window_side": T, "batch_size": batch, "device": args.device,
-                     "precision": args.precision, "free_model": args.free_model, "cores": os.cpu_count()}
+                     "precision": args.precision, "runtime": args.runtime, "precision_resolved": precision,
+                     "runtime_resolved": runtime, "free_model": args.free_model, "cores": os.cpu_count()}
 
     def seg(src: Path, name: str, tile_size: int | None = None) -> dict:
         out = work / f"out-{name}"
@@ -434,8 +465,10 @@ def run_all(args: argparse.Namespace) -> None:
             raise SystemExit(f"segpipe failed on {src}:\n{m.stderr[-3000:]}")
         # the image's own time as segpipe recorded it (header to finalize: no imports, cluster or model load)
         attrs = json.loads(next(out.glob("*.zarr/zarr.json")).read_text())["attributes"]["segpipe"]
+        inference = attrs.get("inference") or {}
         return {"seconds": round(m.seconds, 2), "peak_rss_mb": round(m.peak_rss_mb),
-                "image_seconds": round(attrs["seconds"], 2)}
+                "image_seconds": round(attrs["seconds"], 2), "tile_size": attrs.get("tile_size"),
+                "precision": inference.get("precision"), "runtime": inference.get("runtime", "torch")}
 
     if args.free_model:
         results["fixed_cost"] = seg(one, "one")
@@ -456,6 +489,7 @@ def run_all(args: argparse.Namespace) -> None:
             "io_floor_mp_per_s": round(mp / floor["seconds"], 2),
             "ratio_steady_vs_floor": round(floor["seconds"] / steady, 3),
         })
+        fail_above_limits(results, LIMIT_RATIOS, "benchmarks/engine.py --free-model")
         print(json.dumps(results, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -465,8 +499,13 @@ def run_all(args: argparse.Namespace) -> None:
     results["pipeline_small"] = seg(small, "small")
     if args.compare_tile:
         results["pipeline_tile_eq_chunk"] = seg(scene, "scene-chunk-tiles", args.chunk_size)
-    raw = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision", args.precision,
-                   "--side", str(T), "--batch", str(batch), "--tiles", str(tiles)], env=env)
+    # the raw forward in what the run recorded it computed in (not what was asked: auto resolves per machine)
+    p = results["pipeline"]
+    if (p["tile_size"], p["precision"], p["runtime"]) != (tile, precision, runtime):
+        raise SystemExit(f"benchmarks/engine.py: FAILED, segpipe resolved tile {p['tile_size']}, {p['precision']}, "
+                         f"{p['runtime']}; the references would use tile {tile}, {precision}, {runtime}")
+    raw = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision", precision,
+                   "--runtime", runtime, "--side", str(T), "--batch", str(batch), "--tiles", str(tiles)], env=env)
     if raw.returncode != 0:
         raise SystemExit(raw.stderr[-3000:])
     raw_out = json.loads(raw.stdout.strip().splitlines()[-1])
@@ -474,7 +513,7 @@ def run_all(args: argparse.Namespace) -> None:
     if not args.skip_monai:
         overlap = 1 - tile / T  # same window count: stride = tile size
         mo = measure([PY, __file__, "monai", "--model", str(model), "--device", args.device, "--precision",
-                      args.precision, "--side", str(T), "--batch", str(batch), "--scene", str(scene), "--overlap",
+                      precision, "--side", str(T), "--batch", str(batch), "--scene", str(scene), "--overlap",
                       str(overlap), "--out", str(work / "out-monai.zarr")], env=env)
         if mo.returncode != 0:
             raise SystemExit(mo.stderr[-3000:])
@@ -498,10 +537,12 @@ def run_all(args: argparse.Namespace) -> None:
     if args.compare_tile:
         results["speedup_tile_vs_chunk_windows"] = round(results["pipeline_tile_eq_chunk"]["seconds"] / p["seconds"], 3)
         # the raw forward of the chunk-sized windows too: each pipeline against the forward of its own windows
-        side_c = tile_side(args.chunk_size, args.halo)
-        tiles_c = len(ChunkGrid(side, side, args.chunk_size))
+        plan_c = TilePlan.of(TilingSettings(chunk_size=args.chunk_size, halo=args.halo, tile_size=args.chunk_size),
+                             side, side)
+        side_c, tiles_c = plan_c.window_side, len(plan_c.tiles)
         rc = measure([PY, __file__, "raw", "--model", str(model), "--device", args.device, "--precision",
-                      args.precision, "--side", str(side_c), "--batch", str(batch), "--tiles", str(tiles_c)], env=env)
+                      precision, "--runtime", runtime, "--side", str(side_c), "--batch", str(batch),
+                      "--tiles", str(tiles_c)], env=env)
         if rc.returncode != 0:
             raise SystemExit(rc.stderr[-3000:])
         rc_out = json.loads(rc.stdout.strip().splitlines()[-1])
@@ -511,6 +552,7 @@ def run_all(args: argparse.Namespace) -> None:
         results["ratio_steady_vs_raw_chunk_windows"] = round(rc_out["seconds"] / steady_c, 3)
         results["ratio_image_vs_raw_chunk_windows"] = round(
             rc_out["seconds"] / results["pipeline_tile_eq_chunk"]["image_seconds"], 3)
+    fail_above_limits(results, LIMIT_RATIOS, "benchmarks/engine.py")
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

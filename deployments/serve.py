@@ -6,8 +6,8 @@ Deployments:
   segment-images/nightly  cron SEGPIPE_NIGHTLY_CRON (default "0 2 * * *") in SEGPIPE_TIMEZONE (default UTC)
   retrain/weekly          cron SEGPIPE_WEEKLY_CRON  (default "0 3 * * 0") in SEGPIPE_TIMEZONE
 
-Default parameters come from SEGPIPE_SOURCE, SEGPIPE_MODEL, SEGPIPE_OUT (nightly) and
-SEGPIPE_DATA, SEGPIPE_REGISTRY (weekly), SEGPIPE_DASK_ADDRESS (both); every parameter can be
+Default parameters come from SEGPIPE_SOURCE, SEGPIPE_MODEL, SEGPIPE_OUT, SEGPIPE_COLLECTIONS, SEGPIPE_BBOX
+(nightly) and SEGPIPE_DATA, SEGPIPE_REGISTRY (weekly), SEGPIPE_DASK_ADDRESS (both); every parameter can be
 overridden per run:
 
     prefect deployment run 'segment-images/nightly' -p source=s3://bucket/new/ -p model=s3://bucket/models -p out=s3://bucket/masks
@@ -54,7 +54,8 @@ def deployments() -> list:
     shared: dict[str, Any] = {"device_limit": device_limit() or None}
     if os.environ.get("SEGPIPE_DASK_ADDRESS"):  # one cluster for both deployments
         shared["dask_address"] = os.environ["SEGPIPE_DASK_ADDRESS"]
-    nightly_params = {k: os.environ[f"SEGPIPE_{k.upper()}"] for k in ("source", "model", "out")
+    # a STAC API source: SEGPIPE_SOURCE=https://stac.example/api SEGPIPE_COLLECTIONS=c1,c2 SEGPIPE_BBOX=w,s,e,n
+    nightly_params = {k: os.environ[f"SEGPIPE_{k.upper()}"] for k in ("source", "model", "out", "collections", "bbox")
                       if os.environ.get(f"SEGPIPE_{k.upper()}")}
     result = [segment_images.to_deployment(
         name="nightly",

@@ -19,8 +19,9 @@ from prefect.states import Completed, Failed, State
 from flows.devices import DEVICE_LIMIT, device_slot
 from flows.failures import install_one_line_failures
 from flows.logs import forward_library_logs
-from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.errors import SegpipeError
 from segpipe.core.results import ImageResult, summary_rows
+from segpipe.core.retry import RetryPolicy
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import ClusterSettings, SegmentSettings, segment_settings
 from segpipe.engine.cluster import (
@@ -36,40 +37,34 @@ from segpipe.engine.segment import segment_image
 from segpipe.evaluate.suggest import DEFAULT_TOP, suggest_regions
 from segpipe.export import Exports
 from segpipe.export.results import write_image_exports
+from segpipe.io.stac import StacListing, StacSearch, is_stac_source, list_sources, stac_search
 from segpipe.io.storage import SourceImage, ensure_writable, list_images
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry only what may succeed on a second try (network, throttling), never bad input."""
-    try:
-        state.result()
-    except TransientIOError:
-        return True
-    except (ConnectionError, TimeoutError):
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-    return False
-
-
-@task(name="ingest", retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def ingest(source: str) -> list[SourceImage]:
-    """List the images under ``source`` with a fingerprint each (size + mtime/ETag)."""
-    try:
-        images = list_images(source)
-    except (ConnectionError, TimeoutError, OSError) as e:
-        if isinstance(e, SegpipeError):
-            raise
-        raise TransientIOError(source, f"listing failed ({e})") from e
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(source: str, retry: RetryPolicy) -> list[SourceImage]:
+    """List the images under ``source`` with a fingerprint each (size + mtime/ETag); a bucket's fault that
+    may pass is retried with the run's policy (the one of every storage call of the run)."""
+    images = retry.call(lambda: list_images(source))
     get_run_logger().info("found %d image(s) under %s", len(images), source)
     return images
 
 
+@task(name="ingest-stac", cache_policy=NO_CACHE)
+def ingest_stac(source: str, search: StacSearch, bands: str | None, retry: RetryPolicy) -> StacListing:
+    """The items a STAC document or STAC API search selects, as images (band names resolved); a fault that may
+    pass is retried with the run's policy."""
+    listing = retry.call(lambda: list_sources([source], search, bands))
+    get_run_logger().info("STAC: %d item(s) from %s, %d that cannot be segmented", len(listing.images), source,
+                          len(listing.problems))
+    return listing
+
+
 @task(name="load-model", cache_policy=NO_CACHE)
-def load_model(model: str, out: str) -> ModelRef:
+def load_model(model: str, out: str, retry: RetryPolicy) -> ModelRef:
     """Resolve the model (artifact, registry champion or REGISTRY@vN), check it, and check OUT is writable."""
     ref, _ = check_model(model)
-    ensure_writable(out)
+    retry.call(lambda: ensure_writable(out))
     get_run_logger().info("model %s (%s/%s), weights %s", ref.uri, ref.spec.architecture, ref.spec.encoder,
                           ref.sha256[:12])
     return ref
@@ -135,15 +130,15 @@ class PrefectProgress:
         update_progress_artifact(self.artifact, min(100.0, 100.0 * self.done / self.total))
 
 
-@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE,
-      retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient)
+@task(name="segment-image", task_run_name="segment {image.relative}", cache_policy=NO_CACHE)
 def segment_one(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings,
                 scheduler: str, exports: Exports, target_uri: str | None = None) -> ImageResult | State:
     """One image: its chunk tasks run on Dask workers, which write their chunks straight into Zarr.
 
     A failed image ends this task run *Failed* (red in the run graph, so task-failure
-    automations fire) with the image's one-line error as the state message; a storage error
-    that may pass (throttling, a dropped connection) is raised so Prefect retries the task.
+    automations fire) with the image's one-line error as the state message. Storage faults that may
+    pass were already retried by the engine with ``settings.retry`` (and the image tried again from
+    its chunks in the store): Prefect does not retry the task on top of that.
     """
     logger = get_run_logger()
     result = segment_image(image, model, out, settings, client_for(scheduler), PrefectProgress(image.relative),
@@ -155,36 +150,43 @@ def segment_one(image: SourceImage, model: ModelRef, out: str, settings: Segment
     if result.status == "failed":
         result.error = flow_wording(result.error or "")
         logger.error("%s", result.error)
-        if result.transient:
-            raise TransientIOError(None, result.error or "storage error")
         return Failed(message=result.error, data=result)
-    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, in %.1f s (%.2f MP/s) → %s", result.status,
-                image.relative, result.chunks_computed, result.chunks, result.chunks_skipped, result.seconds,
+    logger.info("%s %s: %d/%d chunks computed, %d skipped as empty, %d storage retries, %d recomputed after a "
+                "lost worker, in %.1f s (%.2f MP/s) → %s", result.status, image.relative, result.chunks_computed,
+                result.chunks, result.chunks_skipped, result.storage_retries, result.recomputed, result.seconds,
                 result.mp_per_s, result.output)
     return result
 
 
-def publish_suggestions(results: list[ImageResult], top: int, source: str) -> list[dict]:
+def publish_suggestions(results: list[ImageResult], top: int, source: str, retry: RetryPolicy | None = None
+                        ) -> list[dict]:
     """The ``top`` regions to label next among the run's finished outputs, as the table artifact
     ``segment-images-suggestions``; returns its rows. Outputs without uncertainty (written by an
-    older segpipe) are left out with a log line; a problem here never fails the run."""
+    older segpipe) or unreadable now are left out with a log line.
+
+    Never fails the run: the images are done when this runs, and suggestions are advice. Any error here —
+    bad input, a storage fault, a bug — is one warning line (a bug's traceback at debug level)."""
     logger = get_run_logger()
     outputs = [r.output for r in results if r.status in ("done", "skipped") and r.output]
     if not outputs:
         return []
     notes: list[str] = []
     try:
-        regions = suggest_regions(outputs, top, notes, strict=False)
+        regions = suggest_regions(outputs, top, notes, strict=False, retry=retry)
+        rows = [s.as_row() for s in regions]
+        if rows:
+            create_table_artifact(rows, key="segment-images-suggestions",
+                                  description=f"where to label next: the {len(rows)} most uncertain regions of "
+                                              f"segment-images over {source} (segpipe suggest)")
     except SegpipeError as e:
         logger.warning("no suggestions: %s", e)
         return []
+    except Exception as e:  # noqa: BLE001 - advice must never turn a successful run into a failed one
+        logger.warning("no suggestions: unexpected %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        logger.debug("suggestions failed", exc_info=True)
+        return []
     for note in notes:
         logger.info("suggestions: %s", note)
-    rows = [s.as_row() for s in regions]
-    if rows:
-        create_table_artifact(rows, key="segment-images-suggestions",
-                              description=f"where to label next: the {len(rows)} most uncertain regions of "
-                                          f"segment-images over {source} (segpipe suggest)")
     return rows
 
 
@@ -199,6 +201,7 @@ def segment_images(
     batch_size: int | None = None,
     device: str = "auto",
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
+    runtime: Literal["auto", "torch", "onnx"] = "auto",
     tta: bool = False,
     probabilities: bool = False,
     bands: str | None = None,
@@ -220,6 +223,14 @@ def segment_images(
     preview: bool = False,
     min_area: float = 0.0,
     suggestions: int = DEFAULT_TOP,
+    collections: list[str] | str | None = None,
+    bbox: list[float] | str | None = None,
+    intersects: str | None = None,
+    datetime: str | None = None,
+    query: list[str] | dict | None = None,
+    max_items: int | None = None,
+    asset: str | None = None,
+    stac: bool | None = None,
 ) -> list[dict] | State:
     """Segment every image under ``source`` into ``out``; skip complete outputs, resume partial ones.
 
@@ -232,29 +243,46 @@ def segment_images(
     ``wait_for_workers``: seconds to wait for a first worker of ``dask_address`` when it has none (adaptive
     clusters start at 0). ``device_limit``: the Prefect global concurrency limit whose slot the run holds
     while its embedded cluster computes on this machine (shared with the weekly retrain; None: none).
+    A STAC ``source`` (a ``.json`` document, or an API URL with ``collections``/``bbox``/``intersects``/
+    ``datetime``/``query``/``max_items``) segments the items it selects; items whose ``updated`` time has a
+    complete output are skipped, so a nightly run does the new items only. ``stac`` writes a STAC item per
+    output and a collection per output folder (default: for STAC sources).
     """
     logger = get_run_logger()
     install_one_line_failures()  # a Failed run with failed images logs one line, not the engine's traceback
     forward_library_logs()  # which cluster, waiting for workers, …: in the run's logs
+    search = stac_search(collections=collections, bbox=bbox, intersects=intersects, datetime=datetime, query=query,
+                         max_items=max_items, asset=asset)
+    # the run's retry policy is the default one (settings need the bands the listing resolves)
+    stac_listing = ingest_stac(source, search, bands, RetryPolicy()) if is_stac_source(source, search) else None
+    bands = stac_listing.bands if stac_listing is not None else bands
     settings = segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size, device=device,
-                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                precision=precision, runtime=runtime, tta=tta, probabilities=probabilities, bands=bands,
+                                level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
-    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area,
+                      stac=stac_listing is not None if stac is None else stac)
     cluster = ClusterSettings(address=dask_address, procs_per_device=procs_per_device,
                               wait_for_workers=wait_for_workers)
     check_device_pinning(device, cluster)
     results: list[ImageResult] = []
-    listing = ingest.submit(source)
-    ref = load_model(model, out)
-    wait([listing])
-    if listing.state.is_completed():
-        images = listing.result()
-    else:  # the source cannot be listed: that source fails, with its one line
-        images = []
-        error = listing.state.result(raise_on_failure=False)
-        results.append(ImageResult(source=source, output="", status="failed",
-                                   error=str(error) if isinstance(error, SegpipeError) else str(listing.state.message)))
+    listing = ingest.submit(source, settings.retry) if stac_listing is None else None
+    ref = load_model(model, out, settings.retry)
+    if listing is None:  # a STAC source: its items were listed above
+        assert stac_listing is not None
+        images = stac_listing.images
+        results.extend(stac_listing.failed_results())
+    else:
+        wait([listing])
+        if listing.state.is_completed():
+            images = listing.result()
+        else:  # the source cannot be listed: that source fails, with its one line
+            images = []
+            error = listing.state.result(raise_on_failure=False)
+            results.append(ImageResult(source=source, output="", status="failed",
+                                       error=str(error) if isinstance(error, SegpipeError)
+                                       else str(listing.state.message)))
     names = assign_outputs(images, out)
     # the embedded cluster computes on this machine: one slot of the devices' limit (an address: the cluster's own)
     with device_slot(None if dask_address else device_limit, logger, "segment-images"), \
@@ -283,7 +311,7 @@ def segment_images(
     rows = summary_rows(results)
     create_table_artifact(rows, key="segment-images-summary", description=f"segment-images over {source}")
     if suggestions:
-        publish_suggestions(results, suggestions, source)
+        publish_suggestions(results, suggestions, source, settings.retry)
     failed = [r for r in results if r.status == "failed"]
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "failed")}
     create_markdown_artifact(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import random
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -153,16 +156,39 @@ def aws_environment(aws: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-class FaultProxy:
-    """A real S3 endpoint with faults: an HTTP proxy in front of moto that answers chosen requests with an
-    S3 error (``fail``) and passes every other request through unchanged.
+#: the faults a :class:`FaultProxy` can inject, by name: an S3 error answer (status, code), a connection
+#: reset (no answer, RST), or a time-out (no answer until the client gave up)
+FAULTS: dict[str, tuple[str, int, str]] = {
+    "500": ("status", 500, "InternalError"),
+    "502": ("status", 502, "BadGateway"),
+    "503": ("status", 503, "SlowDown"),
+    "504": ("status", 504, "GatewayTimeout"),
+    "403": ("status", 403, "AccessDenied"),
+    "reset": ("reset", 0, ""),
+    "timeout": ("timeout", 0, ""),
+}
 
-    ``url`` goes where the endpoint would (``AWS_ENDPOINT_URL``); each rule matches a method and a regular
-    expression searched in the path and query, and fires ``times`` times (None: until :meth:`clear`).
-    ``log`` keeps (method, path, status) of every request, for tests that check what was asked.
+
+class FaultProxy:
+    """A real S3 endpoint with faults: an HTTP proxy in front of moto that answers chosen requests with a
+    fault and passes every other request through unchanged.
+
+    ``url`` goes where the endpoint would (``AWS_ENDPOINT_URL``). Faults (:data:`FAULTS`): an S3 error
+    answer (any status: 5xx, a 403 that clears on the next try), a connection reset (the socket closed with
+    an RST, no answer) or a time-out (no answer for :attr:`hold` seconds, then the connection closed — set
+    the clients' read time-outs below it). Two ways to inject them:
+
+    * :meth:`fail`: a rule matching a method and a regular expression searched in the path and query, firing
+      ``times`` times (None: until :meth:`clear`);
+    * :meth:`chaos`: each request not matched by a rule fails with probability ``rate``, with a fault drawn
+      from a weighted mix (seeded).
+
+    ``log`` keeps (method, path, status) of every request (status 0: no answer), ``injected`` counts the
+    faults by name, ``requests`` counts every request.
     """
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, hold: float = 4.0) -> None:
+        import collections
         import http.client
         import http.server
         import re
@@ -170,8 +196,13 @@ class FaultProxy:
         import urllib.parse
 
         self.upstream = urllib.parse.urlsplit(upstream)
+        self.hold = hold
         self.rules: list[list] = []
         self.log: list[tuple[str, str, int]] = []
+        self.injected: collections.Counter[str] = collections.Counter()
+        self.requests = 0
+        self._chaos: tuple[float, list[str], list[float], str | None] | None = None
+        self._random = random.Random(0)
         self._lock = threading.Lock()
         proxy = self
 
@@ -181,22 +212,38 @@ class FaultProxy:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _fault(self) -> tuple[int, str] | None:
+            def _fault(self) -> tuple[str, str, int, str] | None:
                 with proxy._lock:
+                    proxy.requests += 1
                     for rule in proxy.rules:
-                        method, pattern, status, code, left = rule
+                        method, pattern, fault, left = rule
                         if method in (self.command, "*") and re.search(pattern, self.path) and left != 0:
                             if left is not None:
-                                rule[4] = left - 1
-                            return status, code
+                                rule[3] = left - 1
+                            return fault
+                    if proxy._chaos is not None:
+                        rate, names, weights, skip = proxy._chaos
+                        if (skip is None or not re.search(skip, self.path)) and proxy._random.random() < rate:
+                            name = proxy._random.choices(names, weights)[0]
+                            return (name, *FAULTS[name])
                 return None
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = self._fault()
                 if fault is not None:
-                    status, code = fault
-                    proxy.log.append((self.command, self.path, status))  # before answering: the client may go on
+                    name, kind, status, code = fault
+                    with proxy._lock:
+                        proxy.injected[name] += 1
+                        proxy.log.append((self.command, self.path, status))  # before answering: the client goes on
+                    if kind == "timeout":
+                        time.sleep(proxy.hold)
+                    if kind in ("reset", "timeout"):
+                        self.close_connection = True
+                        with contextlib.suppress(OSError):  # an RST, not a clean close
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            self.connection.close()
+                        return
                     xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected "
                            f"{code}</Message><RequestId>fault</RequestId></Error>").encode()
                     self.send_response(status)
@@ -211,7 +258,8 @@ class FaultProxy:
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                proxy.log.append((self.command, self.path, resp.status))
+                with proxy._lock:
+                    proxy.log.append((self.command, self.path, resp.status))
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length", "server",
@@ -226,21 +274,40 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address) -> None:  # a reset we made, or a client gone
+                pass
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
         self._thread.start()
 
     def fail(self, method: str, pattern: str, status: int = 500, code: str = "InternalError",
-             times: int | None = None) -> None:
-        """Answer ``method`` requests whose path matches ``pattern`` with ``status``/``code``."""
+             times: int | None = None, fault: str | None = None) -> None:
+        """Answer ``method`` requests whose path matches ``pattern`` with ``status``/``code``, or with the
+        named ``fault`` of :data:`FAULTS` ("reset", "timeout", "502", …)."""
+        if fault is not None:
+            answer = (fault, *FAULTS[fault])
+        else:
+            answer = (next((n for n, f in FAULTS.items() if f == ("status", status, code)), f"{status} {code}"),
+                      "status", status, code)
         with self._lock:
-            self.rules.append([method, pattern, status, code, times])
+            self.rules.append([method, pattern, answer, times])
+
+    def chaos(self, rate: float, mix: dict[str, float], seed: int = 0, skip: str | None = None) -> None:
+        """From now on fail each request (not matched by a rule; not matching ``skip``) with probability
+        ``rate``, with a fault drawn from ``mix`` (fault name → weight). ``rate`` 0 stops it."""
+        with self._lock:
+            self._random = random.Random(seed)
+            self._chaos = (rate, list(mix), list(mix.values()), skip) if rate > 0 else None
 
     def clear(self) -> None:
         with self._lock:
             self.rules.clear()
+            self._chaos = None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -248,12 +315,101 @@ class FaultProxy:
 
 
 @contextlib.contextmanager
-def faulty_s3(log_dir: Path) -> Iterator[tuple[dict[str, str], FaultProxy]]:
-    """moto's S3 server behind a :class:`FaultProxy`; yields the AWS variables that point at the proxy
-    (one attempt per request, so an injected fault is seen at once, not retried away) and the proxy."""
+def faulty_s3(log_dir: Path, client_retries: bool = False, hold: float = 4.0
+              ) -> Iterator[tuple[dict[str, str], FaultProxy]]:
+    """moto's S3 server behind a :class:`FaultProxy`; yields the AWS variables that point at the proxy and
+    the proxy.
+
+    Default: one attempt per request, so an injected fault is seen at once, not retried away. With
+    ``client_retries`` the storage clients keep their own retries (botocore's, GDAL's: what a deployment
+    has), and their read time-outs are set below the proxy's ``hold`` so an injected time-out is one."""
     with s3_server(log_dir) as aws:
-        proxy = FaultProxy(aws["AWS_ENDPOINT_URL"])
+        proxy = FaultProxy(aws["AWS_ENDPOINT_URL"], hold=hold)
+        timeout = max(1, int(hold / 2))
+        env = {**aws, "AWS_ENDPOINT_URL": proxy.url}
+        if client_retries:
+            env.update(FSSPEC_S3=json.dumps({"config_kwargs": {"read_timeout": timeout, "connect_timeout": timeout}}),
+                       GDAL_HTTP_TIMEOUT=str(timeout))
+        else:
+            env.update(AWS_MAX_ATTEMPTS="1", GDAL_HTTP_MAX_RETRY="0")
         try:
-            yield {**aws, "AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1", "GDAL_HTTP_MAX_RETRY": "0"}, proxy
+            yield env, proxy
         finally:
             proxy.close()
+
+
+def _postgres_bin() -> Path | None:
+    """PostgreSQL's server programs, when PostgreSQL and PostGIS are installed (.ci/run installs them)."""
+    import glob
+
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        version = Path(d).parent.name
+        if Path(d, "initdb").exists() and glob.glob(f"/usr/share/postgresql/{version}/extension/postgis.control"):
+            return Path(d)
+    return None
+
+
+def stac_api_available() -> str | None:
+    """Why :func:`stac_api` cannot start here, or None when it can."""
+    if _postgres_bin() is None:
+        return "PostgreSQL with PostGIS is not installed (apt-get install postgresql postgresql-15-postgis-3)"
+    if not (BIN / "pypgstac").exists():
+        return "pypgstac is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def stac_api(log_dir: Path) -> Iterator[str]:
+    """A real STAC API on loopback: stac-fastapi-pgstac (uvicorn) over PostgreSQL with PostGIS and pgstac
+    (``pypgstac migrate``), transactions enabled; yields its landing-page URL. Both stopped by PID.
+
+    PostgreSQL refuses to run as root: as root (CI) its programs run as the ``postgres`` user
+    (``setpriv``), on a data folder outside pytest's private temporary folders.
+    """
+    import shutil
+    import tempfile
+
+    pg_bin = _postgres_bin()
+    assert pg_bin is not None, stac_api_available()
+    data = Path(tempfile.mkdtemp(prefix="segpipe-pgstac-"))
+    as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(data, "postgres", "postgres")
+    pg: subprocess.Popen | None = None
+    try:
+        subprocess.run([*as_postgres, str(pg_bin / "initdb"), "-D", str(data / "db"), "-U", "postgres",
+                        "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+        port = free_port()
+        pg = start([*as_postgres, str(pg_bin / "postgres"), "-D", str(data / "db"), "-p", str(port), "-k", str(data),
+                    "-h", "127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off"], dict(os.environ),
+                   log_dir / "postgres.log")
+        wait_for(lambda: port_open(port), 60, "postgres", pg)
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        migrate = subprocess.run([str(BIN / "pypgstac"), "migrate", "--dsn", dsn], capture_output=True, text=True,
+                                 timeout=300)
+        assert migrate.returncode == 0, migrate.stderr[-2000:]
+        api_port = free_port()
+        env = {**os.environ, "PGUSER": "postgres", "PGPASSWORD": "unused", "PGHOST": "127.0.0.1", "PGPORT": str(port),
+               "PGDATABASE": "postgres", "ENABLE_TRANSACTIONS_EXTENSIONS": "true"}
+        api = start([sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory", "--host",
+                     "127.0.0.1", "--port", str(api_port)], env, log_dir / "stac-api.log")
+        url = f"http://127.0.0.1:{api_port}"
+        try:
+            wait_for(lambda: http_ok(url + "/"), 90, "stac-fastapi-pgstac", api)
+            yield url
+        finally:
+            stop(api, signal.SIGTERM)
+    finally:
+        if pg is not None:
+            stop(pg, signal.SIGINT)  # PostgreSQL's fast shutdown
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def stac_post(url: str, path: str, doc: dict, method: str = "POST") -> dict:
+    """One call of a STAC API's transactions extension (create a collection or an item)."""
+    import json
+
+    req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(doc).encode(), method=method,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"{}")

@@ -123,6 +123,7 @@ def test_dask_processes_survive_a_killed_worker(tmp_path, big_scene, model_dir):
         assert workers[0].poll() is not None and workers[1].poll() is None
     rows = json.loads(report.read_text())
     assert rows[0]["status"] == "done" and rows[0]["computed"] == rows[0]["chunks"] == 13 * 12
+    assert rows[0]["recomputed"] >= 1  # the tasks the dead worker had in hand, counted (issue 24, item 5)
     np.testing.assert_array_equal(labels(out / "big.zarr"), labels(local / "big.zarr"))
 
 

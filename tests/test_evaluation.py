@@ -176,16 +176,19 @@ def test_retrain_flow_promotes_then_gates(harness, tmp_path, landcover):
 
 @pytest.mark.slow
 def test_demo_quick(tmp_path):
-    """The demo end to end at reduced sizes, as a user runs it."""
+    """The demo end to end at reduced sizes, as a user runs it, on a CPU without native bf16 (as most laptops):
+    fp32 training, and the scene segmented in fp32 by ONNX Runtime."""
     import subprocess
     import sys
 
     p = subprocess.run([sys.executable, "-m", "segpipe.cli.main", "demo", "--quick", "--out", str(tmp_path / "d")],
                        capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+                       env={**__import__("os").environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                            "SEGPIPE_CPU_BF16": "0", "SEGPIPE_CACHE": str(tmp_path / "cache")})
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((tmp_path / "d" / "demo-summary.json").read_text())
     assert summary["champion"] == "v1"
+    assert summary["precision"] == "fp32 (onnx)"
     g = zarr.open_group(summary["scene_output"], mode="r")
     assert g.attrs["segpipe"]["status"] == "complete" and g["0"].shape == (700, 700)
     for key in ("retrain_report", "scene_report", "preview"):

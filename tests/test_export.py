@@ -508,6 +508,32 @@ def test_kept_exports_are_whole_ones_and_truncated_ones_are_rewritten(tmp_path, 
     assert Path(paths["preview"]).read_bytes() == whole["preview"]
 
 
+def test_an_export_edited_in_place_is_never_replaced(tmp_path, labels) -> None:
+    """Annotators correct the nightly GeoPackage in place; the next recompute (a promotion) used to write the
+    new export over their edits. The edited file is kept, byte for byte, and the new export goes beside it."""
+    import sqlite3
+
+    from segpipe.export import Exports, write_exports
+
+    zarr_uri = make_output(tmp_path / "scene.zarr", labels)
+    exports = Exports(cog=True, vector="gpkg")
+    paths = write_exports(zarr_uri, None, exports)
+    notes: list[str] = []
+    again = write_exports(zarr_uri, None, exports, notes=notes)  # nothing edited: replaced as before
+    assert again == paths and notes == []
+    with sqlite3.connect(paths["vector"]) as db:  # a reclassification, as QGIS saves it (attributes only)
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f'DROP TRIGGER "{name}"')  # GDAL's R-tree triggers call SpatiaLite functions
+        db.execute("UPDATE segments SET class_name = 'water', class_id = 2 WHERE fid = 1")
+    edited = Path(paths["vector"]).read_bytes()
+    after = write_exports(zarr_uri, None, exports, notes=notes)
+    assert Path(paths["vector"]).read_bytes() == edited
+    assert after["vector"] == str(tmp_path / "scene.new.gpkg") and Path(after["vector"]).exists()
+    assert after["cog"] == paths["cog"]  # the COG was not touched by anyone: replaced
+    assert len(notes) == 1 and notes[0] == (f"{paths['vector']}: changed since segpipe wrote it (edited?): kept; "
+                                            f"the new export is {after['vector']}")
+
+
 def test_geopackages_are_gpkg_1_2_which_gdal_3_6_opens_without_a_warning(output, tmp_path) -> None:
     """Defect: GeoPackages were GPKG 1.4, which GDAL 3.6 / QGIS 3.22 LTR warn 'may only be partially supported'
     about on every open. Both writers: the polygons and the small feature files (suggestions)."""

@@ -78,6 +78,10 @@ class FakeFleet:
     def scheduler_info(self, n_workers: int = -1) -> dict[str, Any]:
         return {"workers": dict(self.workers), "services": {}}
 
+    def run(self, fn: Any, *args: Any, **kw: Any) -> dict[str, Any]:
+        """Each worker's answer (what the run asks them: precision, runtime) — this process's."""
+        return {w: fn(*args, **kw) for w in self.workers}
+
     def submit(self, fn: Any, job: Any, batch: list, fill: bool, *, key: str, **kw: Any) -> FakeFuture:
         from segpipe.engine.tiled import TileStats
 

@@ -63,7 +63,7 @@ def cpu_reference(tmp_path_factory, scene_tif, model_dir, client) -> tuple[np.nd
 
 
 def test_auto_device_and_precision_pick_cuda_bf16():
-    from segpipe.engine.predictor import resolve_device, resolve_precision
+    from segpipe.engine.runtime import resolve_device, resolve_precision
 
     dev = resolve_device("auto")
     assert dev.type == "cuda"

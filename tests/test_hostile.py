@@ -500,26 +500,24 @@ def sparse_tiff(path: Path, side: int, block: int = 512) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_huge_sparse_image_runs_in_flat_memory(tmp_path, model_dir):
+def _segment_for_a_while(path: Path, out: Path, model_dir: str, logs: Path, seconds: float) -> tuple[int, int]:
+    """``segpipe segment`` on ``path`` for ``seconds``, then interrupted: (peak RSS of its process tree, chunks)."""
     import psutil
 
-    path = sparse_tiff(tmp_path / "huge.tif", 200_000)
-    assert path.stat().st_size < 8 * 2**20
-    out = tmp_path / "out"
-    env = {**os.environ, "SEGPIPE_LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "SEGPIPE_LOG_DIR": str(logs), "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli.main", "segment", str(path), "--model", model_dir,
                              "--out", str(out), "--chunk-size", "512", "--halo", "32", "--no-progress"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     peak, chunks, t0 = 0, 0, time.monotonic()
+    level0 = out / (path.stem + ".zarr") / "0" / "c"
     try:
         ps = psutil.Process(proc.pid)
-        while time.monotonic() - t0 < 75 and proc.poll() is None:
+        while time.monotonic() - t0 < seconds and proc.poll() is None:
+            # sampled often: each forward's activations come and go within a second
             rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
             peak = max(peak, rss)
-            level0 = out / "huge.zarr" / "0" / "c"
             chunks = sum(1 for _ in level0.rglob("*") if _.is_file()) if level0.exists() else 0
-            time.sleep(1)
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -527,8 +525,29 @@ def test_huge_sparse_image_runs_in_flat_memory(tmp_path, model_dir):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-    print(f"200,000² sparse image: {chunks} chunks written in 75 s, peak RSS {peak / 2**20:.0f} MiB")
     assert proc.returncode is not None
-    assert chunks > 0, "no chunk was written: the driver is stuck planning"
-    assert peak < 1.5 * 2**30, f"peak RSS {peak / 2**20:.0f} MiB"
+    return peak, chunks
+
+
+@pytest.mark.slow
+def test_huge_sparse_image_runs_in_flat_memory(tmp_path, model_dir):
+    """A 200,000² image (152,881 chunks) runs in the memory of a 20,000² one (1,521 chunks).
+
+    Compared with the smaller image over the same time, not with a fixed number: the process's peak is
+    ~1 GiB before any pixel (torch, smp, the model) plus the tile phase's working set (a forward's
+    activations, the Dask threads' windows), which depends on the machine, not on the image
+    (docs/benchmarks.md, "Memory flat in chunk count"); what must not grow is the part that scales with
+    the chunk count (planning, per-image state). Measured: 0.94–1.02×.
+    """
+    small = sparse_tiff(tmp_path / "small.tif", 20_000)
+    huge = sparse_tiff(tmp_path / "huge.tif", 200_000)
+    assert huge.stat().st_size < 8 * 2**20
+    out = tmp_path / "out"
+    small_peak, small_chunks = _segment_for_a_while(small, out, model_dir, tmp_path / "logs", 60)
+    peak, chunks = _segment_for_a_while(huge, out, model_dir, tmp_path / "logs", 60)
+    print(f"peak RSS in 60 s: 20,000² {small_peak / 2**20:.0f} MiB ({small_chunks} chunks), "
+          f"200,000² {peak / 2**20:.0f} MiB ({chunks} chunks)")
+    assert chunks > 0 and small_chunks > 0, "no chunk was written: the driver is stuck planning"
+    assert peak <= 1.2 * small_peak, f"{peak / small_peak:.2f}× the 20,000² image's peak"
+    assert peak < 3 * 2**30, f"peak RSS {peak / 2**20:.0f} MiB"  # a backstop against anything image-sized
     assert status(out / "huge.zarr") != "complete"

@@ -94,5 +94,88 @@ def test_modules_over_400_lines_say_why() -> None:
     assert not long, long
 
 
+def _private_imports(path: Path) -> list[str]:
+    """``from segpipe… import _name`` (and private modules) in ``path``: another module's own business."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] in ("segpipe", "flows", "deployments"):
+            if any(part.startswith("_") and not part.startswith("__") for part in node.module.split(".")):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: module {node.module}")
+            found += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module() -> None:
+    """ruff's PLC2701 skips imports within one package; this holds the rule everywhere in the application."""
+    found = [f for d in ("segpipe", "flows", "deployments") for p in sorted((ROOT / d).rglob("*.py"))
+             for f in _private_imports(p)]
+    assert not found, found
+
+
+#: The rule of where storage is touched, as it is (docs/architecture.md, "Storage"): ``segpipe.io`` owns images,
+#: outputs, locks, listings, metrics.json and the label cache; any other module may touch storage only to read or
+#: write a file format it owns, listed here with the libraries it uses and why. A module that starts touching
+#: storage (or a new library) must be added here on purpose, or route its I/O through segpipe.io.
+STORAGE_LIBRARIES = {"fsspec", "s3fs", "zarr", "rasterio", "pyogrio", "tifffile", "openslide", "safetensors", "PIL",
+                     "pyarrow", "pycocotools", "ijson", "pystac", "pystac_client", "wsidicom", "sqlite3", "tempfile",
+                     "open"}
+STORAGE_OUTSIDE_IO = {
+    "segpipe/cli/segment.py": ({"open"}, "writes --report-json"),
+    "segpipe/engine/predictor.py": ({"open"}, "reads /proc/cpuinfo (native bf16)"),
+    "segpipe/engine/pyramid.py": ({"zarr"}, "writes the lower pyramid levels of an output it is building"),
+    "segpipe/engine/runtime.py": ({"open", "tempfile"}, "exports the network to ONNX in segpipe's cache folder"),
+    "segpipe/evaluate/corrections.py": ({"tempfile"}, "unpacks the model labels a GeoPackage export carries"),
+    "segpipe/evaluate/figures.py": ({"PIL"}, "report figures (PNG)"),
+    "segpipe/evaluate/overlays.py": ({"PIL"}, "report thumbnails (PNG)"),
+    "segpipe/evaluate/reports.py": ({"PIL"}, "report images"),
+    "segpipe/evaluate/suggest.py": ({"rasterio"}, "CRS math only (rasterio.warp), no I/O"),
+    "segpipe/export/__init__.py": ({"PIL", "pyogrio", "rasterio"}, "checks that existing exports read back whole"),
+    "segpipe/export/cog.py": ({"open", "rasterio"}, "COG exports"),
+    "segpipe/export/features.py": ({"pyarrow", "pyogrio", "rasterio"}, "vector exports"),
+    "segpipe/export/origin.py": ({"open", "pyarrow", "pyogrio", "sqlite3", "tempfile"},
+                                 "the origin record and model labels inside a GeoPackage export"),
+    "segpipe/export/preview.py": ({"PIL", "rasterio"}, "PNG previews"),
+    "segpipe/export/stac.py": ({"open", "rasterio"}, "STAC item files; CRS math"),
+    "segpipe/export/targets.py": ({"tempfile"}, "local staging of exports to buckets"),
+    "segpipe/export/vectors.py": ({"pyarrow", "pyogrio", "rasterio", "tempfile"}, "vector exports"),
+    "segpipe/labels/burn.py": ({"rasterio"}, "rasterio.features: burning in memory, no I/O"),
+    "segpipe/labels/vectors.py": ({"ijson", "open", "pyarrow", "pycocotools", "pyogrio", "rasterio", "tempfile"},
+                                  "label files: GIS formats, GeoParquet, QuPath and COCO JSON"),
+    "segpipe/models/artifact.py": ({"safetensors"}, "model artifacts"),
+    "segpipe/models/registry.py": ({"fsspec"}, "the registry's layout"),
+    "segpipe/train/checkpoint.py": ({"safetensors"}, "training checkpoints"),
+    "segpipe/train/synthetic.py": ({"rasterio"}, "writes the generated demo and test datasets"),
+}
+
+
+def _storage_used(path: Path) -> set[str]:
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            used |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            used.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "open":
+            used.add("open")
+    return used & STORAGE_LIBRARIES
+
+
+def test_storage_is_touched_where_the_rule_says() -> None:
+    wrong = []
+    for d in ("segpipe", "flows"):
+        for p in sorted((ROOT / d).rglob("*.py")):
+            rel = str(p.relative_to(ROOT))
+            if rel.startswith("segpipe/io/"):
+                continue
+            used = _storage_used(p)
+            allowed = STORAGE_OUTSIDE_IO.get(rel, (set(), ""))[0]
+            if used - allowed:
+                wrong.append(f"{rel} touches storage through {sorted(used - allowed)}: route it through segpipe.io, "
+                             "or list the file format it owns in STORAGE_OUTSIDE_IO")
+    assert not wrong, wrong
+
+
 if __name__ == "__main__":
     sys.exit(main())

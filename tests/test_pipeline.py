@@ -167,6 +167,7 @@ def test_folder_with_good_and_bad_images(tmp_path, photo, model_dir, client):
 def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
     import segpipe.engine.tasks as T
     from segpipe.core.errors import InputError, TransientIOError
+    from segpipe.core.retry import RetryPolicy
 
     calls = []
 
@@ -177,9 +178,10 @@ def test_transient_errors_are_retried_bad_input_is_not(monkeypatch):
         return {"chunks": 1, "skipped": 0, "megapixels": 0.1}
 
     monkeypatch.setattr(T, "_run_tiles", flaky)
-    monkeypatch.setattr(T.time, "sleep", lambda s: None)
-    job = type("Job", (), {"source": "s3://b/x.tif"})()
-    assert T.run_tiles(job, [((0, 0), [(0, 0)])])["chunks"] == 1 and len(calls) == 3
+    job = type("Job", (), {"source": "s3://b/x.tif", "retry": RetryPolicy(backoff=0)})()
+    counters = T.run_tiles(job, [((0, 0), [(0, 0)])])
+    assert counters["chunks"] == 1 and len(calls) == 3
+    assert counters["storage_retries"] == 2 and counters["retried"] == "s3://b/x.tif: read failed (HTTP 503 Slow Down)"
 
     calls.clear()
 

@@ -266,11 +266,13 @@ def test_read_errors_are_classified_by_gdal_error_class(http_images, monkeypatch
 
     quoting = "/vsicurl/https://example.com/http/500/timeout.tif, band 1: IReadBlock failed: connection"
     assert not transient_gdal_error(chained(CPLE_AppDefinedError(1, 1, quoting)))
-    assert not transient_gdal_error(chained(CPLE_AWSAccessDeniedError(1, 14, "Access Denied")))
+    # an object store's 403 may clear (credentials refreshed): retried as for outputs (io.storage), then final
+    assert transient_gdal_error(chained(CPLE_AWSAccessDeniedError(1, 14, "Access Denied")))
     assert transient_gdal_error(chained(CPLE_AWSError(1, 17, "Please reduce your request rate")))
     assert transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 503")))
     assert transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "Connection timed out")))
-    assert not transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 403")))
+    assert transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 403")))
+    assert not transient_gdal_error(chained(CPLE_HttpResponseError(1, 11, "HTTP response code: 404")))
     assert transient_gdal_error(chained(ConnectionResetError("reset by peer")))
 
     monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")

@@ -38,8 +38,8 @@ def test_register_list_promote(artifacts, tmp_path):
     report.mkdir()
     (report / "report.md").write_text("# v2\n")
     assert registry.register(reg, b, metrics=METRICS, report_dir=str(report)) == "v2"
-    assert sorted(os.listdir(Path(reg, "v2"))) == ["metrics.json", "model.json", "registration.json", "report.md",
-                                                   "weights.safetensors"]
+    assert sorted(os.listdir(Path(reg, "v2"))) == ["metrics.json", "mlm.json", "model.json", "registration.json",
+                                                   "report.md", "weights.safetensors"]
 
     versions = registry.list_versions(reg)
     assert [v.version for v in versions] == ["v1", "v2"]
@@ -105,7 +105,7 @@ def test_versions_are_immutable(artifacts, tmp_path):
     # every file of a version is read-only: no write bit for anyone (checked on the mode bits, which
     # holds whoever runs the tests; that a write is then refused is test_version_files_refuse_writes)
     files = sorted(p.name for p in Path(reg, "v1").iterdir())
-    assert files == ["model.json", "registration.json", "weights.safetensors"]
+    assert files == ["mlm.json", "model.json", "registration.json", "weights.safetensors"]
     assert {name: oct(Path(reg, "v1", name).stat().st_mode & 0o777) for name in files} == dict.fromkeys(files, "0o444")
 
 

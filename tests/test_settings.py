@@ -124,6 +124,7 @@ PIXEL_CHANGES = {
     "skip_empty": {"read": ReadSettings(skip_empty=False)},
     "tta": {"inference": InferenceSettings(tta=True)},
     "precision": {"inference": InferenceSettings(precision="bf16")},
+    "runtime": {"inference": InferenceSettings(runtime="onnx")},
     "probabilities": {"inference": InferenceSettings(probabilities=True)},
     "background_class": {"output": OutputSettings(background_class=0)},
 }

@@ -165,7 +165,7 @@ def test_otsu_matches_skimage() -> None:
 
 def test_slides_are_tried_before_rasterio() -> None:
     # a fixed registry: importing a reader module registers nothing
-    assert [o.__name__ for o in READERS] == ["open_slide", "_rasterio"]
+    assert [o.__name__ for o in READERS] == ["open_slide", "open_omezarr", "_rasterio"]
 
 
 def test_aperio_slide_is_opened_by_content(svs, tmp_path) -> None:

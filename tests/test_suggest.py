@@ -327,3 +327,86 @@ def test_suggest_bad_inputs_give_one_line(tmp_path, scored_output):
     g.attrs["segpipe"] = {**g.attrs["segpipe"], "status": "running"}
     r = _suggest(a, "--out", str(tmp_path / "s.gpkg"))
     assert r.exit_code == 2 and "is not finished" in r.stderr and len(_errors(r.stderr)) == 1
+
+
+# ----------------------------------------------------------------------------- bounded memory, fewer, units
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streaming_best_candidates_pick_what_a_full_sort_picks(seed):
+    """The bounded heap keeps only scan_limit(top) chunks of all the outputs, and the picks are those of
+    the full candidate list (ties broken alike: scores are rounded to make many)."""
+    from segpipe.evaluate.suggest import best_candidates, scan_limit
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for _ in range(int(rng.integers(5, 40))):
+        a = np.round(rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))), 2).astype(np.float32)
+        a[rng.random(a.shape) < 0.2] = np.nan
+        arrays.append(a)
+    top = int(rng.integers(1, 30))
+    everything = [Candidate(i, int(y), int(x), float(a[y, x])) for i, a in enumerate(arrays)
+                  for y, x in zip(*np.nonzero(np.isfinite(a)))]
+    kept, total = best_candidates(enumerate(arrays), scan_limit(top))
+    assert total == len(everything) and len(kept) == min(total, scan_limit(top))
+    classes = {c: "abc"[(c.iy * 7 + c.ix + c.image) % 3] for c in everything}
+    assert select_regions(kept, top, classes.__getitem__, 3) == select_regions(everything, top,
+                                                                                classes.__getitem__, 3)
+    small, _ = best_candidates(enumerate(arrays), 50)
+    order = sorted(everything, key=lambda c: (-c.score, c.image, c.iy, c.ix))
+    assert sorted(small, key=lambda c: (-c.score, c.image, c.iy, c.ix)) == order[:50]
+
+
+@pytest.mark.slow
+def test_suggest_keeps_a_bounded_number_of_candidates(tmp_path, scored_output, monkeypatch):
+    """One Python object per chunk of every output was held to keep a top 20: the memory grew with the
+    outputs. Now at most scan_limit(top) candidates exist at once, whatever the number of outputs."""
+    import segpipe.evaluate.suggest as S
+
+    for i in range(4):
+        _copy_with_scores(scored_output, tmp_path / f"o{i}.zarr", i + 1)  # 4 × 48 chunks with a value
+    made = []
+
+    class Counted(Candidate):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(1)
+
+    monkeypatch.setattr(S, "Candidate", Counted)
+    monkeypatch.setattr(S, "scan_limit", lambda top: 12)
+    regions = S.suggest_regions([str(tmp_path)], top=3)
+    assert len(regions) == 3 and len(made) <= 12, len(made)
+
+
+@pytest.mark.slow
+def test_suggest_says_why_it_returns_fewer_than_top_and_prints_the_files_units(tmp_path, scored_output):
+    a, sa = _copy_with_scores(scored_output, tmp_path / "a.zarr", 1)
+    r = _suggest(a, "--top", "60", "--out", str(tmp_path / "s.gpkg"))
+    assert r.exit_code == 0, r.stderr
+    found = sum(1 for line in r.output.splitlines() if line[:3].strip().isdigit())  # 7 × 7 chunks: ≤ 16 apart
+    assert found <= 16 and f"note: {found} region(s) instead of --top 60: the 1 output(s) ranked have 48 chunk(s) " \
+                           "with an uncertainty value in all" in r.stderr, r.stderr
+    r = _suggest(a, "--top", "20", "--out", str(tmp_path / "s.gpkg"))
+    assert (f"note: {found} region(s) instead of --top 20: the other {48 - found} chunk(s) with a value each touch "
+            "a picked region") in r.stderr, r.stderr
+    # georeferenced: the map coordinates of the file, with its CRS (0.5 m pixels from (500000, 4100000))
+    iy, ix = np.unravel_index(np.nanargmax(sa), sa.shape)
+    x0, y1 = 500000.0 + ix * 32.0, 4100000.0 - iy * 32.0
+    first = next(line for line in r.output.splitlines() if line.startswith("  1 "))
+    assert first.endswith(f"x {x0:.2f}–{min(x0 + 32.0, 500000.0 + 389 * 0.5):.2f}, "
+                          f"y {max(y1 - 32.0, 4100000.0 - 433 * 0.5):.2f}–{y1:.2f} (EPSG:32633)"), first
+    # a slide segmented at level 1 (4× smaller than level 0, 1 µm pixels): level-0 pixels and µm
+    c, sc = _copy_with_scores(scored_output, tmp_path / "slide.zarr", 3)
+    g = zarr.open_group(c, mode="r+")
+    seg = {k: v for k, v in g.attrs["segpipe"].items() if k not in ("crs_wkt", "transform")}
+    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1},
+               grid={"height": 433, "width": 389, "level0": [433 * 4, 389 * 4], "scale": 4.0, "mpp": 1.0})
+    g.attrs["segpipe"] = seg
+    r = _suggest(c, "--top", "1", "--out", str(tmp_path / "s.geojson"))
+    assert r.exit_code == 0, r.stderr
+    iy, ix = np.unravel_index(np.nanargmax(sc), sc.shape)
+    x0, y0 = ix * 64 * 4, iy * 64 * 4
+    x1, y1 = min((ix + 1) * 64, 389) * 4, min((iy + 1) * 64, 433) * 4
+    first = next(line for line in r.output.splitlines() if line.startswith("  1 "))
+    assert first.endswith(f"level-0 px x {x0}–{x1}, y {y0}–{y1} (µm x {x0 / 4:.1f}–{x1 / 4:.1f}, "
+                          f"y {y0 / 4:.1f}–{y1 / 4:.1f})"), first

@@ -116,6 +116,28 @@ def test_seeded_and_resume_equals_straight(straight, data, tmp_path):
         train(str(data), out, TINY.model_copy(update={"lr": 1e-3}), resume=True, progress=False)
 
 
+def test_time_budget_fits_the_epochs_and_the_schedule_to_it(data, tmp_path):
+    """A budget that fits one epoch: training stops after it with the schedule ended (lr at its floor),
+    says why, and a resume keeps the fitted plan instead of training the remaining epochs."""
+    s = TINY.model_copy(update={"epochs": 4, "max_seconds": 1e-3})
+    out = str(tmp_path / "budget")
+    result = train(str(data), out, s, progress=False)
+    assert result.epochs_run == 1 and "time budget" in result.stop_reason
+    meta = json.loads(Path(out, "checkpoint", "epoch-0001.json").read_text())
+    steps = s.patches_per_epoch // s.batch_size
+    assert meta["scheduler"]["total_steps"] == steps == meta["scheduler"]["last_epoch"]  # planned over 1 epoch
+    # the one-cycle ended (annealed far below its peak), where the plan over 4 epochs would be warming up near it
+    assert meta["optimizer"]["param_groups"][0]["lr"] < s.lr / 10
+    seen: list = []
+    assert train(str(data), out, s, resume=True, progress=False, on_epoch=seen.append).epochs_run == 1
+    assert seen == []
+    from segpipe.train.schedule import epochs_in_budget
+
+    assert epochs_in_budget(TINY.model_copy(update={"epochs": 10, "max_seconds": 100}), 1, 30, 20) == 4
+    assert epochs_in_budget(TINY.model_copy(update={"epochs": 3, "max_seconds": 100}), 1, 30, 20) == 3
+    assert epochs_in_budget(TINY.model_copy(update={"epochs": 3}), 1, 1e6, 1e6) == 3  # no budget
+
+
 @pytest.mark.slow
 def test_loader_workers_give_the_same_run(straight, data, tmp_path):
     """Patches are a pure function of (seed, epoch, index): 2 worker processes train the same weights."""

@@ -184,7 +184,7 @@ def test_exports_and_xarray_read_one_metadata(output, tmp_path):
     georeference and every level's scale — also for an output whose colours live only in NGFF."""
     import zarr
 
-    from segpipe.export.meta import _level_factor, read_output_meta
+    from segpipe.export.meta import level_factor, read_output_meta
 
     for uri in (output, str(tmp_path / "ngff-colours.zarr")):
         if uri != output:  # a copy whose segpipe.class_colors was dropped: colours from NGFF image-label
@@ -206,5 +206,5 @@ def test_exports_and_xarray_read_one_metadata(output, tmp_path):
             assert da.attrs["nodata"] == meta.nodata
             group = zarr.open_group(uri, mode="r")
             step = float(da.x[1] - da.x[0])  # the pixel size of this level, as both read it
-            assert step == pytest.approx(meta.transform[0] * _level_factor(group, path))
+            assert step == pytest.approx(meta.transform[0] * level_factor(group, path))
     assert meta.class_colors[:2] == ("#00141e", "#0a141e")  # the NGFF colours, read by both

@@ -138,6 +138,9 @@ def segment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N."),
         click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="auto = bf16 where the device runs it natively."),
+        click.option("--runtime", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+                     help="What runs the forward: auto = ONNX Runtime on CPUs without native bf16 (fp32, "
+                          "onnxruntime installed), torch elsewhere."),
         click.option("--tta", is_flag=True, help="Flip test-time augmentation (4 passes)."),
         click.option("--probabilities", is_flag=True, help="Also write class probabilities (uint8)."),
         click.option("--bands", default=None, help="1-based bands to read, e.g. 1,2,3 [default: all]."),
@@ -164,14 +167,15 @@ def build_settings(chunk_size: int, halo: int, batch_size: int | None, device: s
                    probabilities: bool, bands: str | None, level: int | None = None, mpp: float | None = None,
                    skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
                    overwrite: bool = False, tile_size: int | None = None, task_seconds: float | None = None,
-                   gsd: float | None = None):
+                   gsd: float | None = None, runtime: str = "auto"):
     """The CLI's options → :func:`segpipe.core.settings.segment_settings` (the flow calls the same builder)."""
     from segpipe.core.settings import segment_settings
 
     try:
         return segment_settings(chunk_size=chunk_size, halo=halo, tile_size=tile_size, batch_size=batch_size,
                                 device=device,
-                                precision=precision, tta=tta, probabilities=probabilities, bands=bands, level=level,
+                                precision=precision, runtime=runtime, tta=tta, probabilities=probabilities, bands=bands,
+                                level=level,
                                 mpp=mpp, gsd=gsd, skip_empty=skip_empty, max_pixels=max_pixels,
                                 background_class=background_class, overwrite=overwrite, task_seconds=task_seconds)
     except ConfigError as e:  # name the option as the user typed it

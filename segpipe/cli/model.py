@@ -47,11 +47,17 @@ def model_create(arch: str, encoder: str, classes: str, class_colors: str | None
 
 @model.command("info")
 @click.argument("path")
+@click.option("--stac", is_flag=True, help="Print the model as a STAC Item with the MLM extension instead.")
 @handle_errors
-def model_info(path: str) -> None:
+def model_info(path: str, stac: bool) -> None:
     """Print an artifact's spec, weights hash and parameter count."""
     import json
 
+    if stac:
+        from segpipe.models.registry import version_mlm_item
+
+        click.echo(json.dumps(version_mlm_item(path), indent=2))
+        return
     from segpipe.models.artifact import load_artifact
     from segpipe.models.registry import resolve
 

@@ -33,11 +33,17 @@ def models_list(registry: str) -> None:
 
 @models.command("show")
 @click.argument("model")
+@click.option("--stac", is_flag=True, help="Print the version as a STAC Item with the MLM extension instead.")
 @handle_errors
-def models_show(model: str) -> None:
+def models_show(model: str, stac: bool) -> None:
     """Show a version (REGISTRY@vN), a registry's champion (REGISTRY) or an artifact folder."""
     import json
 
+    if stac:
+        from segpipe.models.registry import version_mlm_item
+
+        click.echo(json.dumps(version_mlm_item(model), indent=2))
+        return
     from segpipe.models.artifact import load_artifact
     from segpipe.models.registry import resolve
 

@@ -62,13 +62,14 @@ def print_summary(results: list) -> None:
     from rich.table import Table
 
     table = Table(title="segpipe segment", show_lines=False)
-    for col in ("image", "size", "chunks", "skipped", "seconds", "MP/s", "status", "output"):
+    for col in ("image", "size", "chunks", "skipped", "retries", "recomputed", "seconds", "MP/s", "status", "output"):
         table.add_column(col, overflow="fold")
     for r in results:
         size = f"{r.width}×{r.height}" if r.height else "-"
         status = {"done": "[green]done", "skipped": "[cyan]skipped", "failed": "[red]failed"}.get(r.status, r.status)
         computed = f"{r.chunks_computed}/{r.chunks}" if r.chunks else "-"
-        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), f"{r.seconds:.1f}",
+        table.add_row(r.source, size, computed, str(r.chunks_skipped or "-"), str(r.storage_retries or "-"),
+                      str(r.recomputed or "-"), f"{r.seconds:.1f}",
                       f"{r.mp_per_s:.2f}" if r.mp_per_s else "-",
                       status, r.output or "-")
     console().print(table)
@@ -87,9 +88,22 @@ def print_summary(results: list) -> None:
 @click.option("--preview", is_flag=True, help="Also write OUT/<name>.png: a colour preview with a legend.")
 @click.option("--min-area", type=float, default=0.0, show_default=True,
               help="Polygons smaller than this (CRS units², or pixels) are merged into their neighbours.")
+@click.option("--collections", default=None, help="STAC: comma-separated collection ids to search.")
+@click.option("--bbox", default=None, help="STAC: west,south,east,north (WGS 84 degrees): items intersecting it.")
+@click.option("--intersects", default=None, help="STAC: a GeoJSON file (WGS 84): items intersecting its geometry.")
+@click.option("--datetime", "datetime_", default=None,
+              help="STAC: RFC 3339 instant or interval, e.g. 2024-05-01/2024-06-01 or 2024-05-01T00:00:00Z/..")
+@click.option("--query", multiple=True, help="STAC: property filter, e.g. 'eo:cloud_cover<10' or JSON (repeatable).")
+@click.option("--max-items", type=click.IntRange(1), default=None,
+              help="STAC: refuse a search matching more items than this (nothing is segmented).")
+@click.option("--asset", default=None, help="STAC: asset key or role to segment [default: the item's image asset].")
+@click.option("--stac/--no-stac", "stac_out", default=None,
+              help="Write OUT/<name>.item.json (STAC label item) and OUT/<folder>/collection.json "
+                   "[default: on for STAC sources].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None,
-              help="Also write the per-image results (status, chunks computed/resumed, seconds) as JSON.")
+              help="Also write the per-image results (status, chunks computed/resumed, storage retries, tasks "
+                   "recomputed after a lost worker, seconds) as JSON.")
 @click.option("--workers", type=int, default=None,
               help="Embedded cluster: worker count [default: 1, or one per GPU with dask-cuda].")
 @click.option("--worker-threads", type=int, default=None, help="Embedded cluster: threads per worker.")
@@ -106,13 +120,16 @@ def print_summary(results: list) -> None:
 @handle_errors
 def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
             batch_size: int | None,
-            device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
+            device: str, precision: str, runtime: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None, max_pixels: float,
             dask_address: str | None, overwrite: bool, cog: bool, vector: str | None, preview: bool,
-            min_area: float, no_progress: bool, report_json: str | None, workers: int | None,
+            min_area: float, collections: str | None, bbox: str | None, intersects: str | None,
+            datetime_: str | None, query: tuple[str, ...], max_items: int | None, asset: str | None,
+            stac_out: bool | None, no_progress: bool, report_json: str | None, workers: int | None,
             worker_threads: int | None, processes: bool, procs_per_device: int, wait_for_workers: float,
             task_seconds: float | None) -> None:
-    """Segment SOURCES (files, folders, globs or fsspec URLs) into OUT/<name>.zarr.
+    """Segment SOURCES (files, folders, globs, fsspec URLs, STAC documents or STAC API searches) into
+    OUT/<name>.zarr (STAC items: OUT/<collection>/<item id>.zarr).
 
     Distinct images never share an output: when two would (hopper.jpg, hopper.png), both keep
     their extension (hopper.jpg.zarr, hopper.png.zarr). A path that is not a segpipe output of
@@ -123,11 +140,17 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     from segpipe.engine.segment import segment_many
     from segpipe.export import Exports
     from segpipe.export.results import write_image_exports
+    from segpipe.io.stac import list_sources, stac_search
 
-    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size,
-                              task_seconds=task_seconds, gsd=gsd)
-    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area)
+    # STAC sources become their items' images (one line and nothing written when a search cannot be made)
+    listing = list_sources(sources, stac_search(collections=collections, bbox=bbox, intersects=intersects,
+                                                datetime=datetime_, query=query or None, max_items=max_items,
+                                                asset=asset), bands)
+    settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, listing.bands,
+                              level, mpp, skip_empty, max_pixels, background_class, overwrite, tile_size=tile_size,
+                              task_seconds=task_seconds, gsd=gsd, runtime=runtime)
+    exports = Exports(cog=cog, vector=vector, preview=preview, min_area=min_area,
+                      stac=listing.stac if stac_out is None else stac_out)
     cluster = ClusterSettings(address=dask_address, n_workers=workers, threads_per_worker=worker_threads,
                               processes=processes, procs_per_device=procs_per_device,
                               wait_for_workers=wait_for_workers)
@@ -135,13 +158,16 @@ def segment(sources: tuple[str, ...], model: str, out: str, chunk_size: int, hal
     quiet_library_loggers(debug_requested())
     preload()
     with dask_client(cluster, device) as client:
-        if no_progress:
-            results = segment_many(list(sources), model, out, settings, client)
+        if not listing.sources:
+            results = []
+        elif no_progress:
+            results = segment_many(listing.sources, model, out, settings, client)
         else:
             with RichProgress() as progress:
-                results = segment_many(list(sources), model, out, settings, client, progress)
+                results = segment_many(listing.sources, model, out, settings, client, progress)
     for r in results:
         write_image_exports(r, exports)
+    results += listing.failed_results()
     print_summary(results)
     if report_json:
         import json

@@ -22,9 +22,11 @@ def suggest(outputs: tuple[str, ...], top: int, out: str) -> None:
     """Suggest the TOP regions of OUTPUTS (Zarr outputs, or folders of them) where labels would help most.
 
     Regions are output chunks ranked by the model's uncertainty (mean normalised entropy), spread
-    across images and classes, never two neighbours.
+    across images and classes, never two neighbours. Each is printed in the file's units: map
+    coordinates and CRS for georeferenced outputs, level-0 pixels and µm for slides, pixels for photos;
+    fewer than TOP regions come with a note saying why.
     """
-    from segpipe.evaluate.suggest import suggest_regions, write_suggestions
+    from segpipe.evaluate.suggest import region_geometries, region_lines, suggest_regions, write_suggestions
     from segpipe.export.vectors import vector_driver
 
     vector_driver(out)  # an unknown extension fails before any output is read
@@ -33,7 +35,6 @@ def suggest(outputs: tuple[str, ...], top: int, out: str) -> None:
     for note in notes:
         click.echo(f"note: {note}", err=True)
     write_suggestions(regions, out)
-    for s in regions:
-        x0, y0, x1, y1 = s.box
-        click.echo(f"{s.rank:>3}  {s.score:.3f}  {s.class_name or '-':<12} {s.image}  x {x0}–{x1}, y {y0}–{y1}")
+    for line in region_lines(regions, region_geometries(regions, out)):  # in the file's units
+        click.echo(line)
     click.echo(f"suggestions: {len(regions)} region(s) → {out}")

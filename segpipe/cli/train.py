@@ -75,8 +75,8 @@ def train(data: str, out: str, arch: str, encoder: str, encoder_weights: str | N
 @handle_errors
 def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo: int, tile_size: int | None,
              batch_size: int | None,
-             device: str, precision: str, tta: bool, probabilities: bool, bands: str | None, level: int | None,
-             mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None,
+             device: str, precision: str, runtime: str, tta: bool, probabilities: bool, bands: str | None,
+             level: int | None, mpp: float | None, gsd: float | None, skip_empty: bool, background_class: int | None,
              max_pixels: float, dask_address: str | None) -> None:
     """Predict a split with the production engine and write metrics and a report."""
     from segpipe.core.settings import ClusterSettings
@@ -87,7 +87,8 @@ def evaluate(model: str, data: str, split: str, out: str, chunk_size: int, halo:
 
     # predictions/ under OUT is evaluate's own scratch: a rerun with other settings replaces it
     settings = build_settings(chunk_size, halo, batch_size, device, precision, tta, probabilities, bands, level, mpp,
-                              skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size, gsd=gsd)
+                              skip_empty, max_pixels, background_class, overwrite=True, tile_size=tile_size, gsd=gsd,
+                              runtime=runtime)
     ds = load_dataset(data, split)
     with dask_client(ClusterSettings(address=dask_address), device) as client:
         ev = run_evaluate(model, ds, out, settings, client, split=split)

@@ -40,6 +40,19 @@ class ImageResult:
     host_seconds: float = 0.0
     #: device seconds of its windows at the workers' measured rate (what the image gives the device)
     device_seconds: float = 0.0
+    #: storage faults that segpipe tried again (lock, tile and pyramid tasks, uncertainty, the image itself),
+    #: after the storage client's own retries gave up (see segpipe.core.retry)
+    storage_retries: int = 0
+    #: the last storage fault that was tried again (one line), when any
+    retried: str | None = None
+    #: this image's Dask tasks that a lost worker had in hand and that ran again elsewhere
+    recomputed: int = 0
+
+    def add_retries(self, count: int, last: str | None = None) -> None:
+        """Count ``count`` storage retries (``last``: the line of the last fault retried)."""
+        if count:
+            self.storage_retries += count
+            self.retried = last or self.retried
 
     @property
     def megapixels(self) -> float:
@@ -64,6 +77,8 @@ def summary_rows(results: Sequence[ImageResult]) -> list[dict[str, Any]]:
         "computed": r.chunks_computed,
         "resumed": r.chunks_resumed,
         "skipped": r.chunks_skipped,
+        "retries": r.storage_retries,
+        "recomputed": r.recomputed,
         "seconds": round(r.seconds, 2),
         "mp_per_s": round(r.mp_per_s, 3),
         "status": r.status,

@@ -15,10 +15,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from segpipe.core.errors import ConfigError
+from segpipe.core.retry import RetryPolicy
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Runtime = Literal["auto", "torch", "onnx"]
 
 
 class _Settings(BaseModel):
@@ -109,6 +111,12 @@ class InferenceSettings(_Settings):
         description="auto = bf16 autocast where the device runs it natively (CUDA with bf16, CPUs with "
         "AMX/AVX-512-BF16), fp32 elsewhere.",
     )
+    runtime: Runtime = Field(
+        "auto",
+        description="What runs the network's forward: torch, or onnx (ONNX Runtime, CPU, fp32; the network is "
+        "exported once per weights and cached). auto = onnx on CPUs without native bf16 when onnxruntime is "
+        "installed and the precision is fp32, torch elsewhere. Labels agree with torch fp32 (docs/benchmarks.md).",
+    )
     batch_size: int | None = Field(
         None, ge=1, le=1024, description="Tiles per forward pass; None picks 1 on CPU (same speed, half the activation "
         "memory of 2), 16 on CUDA.",
@@ -161,16 +169,26 @@ class SegmentSettings(_Settings):
     read: ReadSettings = Field(default_factory=ReadSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
+    #: how storage faults that may pass are retried (never part of an output's identity)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
     def with_precision(self, precision: str) -> SegmentSettings:
         """These settings with ``auto`` replaced by the precision the workers resolved it to."""
-        if precision == self.inference.precision:
+        return self._with_inference(precision=precision)
+
+    def with_runtime(self, runtime: str) -> SegmentSettings:
+        """These settings with ``auto`` replaced by the runtime the workers resolved it to."""
+        return self._with_inference(runtime=runtime)
+
+    def _with_inference(self, **values: str) -> SegmentSettings:
+        if all(getattr(self.inference, k) == v for k, v in values.items()):
             return self
-        return self.model_copy(update={"inference": self.inference.model_copy(update={"precision": precision})})
+        return self.model_copy(update={"inference": self.inference.model_copy(update=values)})
 
     def output_key(self) -> str:
-        """Hash of the settings that change output pixels (device and batch size do not; precision does:
-        bf16 and fp32 labels differ on a fraction of pixels, so an output is computed in one precision)."""
+        """Hash of the settings that change output pixels (device and batch size do not; precision and
+        runtime do: bf16 and fp32 labels differ on a fraction of pixels, torch and ONNX Runtime on a few,
+        so an output is computed in one precision by one runtime)."""
         blob = json.dumps(self.output_settings(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -186,6 +204,7 @@ class SegmentSettings(_Settings):
             "skip_empty": self.read.skip_empty,
             "tta": self.inference.tta,
             "precision": self.inference.precision,
+            "runtime": self.inference.runtime,
             "probabilities": self.inference.probabilities,
             "background_class": self.output.background_class,
         }
@@ -222,7 +241,7 @@ class ClusterSettings(_Settings):
 
 def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | None = None,
                      batch_size: int | None = None, device: str = "auto", task_seconds: float | None = None,
-                     precision: str = "auto", tta: bool = False, probabilities: bool = False,
+                     precision: str = "auto", runtime: str = "auto", tta: bool = False, probabilities: bool = False,
                      bands: str | None = None, level: int | None = None, mpp: float | None = None,
                      gsd: float | None = None,
                      skip_empty: bool = True, max_pixels: float = 1e11, background_class: int | None = None,
@@ -232,7 +251,7 @@ def segment_settings(*, chunk_size: int = 512, halo: int = 64, tile_size: int | 
         tiling=TilingSettings(chunk_size=chunk_size, halo=halo, tile_size=tile_size),
         read=ReadSettings(bands=parse_bands(bands), level=level, mpp=mpp, gsd=gsd, skip_empty=skip_empty,
                           max_pixels=max_pixels),
-        inference=InferenceSettings(device=device, precision=precision, batch_size=batch_size, tta=tta,
+        inference=InferenceSettings(device=device, precision=precision, runtime=runtime, batch_size=batch_size, tta=tta,
                                     probabilities=probabilities, task_seconds=task_seconds),
         output=OutputSettings(background_class=background_class, overwrite=overwrite),
     )

@@ -14,6 +14,11 @@ embedded cluster starts N worker processes per visible GPU, each pinned to its G
 ``CUDA_VISIBLE_DEVICES`` with a ``GPU=1`` resource (:func:`pinned_workers`; on a CPU: N processes
 splitting the cores), so one process's host work overlaps another's forward on the same device.
 ``segpipe worker`` starts the same pinned workers on a host of an existing cluster.
+
+Why this module is long: the embedded cluster, the pinning of its worker processes to devices, the
+wait for a first worker of an adaptive cluster and the run's precision are one decision — which
+processes compute, on what — taken when a client is made; apart they would pass the same worker views
+and settings back and forth.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from segpipe.core.grid import PixelGrid
+from segpipe.core.retry import RetryPolicy
 from segpipe.core.settings import InferenceSettings, ReadSettings, TilingSettings
 from segpipe.io.output import (
     OutputTarget,
@@ -57,5 +58,7 @@ class ChunkJob:
     forward_batch: int | None = None
     #: the pixel grid the image is segmented on (decided once by the driver; None = its own pixels)
     grid: PixelGrid | None = None
+    #: the run's retries of storage faults that may pass (``SegmentSettings.retry``)
+    retry: RetryPolicy = RetryPolicy()
 
 TileWork = list[tuple[tuple[int, int], list[tuple[int, int]]]]

@@ -35,7 +35,7 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
                run_id: str, norm: InputNorm | None = None, merged_batches: bool = False) -> dict[str, Any]:
     """The ``segpipe`` root attributes written when an output is created.
 
-    ``inference`` says how labels were computed: the resolved precision, and whether a chip's
+    ``inference`` says how labels were computed: the resolved precision and runtime, and whether a chip's
     forward may be batched with chips of other images (GPU workers merge small requests): then
     under bf16/fp16 its labels can depend on which chips shared the batch, on a few pixels.
     """
@@ -46,6 +46,7 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "version": __version__,
         "source": image.uri,
         "source_fingerprint": image.fingerprint,
+        **({"source_item": image.item.as_dict()} if image.item is not None else {}),
         "height": info.height,
         "width": info.width,
         "bands": list(settings.read.bands) if settings.read.bands else None,
@@ -56,7 +57,8 @@ def provenance(image: SourceImage, info: ImageInfo, model: ModelRef, settings: S
         "settings_key": settings.output_key(),
         "settings": settings.output_settings(),
         "tta": settings.inference.tta,
-        "inference": {"precision": settings.inference.precision, "merged_batches": merged_batches,
+        "inference": {"precision": settings.inference.precision, "runtime": settings.inference.runtime,
+                      "merged_batches": merged_batches,
                       "labels_depend_on_batch": merged_batches and settings.inference.precision != "fp32"},
         "model": {**model.spec.core(), "uri": model.uri, "weights_sha256": model.sha256},
         "classes": model.spec.classes,
@@ -79,7 +81,7 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=list)
 
 #: settings added to the output identity after outputs were first written
-_RECORDED_SINCE = {"precision"}
+_RECORDED_SINCE = {"precision", "runtime"}
 
 
 def output_changes(seg: dict[str, Any], image: SourceImage, model: ModelRef, settings: SegmentSettings,

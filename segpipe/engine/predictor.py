@@ -14,7 +14,6 @@ would pass that private state between modules.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import numpy as np
 
 from segpipe.core.classes import label_dtype
 from segpipe.core.settings import InferenceSettings
+from segpipe.engine.runtime import resolve_device, resolve_precision, resolve_runtime
 
 if TYPE_CHECKING:
     import torch
@@ -112,56 +112,6 @@ def _worker_threads() -> int:
         return 3
 
 
-@functools.cache
-def cpu_supports_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; checks that a named CUDA device exists."""
-    import torch
-
-    from segpipe.core.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}", "CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}", f"only {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
-
-
-def resolve_precision(precision: str, device: torch.device, cuda_without_bf16: str = "fp16",
-                      what: str = "--precision") -> str:
-    """``auto`` → bf16 where the device runs it natively (CUDA with bf16, AVX-512-BF16/AMX CPUs), fp32 elsewhere.
-
-    On an older GPU without bf16, ``auto`` gives ``cuda_without_bf16`` (fp16 for inference; training
-    passes fp32).
-    """
-    import torch
-
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            from segpipe.core.errors import ConfigError
-
-            raise ConfigError(f"{what} fp16", "fp16 autocast is for CUDA; use bf16 or fp32 on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else cuda_without_bf16
-    if device.type == "cpu" and cpu_supports_bf16():
-        return "bf16"
-    return "fp32"
-
-
 def default_batch_size(device_type: str) -> int:
     """Tiles per forward pass: on a CPU batching does not speed up 640² tiles but doubles activation memory."""
     return 16 if device_type == "cuda" else 1
@@ -184,8 +134,13 @@ class Predictor:
             else:
                 self.cpu = cpu_threads(cores, _worker_threads())
             torch.set_num_threads(self.cpu.torch)
-        net = artifact.network().to(device).to(memory_format=torch.channels_last)
-        self._setup(artifact.spec, settings, device, net.eval(), artifact.sha256)
+        net = artifact.network().to(device).to(memory_format=torch.channels_last).eval()
+        self._setup(artifact.spec, settings, device, net, artifact.sha256)
+        if self.runtime == "onnx":
+            from segpipe.engine.runtime import onnx_network
+
+            assert self.cpu is not None  # resolve_runtime gives onnx on a CPU only
+            self.net = onnx_network(net, artifact.sha256, artifact.spec.in_channels, self.cpu.torch)
         # One forward at a time per device, always on the same thread (see predict); on a CPU with room
         # that thread is pinned to the forward's cores before its OpenMP pool starts (the pool inherits it).
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
@@ -207,9 +162,10 @@ class Predictor:
     def from_network(cls, net: torch.nn.Module, spec: ModelSpec, settings: InferenceSettings,
                      device: torch.device) -> Predictor:
         """A predictor over a live network (validation during training): same normalisation, batching,
-        precision and argmax as production; runs in the calling thread; the caller sets ``net.eval()``."""
+        precision and argmax as production, always through torch (the weights change between calls);
+        runs in the calling thread; the caller sets ``net.eval()``."""
         self = cls.__new__(cls)
-        self._setup(spec, settings, device, net, "")
+        self._setup(spec, settings.model_copy(update={"runtime": "torch"}), device, net, "")
         self._executor = None
         return self
 
@@ -220,6 +176,8 @@ class Predictor:
         self.settings = settings
         self.device = device
         self.precision = resolve_precision(settings.precision, device)
+        #: torch, or onnx (ONNX Runtime: then ``net`` is an :class:`segpipe.engine.runtime.OnnxNetwork`)
+        self.runtime = resolve_runtime(settings.runtime, self.precision, device)
         self.batch_size = settings.batch_size or default_batch_size(device.type)
         self.net = net
         # the one place where raw pixels become network input: segpipe.models.normalization.InputNorm
@@ -276,7 +234,8 @@ class Predictor:
         if lo is not None:
             x = torch.maximum(x, lo, out=x)
             x = torch.minimum(x, hi, out=x)
-        return x.contiguous(memory_format=torch.channels_last)
+        # torch's convolutions run faster channels-last; ONNX Runtime takes plain NCHW (no copy back)
+        return x if self.runtime == "onnx" else x.contiguous(memory_format=torch.channels_last)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -510,8 +469,8 @@ def cached_predictor(model_uri: str, sha256: str, settings: InferenceSettings) -
                 _cache.pop(old).close()
             pred = Predictor(artifact, settings)
             _cache[key] = pred
-            log.info("loaded %s (%s/%s) on %s, %s", model_uri, artifact.spec.architecture,
-                     artifact.spec.encoder, pred.device, pred.precision)
+            log.info("loaded %s (%s/%s) on %s, %s, %s", model_uri, artifact.spec.architecture,
+                     artifact.spec.encoder, pred.device, pred.precision, pred.runtime)
         return pred
 
 

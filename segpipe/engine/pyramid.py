@@ -14,6 +14,12 @@ reductions pad the array by repeating its last row/column (``numpy.pad(mode="edg
 a partial block then holds each of its pixels the same number of times, so its mode,
 its ties and its mean are exactly those of the partial block itself.
 
+Faults and the fence: on a Dask client each task retries storage faults that may pass with the run's
+:class:`~segpipe.core.retry.RetryPolicy` and reports its retries; its key carries the run's prefix, and it
+looks at its own state before each chunk it writes (:func:`segpipe.engine.fence.cancelled`), so when a
+task fails for good the driver cancels the others and waits until none runs before the image's lock is
+let go — as for the tile tasks.
+
 Metadata: the root ``ome.multiscales[0].datasets`` lists every level with
 ``scale = s0·2^L`` and ``translation = t0 + s0·(2^L − 1)/2`` (``s0``/``t0`` are level 0's).
 The translation follows NGFF practice of placing pixel *centres*: level-``L`` pixel ``i``
@@ -23,6 +29,7 @@ covers level-0 pixels ``[2^L·i, 2^L·(i+1))``, whose centre is ``2^L·i + (2^L 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -33,7 +40,9 @@ import numpy as np
 from segpipe.core.classes import label_dtype
 from segpipe.core.errors import OutputError
 from segpipe.core.geometry import batches, ceil_div
-from segpipe.io.storage import strip_file_scheme
+from segpipe.core.retry import RetryPolicy
+from segpipe.engine.fence import Fenced, RunTasks, cancelled
+from segpipe.io.storage import output_errors, strip_file_scheme
 
 Reduction = Literal["mode", "mean"]
 
@@ -152,18 +161,22 @@ def _downsample_batch(
 
     raw_src, raw_dst = RawChunks.open(group_uri, src_path), RawChunks.open(group_uri, dst_path)
     if raw_src is not None and raw_dst is not None:  # plain chunks: read/write them directly
-        return _downsample_raw(raw_src, raw_dst, reduction, num_classes, keys)
+        with output_errors(group_uri):  # a bucket's fault is a TransientIOError, retried by the task
+            return _downsample_raw(raw_src, raw_dst, reduction, num_classes, keys)
     import zarr
 
-    group = zarr.open_group(group_uri, mode="r+")
-    src, dst = group[src_path], group[dst_path]
-    unit = _write_unit(dst)
-    written = 0
-    for key in keys:
-        dst_sel, src_sel = _selections(key, unit, dst.shape, src.shape)
-        out = _reduce(src[tuple(src_sel)], reduction, num_classes)
-        dst[tuple(dst_sel)] = out.astype(dst.dtype, copy=False)
-        written += int(np.prod(out.shape))
+    with output_errors(group_uri):
+        group = zarr.open_group(group_uri, mode="r+")
+        src, dst = group[src_path], group[dst_path]
+        unit = _write_unit(dst)
+        written = 0
+        for key in keys:
+            dst_sel, src_sel = _selections(key, unit, dst.shape, src.shape)
+            out = _reduce(src[tuple(src_sel)], reduction, num_classes)
+            if cancelled():  # the fence: the image failed, its lock is about to be let go
+                raise Fenced(key)
+            dst[tuple(dst_sel)] = out.astype(dst.dtype, copy=False)
+            written += int(np.prod(out.shape))
     return written
 
 
@@ -173,6 +186,8 @@ def _downsample_raw(src: Any, dst: Any, reduction: Reduction, num_classes: int, 
     for key in keys:
         _, src_sel = _selections(key, dst.chunks, dst.shape, src.shape)
         out = _reduce(src.read(src_sel), reduction, num_classes)
+        if cancelled():  # the fence (see the module docstring)
+            raise Fenced(key)
         dst.write(key, out)
         written += int(np.prod(out.shape))
     return written
@@ -197,16 +212,14 @@ def _reduce(block: np.ndarray, reduction: Reduction, num_classes: int) -> np.nda
     return downsample_mode(block, num_classes) if reduction == "mode" else downsample_mean(block)
 
 
-def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
-    """Run ``fn(args)`` for every item: on the Dask ``client`` when given, else in a thread pool.
-
-    Only the small counters come back through the scheduler.
-    """
+def _run_tasks(fn: Any, task_args: list, client: Any, tasks: RunTasks | None = None) -> list[int]:
+    """Run ``fn(args)`` for every item: on the Dask ``client`` when given (as ``tasks``' tasks: retried,
+    fenced, counted, see :meth:`RunTasks.map`), else in a thread pool. Only small counters come back."""
     if not task_args:
         return []
     if client is not None:
-        futures = client.map(fn, task_args, pure=False)
-        return list(client.gather(futures))
+        tasks = tasks or RunTasks(uuid.uuid4().hex, RetryPolicy(attempts=1))
+        return [int(c["value"]) for c in tasks.map(client, "pyramid", fn, task_args)]
     workers = max(1, min(len(task_args), os.cpu_count() or 1, 4))
     if workers == 1:
         return [fn(a) for a in task_args]
@@ -216,7 +229,7 @@ def _run_tasks(fn: Any, task_args: list, client: Any) -> list[int]:
 
 def _build_levels(
     group_uri: str, array: str, reduction: Reduction, num_classes: int, min_size: int | None, client: Any,
-    keep_written: bool = False,
+    keep_written: bool = False, tasks: RunTasks | None = None,
 ) -> list[tuple[str, int]]:
     """Write levels 1, 2, … of ``array``; returns ``[(path, level), …]``. With ``keep_written``, a level
     array that exists with the right layout is kept and only its chunks not in the store are computed
@@ -225,7 +238,8 @@ def _build_levels(
 
     plain = RawChunks.open(group_uri, array)
     if plain is not None and len(plain.shape) >= 2:
-        return _build_plain_levels(group_uri, array, plain, reduction, num_classes, min_size, client, keep_written)
+        return _build_plain_levels(group_uri, array, plain, reduction, num_classes, min_size, client, keep_written,
+                                   tasks)
     import zarr
 
     group_uri = strip_file_scheme(group_uri)
@@ -254,7 +268,7 @@ def _build_levels(
         keys = [tuple(int(i) for i in k) for k in np.ndindex(*[len(r) for r in grid])]
         # partial of a module-level function: picklable for Dask process workers
         fn = partial(_downsample_batch, group_uri, src.path, dst.path, reduction, num_classes)
-        _run_tasks(fn, batches(keys, _CHUNKS_PER_TASK), client)
+        _run_tasks(fn, batches(keys, _CHUNKS_PER_TASK), client, tasks)
         written.append((path, level))
         src = dst
     return written
@@ -262,7 +276,7 @@ def _build_levels(
 
 def _build_plain_levels(
     group_uri: str, array: str, base: Any, reduction: Reduction, num_classes: int, min_size: int | None,
-    client: Any, keep_written: bool,
+    client: Any, keep_written: bool, tasks: RunTasks | None = None,
 ) -> list[tuple[str, int]]:
     """:func:`_build_levels` for plain arrays (segpipe's own layout, :class:`RawChunks`): each level's
     metadata is the base's with its shape, written directly (zarr-python's group open and array
@@ -285,16 +299,17 @@ def _build_plain_levels(
         existing = RawChunks.open(group_uri, path) if keep_written else None
         keep = existing is not None and existing.meta == meta
         if not keep:  # (re)create the level, as zarr's create_array(overwrite=True) would
-            if fs.exists(join(root, path)):
-                fs.rm(join(root, path), recursive=True)
-            fs.makedirs(join(root, path), exist_ok=True)
-            write_atomic(fs, join(root, path, "zarr.json"), json.dumps(meta, indent=2).encode(), durable=False)
+            with output_errors(group_uri):
+                if fs.exists(join(root, path)):
+                    fs.rm(join(root, path), recursive=True)
+                fs.makedirs(join(root, path), exist_ok=True)
+                write_atomic(fs, join(root, path, "zarr.json"), json.dumps(meta, indent=2).encode(), durable=False)
         keys = [tuple(int(i) for i in k) for k in np.ndindex(*[ceil_div(n, c) for n, c in zip(meta["shape"], unit)])]
         if keep and len(unit) == 2:
             present = done_chunks(group_uri, path)  # written by the tile tasks (level 1) or a pass cut short
             keys = [k for k in keys if k not in present]
         _run_tasks(partial(_downsample_batch, group_uri, src, path, reduction, num_classes),
-                   batches(keys, _CHUNKS_PER_TASK), client)
+                   batches(keys, _CHUNKS_PER_TASK), client, tasks)
         written.append((path, level))
         src = path
     return written
@@ -315,7 +330,7 @@ def _root_attrs(group_uri: str) -> tuple[dict, Any]:
 
 def build_pyramid(
     group_uri: str, *, array: str = "0", num_classes: int, min_size: int | None = None, client: Any = None,
-    keep_written: bool = False,
+    keep_written: bool = False, tasks: RunTasks | None = None,
 ) -> list[str]:
     """Write mode-downsampled levels of the class-id ``array`` and list them in the NGFF metadata.
 
@@ -326,10 +341,11 @@ def build_pyramid(
     rewritten to level 0 plus the new levels. Returns the new level paths. ``keep_written``: chunks
     already in the store (level 1 written by the tile tasks from the labels in memory, or an earlier
     pass of the same run) are kept, not recomputed; only for outputs of one run, whose level 0 they
-    were computed from.
+    were computed from. ``tasks``: the image run whose key prefix, retry policy and retry count the Dask
+    tasks use (see the module docstring).
     """
     label_dtype(num_classes)  # validates num_classes
-    levels = _build_levels(group_uri, array, "mode", num_classes, min_size, client, keep_written)
+    levels = _build_levels(group_uri, array, "mode", num_classes, min_size, client, keep_written, tasks)
     attrs, write = _root_attrs(group_uri)
     ome = dict(attrs.get("ome") or {})
     multiscales = list(ome.get("multiscales") or [])
@@ -355,13 +371,14 @@ def build_pyramid(
 
 def build_probability_pyramid(
     group_uri: str, *, array: str = "probabilities", min_size: int | None = None, client: Any = None,
+    tasks: RunTasks | None = None,
 ) -> list[str]:
     """Write mean-downsampled levels ``<array>_1``, ``<array>_2``, … of the (class, y, x) probabilities.
 
     Same chunk walk as :func:`build_pyramid`. The level paths are recorded in the root
     ``segpipe.probability_levels`` attribute (the NGFF multiscales describe the labels only).
     """
-    levels = _build_levels(group_uri, array, "mean", 256, min_size, client)
+    levels = _build_levels(group_uri, array, "mean", 256, min_size, client, tasks=tasks)
     attrs, write = _root_attrs(group_uri)
     seg = dict(attrs.get("segpipe") or {})
     seg["probability_levels"] = [array] + [path for path, _ in levels]

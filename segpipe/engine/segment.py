@@ -12,19 +12,25 @@ import posixpath
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from segpipe.core.classes import colors_from_spec
 from segpipe.core.errors import InputError, OutputError, SegpipeError, TransientIOError
 from segpipe.core.geometry import ChunkGrid
 from segpipe.core.grid import PixelGrid, same_pixel_size
 from segpipe.core.results import ImageResult, Progress
+from segpipe.core.retry import describe
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
+from segpipe.engine.fence import RunTasks, task_prefixes, watch_lost_workers
 from segpipe.engine.groups import is_small, share_tasks
 from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
+from segpipe.engine.runtime import resolve_run_runtime
 from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
 from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work
 from segpipe.engine.tiled import TilePlan
@@ -43,7 +49,7 @@ from segpipe.io.output import (
 from segpipe.io.readers import ImageInfo, open_image, shared_reader, unpin_reader
 from segpipe.io.readers.registry import choose_grid
 from segpipe.io.storage import SourceImage, list_images, output_uri
-from segpipe.io.uncertainty import ChunkUncertainty
+from segpipe.io.uncertainty import ChunkUncertainty, read_uncertainty
 from segpipe.models.normalization import InputNorm, check_input, image_normalization
 
 if TYPE_CHECKING:
@@ -95,7 +101,67 @@ def at_model_resolution(info: ImageInfo, model: ModelRef, settings: SegmentSetti
 
 def segment_image(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
                   progress: Progress | None = None, target_uri: str | None = None) -> ImageResult:
-    """Segment one image into ``target_uri`` (default ``OUT/<relative>.zarr``).
+    """Segment one image into ``target_uri`` (default ``OUT/<relative>.zarr``), trying it again while it
+    fails on a storage fault that may pass (``settings.retry``; each try resumes from the chunks in the store).
+
+    Storage faults are retried where they happen first (lock, tile and pyramid tasks, the uncertainty
+    array); one that outlasts those retries, or strikes elsewhere (the output's metadata, finalize), fails
+    the try, and the image is tried again. After the last try it fails with one line naming the fault. The
+    row counts every retry (``storage_retries``, with a note naming the last fault) and the tasks a lost
+    worker had in hand (``recomputed``). See :func:`_segment_once` for the rest.
+    """
+    t0 = time.perf_counter()
+    first: ImageResult | None = None
+    carried, recomputed, last, notes, tries = 0, 0, None, [], _Tries()
+    for delay in [*settings.retry.delays(), None]:
+        result = _segment_once(image, model, out, settings, client, progress, target_uri, tries)
+        result.storage_retries += carried
+        result.recomputed += recomputed
+        result.retried = result.retried or last
+        result.notes = list(dict.fromkeys([*notes, *result.notes]))
+        if first is not None:  # chunks an earlier try wrote are this run's work, not resumed from before it
+            result.chunks_computed += result.chunks_resumed - first.chunks_resumed
+            result.chunks_resumed = first.chunks_resumed
+        if result.status != "failed" or not result.transient or delay is None:
+            break
+        log.warning("%s; the image is tried again in %.1f s", result.error, delay)
+        carried, recomputed, last, notes = result.storage_retries + 1, result.recomputed, result.error, result.notes
+        first = first or result
+        time.sleep(delay)
+    if result.storage_retries:
+        result.notes.append(f"{result.output or image.uri}: {result.storage_retries} storage fault(s) tried again "
+                            f"(last: {result.retried})")
+    if result.recomputed:
+        result.notes.append(f"{result.output or image.uri}: {result.recomputed} task(s) ran again after a worker "
+                            "was lost")
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@dataclass
+class _Tries:
+    """What the tries of one image share."""
+
+    #: the chunks in the store when the first try planned (written before this run)
+    done_before: set[tuple[int, int]] | None = None
+
+
+def _with_values(uri: str, done: set[tuple[int, int]], before: set[tuple[int, int]], shape: tuple[int, int],
+                 settings: SegmentSettings, count: Any) -> set[tuple[int, int]]:
+    """The chunks of ``done`` to keep on a later try: those from before the run, and those whose uncertainty
+    reached the store. A tile task cut short at the fence when a try failed may have written chunks whose
+    values never came back (the driver is the array's only writer): computing them again writes the same
+    class ids and gives their values (an empty chunk among them costs a read)."""
+    values = settings.retry.call(lambda: read_uncertainty(uri), retried=count)
+    if values is None or values.shape != shape:  # never written (or unusable): no chunk since has its value
+        return done & before
+    return {k for k in done if k in before or bool(np.isfinite(values[k]))}
+
+
+def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: SegmentSettings, client: Client,
+                  progress: Progress | None = None, target_uri: str | None = None,
+                  tries: _Tries | None = None) -> ImageResult:
+    """Segment one image into ``target_uri`` (default ``OUT/<relative>.zarr``): one try.
 
     Skips a complete identical output, resumes a partial one, and never touches a path that
     is not a segpipe output of the same image (see :func:`plan_output`). An output being
@@ -107,12 +173,19 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     t0 = time.perf_counter()
     target_uri = target_uri or output_uri(out, image.relative)
     result = ImageResult(source=image.uri, output=target_uri)
+    tries = tries or _Tries()
     lock: OutputLock | None = None
     pinned: list[Any] = []  # the reader its tile tasks use, held open while the image is in progress
+    tasks: RunTasks | None = None  # this try's Dask tasks (key prefix, retries they report)
+    lost = watch_lost_workers(client)  # this try's tasks that a lost worker had in hand
+
+    def count(e: BaseException) -> None:  # a storage fault retried here, on the driver (lock, uncertainty)
+        result.add_retries(1, describe(e))
     try:
         # the resolved precision is part of the output's identity (auto is bf16 here, fp32 there)
         auto_precision = settings.inference.precision == "auto"
         settings = settings.with_precision(resolve_run_precision(client, settings.inference))
+        settings = settings.with_runtime(resolve_run_runtime(client, settings.inference))  # so is the runtime
         # the model's pixel size (model.json resolution) unless --level/--mpp/--gsd says otherwise
         # pinned from the first look: with many images in flight an unpinned handle is evicted before the
         # header read below, and the image opened twice
@@ -136,7 +209,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             return result
         # the lock comes before any refusal: a folder another run is creating looks foreign until its
         # metadata is written, and a live lock says whose it is
-        held = acquire_lock(target_uri)
+        held = acquire_lock(target_uri, retry=settings.retry, retried=count)
         if not isinstance(held, OutputLock):
             result.status = "skipped"
             result.notes.append(f"{target_uri}: being written by another run ({held.describe()}); left to it")
@@ -160,9 +233,14 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             attrs = read_attrs(target_uri) or {}
             run_id = attrs["segpipe"]["run_id"]
             done = done_chunks(target_uri)
+            if tries.done_before is not None:  # a later try: redo what a failed try wrote without its values
+                done = _with_values(target_uri, done, tries.done_before, grid.shape, settings, count)
         else:
             run_id = uuid.uuid4().hex
             done = set()
+        if tries.done_before is None:
+            tries.done_before = done
+        tasks = RunTasks(run_id, settings.retry)
         target = OutputTarget(target_uri, info.height, info.width, settings.tiling.chunk_size,
                               model.spec.num_classes, settings.inference.probabilities, run_id,
                               settings.output.zstd_level, settings.output.pyramid)
@@ -180,16 +258,16 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
         per_task = tiles_per_task(settings.inference, gpu_workers, tplan.window_side)
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm, tissue=tissue,
-                       forward_batch=per_task, grid=grid_px)
+                       forward_batch=per_task, grid=grid_px, retry=settings.retry)
         compute, fill = _tile_work(tplan, done, background)
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
-        uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size)  # resumed: kept
+        uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size,  # resumed: kept
+                                       retry=settings.retry, retried=count)
         shared = None
         if is_small(len(tplan.tiles), sizer.size(), bool(background)):  # its tile work shares a Dask task
             shared = share_tasks(client, job, threads)
             result.extra["shared_task"] = True
-
         t_tasks = time.perf_counter()
         stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
                            gpu_workers, threads, sizer, uncertainty, shared)
@@ -201,7 +279,7 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
             result.notes.append(f"{image.uri}: the model predicted one class ({name}) everywhere; check the "
                                 "model and the input's pixel type and bands")
         if settings.output.pyramid:
-            _build_pyramid(target, client)
+            _build_pyramid(target, client, tasks)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
                                           "chunks_skipped": result.chunks_skipped,
                                           "uncertainty": uncertainty.attrs,
@@ -220,6 +298,10 @@ def segment_image(image: SourceImage, model: ModelRef, out: str, settings: Segme
     finally:
         if lock is not None and (problem := lock.release()) is not None:
             result.notes.append(problem)  # the image's own result stands
+        if tasks is not None:
+            result.add_retries(tasks.storage_retries, tasks.retried)
+            result.recomputed += lost.recomputed(task_prefixes(tasks.run_id))
+        lost.close()
         for reader in pinned:
             unpin_reader(reader)
         result.seconds = time.perf_counter() - t0
@@ -271,9 +353,10 @@ def _plan(images: Sequence[SourceImage], model: ModelRef, settings: SegmentSetti
         mp += grid.pixels / 1e6
     return chunks, mp
 
-def segment_many(sources: Sequence[str], model: str, out: str, settings: SegmentSettings, client: Client,
+def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, settings: SegmentSettings, client: Client,
                  progress: Progress | None = None, max_concurrent_images: int | None = None) -> list[ImageResult]:
-    """List every source, check the model once, then segment the images, a few at a time.
+    """List every source (or take it as listed: a :class:`SourceImage`), check the model once, then segment the
+    images, a few at a time.
 
     Listing errors and failed images become ``failed`` results; the other images still run.
     Model errors raise (nothing can run without a model). Several images are in progress at once, in a
@@ -295,16 +378,20 @@ def segment_many(sources: Sequence[str], model: str, out: str, settings: Segment
     images: list[SourceImage] = []
     results: list[ImageResult] = []
     for s in sources:
+        if isinstance(s, SourceImage):  # already listed (a STAC search: segpipe.io.stac)
+            images.append(s)
+            continue
         try:
-            images.extend(list_images(s))
+            images.extend(settings.retry.call(lambda s=s: list_images(s)))
         except SegpipeError as e:
             results.append(ImageResult(source=s, output="", status="failed", error=str(e)))
     images = _unique(images)
     ref, artifact = check_model(model)
-    ensure_writable(out)
+    settings.retry.call(lambda: ensure_writable(out))
     # resolved once here for the whole run (cached per client); each image is given the settings as asked,
     # so it knows when its precision is what ``auto`` resolved to (an output made in another is then kept)
     resolved = settings.with_precision(resolve_run_precision(client, settings.inference))
+    resolved = resolved.with_runtime(resolve_run_runtime(client, resolved.inference))
     if is_in_process(client):
         prime_predictor(artifact, resolved.inference)
     del artifact  # the predictor holds the network; the raw weights need not stay in memory

@@ -11,15 +11,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from segpipe.core.errors import SegpipeError, TransientIOError
+from segpipe.core.errors import SegpipeError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import TaskBudget
-from segpipe.engine.fence import Fenced, cancelled, wait_for_started
+from segpipe.engine.fence import Fenced, RunTasks, cancelled, retried_task, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
 from segpipe.engine.sizing import TASKS_PER_DEVICE, TaskSizer, TimedPredictor
 from segpipe.engine.tiled import TilePlan, TileStats, infer_tiles
@@ -52,38 +53,22 @@ def _write_fill(job: ChunkJob, chunk: Chunk, value: int | None) -> np.ndarray:
 
 PARALLEL_READ_BATCH = 4
 
-def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False, attempts: int = 4) -> dict[str, Any]:
-    """Dask task: predict a few tiles and write their chunks, retrying transient storage errors.
+def run_tiles(job: ChunkJob, work: TileWork, fill: bool = False) -> dict[str, Any]:
+    """Dask task: predict a few tiles and write their chunks, retrying storage faults that may pass.
 
-    Bad input (:class:`InputError`) is never retried; a network hiccup or bucket throttling
-    (:class:`TransientIOError`, ``ConnectionError``, ``TimeoutError``) is, after 1, 2, 4 s.
-    Re-running is safe: each chunk is written whole, by this task only. A SegpipeError (bad input,
-    storage gone) is *returned* as ``{"error": e}``, detached from its cause (see
-    :meth:`SegpipeError.detached`): a task that raises makes every Dask worker log a "Compute Failed"
-    block with a traceback, while an input error deserves one line, printed once by the driver.
-    Anything else (a bug) still raises, with its traceback.
+    Bad input (:class:`InputError`) and permanent storage errors are never retried; a fault that may pass
+    (:class:`TransientIOError`: a bucket's 5xx or 403, a chunk PUT's ``EREMOTEIO``, a dropped connection,
+    a time-out) is, with the run's :class:`~segpipe.core.retry.RetryPolicy` (``job.retry``), until the
+    task is cancelled (the fence). Re-running is safe: each chunk is written whole, by this task only.
+    The counters say how many retries it took (``storage_retries``, with the last fault's line).
+
+    A SegpipeError (bad input, a fault that outlasted the retries) is *returned* as ``{"error": e}``,
+    detached from its cause (see :meth:`SegpipeError.detached`): a task that raises makes every Dask worker
+    log a "Compute Failed" block with a traceback, while an input error deserves one line, printed once by
+    the driver. Anything else (a bug) still raises, with its traceback.
     """
-    error: SegpipeError | None = None
-    for attempt in range(attempts):
-        try:
-            return _run_tiles(job, work, fill)
-        except (TransientIOError, ConnectionError, TimeoutError) as e:
-            if attempt == attempts - 1:
-                error = e.detached() if isinstance(e, SegpipeError) else None
-                if error is None:
-                    raise
-                break
-            if cancelled():
-                raise Fenced(work[0][0]) from None
-            log.warning("transient error on %s tiles %s, retrying", job.source, [w[0] for w in work[:2]],
-                        exc_info=True)
-            time.sleep(2**attempt)
-        except SegpipeError as e:
-            log.debug("tiles %s of %s failed", [w[0] for w in work[:2]], job.source, exc_info=True)
-            error = e.detached()  # raised below, outside this block, so it has no chained context
-            break
-    assert error is not None
-    return {"error": error}
+    counters = retried_task(partial(_run_tiles, job, work), job.retry, fill)
+    return {**counters.pop("value", {}), **counters}
 
 class _ZarrSink:
     """Merged chunks into the output: one writer per chunk, class ids last (the completion record).
@@ -350,6 +335,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
                 raise exc.with_traceback(fut.traceback())
             counters = fut.result()
             fut.release()
+            result.add_retries(int(counters.get("storage_retries", 0)), counters.get("retried"))
             if "error" in counters:
                 raise counters["error"]
             if sizer is not None:
@@ -375,11 +361,11 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
     return stats
 
 
-def _build_pyramid(target: OutputTarget, client: Client) -> None:
+def _build_pyramid(target: OutputTarget, client: Client, tasks: RunTasks) -> None:
     from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid
 
     if target.height <= target.chunk_size and target.width <= target.chunk_size:
         return  # one chunk: no lower level to build (levels stop at about one chunk)
-    build_pyramid(target.uri, num_classes=target.num_classes, client=client, keep_written=True)
+    build_pyramid(target.uri, num_classes=target.num_classes, client=client, keep_written=True, tasks=tasks)
     if target.probabilities:
-        build_probability_pyramid(target.uri, client=client)
+        build_probability_pyramid(target.uri, client=client, tasks=tasks)

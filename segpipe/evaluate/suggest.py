@@ -13,19 +13,29 @@ all the outputs it is given and picks ``top`` of them by :func:`select_regions`:
   still without near-duplicates. The first pass looks at the best :func:`scan_limit` candidates only
   (each needs its chunk read for its class).
 
+Memory stays bounded whatever the number of outputs: the outputs are read one at a time and only the
+best :func:`scan_limit` chunks of all of them are kept (:func:`best_candidates`, a bounded heap), which
+gives exactly the picks of a full sort (see there). When fewer than ``top`` regions come back, a note
+says why (outputs left out, too few chunks with a value, the rest touching picks).
+
 :func:`write_suggestions` writes them as rectangles with ``image``, ``output``, ``rank``, ``score`` and
 ``class`` properties, in the format of the file's extension: in the output's map CRS for georeferenced
 outputs; in **level-0 pixels** for whole slides and in pixels for other images, with QuPath's
 ``objectType: "annotation"`` and a ``name``, so that QuPath imports a GeoJSON file as rectangle
 annotations.
+
+Why this module is long: the ranking rule, the bounded stream of chunks it ranks and the rectangles in
+each file's units (written, and printed by ``segpipe suggest``) are one answer to one question; the
+rectangles need the picked outputs' metadata that ranking reads, and the notes on what was left out.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +43,11 @@ import numpy as np
 
 from segpipe.core.errors import ConfigError, InputError, SegpipeError
 from segpipe.core.geometry import ChunkGrid
+from segpipe.core.retry import RetryPolicy
 from segpipe.export.features import write_features
 from segpipe.export.meta import OutputMeta, level0_mapping, read_output_meta
 from segpipe.io.output import inspect_output, open_labels
-from segpipe.io.storage import filesystem, has_scheme, strip_file_scheme
+from segpipe.io.storage import filesystem, has_scheme, output_errors, strip_file_scheme
 from segpipe.io.uncertainty import read_uncertainty
 
 log = logging.getLogger("segpipe.evaluate.suggest")
@@ -128,10 +139,41 @@ class Suggestion:
 
 @dataclass(frozen=True)
 class _Output:
+    """What picking needs of one output besides its uncertainty: the rest is read again for the picks only."""
+
     meta: OutputMeta
-    uncertainty: np.ndarray
     chunk_size: int
     labels: Any  #: the level-0 class-id array (read one chunk at a time, for majority classes)
+
+
+def best_candidates(values: Iterable[tuple[int, np.ndarray]], keep: int) -> tuple[list[Candidate], int]:
+    """The ``keep`` best chunks over every output's uncertainty array, and how many chunks have a value.
+
+    ``values``: (output index, its (chunk rows, chunk cols) array), read one output at a time; a bounded
+    min-heap keeps the best ``keep`` by :func:`select_regions`' order (score, then earlier image, row and
+    column), so memory does not grow with the number of outputs or chunks. With ``keep`` =
+    :func:`scan_limit` the picks equal those from all candidates: the first pass looks at no more than
+    these, and the second pass always fills ``top`` places among them — ``top`` picks make at most
+    ``9·top`` candidates touch one, and ``scan_limit(top) ≥ 50·top``.
+    """
+    heap: list[tuple[float, int, int, int]] = []  # (score, -image, -iy, -ix): the root is the worst kept
+    total = 0
+    for image, array in values:
+        ys, xs = np.nonzero(np.isfinite(array))
+        scores = array[ys, xs].astype(np.float64)
+        total += len(scores)
+        if len(heap) == keep and len(scores):  # only chunks at least as good as the worst kept can enter
+            better = scores >= heap[0][0]
+            ys, xs, scores = ys[better], xs[better], scores[better]
+        for k in np.lexsort((xs, ys, -scores))[:keep]:  # this output's best first
+            item = (float(scores[k]), -image, -int(ys[k]), -int(xs[k]))
+            if len(heap) < keep:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                heapq.heapreplace(heap, item)
+            else:
+                break  # the rest of this output is worse still
+    return [Candidate(-i, -y, -x, score) for score, i, y, x in heap], total
 
 
 def find_outputs(paths: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -167,68 +209,111 @@ def _no_uncertainty() -> str:
             f"its image with {ours} and --overwrite (flow parameter overwrite=True) to add it")
 
 
-def _load(uri: str) -> _Output:
-    meta = read_output_meta(uri)  # refuses unfinished outputs, with one line
+def _open(uri: str) -> _Output:
+    with output_errors(uri, "read"):  # a bucket's fault is a TransientIOError (retried), not a bare OSError
+        meta = read_output_meta(uri)  # refuses unfinished outputs, with one line
+        labels = open_labels(uri)
+    return _Output(meta, int(labels.chunks[-1]), labels)  # level 0 is chunked on the chunk grid
+
+
+def _load(uri: str) -> tuple[_Output, np.ndarray]:
+    """An output (refused when unfinished or without uncertainty, one line) and its uncertainty array."""
+    output = _open(uri)
     values = read_uncertainty(uri)
     if values is None:
         raise InputError(uri, _no_uncertainty())
-    labels = open_labels(uri)
-    chunk = int(labels.chunks[-1])  # level 0 is chunked on the chunk grid
+    meta, chunk = output.meta, output.chunk_size
     if ChunkGrid(meta.height, meta.width, chunk).shape != values.shape:
         raise InputError(uri, f"uncertainty array of shape {values.shape} does not fit its {chunk}-pixel chunk grid")
-    return _Output(meta, values, chunk, labels)
+    return output, values
 
 
 def suggest_regions(paths: Sequence[str], top: int = DEFAULT_TOP, notes: list[str] | None = None,
-                    strict: bool = True) -> list[Suggestion]:
+                    strict: bool = True, retry: RetryPolicy | None = None) -> list[Suggestion]:
     """The ``top`` regions where labels would help most, over every output named by ``paths``.
 
     With ``strict``, outputs named directly must be finished and have an uncertainty array (an
     InputError says to re-run ``segment`` otherwise); outputs found inside a folder (and, without
-    ``strict``, any output) that are unfinished or have no uncertainty are left out with a line
-    appended to ``notes``.
+    ``strict``, any output) that are unfinished, have no uncertainty or cannot be read now are left out
+    with a line appended to ``notes``. Fewer than ``top`` regions: a line in ``notes`` says why. Each
+    output's reads are retried with ``retry`` (default: the default :class:`RetryPolicy`) when a storage
+    fault may pass.
     """
     if top < 1:
         raise ConfigError("--top", f"must be at least 1, got {top}")
+    retry = retry or RetryPolicy()
     named, found = find_outputs(paths)
-    outputs: list[_Output] = []
-    uris: list[str] = []
     required = list(dict.fromkeys(named)) if strict else []
-    for uri in required:
-        outputs.append(_load(uri))
-        uris.append(uri)
-    for uri in [u for u in dict.fromkeys([*named, *found]) if u not in required]:
-        try:
-            outputs.append(_load(uri))
-            uris.append(uri)
-        except SegpipeError as e:
-            if notes is not None:
-                notes.append(f"{e}; left out")
-    candidates = [Candidate(i, int(iy), int(ix), float(o.uncertainty[iy, ix]))
-                  for i, o in enumerate(outputs) for iy, ix in zip(*np.nonzero(np.isfinite(o.uncertainty)))]
-    class_names = {n for o in outputs for n in o.meta.classes}
+    uris = [*required, *[u for u in dict.fromkeys([*named, *found]) if u not in required]]
+    kept: list[str] = []  # the outputs that take part, by index (only their names stay in memory)
+    class_names: set[str] = set()
+    left_out = 0
+
+    def arrays() -> Iterator[tuple[int, np.ndarray]]:
+        nonlocal left_out
+        for uri in uris:
+            try:
+                output, values = retry.call(lambda: _load(uri))  # noqa: B023 - called at once
+            except SegpipeError as e:
+                if uri in required:
+                    raise
+                left_out += 1
+                if notes is not None:
+                    notes.append(f"{e}; left out")
+                continue
+            class_names.update(output.meta.classes)
+            kept.append(uri)
+            yield len(kept) - 1, values
+
+    candidates, total = best_candidates(arrays(), scan_limit(top))
+    opened: dict[int, _Output] = {}  # the outputs of candidates whose class was asked (a few)
+
+    def output(i: int) -> _Output:
+        if i not in opened:
+            if len(opened) >= 16:
+                opened.pop(next(iter(opened)))
+            opened[i] = retry.call(lambda: _open(kept[i]))
+        return opened[i]
+
     cache: dict[Candidate, str] = {}
 
     def class_of(c: Candidate) -> str:
         if c not in cache:
-            cache[c] = _majority_class(outputs[c.image], c.iy, c.ix)
+            cache[c] = retry.call(lambda: _majority_class(output(c.image), c.iy, c.ix))
         return cache[c]
 
     picks = select_regions(candidates, top, class_of, len(class_names))
     result = []
     for rank, c in enumerate(picks, 1):
-        o = outputs[c.image]
+        o = output(c.image)
         chunk = ChunkGrid(o.meta.height, o.meta.width, o.chunk_size).chunk(c.iy, c.ix)
-        result.append(Suggestion(rank, c.score, o.meta.source or uris[c.image], uris[c.image], class_of(c),
+        result.append(Suggestion(rank, c.score, o.meta.source or kept[c.image], kept[c.image], class_of(c),
                                  (c.iy, c.ix), (chunk.x0, chunk.y0, chunk.x0 + chunk.w, chunk.y0 + chunk.h)))
+    if len(result) < top and notes is not None:
+        notes.append(fewer_reason(len(result), top, total, len(kept), left_out))
     return result
+
+
+def fewer_reason(found: int, top: int, chunks: int, outputs: int, left_out: int) -> str:
+    """Why ``found`` regions and not ``top``: one line (pure)."""
+    why = [f"{found} region(s) instead of --top {top}:"]
+    if left_out:
+        why.append(f"{left_out} output(s) left out (see the notes above);")
+    if chunks < top:
+        why.append(f"the {outputs} output(s) ranked have {chunks} chunk(s) with an uncertainty value in all "
+                   "(chunks without data and slide background have none)")
+    else:
+        why.append(f"the other {chunks - found} chunk(s) with a value each touch a picked region of the same "
+                   "image (two neighbours are never both suggested)")
+    return " ".join(why)
 
 
 def _majority_class(output: _Output, iy: int, ix: int) -> str:
     """The most frequent class of one chunk's level-0 pixels (nodata excluded; ties: the lower id)."""
     meta = output.meta
     c = output.chunk_size
-    block = np.asarray(output.labels[iy * c:(iy + 1) * c, ix * c:(ix + 1) * c]).ravel()
+    with output_errors(meta.uri, "read"):
+        block = np.asarray(output.labels[iy * c:(iy + 1) * c, ix * c:(ix + 1) * c]).ravel()
     if meta.nodata is not None:
         block = block[block != meta.nodata]
     if not block.size:
@@ -237,14 +322,19 @@ def _majority_class(output: _Output, iy: int, ix: int) -> str:
     return meta.classes[cls] if cls < len(meta.classes) else str(cls)
 
 
-def write_suggestions(suggestions: Sequence[Suggestion], path: str) -> int:
-    """Write ``suggestions`` as rectangles to ``path`` (format by extension); returns how many.
+@dataclass(frozen=True)
+class Regions:
+    """Suggestions as the rectangles a file holds: in the first georeferenced output's CRS, or in level-0
+    pixels (slides) / pixels (other images)."""
 
-    Georeferenced outputs: polygons in the map CRS of the first one (others are reprojected).
-    Slides: level-0 pixels (:func:`segpipe.export.meta.level0_mapping`); other images: pixels. Pixel
-    features carry QuPath's ``objectType: "annotation"`` and a ``name``. Georeferenced and pixel
-    outputs cannot share one file.
-    """
+    geoms: list[Any]
+    crs_wkt: str | None
+    pixels: bool  #: pixel space (no CRS)
+    metas: dict[str, OutputMeta]
+
+
+def region_geometries(suggestions: Sequence[Suggestion], path: str = "the file") -> Regions:
+    """The rectangle of each suggestion in the file's coordinates (see :func:`write_suggestions`)."""
     import shapely
 
     metas = {s.output: read_output_meta(s.output) for s in suggestions}
@@ -271,16 +361,59 @@ def write_suggestions(suggestions: Sequence[Suggestion], path: str) -> int:
                 bx1, by1 = min(bx1, float(l0.width)), min(by1, float(l0.height))
             geom = shapely.box(x0 * k, y0 * k, bx1, by1)
         geoms.append(geom)
+    return Regions(geoms, crs, bool(suggestions) and not any(georef.values()), metas)
+
+
+def region_lines(suggestions: Sequence[Suggestion], regions: Regions) -> list[str]:
+    """One line per suggestion with its box in the file's units: CRS coordinates (and the CRS) for
+    georeferenced outputs; level-0 pixels and micrometres for slides; pixels for other images."""
+    crs_name = _crs_name(regions.crs_wkt) if regions.crs_wkt else None
+    lines = []
+    for s, geom in zip(suggestions, regions.geoms):
+        x0, y0, x1, y1 = geom.bounds
+        meta = regions.metas[s.output]
+        if not regions.pixels:
+            where = f"x {x0:.2f}–{x1:.2f}, y {y0:.2f}–{y1:.2f}" + (f" ({crs_name})" if crs_name else "")
+        elif meta.is_slide and level0_mapping(meta) is not None:
+            where = f"level-0 px x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f}"
+            l0 = level0_mapping(meta)
+            if meta.mpp and l0 is not None:
+                um = meta.mpp / l0.scale  # µm per level-0 pixel
+                where += f" (µm x {x0 * um:.1f}–{x1 * um:.1f}, y {y0 * um:.1f}–{y1 * um:.1f})"
+        else:
+            where = f"px x {x0:.0f}–{x1:.0f}, y {y0:.0f}–{y1:.0f}"
+        lines.append(f"{s.rank:>3}  {s.score:.3f}  {s.class_name or '-':<12} {s.image}  {where}")
+    return lines
+
+
+def _crs_name(wkt: str) -> str:
+    from rasterio.crs import CRS
+
+    try:
+        crs = CRS.from_wkt(wkt)
+    except Exception:  # noqa: BLE001 - a name is only a label here
+        return "the output's CRS"
+    return crs.to_string() if crs.to_epsg() else (crs.to_dict().get("proj") or "the output's CRS")
+
+
+def write_suggestions(suggestions: Sequence[Suggestion], path: str) -> int:
+    """Write ``suggestions`` as rectangles to ``path`` (format by extension); returns how many.
+
+    Georeferenced outputs: polygons in the map CRS of the first one (others are reprojected).
+    Slides: level-0 pixels (:func:`segpipe.export.meta.level0_mapping`); other images: pixels. Pixel
+    features carry QuPath's ``objectType: "annotation"`` and a ``name``. Georeferenced and pixel
+    outputs cannot share one file.
+    """
+    regions = region_geometries(suggestions, path)
     fields: dict[str, list[Any]] = {
         "image": [s.image for s in suggestions], "output": [s.output for s in suggestions],
         "rank": [s.rank for s in suggestions], "score": [float(s.score) for s in suggestions],
         "class": [s.class_name for s in suggestions],
     }
-    pixels = bool(suggestions) and not any(georef.values())
-    if pixels:  # QuPath: rectangle annotations, named by rank
+    if regions.pixels:  # QuPath: rectangle annotations, named by rank
         fields["objectType"] = ["annotation"] * len(suggestions)
         fields["name"] = [f"suggestion {s.rank} ({s.score:.3f})" for s in suggestions]
-    write_features(path, geoms, fields, crs, layer="suggestions")
+    write_features(path, regions.geoms, fields, regions.crs_wkt, layer="suggestions")
     return len(suggestions)
 
 

@@ -25,13 +25,16 @@ Where things are:
 
 from __future__ import annotations
 
+import json
+import posixpath
 from dataclasses import dataclass
 
 from segpipe.export.cog import export_cog, export_confidence
 from segpipe.export.meta import read_output_meta
 from segpipe.export.preview import export_preview
 from segpipe.export.vectors import export_vectors, vector_driver
-from segpipe.io.storage import filesystem, strip_file_scheme
+from segpipe.io.output import now_iso
+from segpipe.io.storage import file_version, filesystem, strip_file_scheme, write_atomic
 
 __all__ = [
     "Exports", "export_cog", "export_confidence", "export_is_whole", "export_preview", "export_vectors",
@@ -48,6 +51,8 @@ class Exports:
     vector: str | None = None
     preview: bool = False
     min_area: float = 0.0
+    #: a STAC item per output and a collection per output folder (:mod:`segpipe.export.stac`)
+    stac: bool = False
 
     def __post_init__(self) -> None:
         if self.vector:
@@ -55,7 +60,7 @@ class Exports:
             vector_driver("x." + self.vector)  # a one-line ConfigError for an unknown format
 
     def __bool__(self) -> bool:
-        return bool(self.cog or self.vector or self.preview)
+        return bool(self.cog or self.vector or self.preview or self.stac)
 
 
 def export_is_whole(kind: str, path: str, zarr_uri: str) -> bool:
@@ -103,9 +108,36 @@ def export_is_whole(kind: str, path: str, zarr_uri: str) -> bool:
         return False
 
 
-def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recompute: bool = True) -> dict[str, str]:
+def _written_record(path: str) -> str:
+    folder, name = posixpath.split(strip_file_scheme(path))
+    return posixpath.join(folder, f".{name}.segpipe.json")
+
+
+def edited_since_written(path: str) -> bool:
+    """True when the export at ``path`` changed after segpipe wrote it (an annotator corrected the polygons
+    in place, someone restyled the COG): its version differs from the one recorded when it was written.
+    Exports written before the record existed cannot tell, and count as not edited."""
+    fs, rec = filesystem(_written_record(path))
+    try:
+        recorded = json.loads(fs.cat_file(rec)).get("version")
+    except (FileNotFoundError, ValueError):
+        return False
+    return recorded is not None and recorded != file_version(path)
+
+
+def _record_written(path: str) -> None:
+    fs, rec = filesystem(_written_record(path))
+    write_atomic(fs, rec, json.dumps({"version": file_version(path), "written": now_iso()}).encode(), durable=False)
+
+
+def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recompute: bool = True,
+                  notes: list[str] | None = None) -> dict[str, str]:
     """Write the requested exports next to a complete output; existing files are kept unless ``recompute``,
     and only when they read back whole (:func:`export_is_whole`).
+
+    An export that changed after segpipe wrote it (:func:`edited_since_written`: people correct the
+    GeoPackage in place) is never replaced: the new one is written as ``<name>.new.<ext>`` beside it, and
+    a line in ``notes`` says so.
 
     Returns the written paths by kind: ``cog`` (plus its sidecars ``cog_style`` = the .qml and
     ``cog_aux`` = the .aux.xml), ``vector``, ``preview``.
@@ -124,9 +156,18 @@ def write_exports(zarr_uri: str, source: str | None, exports: Exports, *, recomp
         jobs.append(("preview", stem + ".png", lambda p: export_preview(zarr_uri, p, source=source)))
     for name, path, fn in jobs:
         fs, p = filesystem(strip_file_scheme(path))
-        if recompute or not fs.exists(p) or not export_is_whole(name, path, zarr_uri):
+        exists = fs.exists(p)
+        # a file that no longer reads back whole was cut short while written (a crash), not edited: rewritten
+        if exists and edited_since_written(path) and export_is_whole(name, path, zarr_uri):
+            stem_, ext = posixpath.splitext(path)
+            kept, path = path, f"{stem_}.new{ext}"
+            if notes is not None:
+                notes.append(f"{kept}: changed since segpipe wrote it (edited?): kept; the new export is {path}")
+            exists = fs.exists(strip_file_scheme(path))
+        if recompute or not exists or not export_is_whole(name, path, zarr_uri):
             fn(path)
+            _record_written(path)
         done[name] = path
         if name == "cog":
-            done["cog_style"], done["cog_aux"] = stem + ".qml", path + ".aux.xml"
+            done["cog_style"], done["cog_aux"] = path.removesuffix(".tif") + ".qml", path + ".aux.xml"
     return done

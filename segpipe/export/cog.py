@@ -23,9 +23,9 @@ import numpy as np
 
 from segpipe.core.errors import InputError, OutputError
 from segpipe.core.geometry import ChunkGrid
-from segpipe.export.meta import _georef, _level_factor, _open_group, read_output_meta
+from segpipe.export.meta import level_factor, level_georef, open_group, read_output_meta
 from segpipe.export.style import label_lut, pam_xml, qgis_style
-from segpipe.export.targets import _local_target, _remove_quietly, _stem
+from segpipe.export.targets import local_target, output_stem, remove_quietly
 
 #: GDAL block cache for exports, MB: enough to stream 512² blocks, far below a large raster
 GDAL_CACHE_MB = 4
@@ -88,10 +88,10 @@ def _write_cog(
         profile["transform"] = Affine(*transform)
     if nodata is not None:
         profile["nodata"] = nodata
-    with _local_target(path, ".tif") as local:
+    with local_target(path, ".tif") as local:
         tmp = f"{local}.segpipe-tmp.tif"
         # stale sidecars of an earlier export would be read back by GDAL with the new COG
-        _remove_quietly(local + ".aux.xml", _stem(local) + ".qml")
+        remove_quietly(local + ".aux.xml", output_stem(local) + ".qml")
         try:
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -122,7 +122,7 @@ def _write_cog(
         except RasterioError as e:
             raise OutputError(path, f"cannot write the GeoTIFF ({e})") from None
         finally:
-            _remove_quietly(tmp, tmp + ".aux.xml", tmp + ".ovr")
+            remove_quietly(tmp, tmp + ".aux.xml", tmp + ".ovr")
         if sidecars is not None:
             try:
                 sidecars(local)
@@ -146,7 +146,7 @@ def export_cog(zarr_uri: str, path: str, *, level: str = "0", style: bool = True
     scaled by its factor); an output without them gives a COG without georeferencing.
     """
     meta = read_output_meta(zarr_uri)
-    group = _open_group(zarr_uri)
+    group = open_group(zarr_uri)
     if level not in group:
         raise InputError(zarr_uri, f"has no level {level!r} (levels: {', '.join(meta.levels)})")
     arr = group[level]
@@ -170,13 +170,13 @@ def export_cog(zarr_uri: str, path: str, *, level: str = "0", style: bool = True
     def sidecars(local: str) -> None:
         with open(local + ".aux.xml", "w", encoding="utf-8") as f:
             f.write(pam_xml(meta))
-        with open(_stem(local) + ".qml", "w", encoding="utf-8") as f:
+        with open(output_stem(local) + ".qml", "w", encoding="utf-8") as f:
             f.write(qgis_style(meta))
 
     return _write_cog(
         path, height=height, width=width, dtype=str(arr.dtype), read_window=read_window,
         window_side=_window_side(arr.chunks[-1]), crs_wkt=meta.crs_wkt,
-        transform=_georef(meta, _level_factor(group, level)), resampling="mode", colormap=colormap,
+        transform=level_georef(meta, level_factor(group, level)), resampling="mode", colormap=colormap,
         tags={"CLASSES": json.dumps(names), "SEGPIPE_SOURCE": meta.source or "",
               **({"NODATA_LABEL": str(nodata)} if nodata is not None else {})},
         band_tags={f"CLASS_{i}": n for i, n in enumerate(names)}, description="class_id",
@@ -187,7 +187,7 @@ def export_cog(zarr_uri: str, path: str, *, level: str = "0", style: bool = True
 def export_confidence(zarr_uri: str, path: str, *, array: str = "probabilities") -> str:
     """Write the per-pixel maximum class probability (uint8, p × 255) as a COG (average overviews)."""
     meta = read_output_meta(zarr_uri)
-    group = _open_group(zarr_uri)
+    group = open_group(zarr_uri)
     if array not in group:
         raise InputError(zarr_uri, f"has no {array!r} array (segment with --probabilities)")
     probs = group[array]

@@ -18,7 +18,7 @@ import numpy as np
 
 from segpipe.core.errors import ConfigError
 from segpipe.export.origin import GPKG_VERSION
-from segpipe.export.targets import _local_target, _remove_quietly, _stem
+from segpipe.export.targets import local_target, output_stem, remove_quietly
 from segpipe.export.vectors import vector_driver
 
 
@@ -35,8 +35,8 @@ def write_features(path: str, geoms: Sequence[Any], fields: Mapping[str, Sequenc
     driver = vector_driver(path)
     wkb = np.array(shapely.to_wkb(np.array(geoms, dtype=object)) if len(geoms) else [], dtype=object)
     columns = {name: np.asarray(values, dtype=_column_dtype(values)) for name, values in fields.items()}
-    with _local_target(path, os.path.splitext(path)[1]) as local:
-        _remove_quietly(local, *(_stem(local) + e for e in (".shx", ".dbf", ".prj", ".cpg"))
+    with local_target(path, os.path.splitext(path)[1]) as local:
+        remove_quietly(local, *(output_stem(local) + e for e in (".shx", ".dbf", ".prj", ".cpg"))
                         if driver == "ESRI Shapefile" else ())
         if driver == "Parquet":
             _write_geoparquet(local, wkb, columns, crs_wkt)

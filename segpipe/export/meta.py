@@ -5,7 +5,7 @@ This module owns what every export needs to know about an output before reading 
 * :func:`read_output_meta` — the output's root attributes, parsed by :mod:`segpipe.io.meta`
   (:class:`~segpipe.io.meta.OutputMeta`: size, class table, colours, CRS and transform, source,
   pyramid levels, nodata label, reader record), refusing outputs whose status says unfinished;
-* :func:`_level_factor` and :func:`_georef` — a pyramid level's scale and transform;
+* :func:`level_factor` and :func:`level_georef` — a pyramid level's scale and transform;
 * :class:`Level0` / :func:`level0_mapping` — whole-slide outputs (segmented at any pyramid
   level or mpp) map to the slide's **level-0 pixel coordinates**, which is what QuPath and
   other slide viewers expect; vectors of such outputs are written in them.
@@ -36,7 +36,7 @@ def output_palette(attrs: dict, num_classes: int) -> np.ndarray:
     return palette_rgba(num_classes, output_colors(attrs, num_classes))
 
 
-def _open_group(zarr_uri: str) -> Any:
+def open_group(zarr_uri: str) -> Any:
     try:
         return open_output_group(zarr_uri)
     except OutputError as e:
@@ -45,7 +45,7 @@ def _open_group(zarr_uri: str) -> Any:
 
 def read_output_meta(zarr_uri: str) -> OutputMeta:
     """Read and check an output's attributes (refuses outputs whose status says unfinished)."""
-    group = _open_group(zarr_uri)
+    group = open_group(zarr_uri)
     status = (group.attrs.get("segpipe") or {}).get("status")
     if status is not None and status != "complete":
         raise InputError(zarr_uri, f"is not finished (status {status!r}); run the segmentation again")
@@ -55,12 +55,12 @@ def read_output_meta(zarr_uri: str) -> OutputMeta:
         raise InputError(zarr_uri, e.problem) from None
 
 
-def _level_factor(group: Any, level: str) -> float:
+def level_factor(group: Any, level: str) -> float:
     """Level-0 pixels per ``level`` pixel along x (:func:`segpipe.io.meta.level_factors`)."""
     return level_factors(group, dict(group.attrs), level)[1]
 
 
-def _georef(meta: OutputMeta, factor: float) -> tuple[float, ...] | None:
+def level_georef(meta: OutputMeta, factor: float) -> tuple[float, ...] | None:
     """The output's transform for a level ``factor`` times coarser than level 0 (None when not georeferenced)."""
     if meta.transform is None:
         return None

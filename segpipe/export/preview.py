@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from segpipe.core.errors import ConfigError, InputError
-from segpipe.export.meta import OutputMeta, _open_group, read_output_meta
-from segpipe.export.style import _class_table, label_lut
-from segpipe.export.targets import _local_target
+from segpipe.export.meta import OutputMeta, open_group, read_output_meta
+from segpipe.export.style import class_table, label_lut
+from segpipe.export.targets import local_target
 
 
 def preview_shape(height: int, width: int, max_size: int) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def render_legend(meta: OutputMeta, min_width: int) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     font = _legend_font()
-    table = _class_table(meta)
+    table = class_table(meta)
     extra = len(table) - LEGEND_MAX_CLASSES
     table = table[:LEGEND_MAX_CLASSES]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -195,7 +195,7 @@ def export_preview(
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError("alpha", f"must be within [0, 1], got {alpha}")
     meta = read_output_meta(zarr_uri)
-    group = _open_group(zarr_uri)
+    group = open_group(zarr_uri)
     out_h, out_w = preview_shape(meta.height, meta.width, max_size)
     labels = _sample_labels(group, meta.levels, out_h, out_w)
     rgba = colorize(labels, label_lut(meta))
@@ -213,6 +213,6 @@ def export_preview(
         canvas[:out_h, :out_w] = image
         canvas[out_h:, : panel.shape[1]] = panel
         image = canvas
-    with _local_target(path, ".png") as local:
+    with local_target(path, ".png") as local:
         Image.fromarray(image, "RGBA").save(local)
     return path

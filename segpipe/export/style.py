@@ -3,7 +3,7 @@
 One class table everywhere (:mod:`segpipe.core.classes`): the COG's colour table, its GDAL
 category names and raster attribute table (:func:`pam_xml`, ``<cog>.aux.xml``), its QGIS
 style (:func:`qgis_style`, ``<cog stem>.qml``) and the preview legend all come from the
-output's ``classes``/``class_colors`` (:func:`_class_table`). The nodata label is transparent
+output's ``classes``/``class_colors`` (:func:`class_table`). The nodata label is transparent
 in :func:`label_lut` and is never a category.
 """
 
@@ -17,7 +17,7 @@ from segpipe.core.classes import lookup_table, parse_color
 from segpipe.export.meta import OutputMeta
 
 
-def _class_table(meta: OutputMeta) -> list[tuple[int, str, tuple[int, int, int, int]]]:
+def class_table(meta: OutputMeta) -> list[tuple[int, str, tuple[int, int, int, int]]]:
     """(value, name, RGBA) per class — the one table every style file is written from."""
     n = len(meta.class_colors)
     names = [meta.classes[i] if i < len(meta.classes) else str(i) for i in range(n)]
@@ -33,7 +33,7 @@ def pam_xml(meta: OutputMeta) -> str:
     """
     root = ET.Element("PAMDataset")
     band = ET.SubElement(root, "PAMRasterBand", band="1")
-    table = _class_table(meta)
+    table = class_table(meta)
     cats = ET.SubElement(band, "CategoryNames")
     for _, name, _ in table:
         ET.SubElement(cats, "Category").text = name
@@ -70,7 +70,7 @@ def qgis_style(meta: OutputMeta, band: int = 1) -> str:
                              alphaBand="-1", nodataColor="")
     ET.SubElement(renderer, "rasterTransparency")
     palette = ET.SubElement(renderer, "colorPalette")
-    for value, name, rgba in _class_table(meta):
+    for value, name, rgba in class_table(meta):
         ET.SubElement(palette, "paletteEntry", value=str(value), color="#{:02x}{:02x}{:02x}".format(*rgba[:3]),
                       alpha=str(rgba[3]), label=name)
     ET.SubElement(pipe, "brightnesscontrast", brightness="0", contrast="0", gamma="1")

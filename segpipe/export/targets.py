@@ -1,6 +1,6 @@
 """Where an export is written: a local path, or a temporary local file uploaded to a remote one.
 
-Every export writes through :func:`_local_target`; sidecars written next to the local file
+Every export writes through :func:`local_target`; sidecars written next to the local file
 (``.aux.xml``, ``.qml``, a shapefile's ``.shx``/``.dbf``/``.prj``) travel with it.
 """
 
@@ -15,12 +15,12 @@ from segpipe.core.errors import OutputError
 from segpipe.io.storage import filesystem, has_scheme, strip_file_scheme
 
 
-def _stem(path: str) -> str:
+def output_stem(path: str) -> str:
     return os.path.splitext(path)[0]
 
 
 @contextlib.contextmanager
-def _local_target(path: str, suffix: str | None = None) -> Iterator[str]:
+def local_target(path: str, suffix: str | None = None) -> Iterator[str]:
     """A local file path to write; for a remote ``path`` a temp file uploaded afterwards.
 
     Sidecars written next to the temp file (``export.tif.aux.xml``, ``export.qml``, a
@@ -41,7 +41,7 @@ def _local_target(path: str, suffix: str | None = None) -> Iterator[str]:
         local = os.path.join(tmp, "export" + ext)
         yield local
         fs, remote = filesystem(path)
-        remote_stem = _stem(remote)
+        remote_stem = output_stem(remote)
         try:
             for name in sorted(os.listdir(tmp)):
                 if name.startswith("export"):
@@ -50,7 +50,7 @@ def _local_target(path: str, suffix: str | None = None) -> Iterator[str]:
             raise OutputError(path, f"cannot be uploaded ({e})") from None
 
 
-def _remove_quietly(*paths: str) -> None:
+def remove_quietly(*paths: str) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)

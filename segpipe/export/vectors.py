@@ -29,14 +29,14 @@ from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.geometry import ChunkGrid
 from segpipe.export.meta import (
     OutputMeta,
-    _georef,
-    _level_factor,
-    _open_group,
     level0_mapping,
+    level_factor,
+    level_georef,
+    open_group,
     read_output_meta,
 )
 from segpipe.export.origin import GPKG_VERSION, OUTPUT_FIELDS, embed_baseline, origin_metadata
-from segpipe.export.targets import _local_target, _remove_quietly, _stem
+from segpipe.export.targets import local_target, output_stem, remove_quietly
 
 #: polygons buffered before they are appended to the vector file
 _FEATURES_PER_WRITE = 2_000
@@ -233,7 +233,7 @@ class _FeatureSink:
                 with open_arrow(self.target, layer="segments", use_pyarrow=False) as (info, stream):
                     write_arrow(stream, self.path, driver="FlatGeobuf", geometry_type="Polygon",
                                 geometry_name=info["geometry_name"] or "geom", crs=self.meta.crs_wkt,
-                                layer=_stem(os.path.basename(self.path)))
+                                layer=output_stem(os.path.basename(self.path)))
             self._tmpdir.cleanup()
             self._tmpdir = None
 
@@ -285,7 +285,7 @@ def export_vectors(
         raise ConfigError("export", f"min_area and sieve must be ≥ 0, got {min_area} and {sieve}")
     driver = vector_driver(path)
     meta = read_output_meta(zarr_uri)
-    group = _open_group(zarr_uri)
+    group = open_group(zarr_uri)
     if level not in group:
         raise InputError(zarr_uri, f"has no level {level!r} (levels: {', '.join(meta.levels)})")
     arr = group[level]
@@ -297,8 +297,8 @@ def export_vectors(
     def read(y0: int, x0: int, h: int, w: int) -> np.ndarray:
         return arr[y0 : y0 + h, x0 : x0 + w]
 
-    factor = _level_factor(group, level)
-    transform = _georef(meta, factor)
+    factor = level_factor(group, level)
+    transform = level_georef(meta, factor)
     clip = None
     if transform is None:
         l0 = level0_mapping(meta)
@@ -312,9 +312,9 @@ def export_vectors(
         origin = {**origin_metadata(zarr_uri), "segpipe_level": level, "segpipe_min_area": f"{min_area:g}",
                   "segpipe_sieve": str(sieve)}
 
-    with _local_target(path, os.path.splitext(path)[1]) as local:
-        stem = _stem(local)
-        _remove_quietly(local, *(stem + e for e in (".shx", ".dbf", ".prj", ".cpg", ".qix"))
+    with local_target(path, os.path.splitext(path)[1]) as local:
+        stem = output_stem(local)
+        remove_quietly(local, *(stem + e for e in (".shx", ".dbf", ".prj", ".cpg", ".qix"))
                         if driver == "ESRI Shapefile" else ())
         sink = _FeatureSink(local, driver, meta, transform, float(min_area), qupath=qupath, clip=clip,
                             layer_metadata=origin)

@@ -18,15 +18,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-#: tile side of a compiled raster (also the strip height it is written in)
+from segpipe.io.storage import cache_root
+
+#: strip height a compiled raster is written in (and the side of the tiles it is burned in)
 BLOCK = 512
-
-
-def cache_root() -> str:
-    """``$SEGPIPE_CACHE`` or ``$XDG_CACHE_HOME/segpipe`` (default ``~/.cache/segpipe``)."""
-    base = os.environ.get("SEGPIPE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "segpipe")
-    return base
+#: tile side of a compiled raster: a training patch decodes a few small tiles, not a few 512² ones
+TILE = 256
 
 
 def label_entry(key: str) -> str:
@@ -43,7 +40,7 @@ def write_class_raster(path: str, height: int, width: int, strips: Iterable[np.n
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     profile = dict(driver="GTiff", height=height, width=width, count=1, dtype="uint8", tiled=True,
-                   blockxsize=BLOCK, blockysize=BLOCK, compress="zstd", BIGTIFF="IF_SAFER")
+                   blockxsize=TILE, blockysize=TILE, compress="zstd", BIGTIFF="IF_SAFER")
     try:
         with rasterio.open(tmp, "w", **profile) as dst:
             y0 = 0

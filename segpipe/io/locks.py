@@ -13,6 +13,12 @@ first renamed away (also atomic), so two runs that both see it stale cannot both
 Object stores: there is no exclusive create in every S3 implementation, so the lock is
 written and read back; two runs starting within the same second on one bucket key can
 both believe they won. Chunk writes are whole objects, so the output is still correct then.
+
+A storage fault is never a decision: a lock that cannot be read (a 5xx, a 403, a time-out) is a
+:class:`~segpipe.core.errors.TransientIOError`, retried with the run's
+:class:`~segpipe.core.retry.RetryPolicy`, and never read as "another run holds it" (which would skip the
+image) nor as "no lock" (which would let two runs write). Only a lock file whose *content* is not a lock
+(half-written, foreign) counts as held, and it turns stale by age.
 """
 
 from __future__ import annotations
@@ -24,10 +30,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from segpipe.io.storage import filesystem, is_local, strip_file_scheme, write_atomic
+from segpipe.core.errors import SegpipeError
+from segpipe.core.retry import RetryPolicy
+from segpipe.io.storage import filesystem, is_local, storage_error, strip_file_scheme, write_atomic
 
 log = logging.getLogger("segpipe.locks")
 
@@ -74,14 +83,22 @@ def lock_path(output_uri: str) -> str:
 
 
 def read_lock(output_uri: str) -> LockInfo | None:
-    """The current holder of ``output_uri``'s lock, or None (no lock, or an unreadable one)."""
+    """The current holder of ``output_uri``'s lock, or None when there is no lock file.
+
+    A storage fault raises (:func:`segpipe.io.storage.storage_error`: a :class:`TransientIOError` for a
+    5xx, a 403 or a time-out); a file whose content is not a lock counts as held since now.
+    """
     fs, path = filesystem(lock_path(output_uri))
     try:
-        data = json.loads(fs.cat_file(path))
-        return LockInfo(**{k: data[k] for k in LockInfo.__dataclass_fields__})
+        raw = fs.cat_file(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError as e:
+        raise storage_error(lock_path(output_uri), e, "read") from None
+    try:
+        data = json.loads(raw)
+        return LockInfo(**{k: data[k] for k in LockInfo.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError):
         # half-written or foreign: treat as held since now, it becomes stale by age
         return LockInfo("?", -1, "?", time.time(), time.time())
 
@@ -89,9 +106,12 @@ def read_lock(output_uri: str) -> LockInfo | None:
 class OutputLock:
     """A held lock; its heartbeat is refreshed by the process's heartbeat thread until :meth:`release`."""
 
-    def __init__(self, output_uri: str, info: LockInfo) -> None:
+    def __init__(self, output_uri: str, info: LockInfo, retry: RetryPolicy | None = None,
+                 retried: Callable[[BaseException], None] | None = None) -> None:
         self.output_uri = output_uri
         self.info = info
+        self.retry = retry or RetryPolicy(attempts=1)
+        self.retried = retried  #: told of each storage fault retried while releasing (the image's row counts them)
         self._mutex = threading.Lock()  # a beat and the release never interleave
         self._released = False
         _heartbeats.add(self)
@@ -111,29 +131,39 @@ class OutputLock:
     def release(self) -> str | None:
         """Stop the heartbeat and remove the lock if it is still ours.
 
-        Never raises for storage: it runs in ``finally`` blocks, where an exception would replace the
-        image's own result (and abort every other image of a ``pool.map``). Returns None, or one line
-        saying the lock file could not be removed; such a lock stops beating and is taken over once its
-        heartbeat is :data:`STALE_AFTER_S` old (:meth:`LockInfo.is_stale`).
+        Storage faults are retried (the lock's :class:`RetryPolicy`). Never raises for storage: it runs in
+        ``finally`` blocks, where an exception would replace the image's own result (and abort every other
+        image of a ``pool.map``). Returns None, or one line saying the lock file could not be removed; such
+        a lock stops beating and is taken over once its heartbeat is :data:`STALE_AFTER_S` old
+        (:meth:`LockInfo.is_stale`).
         """
         _heartbeats.remove(self)
         with self._mutex:
             if self._released:
                 return None
             self._released = True
-            fs, path = filesystem(lock_path(self.output_uri))
             try:
-                holder = read_lock(self.output_uri)
-                if holder is not None and holder.run_id == self.info.run_id:
-                    fs.rm_file(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
+                self.retry.call(self._remove, retried=self.retried)
+            except (OSError, SegpipeError) as e:
                 log.debug("releasing the lock of %s failed", self.output_uri, exc_info=True)
-                reason = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
+                reason = (getattr(e, "problem", None) or getattr(e, "strerror", None) or str(e)
+                          or type(e).__name__).splitlines()[0]
                 return (f"{lock_path(self.output_uri)}: the lock could not be removed ({reason}); another run "
                         f"takes it over once it is {STALE_AFTER_S:.0f} s old")
             return None
+
+    def _remove(self) -> None:
+        """Remove the lock file if it still holds this lock (a storage fault raises, to be retried)."""
+        fs, path = filesystem(lock_path(self.output_uri))
+        holder = read_lock(self.output_uri)
+        if holder is not None and holder.run_id == self.info.run_id:
+            try:
+                fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise storage_error(lock_path(self.output_uri), e, "removed") from None
+
 
     def __enter__(self) -> OutputLock:
         return self
@@ -178,34 +208,57 @@ class _Heartbeats:
 _heartbeats = _Heartbeats()
 
 
-def acquire(output_uri: str, run_id: str | None = None) -> OutputLock | LockInfo:
-    """Take the lock of ``output_uri``: an :class:`OutputLock`, or the :class:`LockInfo` of its live holder."""
+def acquire(output_uri: str, run_id: str | None = None, retry: RetryPolicy | None = None,
+            retried: Callable[[BaseException], None] | None = None) -> OutputLock | LockInfo:
+    """Take the lock of ``output_uri``: an :class:`OutputLock`, or the :class:`LockInfo` of its live holder.
+
+    Each storage call is retried with ``retry`` (default: no retry), and ``retried(error)`` is told of each
+    retry, also those of the lock's release; a fault that outlasts the retries raises its
+    :class:`TransientIOError` (or :class:`OutputError`), naming the lock file — never a holder.
+    """
+    retry = retry or RetryPolicy(attempts=1)
     now = time.time()
     info = LockInfo(socket.gethostname(), os.getpid(), run_id or uuid.uuid4().hex, now, now)
     blob = json.dumps(asdict(info)).encode()
     fs, path = filesystem(lock_path(output_uri))
+
+    def read() -> LockInfo | None:
+        return retry.call(lambda: read_lock(output_uri), retried=retried)
+
+    def storage(fn: Any, doing: str) -> Any:
+        def once() -> Any:
+            try:
+                return fn()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise storage_error(lock_path(output_uri), e, doing) from None
+        return retry.call(once, retried=retried)
+
     for _ in range(5):
-        holder = read_lock(output_uri)
+        holder = read()
         if holder is not None:
             if not holder.is_stale():
                 return holder
             log.warning("taking over the stale lock of %s (%s)", output_uri, holder.describe())
-            _remove_stale(fs, path, holder)
+            storage(lambda stale=holder: _remove_stale(fs, path, stale), "removed")
             continue
         if is_local(fs):
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             try:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 continue  # someone else was faster: look at who
+            except OSError as e:  # a read-only folder, a full disk: one line naming the lock file
+                raise storage_error(lock_path(output_uri), e, "written") from None
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
         else:
-            fs.pipe_file(path, blob)
-            if (mine := read_lock(output_uri)) is None or mine.run_id != info.run_id:
+            storage(lambda: fs.pipe_file(path, blob), "written")  # a whole object: a retry rewrites the same
+            if (mine := read()) is None or mine.run_id != info.run_id:
                 continue
-        return OutputLock(output_uri, info)
-    holder = read_lock(output_uri)
+        return OutputLock(output_uri, info, retry, retried)
+    holder = read()
     return holder if holder is not None else LockInfo("?", -1, "?", now, now)
 
 

@@ -24,7 +24,7 @@ from segpipe.core.grid import PixelGrid
 from segpipe.io.storage import strip_file_scheme
 
 #: readers that read a level (and optionally an mpp) of a whole-slide pyramid
-SLIDE_DRIVERS = frozenset({"openslide", "ome-tiff"})
+SLIDE_DRIVERS = frozenset({"openslide", "ome-tiff", "ome-zarr"})
 
 
 def ngff(attrs: dict[str, Any]) -> dict[str, Any]:

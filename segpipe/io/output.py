@@ -31,7 +31,6 @@ from segpipe.io.chunks import MISSING, RawChunks, plain_array_meta
 from segpipe.io.storage import (
     filesystem,
     join,
-    output_error,
     output_errors,
     storage_error,
     strip_file_scheme,
@@ -171,7 +170,7 @@ def inspect_output(uri: str) -> Existing:
         if not fs.isdir(path):
             return Existing("file")
     except OSError as e:
-        raise output_error(uri, e) or OutputError(uri, f"cannot be inspected ({e})") from None
+        raise storage_error(uri, e, "inspected") from None
     attrs = read_attrs(uri)
     if attrs is not None and (attrs.get("segpipe") or {}).get("format") == FORMAT:
         return Existing("segpipe", attrs)
@@ -217,14 +216,15 @@ def prepare_output(target: OutputTarget, attrs: dict[str, Any], replace: bool = 
             fs.makedirs(join(path, name), exist_ok=True)
             write_atomic(fs, join(path, name, "zarr.json"), json.dumps(meta).encode(), durable=False)
     except OSError as e:
-        raise output_error(uri, e) or OutputError(uri, f"cannot be written ({getattr(e, 'strerror', None) or e})") from None
+        raise storage_error(uri, e, "written") from None
 
 
 def output_arrays_exist(uri: str, probabilities: bool) -> bool:
     """True when the output's arrays were created (their metadata is written after the group's)."""
     fs, path = filesystem(strip_file_scheme(uri))
     names = [LEVEL0, PROBABILITIES] if probabilities else [LEVEL0]
-    return all(fs.exists(join(path, n, "zarr.json")) for n in names)
+    with output_errors(uri, "read"):
+        return all(fs.exists(join(path, n, "zarr.json")) for n in names)
 
 
 def done_chunks(uri: str, array: str = LEVEL0) -> set[tuple[int, int]]:
@@ -236,6 +236,8 @@ def done_chunks(uri: str, array: str = LEVEL0) -> set[tuple[int, int]]:
         keys = fs.find(prefix)
     except FileNotFoundError:
         return set()
+    except OSError as e:  # never "no chunk done": that would recompute (and rewrite) the whole output
+        raise storage_error(uri, e, "listed") from None
     done: set[tuple[int, int]] = set()
     for key in keys:
         parts = key[len(prefix):].strip("/").split("/")

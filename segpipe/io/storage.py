@@ -68,6 +68,23 @@ def join(base: str, *parts: str) -> str:
 
 
 @dataclass(frozen=True)
+class ItemRef:
+    """The STAC item an image came from (:mod:`segpipe.io.stac`): recorded in the output's provenance and
+    linked from the output's own STAC item."""
+
+    href: str  #: the item's own URL or path
+    id: str
+    collection: str | None
+    asset: str  #: the asset key that was segmented
+    updated: str | None = None  #: the item's ``updated`` (else ``created``) time: the only-new-work key
+    datetime: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"href": self.href, "id": self.id, "collection": self.collection, "asset": self.asset,
+                "updated": self.updated, "datetime": self.datetime}
+
+
+@dataclass(frozen=True)
 class SourceImage:
     """One image found under a source: its URI, its path relative to the source root, and a fingerprint."""
 
@@ -75,6 +92,25 @@ class SourceImage:
     relative: str
     fingerprint: str
     size: int
+    #: the STAC item it is an asset of, when it was found through STAC
+    item: ItemRef | None = None
+
+
+def cache_root() -> str:
+    """segpipe's local cache folder (compiled labels, exported ONNX graphs): ``$SEGPIPE_CACHE``, else
+    ``$XDG_CACHE_HOME/segpipe`` (default ``~/.cache/segpipe``). Everything in it can be deleted at any time."""
+    return os.environ.get("SEGPIPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "segpipe")
+
+
+def file_version(uri: str) -> str | None:
+    """A file's version — size and ETag / modification time, as listings fingerprint images — or None when
+    there is no such file. The one definition of "this file changed" (label cache keys, edited exports)."""
+    fs, path = filesystem(strip_file_scheme(uri))
+    try:
+        return _fingerprint(fs.info(path))
+    except FileNotFoundError:
+        return None
 
 
 def _fingerprint(info: dict) -> str:
@@ -137,31 +173,87 @@ def list_images(source: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> 
         info = fs.info(path)
     except FileNotFoundError:
         raise InputError(source, "does not exist") from None
-    except PermissionError:
-        raise InputError(source, "cannot be read (permission denied)") from None
     except OSError as e:
-        raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+        raise _listing_error(source, e) from None
     if info.get("type") == "directory":
+        store = _zarr_metadata(fs, path)
+        if store is not None:  # a Zarr store given itself (an OME-Zarr image: readers.omezarr) is one image
+            uri = source if prefix else os.path.normpath(os.path.abspath(path))
+            return [SourceImage(uri, posixpath.basename(path.rstrip("/")), _fingerprint(store), 0)]
         try:
             entries = fs.find(path, detail=True)
         except OSError as e:
-            raise InputError(source, f"cannot be listed ({_reason(e)})") from None
+            raise _listing_error(source, e) from None
+        series: dict[str, list[tuple[str, dict]]] = {}
         for p, finfo in sorted(entries.items()):
-            if finfo.get("type") == "directory" or not p.lower().endswith(extensions):
+            if finfo.get("type") == "directory":
                 continue
             if "/." in p[len(path):] or ".zarr/" in p:  # hidden files and Zarr stores are never inputs
                 continue
+            if p.lower().endswith(DICOM_EXTENSIONS):
+                series.setdefault(posixpath.dirname(p), []).append((p, finfo))
+                continue
+            if not p.lower().endswith(extensions):
+                continue
             rel = posixpath.relpath(p, path.rstrip("/"))
             found.append(SourceImage(prefix + p, rel, _fingerprint(finfo), int(finfo.get("size") or 0)))
-        return found
+        found += [_dicom_series(prefix, path, folder, files) for folder, files in series.items()]
+        return sorted(found, key=lambda i: i.relative)
     uri = source if prefix else os.path.normpath(os.path.abspath(path))  # one spelling per local file
     return [SourceImage(uri, posixpath.basename(path), _fingerprint(info), int(info.get("size") or 0))]
+
+
+#: DICOM instances: a folder of them is one whole-slide image (its pyramid levels are the instances)
+DICOM_EXTENSIONS = (".dcm",)
+
+
+def _zarr_metadata(fs: fsspec.AbstractFileSystem, path: str) -> dict | None:
+    """The file info of a Zarr group's metadata (``zarr.json``, ``.zattrs``, ``.zgroup``) when ``path`` is a
+    Zarr store, else None: the store is then one image, fingerprinted by its metadata file."""
+    for name in ("zarr.json", ".zattrs", ".zgroup"):
+        try:
+            return fs.info(join(path, name))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def _dicom_series(prefix: str, root: str, folder: str, files: list[tuple[str, dict]]) -> SourceImage:
+    """One image of a folder of DICOM instances (a DICOM WSI series: OpenSlide 4 opens it from any of its
+    files and finds the others in the folder). Named after the folder; fingerprinted by every instance."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, finfo in files:
+        h.update(f"{posixpath.basename(p)}\0{_fingerprint(finfo)}\n".encode())
+    rel = posixpath.relpath(folder, root.rstrip("/"))
+    name = posixpath.basename(root.rstrip("/")) if rel == "." else rel
+    return SourceImage(prefix + files[0][0], name + ".dcm", f"dicom:{h.hexdigest()[:32]}",
+                       sum(int(f.get("size") or 0) for _, f in files))
 
 
 def _reason(e: OSError) -> str:
     if e.errno == errno.ELOOP:
         return "a symbolic link loop"
+    if _denied_by_store(e):
+        return f"access denied by the store: {str(e).strip() or 'AccessDenied'}"
     return e.strerror or str(e) or type(e).__name__
+
+
+def _denied_by_store(e: BaseException) -> bool:
+    """A 403 from an object store (s3fs raises ``PermissionError`` without an errno), not a local EACCES."""
+    return isinstance(e, PermissionError) and e.errno is None
+
+
+def _listing_error(source: str, e: OSError) -> InputError | TransientIOError:
+    """A failed listing of a source: the input's fault (a local permission, a loop) or a fault that may pass."""
+    if isinstance(e, PermissionError) and not _denied_by_store(e):
+        return InputError(source, "cannot be read (permission denied)")
+    if _permanent(e) or not has_scheme(source):
+        return InputError(source, f"cannot be listed ({_reason(e)})")
+    return TransientIOError(source, f"cannot be listed ({_reason(e)})")
 
 
 def safe_relative(relative: str) -> str:
@@ -198,52 +290,48 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def output_error(uri: str, exc: BaseException) -> OutputError | None:
-    """The one-line :class:`OutputError` for a permanent storage error while writing ``uri``, else None.
+def _permanent(exc: BaseException) -> str | None:
+    """Why retrying ``exc`` cannot help (:data:`_PERMANENT_ERRNOS`, by ``errno`` or class), or None.
 
-    Classified by ``errno`` or the exception's class (never by words in the message). Connection errors and time-outs
-    are ``OSError`` too but may succeed when retried, so they are not converted.
+    Never by words in the message. Connection errors and time-outs are ``OSError`` too but may pass; so
+    may an object store's 403 (``PermissionError`` without an errno: credentials being refreshed, a policy
+    still propagating), which is retried and, if it stays, reported as denied access after the retries.
     """
-    if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError):
+    if isinstance(exc, (ConnectionError, TimeoutError)) or not isinstance(exc, OSError) or _denied_by_store(exc):
         return None
-    reason = _PERMANENT_ERRNOS.get(exc.errno or -1)
-    if reason is None and isinstance(exc, PermissionError):  # s3fs's AccessDenied carries no errno
-        reason = _PERMANENT_ERRNOS[errno.EACCES]
-    if reason is None:
-        return None
-    return OutputError(uri, f"cannot be written: {reason}")
+    return _PERMANENT_ERRNOS.get(exc.errno or -1)
 
 
 @contextlib.contextmanager
-def output_errors(uri: str) -> Iterator[None]:
-    """Permanent storage errors inside the block leave as :func:`output_error`'s one line (without a
-    chained cause); transient ones (connection, time-out) and others leave as they are, to be retried."""
+def output_errors(uri: str, doing: str = "written") -> Iterator[None]:
+    """Every storage error inside the block leaves as :func:`storage_error`'s one line, without a chained
+    cause: an :class:`OutputError` when retrying cannot help, else a :class:`TransientIOError` to retry
+    (a chunk PUT's ``OSError(EREMOTEIO)``, s3fs's word for a bucket's 500, is one)."""
     try:
         yield
     except OSError as e:
-        err = output_error(uri, e)
-        if err is None:
-            raise
-        raise err from None
+        raise storage_error(uri, e, doing) from None
 
 
 def storage_error(uri: str, exc: OSError, doing: str = "read") -> OutputError | TransientIOError:
-    """The one-line error for a failed storage call on an output (``doing``: "read" or "written").
+    """The one-line error for a failed storage call on an output (``doing``: "read", "written", …).
 
-    A permanent error (:data:`_PERMANENT_ERRNOS`, by ``errno``) is an :class:`OutputError`; anything
-    else (a bucket's 5xx, a dropped connection, a time-out, a local I/O error) is a
-    :class:`TransientIOError`, which the tile tasks and the flow retry. Never None: callers use it where a
-    storage fault must be *reported*, not mistaken for "nothing there" or handled by another code path.
+    A permanent error (:func:`_permanent`, by ``errno``) is an :class:`OutputError`; anything else (a
+    bucket's 5xx or 403, a dropped connection, a time-out, a local I/O error) is a
+    :class:`TransientIOError`, retried with the run's :class:`~segpipe.core.retry.RetryPolicy`. Never
+    None: callers use it where a storage fault must be *reported*, not mistaken for "nothing there" or
+    "another run holds it", nor handled by another code path.
     """
-    err = output_error(uri, exc)
-    if err is not None:
-        return OutputError(uri, err.problem.replace("cannot be written", f"cannot be {doing}", 1))
-    reason = _reason(exc).strip().splitlines()
-    return TransientIOError(uri, f"cannot be {doing} ({reason[0] if reason else type(exc).__name__})")
+    reason = _permanent(exc)
+    if reason is not None:
+        return OutputError(uri, f"cannot be {doing}: {reason}")
+    lines = _reason(exc).strip().splitlines()
+    return TransientIOError(uri, f"cannot be {doing} ({lines[0] if lines else type(exc).__name__})")
 
 
 def ensure_writable(out: str) -> None:
-    """Create ``out`` if needed and prove it can be written (fails early with one clear line)."""
+    """Create ``out`` if needed and prove it can be written (fails early with one clear line: an
+    :class:`OutputError`, or a :class:`TransientIOError` for a bucket's fault that may pass)."""
     out = strip_file_scheme(out)
     fs, path = filesystem(out)
     probe = join(path, f".segpipe-write-test-{os.getpid()}")
@@ -252,9 +340,10 @@ def ensure_writable(out: str) -> None:
         with fs.open(probe, "wb") as f:
             f.write(b"ok")
         fs.rm(probe)
-    except (OSError, PermissionError) as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise OutputError(out, f"cannot be written ({reason})") from None
+    except OSError as e:
+        if not has_scheme(out) or _permanent(e):
+            raise OutputError(out, f"cannot be written ({_reason(e)})") from None
+        raise TransientIOError(out, f"cannot be written ({_reason(e)})") from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

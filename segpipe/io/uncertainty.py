@@ -18,14 +18,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from segpipe.core.errors import SegpipeError
+from segpipe.core.retry import RetryPolicy
 from segpipe.io.chunks import MISSING, RawChunks, plain_array_meta
-from segpipe.io.storage import filesystem, join, output_errors, strip_file_scheme, write_atomic
+from segpipe.io.storage import filesystem, join, output_errors, storage_error, strip_file_scheme, write_atomic
 
 UNCERTAINTY = "uncertainty"
 #: what ``segpipe.uncertainty`` in an output's root attributes says (docs/outputs.md)
@@ -53,13 +54,15 @@ def read_uncertainty(uri: str) -> np.ndarray | None:
     if why == MISSING:
         return None
     if plain is not None and len(plain.shape) == 2:
-        with output_errors(uri):
+        with output_errors(uri, "read"):
             return plain.read((slice(0, plain.shape[0]), slice(0, plain.shape[1]))).astype(np.float32, copy=False)
     try:
         arr = zarr.open_array(strip_file_scheme(join(uri, UNCERTAINTY)), mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError, KeyError):  # zarr raises these for a missing array
         return None
-    with output_errors(uri):
+    except OSError as e:  # a bucket's fault is never "no array": the run would start from NaN
+        raise storage_error(uri, e, "read") from None
+    with output_errors(uri, "read"):
         return np.asarray(arr[...], dtype=np.float32)
 
 
@@ -118,12 +121,15 @@ class ChunkUncertainty:
     """The driver's copy of one output's uncertainty array: values recorded as tile tasks finish,
     written back every :data:`FLUSH_SECONDS` and by :meth:`flush`.
 
-    Starts from what the store holds (a resumed run keeps the earlier run's values), else all NaN.
+    Starts from what the store holds (a resumed run keeps the earlier run's values), else all NaN. Reads
+    and writes are retried with ``retry`` (default: no retry), and ``retried(error)`` is told of each retry.
     """
 
-    def __init__(self, uri: str, rows: int, cols: int, chunk_size: int, every: float = FLUSH_SECONDS) -> None:
+    def __init__(self, uri: str, rows: int, cols: int, chunk_size: int, every: float = FLUSH_SECONDS,
+                 retry: RetryPolicy | None = None, retried: Callable[[BaseException], None] | None = None) -> None:
         self.uri, self.chunk_size, self.every = uri, chunk_size, every
-        stored = read_uncertainty(uri)
+        self.retry, self.retried = retry or RetryPolicy(attempts=1), retried
+        stored = self.retry.call(lambda: read_uncertainty(uri), retried=retried)
         if stored is not None and stored.shape == (rows, cols):
             self.values = stored
         else:
@@ -149,7 +155,8 @@ class ChunkUncertainty:
         already be on its way; the flush before finalize raises it, named once)."""
         if self.dirty:
             try:
-                write_uncertainty(self.uri, self.values, self.chunk_size)
+                self.retry.call(lambda: write_uncertainty(self.uri, self.values, self.chunk_size),
+                                retried=self.retried)
             except (SegpipeError, OSError):
                 if not quiet:
                     raise

@@ -29,6 +29,11 @@ regions included). Nothing here reads a whole image or mask; the rest of the tra
 * :mod:`segpipe.train.augment` — augmentation settings and the aligned image/mask resize;
 * :mod:`segpipe.train.sampler` — :class:`~segpipe.train.sampler.PatchSampler`, lazy random
   (optionally class-balanced) patches, reproducible per ``(seed, epoch, index)``.
+
+Why this module is long: the layout's checks (headers, ``split.json``, the mask beside its image) and
+the readers of an item on its pixel grid (:func:`at_resolution`, :func:`open_item_image`,
+:func:`open_mask_on`) are the two halves of one question — which pixels of which file an item is —
+and split apart they would each need the other's private details.
 """
 
 from __future__ import annotations

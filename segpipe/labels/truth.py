@@ -17,10 +17,10 @@ evaluation read vector labels exactly as they read raster masks:
 Without regions, ``classes.json``'s ``unlabelled`` decides what uncovered pixels are; vector
 labels without it are an error (a dataset never leaves that to a guess). Labels that say nothing
 (every feature outside the image, no feature and no regions, regions all outside) are errors too
-(:func:`check_says_something`).
+(:func:`segpipe.labels.checks.check_says_something`).
 
 **Compiled once.** Vector truth is read, reprojected, repaired and burned once per file version,
-pixel grid and rules (:func:`compiled_labels`): the result is a tiled class-id raster in the label
+pixel grid and rules (:func:`segpipe.labels.compiled.compiled_labels`): the result is a tiled class-id raster in the label
 cache (:mod:`segpipe.io.labelcache`), which every later reader — in any process — opens like a mask.
 Before compiling, the prepared features (repaired, in pixels, indexed) are kept per process
 (:func:`prepare_labels`), and their counts of repaired, dropped and outside features are reported
@@ -29,25 +29,22 @@ once, when prepared: a warning when any is non-zero.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
-import shapely
 
 from segpipe.core.errors import DatasetError
 from segpipe.core.geometry import Window, gather, source_indices
 from segpipe.core.grid import PixelGrid
 from segpipe.io.readers import ImageInfo, ImageReader
-from segpipe.io.readers.resample import grid_info
-from segpipe.io.storage import filesystem, strip_file_scheme
 from segpipe.labels.burn import BurnStats, LabelShapes, burn_window, cover_window, prepare_shapes
+from segpipe.labels.checks import check_says_something
 from segpipe.labels.classes import IGNORE_INDEX, LabelClasses
+from segpipe.labels.compiled import compiled_labels, file_key
 from segpipe.labels.dataset import Dataset, Item, open_mask_on, open_reader, read_label_classes
 from segpipe.labels.vectors import VectorFeatures, read_label_file, read_vector_file, to_pixels
 
@@ -206,7 +203,7 @@ def build_labels(labels_uri: str | None, regions_uri: str | None, image: ImageIn
     Regions come from ``regions_uri``, the ``regions`` layer of a GeoPackage label file, and the
     label features whose class is in ``region_classes``; all of them together are the labelled area.
 
-    Labels that say nothing are refused (:func:`check_says_something`): a label file whose features
+    Labels that say nothing are refused (:func:`segpipe.labels.checks.check_says_something`): a label file whose features
     all miss the image, one without any feature unless regions say where the image is labelled
     (then it means "all unlabelled" there), and regions that all miss the image. Counts of repaired,
     dropped and outside features are reported once per file, as a warning when any is non-zero.
@@ -267,74 +264,6 @@ def _report(uri: str, parts: list[LabelShapes], regions: LabelShapes | None) -> 
     log.log(logging.DEBUG if seen else level, "%s", line)
 
 
-def check_says_something(labels_file: VectorFeatures | None, labels: LabelShapes,
-                         region_sources: list[VectorFeatures], regions: LabelShapes | None, image: ImageInfo, *,
-                         image_name: str | None = None) -> None:
-    """Refuse labels that would train an image as "all unlabelled" without anybody having said so.
-
-    * a label file whose features (with an area) all miss the image — a wrong CRS, another image's file;
-    * a label file without any feature (an empty layer: an annotator who did not save), unless labelled
-      regions on the image say where it was looked at: regions and no labels is how to say "nothing there";
-    * labelled regions that all miss the image (nothing would be labelled at all).
-
-    The error names the file, its CRS and bounds, and the image's.
-    """
-    if labels_file is not None:
-        s = labels.stats  # label features only: region-class features are prepared apart
-        if not len(labels) and s.outside:
-            raise DatasetError(labels_file.uri, f"all {s.outside} feature(s) lie outside the image "
-                                                f"({_extent(labels_file, image)}); check the file's CRS and that it "
-                                                "is this image's file")
-        if not len(labels) and regions is None:
-            what = f"holds {s.features} feature(s), none with an area" if s.features else "holds no features"
-            name = image_name or "<name>"
-            raise DatasetError(labels_file.uri, f"{what} ({_extent(labels_file, image)}); an unsaved layer? To say "
-                               f"that the image holds nothing to label, draw where it was looked at as regions "
-                               f"(regions/{name}.<ext>, a 'regions' layer or a region class)")
-    if regions is not None and not len(regions):
-        first = region_sources[0]
-        what = "lie outside the image" if regions.stats.outside else "hold no feature with an area"
-        raise DatasetError(first.uri, f"the labelled regions of this image all {what} "
-                                      f"({_extent(first, image)}): nothing on it would be labelled")
-
-
-def _crs_name(wkt: str) -> str:
-    from pyproj import CRS
-
-    crs = CRS.from_wkt(wkt)
-    auth = crs.to_authority()
-    return f"{auth[0]}:{auth[1]}" if auth else crs.name
-
-
-def _bounds_text(b: tuple[float, float, float, float] | np.ndarray) -> str:
-    return f"x {b[0]:.10g}..{b[2]:.10g}, y {b[1]:.10g}..{b[3]:.10g}"
-
-
-def _extent(feats: VectorFeatures, image: ImageInfo) -> str:
-    """The file's CRS and bounds and the image's, in their own coordinates (the facts a wrong CRS shows in)."""
-    present = [g for g in feats.geoms if g is not None and not shapely.is_empty(g)]
-    if feats.pixel_space or image.transform is None:
-        file_crs = "pixels"
-    elif feats.crs_wkt is None:
-        file_crs = "no CRS (read as the image's)"
-    else:
-        file_crs = _crs_name(feats.crs_wkt)
-    file_part = f"file {file_crs}" + (f", {_bounds_text(shapely.total_bounds(present))}" if present else ", empty")
-    if feats.pixel_space or image.transform is None:
-        scale = float(image.extra.get("downsample", 1.0)) * float(image.extra.get("resample_factor", 1.0))
-        level0 = "level-0 " if scale != 1.0 else ""
-        img = f"image {image.uri}: {level0}pixels x 0..{image.width * scale:.10g}, y 0..{image.height * scale:.10g}"
-    else:
-        from affine import Affine
-
-        t = Affine(*image.transform[:6])
-        xs, ys = zip(*(t * (c, r) for c, r in ((0, 0), (image.width, 0), (0, image.height),
-                                                (image.width, image.height))), strict=True)
-        crs = _crs_name(image.crs_wkt) if image.crs_wkt else "no CRS"
-        img = f"image {image.uri}: {crs}, {_bounds_text((min(xs), min(ys), max(xs), max(ys)))}"
-    return f"{file_part}; {img}"
-
-
 def _merge(parts: list[LabelShapes]) -> LabelShapes:
     if len(parts) == 1:
         return parts[0]
@@ -351,26 +280,11 @@ _cache: OrderedDict[tuple, PreparedLabels] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _file_key(uri: str | None) -> tuple:
-    if uri is None:
-        return (None,)
-    local = strip_file_scheme(uri)
-    try:
-        if "://" not in local:
-            st = os.stat(local)
-            return (uri, st.st_size, st.st_mtime_ns)
-        fs, path = filesystem(uri)
-        info = fs.info(path)
-        return (uri, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag"))
-    except (OSError, FileNotFoundError):
-        raise DatasetError(uri, "does not exist") from None
-
-
 def prepare_labels(labels_uri: str | None, regions_uri: str | None, image: ImageInfo, classes: LabelClasses, *,
                    image_name: str | None = None) -> PreparedLabels:
     """:func:`build_labels` through a small per-process cache (keyed by the files' size and time,
     the image's geometry and the rules); logs the feature counts when a file is first prepared."""
-    key = (_file_key(labels_uri), _file_key(regions_uri), image.grid, classes.fingerprint, image_name)
+    key = (file_key(labels_uri), file_key(regions_uri), image.grid, classes.fingerprint, image_name)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
@@ -397,7 +311,7 @@ def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> I
 
     Vector labels and regions are burned on the grid itself (pixel centres of the grid, as
     ``gdal_rasterize`` would at that resolution) **once** per file version, grid and rules: compiled into
-    the label cache (:func:`compiled_labels`) and read from there by the index, the sampler, validation,
+    the label cache (:func:`segpipe.labels.compiled.compiled_labels`) and read from there by the index, the sampler, validation,
     evaluation and corrections alike. A raster mask gives the class id under each grid pixel's centre
     (never averaged).
     """
@@ -408,60 +322,11 @@ def open_truth(dataset: Dataset, item: Item, grid: PixelGrid | None = None) -> I
         assert item.mask_uri is not None
         return open_mask_on(item.mask_uri, grid)
     classes = _label_classes(dataset)
-    return compiled_labels(item, grid, classes)
-
-
-#: what a compiled label raster's key says about how it was made (bump when burning changes)
-COMPILED_FORMAT = "segpipe-compiled-labels/1"
-
-
-def compiled_labels(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
-    """``item``'s vector truth on ``grid``, from the label cache (:mod:`segpipe.io.labelcache`), compiled on a miss.
-
-    The key is every input of the pixels: the files' versions (size and time / ETag), the grid, the
-    label rules (``classes.json``) and the image's name (a COCO file holds several images). A file
-    edited after compiling has another key, so it is read again; nothing is ever served stale.
-    """
-    import hashlib
-    import json
-
-    from segpipe.io.labelcache import label_entry
-
-    files = [_file_key(item.labels_uri), _file_key(item.regions_uri),
-             _file_key(item.mask_uri if item.labels_uri is None else None)]
-    blob = json.dumps([COMPILED_FORMAT, files, grid.as_dict(), classes.fingerprint, item.name], sort_keys=True,
-                      default=str)
-    path = label_entry(hashlib.sha256(blob.encode()).hexdigest()[:40])
-    if not os.path.exists(path):
-        _compile(_burned_truth(item, grid, classes), path)
-    reader = open_mask_on(path, None)
-    # the header of the grid it was burned on (size, georeference), named after the file people drew
-    reader.info = dataclasses.replace(grid_info(reader.info, grid), uri=item.truth_uri, driver="compiled-labels",
-                                      extra={"compiled": path, "image": item.image_uri})
-    return reader
-
-
-def _compile(reader: ImageReader, path: str) -> None:
-    """Burn ``reader`` (vector labels, regions) tile by tile into ``path``: one pass over the grid, in strips."""
-    from segpipe.io.labelcache import BLOCK, write_class_raster
-
-    h, w = reader.info.height, reader.info.width
-
-    def strips():
-        for y0 in range(0, h, BLOCK):
-            sh = min(BLOCK, h - y0)
-            strip = np.empty((sh, w), dtype=np.uint8)
-            for x0 in range(0, w, BLOCK):
-                sw = min(BLOCK, w - x0)
-                strip[:, x0:x0 + sw] = reader.read(Window(y0, x0, sh, sw))[0]
-            yield strip
-
-    with reader:
-        write_class_raster(path, h, w, strips())
+    return compiled_labels(item, grid, classes.fingerprint, lambda: _burned_truth(item, grid, classes))
 
 
 def _burned_truth(item: Item, grid: PixelGrid, classes: LabelClasses) -> ImageReader:
-    """The vector truth of ``item`` burned window by window on ``grid`` (what :func:`compiled_labels` stores)."""
+    """The vector truth of ``item`` burned window by window on ``grid`` (what the label cache stores)."""
     info = _grid_image(item.image_uri, grid)
     if item.mask_uri is not None:
         assert item.regions_uri is not None

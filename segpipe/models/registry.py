@@ -4,7 +4,8 @@ Layout (a local folder or any fsspec URL)::
 
     REG/registry.json          {"format": "segpipe-registry/1", "created": iso}  (the marker)
     REG/v1/ REG/v2/ …          one artifact each (model.json, weights.safetensors) plus optional
-                               metrics.json, report.html, report.md; registration.json last
+                               metrics.json, report.html, report.md; mlm.json (the version as a STAC
+                               MLM item: segpipe.models.mlm); registration.json last
     REG/champion               {"version": "v3", "promoted_at": iso, "reason": "...", "previous": "v2"}
     REG/history.jsonl          one line per promotion (append-only log, informational)
     REG/runs/<stamp>/          retrain rounds (challenger run folder, evaluations, report) when no workdir is given
@@ -29,6 +30,10 @@ Guarantees and why they hold:
 
 ``resolve`` turns what users pass as ``--model`` into an artifact folder: an artifact folder
 as is, a registry folder → its champion, ``REGISTRY@vN`` → that version.
+
+Why this module is long: registering, listing, promoting, the history and pruning all read and write
+one on-disk layout (versions, ``champion.json``, runs) through the same small private helpers; the
+layout stays in one module so no other one depends on its private details.
 """
 
 from __future__ import annotations
@@ -171,6 +176,7 @@ def register(reg_uri: str, artifact_uri: str, *, metrics: dict[str, Any] | str |
     A missing or empty ``reg_uri`` is initialised first. Never overwrites an existing version.
     """
     from segpipe.models.artifact import read_spec
+    from segpipe.models.mlm import MLM_ITEM, mlm_item
 
     artifact_uri = resolve(artifact_uri)
     spec = read_spec(artifact_uri)  # validates model.json before anything is written
@@ -218,6 +224,10 @@ def register(reg_uri: str, artifact_uri: str, *, metrics: dict[str, Any] | str |
         _copy(dfs, src, rfs, join(vpath, name))
     record = {"version": version, "created": _now(), "source": artifact_uri, "weights_sha256": sha,
               "architecture": spec.architecture, "encoder": spec.encoder}
+    # the version as a STAC MLM item (what outputs made with it link to)
+    item = mlm_item(join(strip_file_scheme(reg_uri).rstrip("/"), version), spec, sha,
+                    item_id=f"{_registry_name(reg_uri)}-{version}", created=record["created"])
+    rfs.pipe_file(join(vpath, MLM_ITEM), (json.dumps(item, indent=2) + "\n").encode())
     # written last: a version folder without it is an interrupted registration
     write_atomic(rfs, join(vpath, REGISTRATION), (json.dumps(record, indent=2) + "\n").encode())
     if is_local(rfs):  # make the immutability visible: the files are read-only
@@ -226,6 +236,26 @@ def register(reg_uri: str, artifact_uri: str, *, metrics: dict[str, Any] | str |
             if os.path.isfile(p):
                 os.chmod(p, 0o444)
     return version
+
+
+def _registry_name(reg_uri: str) -> str:
+    return os.path.basename(strip_file_scheme(reg_uri).rstrip("/")) or "registry"
+
+
+def version_mlm_item(model: str) -> dict[str, Any]:
+    """The STAC MLM item of what ``--model`` names: a registry version's stored ``mlm.json`` (made when it
+    was registered), else one made from the artifact (:func:`segpipe.models.mlm.artifact_mlm_item`)."""
+    from segpipe.models.mlm import MLM_ITEM, artifact_mlm_item
+
+    uri = resolve(model)
+    fs, path = _fs(uri)
+    stored = join(path, MLM_ITEM)
+    if fs.exists(stored):
+        return _read_json(fs, stored, "MLM item")
+    parent = os.path.dirname(strip_file_scheme(uri).rstrip("/"))
+    name = os.path.basename(strip_file_scheme(uri).rstrip("/"))
+    item_id = f"{_registry_name(parent)}-{name}" if _VERSION_RE.match(name) and is_registry(parent) else None
+    return artifact_mlm_item(uri, item_id=item_id)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ writes an artifact (``model.json`` + ``weights.safetensors`` + ``metrics.json``)
 This module owns the loop itself: setting up the optimizer and schedule, one epoch of steps
 (:func:`_train_epoch`), validation with early stopping (:func:`_validate`) and the artifact
 (:func:`_write_artifact`). The settings are in :mod:`segpipe.train.settings`, the loss in
-:mod:`segpipe.train.loss`, checkpoints and resume in :mod:`segpipe.train.checkpoint`.
+:mod:`segpipe.train.loss`, the optimizer, its schedule and the time budget in
+:mod:`segpipe.train.schedule`, checkpoints and resume in :mod:`segpipe.train.checkpoint`.
 Patches are a pure function of ``(seed, epoch, index)``, so with ``num_workers`` any value a
 resumed run reproduces the straight run; on CPU the weights come out bit-identical.
 """
@@ -45,6 +46,7 @@ from segpipe.train.loss import class_weights, make_loss
 from segpipe.train.normalization import band_statistics, default_input_scale
 from segpipe.train.resolution import dataset_resolution
 from segpipe.train.sampler import PatchSampler
+from segpipe.train.schedule import epochs_in_budget, optimizer, planned_epochs, replan
 from segpipe.train.settings import TrainSettings, resolve_training_precision, settings_dump
 from segpipe.train.validate import validate
 
@@ -136,22 +138,6 @@ def _prepare_data(data_root: str, full: Dataset, train_ds: Dataset, val_ds: Data
     return _Data(full, train_ds, val_ds, counts, weights, input_scale, mean, std, sampler, resolution)
 
 
-def _optimizer(net: torch.nn.Module, s: TrainSettings, device: torch.device, precision: str):
-    """AdamW, its learning-rate schedule over all steps, and a gradient scaler for fp16 (else None)."""
-    import torch
-
-    total_steps = s.epochs * (s.patches_per_epoch // s.batch_size)
-    # fused AdamW: one kernel over all parameters (~25 % faster steps on CPU for small patches)
-    opt = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay,
-                            fused=True if device.type in ("cpu", "cuda") else None)
-    if s.schedule == "onecycle":
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total_steps)
-    else:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return opt, sched, scaler
-
-
 def _train_epoch(net, loader, opt, sched, scaler, loss_fn, *, device: torch.device, amp_dtype, epoch: int,
                  s: TrainSettings, on_steps: Callable[[int, float], None]) -> tuple[float, int]:
     """One epoch of optimizer steps; returns (summed loss, steps). ``on_steps(steps, mean loss)``
@@ -235,7 +221,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     import torch
     from torch.utils.data import DataLoader
 
-    from segpipe.engine.predictor import resolve_device
+    from segpipe.engine.runtime import resolve_device
 
     t_start = time.perf_counter()
     s = settings or TrainSettings()
@@ -262,7 +248,7 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     data = _prepare_data(data_root, full, train_ds, val_ds, s, resolution)
 
     net = net.to(device).to(memory_format=torch.channels_last)
-    opt, sched, scaler = _optimizer(net, s, device, precision)
+    opt, sched, scaler = optimizer(net, s, device, precision)
     loss_fn = make_loss(data.weights, full.num_classes, s.dice_weight, device)
 
     fs, out_path = filesystem(out_uri)
@@ -291,25 +277,25 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
     # a line every PROGRESS_EVERY_S on the log (the flow's run logs): an epoch can take hours
     say = ProgressLog(log)
     steps_per_epoch = s.patches_per_epoch // s.batch_size
+    planned = planned_epochs(sched, steps_per_epoch)  # s.epochs, or what a time budget left (resume)
 
     def on_steps(task: Any, epoch: int, n: int, mean_loss: float) -> None:
         bar.update(task, completed=n, loss=f"{mean_loss:.4f}")
-        say(lambda: f"epoch {epoch + 1}/{s.epochs}: step {n}/{steps_per_epoch}, loss {mean_loss:.4f}")
+        say(lambda: f"epoch {epoch + 1}/{planned}: step {n}/{steps_per_epoch}, loss {mean_loss:.4f}")
 
     validated = [0]  # pixels of this epoch's validation so far
 
     def on_image(task: Any, epoch: int, px: int) -> None:
         bar.advance(task, px)
         validated[0] += px
-        say(lambda: f"validation {epoch + 1}/{s.epochs}: {validated[0] / 1e6:.1f} of {data.val.pixels / 1e6:.1f} MP")
+        say(lambda: f"validation {epoch + 1}/{planned}: {validated[0] / 1e6:.1f} of {data.val.pixels / 1e6:.1f} MP")
 
     with _progress_bar(progress) as bar:
-        for epoch in range(prog.epoch, s.epochs):
-            if prog.stop_reason is not None:
-                break
+        while prog.epoch < planned and prog.stop_reason is None:  # a time budget may move ``planned``
+            epoch = prog.epoch
             t0 = time.perf_counter()
             order.epoch = epoch
-            task = bar.add_task(f"epoch {epoch + 1}/{s.epochs}", total=s.patches_per_epoch // s.batch_size,
+            task = bar.add_task(f"epoch {epoch + 1}/{planned}", total=steps_per_epoch,
                                 loss="-")
             loss_sum, n_steps = _train_epoch(
                 net, loader, opt, sched, scaler, loss_fn, device=device, amp_dtype=amp_dtype, epoch=epoch, s=s,
@@ -321,18 +307,27 @@ def train(data_root: str, out_uri: str, settings: TrainSettings | None = None, *
                 "lr": float(sched.get_last_lr()[0]),
                 "patches_per_s": n_steps * s.batch_size / train_seconds if train_seconds > 0 else None,
             }
-            if val_ds.items and ((epoch + 1) % s.val_every == 0 or epoch + 1 == s.epochs):
+            if val_ds.items and ((epoch + 1) % s.val_every == 0 or epoch + 1 == planned):
                 validated[0] = 0
-                vtask = bar.add_task(f"validation {epoch + 1}/{s.epochs}", total=data.val.pixels, loss="-")
+                vtask = bar.add_task(f"validation {epoch + 1}/{planned}", total=data.val.pixels, loss="-")
                 _validate(net, data, prog, entry, epoch=epoch, s=s, device=device, precision=precision,
                           on_image=lambda px, vtask=vtask, epoch=epoch: on_image(vtask, epoch, px))
             entry["seconds"] = time.perf_counter() - t0
             prog.history.append(entry)
             prog.epoch = epoch + 1
-            if prog.epoch == s.epochs and prog.stop_reason is None:
-                prog.stop_reason = "completed"
+            if s.max_seconds is not None and prog.stop_reason is None:
+                # each epoch measures the pace: the epochs left and the schedule are fitted to what remains
+                # of the budget (the first epoch is slower: kernels are chosen, the machine may be busy)
+                fit = epochs_in_budget(s, prog.epoch, time.perf_counter() - t_start, entry["seconds"])
+                if fit != planned:
+                    log.info("time budget %.0f s: %d epoch(s) fit, not %d (%.0f s per epoch now)", s.max_seconds,
+                             fit, planned, entry["seconds"])
+                    planned, sched = fit, replan(opt, sched, s, fit)
+            if prog.epoch >= planned and prog.stop_reason is None:
+                prog.stop_reason = "completed" if planned == s.epochs else \
+                    f"completed {planned} epoch(s), all that fit in the time budget ({s.max_seconds:.0f} s)"
             save_checkpoint(fs, ckdir, net, opt, sched, scaler, prog, s, data_root)
-            log.info("%s", epoch_line(entry, s.epochs))
+            log.info("%s", epoch_line(entry, planned))
             if on_epoch is not None:
                 on_epoch(dict(entry))
             bar.remove_task(task)

@@ -32,6 +32,10 @@ from segpipe.labels.truth import open_truth
 from segpipe.train.augment import NO_AUGMENT, AugmentSettings, augment_pair, resize_pair
 from segpipe.train.index import MaskIndex, index_masks
 
+#: open readers (images and truths together) a sampler keeps per process: a patch picks a random image, so
+#: with fewer handles than twice the images most patches reopened a file (header, probing, block cache lost)
+HANDLES = 128
+
 
 class _Readers(threading.local):
     """Open readers of this thread (LRU); dataset handles are not thread-safe and not picklable."""
@@ -39,11 +43,11 @@ class _Readers(threading.local):
     def __init__(self) -> None:
         self.cache: OrderedDict[str, ImageReader] = OrderedDict()
 
-    def get(self, item: Item, size: int = 16) -> ImageReader:
+    def get(self, item: Item, size: int = HANDLES) -> ImageReader:
         """The image reader of ``item`` (at the dataset's resolution)."""
         return self._get("image:" + item.image_uri, lambda: open_item_image(item), size)
 
-    def truth(self, dataset: Dataset, item: Item, size: int = 16) -> ImageReader:
+    def truth(self, dataset: Dataset, item: Item, size: int = HANDLES) -> ImageReader:
         """The class-id reader of ``item`` (mask, vector labels, regions)."""
         return self._get("truth:" + item.truth_uri, lambda: open_truth(dataset, item), size)
 

@@ -31,6 +31,12 @@ class TrainSettings(BaseModel):
         "None = random initialisation.",
     )
     epochs: int = Field(20, ge=1, le=100_000, description="Epochs to train (at most; early stopping may end sooner).")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Time budget of the training, validation included: after each epoch, the epochs "
+        "that fit in what is left at the last epoch's pace (never more than epochs) are planned, and the "
+        "learning-rate schedule with them; an epoch that would end past it is not started. None = epochs alone "
+        "decide.",
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Patches per optimizer step.")
     patch_size: int = Field(256, ge=32, le=8192, description="Side of a training patch in pixels (multiple of 32).")
     patches_per_epoch: int = Field(
@@ -140,6 +146,6 @@ def settings_dump(s: TrainSettings) -> dict[str, Any]:
 
 def resolve_training_precision(precision: str, device: torch.device) -> str:
     """auto → bf16 where the device computes it natively (CUDA with bf16, AVX-512-BF16/AMX CPUs), else fp32."""
-    from segpipe.engine.predictor import resolve_precision
+    from segpipe.engine.runtime import resolve_precision
 
     return resolve_precision(precision, device, cuda_without_bf16="fp32", what="precision")

@@ -30,8 +30,8 @@ from segpipe.io.readers.orientation import exif_orientation, orient_block, orien
 from segpipe.io.storage import has_scheme, strip_file_scheme
 
 
-def gdal_options() -> dict[str, str | int]:
-    """GDAL settings for S3-compatible endpoints, derived from the standard AWS variables.
+def gdal_options(uri: str | None = None) -> dict[str, str | int]:
+    """GDAL settings for reading ``uri``; for S3-compatible endpoints, derived from the standard AWS variables.
 
     s3fs/boto read ``AWS_ENDPOINT_URL``; GDAL's /vsis3/ needs ``AWS_S3_ENDPOINT`` (host:port),
     ``AWS_HTTPS`` and ``AWS_VIRTUAL_HOSTING`` instead, so translate once here.
@@ -51,8 +51,12 @@ def gdal_options() -> dict[str, str | int]:
     # (a window covering the whole image takes that path); the row-by-row path reports the damage.
     # A reader turns the fast path back on for a PNG that is whole (:func:`png_is_whole`)
     opts["GDAL_PNG_WHOLE_IMAGE_OPTIM"] = "NO"
-    # decode the blocks of one window read in parallel (GTiff)
-    opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "ALL_CPUS")
+    # decode the blocks of one window read in parallel (GTiff) — local files only: with threads on, GDAL
+    # 3.10 fetches a remote window's tiles in one multi-range request it never retries (OSGeo/gdal#12933,
+    # retried from #13898 on), so one 5xx or reset from the bucket reads as a corrupt image and fails it for
+    # good (the chaos run, docs/benchmarks.md); one thread takes GDAL's retried single-range path
+    remote = uri is not None and has_scheme(strip_file_scheme(uri))
+    opts["GDAL_NUM_THREADS"] = os.environ.get("GDAL_NUM_THREADS", "1" if remote else "ALL_CPUS")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
         scheme, _, hostport = endpoint.partition("://")
@@ -102,8 +106,8 @@ def check_local_file(uri: str) -> None:
     path = strip_file_scheme(uri)
     if not os.path.exists(path):
         raise InputError(uri, "does not exist")
-    if os.path.isdir(path):
-        raise InputError(uri, "is a folder, not an image")
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zattrs")):
+        raise InputError(uri, "is a folder, not an image")  # a Zarr store is one (OME-Zarr: readers.omezarr)
     if os.path.getsize(path) == 0:
         raise InputError(uri, "is empty (0 bytes)")
 
@@ -130,8 +134,10 @@ def _gdal_reason(exc: BaseException) -> str:
     return msg
 
 
-#: HTTP statuses that a retry may cure (timeout, throttling); any other 4xx is final (404, 403, …)
-_RETRYABLE_4XX = (408, 429)
+#: HTTP statuses that a retry may cure: timeout, throttling, and an object store's 403 (credentials being
+#: refreshed, a policy propagating: the same rule as io.storage's for outputs); any other 4xx is final (404, …).
+#: A 403 that does not clear fails the image after the run's retries, with one line naming it.
+_RETRYABLE_4XX = (403, 408, 429)
 _HTTP_STATUS = re.compile(r"HTTP (?:response|error) code\s*:\s*(\d{3})")
 
 
@@ -144,17 +150,17 @@ def _transient_class(exc: BaseException) -> bool:
         m = _HTTP_STATUS.search(str(exc))
         code = int(m.group(1)) if m else None  # no status: curl failed (timeout, reset): transient
         return code is None or code >= 500 or code in _RETRYABLE_4XX
-    # CPLE_AWSError is S3's generic error (SlowDown, InternalError, …); its siblings
-    # (AccessDenied, BucketNotFound, ObjectNotFound, InvalidCredentials, SignatureDoesNotMatch) are final
-    return type(exc) in (_err.CPLE_AWSError, _err.CPLE_FileIOError)
+    # CPLE_AWSError is S3's generic error (SlowDown, InternalError, …), AccessDenied a 403 (above); the other
+    # siblings (BucketNotFound, ObjectNotFound, InvalidCredentials, SignatureDoesNotMatch) are final
+    return type(exc) in (_err.CPLE_AWSError, _err.CPLE_AWSAccessDeniedError, _err.CPLE_FileIOError)
 
 
 def transient_gdal_error(exc: BaseException) -> bool:
     """True when a failed GDAL call on a remote file is worth retrying, decided by error class.
 
     Walks the exception and its causes (rasterio ≥ 1.4 chains GDAL's error stack as
-    ``__cause__``): :class:`rasterio._err.CPLE_HttpResponseError` (5xx, 408, 429, or no status),
-    the generic :class:`rasterio._err.CPLE_AWSError`, :class:`rasterio._err.CPLE_FileIOError`,
+    ``__cause__``): :class:`rasterio._err.CPLE_HttpResponseError` (5xx, 403, 408, 429, or no status),
+    the generic :class:`rasterio._err.CPLE_AWSError` and its AccessDenied, :class:`rasterio._err.CPLE_FileIOError`,
     ``ConnectionError`` and ``TimeoutError`` are transient. Messages are never searched for words,
     so a format error that quotes a ``/vsicurl/https://…`` path is the file's fault. (GDAL 3.10
     reports an HTTP failure *during* a tile read only through libtiff's ``CPLE_AppDefined``
@@ -223,7 +229,7 @@ class RasterioReader:
         check_local_file(uri)
         # GDAL settings apply per call (rasterio.Env is a per-thread stack: holding one open for the
         # reader's lifetime breaks when readers are closed in another order than they were opened)
-        self._gdal = gdal_options()
+        self._gdal = gdal_options(uri)
         # level N of a GeoTIFF/COG is its overview N (level 0 = full resolution)
         opts = {"overview_level": level - 1} if level else {}
         try:

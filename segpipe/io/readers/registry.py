@@ -19,6 +19,7 @@ from functools import partial
 from segpipe.core.errors import ConfigError, InputError
 from segpipe.core.grid import PixelGrid, grid_at, grid_at_level
 from segpipe.io.readers.base import ImageInfo, ImageReader
+from segpipe.io.readers.omezarr import open_omezarr
 from segpipe.io.readers.raster import RasterioReader, check_local_file
 from segpipe.io.readers.resample import on_grid
 from segpipe.io.readers.slide import open_slide
@@ -29,7 +30,7 @@ def _rasterio(uri: str, bands: Sequence[int] | None, level: int | None = None) -
 
 
 #: tried in order; each returns a reader at a pyramid level (None = level 0), or None for "not mine"
-READERS: tuple[Callable[..., ImageReader | None], ...] = (open_slide, _rasterio)
+READERS: tuple[Callable[..., ImageReader | None], ...] = (open_slide, open_omezarr, _rasterio)
 
 
 def choose_grid(info: ImageInfo, *, level: int | None = None, mpp: float | None = None,

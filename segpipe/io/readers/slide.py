@@ -62,7 +62,7 @@ def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- shared reader logic
 
 
-class _PyramidReader:
+class PyramidReader:
     """Windowed reads of one level of a pyramid, as it is."""
 
     info: ImageInfo
@@ -105,7 +105,7 @@ class _PyramidReader:
             strips.append(out.astype(dtype))
         return np.concatenate(strips, axis=1)
 
-    def __enter__(self) -> _PyramidReader:
+    def __enter__(self) -> PyramidReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -115,7 +115,7 @@ class _PyramidReader:
         raise NotImplementedError
 
 
-def _check_level(uri: str, level: int | None, count: int) -> int:
+def check_level(uri: str, level: int | None, count: int) -> int:
     chosen = 0 if level is None else level
     if not 0 <= chosen < count:
         raise InputError(uri, f"has {count} pyramid level(s) (0–{count - 1}); level {chosen} does not exist")
@@ -125,7 +125,7 @@ def _check_level(uri: str, level: int | None, count: int) -> int:
 # --------------------------------------------------------------------------- OpenSlide
 
 
-class OpenSlideReader(_PyramidReader):
+class OpenSlideReader(PyramidReader):
     """Whole-slide images through OpenSlide: RGB uint8, transparent (no-data) pixels white."""
 
     def __init__(self, uri: str, bands: Sequence[int] | None = None, *, level: int | None = None) -> None:
@@ -143,7 +143,7 @@ class OpenSlideReader(_PyramidReader):
         self._level_shapes = [(h, w) for w, h in slide.level_dimensions]
         base_mpp = _float(props.get(openslide.PROPERTY_NAME_MPP_X))
         try:
-            self._level = _check_level(uri, level, slide.level_count)
+            self._level = check_level(uri, level, slide.level_count)
         except Exception:
             slide.close()
             raise
@@ -208,7 +208,7 @@ def _ome_physical(xml: str) -> tuple[float | None, float | None]:
     return mpp, magnification
 
 
-class OmeTiffReader(_PyramidReader):
+class OmeTiffReader(PyramidReader):
     """OME-TIFF pyramids (series 0) read window by window from tifffile's Zarr store.
 
     Axes: Y and X, an optional band axis (S for interleaved RGB or C for channels), other
@@ -250,7 +250,7 @@ class OmeTiffReader(_PyramidReader):
         base_w = self._level_shapes[0][1]
         downsamples = [base_w / w for _, w in self._level_shapes]
         base_mpp, magnification = _ome_physical(self._tiff.ome_metadata or "")
-        self._level = _check_level(uri, level, len(self._level_shapes))
+        self._level = check_level(uri, level, len(self._level_shapes))
         height, width = self._level_shapes[self._level]
         self._arrays: dict[int, Any] = {}
         self.info = ImageInfo(

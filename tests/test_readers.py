@@ -3,7 +3,7 @@ import pytest
 
 from segpipe.core.errors import InputError
 from segpipe.core.geometry import Window
-from segpipe.io.readers import open_image, shared_reader
+from segpipe.io.readers import open_image, shared_reader, thread_reader
 from segpipe.io.storage import list_images, output_uri, safe_relative
 from tests.helpers import sample_photo, write_geotiff, write_jpeg, write_png
 
@@ -292,7 +292,7 @@ def test_read_errors_are_classified_by_gdal_error_class(http_images, monkeypatch
 
 
 def test_windows_from_shared_blocks_equal_gdal_and_decode_each_block_once(tmp_path, monkeypatch):
-    """A tiled GeoTIFF read through several handles (the GPU path's per-thread readers): every window equals
+    """A tiled GeoTIFF read through per-thread handles (the GPU path's thread readers): every window equals
     GDAL's own read (inside, across and past the edges), and each block is decoded once however many
     overlapping windows and handles read it; a file rewritten in place is never served from its old blocks."""
     import threading
@@ -315,12 +315,13 @@ def test_windows_from_shared_blocks_equal_gdal_and_decode_each_block_once(tmp_pa
         return real(key, y0, x0, h, w, block, size, count)
 
     monkeypatch.setattr(raster, "assemble", counting)
-    readers = [open_image(str(path)) for _ in range(3)]
-    assert readers[0]._blocks is not None
     windows = [Window(y, x, 300, 300) for y in range(-50, 700, 150) for x in range(-50, 900, 150)]
     got: dict[int, np.ndarray] = {}
+    readers: list = [None] * 3
 
     def work(k: int) -> None:
+        readers[k] = thread_reader(str(path))  # this thread's own handle, as a GPU worker's threads read
+        assert readers[k].cache_blocks and readers[k]._blocks is not None
         for i in range(k, len(windows), 3):
             got[i] = readers[k].read(windows[i])
 
@@ -339,7 +340,10 @@ def test_windows_from_shared_blocks_equal_gdal_and_decode_each_block_once(tmp_pa
         r.close()
     write_geotiff(path, img[:, ::-1].copy(), tiled=True)  # the same path, new content
     with open_image(str(path)) as r:
+        r.cache_blocks = True
         np.testing.assert_array_equal(r.read(Window(0, 0, 700, 900)), img[:, ::-1])
+    with open_image(str(path)) as r:  # one shared handle (the CPU path): GDAL's own cache, not these blocks
+        assert not r.cache_blocks
 
 
 def test_block_cache_decodes_once_and_stays_within_its_bound():

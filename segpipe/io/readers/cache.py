@@ -123,7 +123,9 @@ def thread_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
     """This thread's own reader for an image (a few handles per thread, LRU).
 
     For large batches (GPU workers): each thread reads its batch of neighbouring windows in
-    parallel with the others, and the block cache still serves the overlaps within a batch.
+    parallel with the others. The handles of one image share their decoded blocks
+    (:mod:`segpipe.io.readers.blocks`): a window's halo reaches into blocks another thread's handle
+    decoded moments ago, and GDAL's cache is per handle.
     """
     cache: OrderedDict = getattr(_local, "readers", None) or OrderedDict()
     _local.readers = cache
@@ -132,6 +134,8 @@ def thread_reader(uri: str, bands: Sequence[int] | None = None, *, grid: PixelGr
     reader = cache.get(key)
     if reader is None:
         reader = open_image(uri, bands, grid=grid)
+        if grid is None and hasattr(reader, "cache_blocks"):  # its own pixels (a resampled read spans many blocks once)
+            reader.cache_blocks = True
         cache[key] = reader
         while len(cache) > 4:
             cache.popitem(last=False)[1].close()

@@ -217,9 +217,11 @@ class RasterioReader:
     """
 
     #: windows are assembled from the process's shared decoded blocks where the file allows it
-    #: (:meth:`_block_layout`); a resampling reader over this one turns it off: its reads span many
-    #: blocks once, and keeping them would only hold memory (segpipe.io.readers.resample.GridReader)
-    cache_blocks = True
+    #: (:meth:`_block_layout`): turned on for the per-thread handles of an image
+    #: (:func:`segpipe.io.readers.cache.thread_reader`), whose overlapping windows each handle's own GDAL
+    #: cache decoded again; one shared handle's GDAL cache already decodes each block once (and decodes a
+    #: window's blocks in parallel), and a resampling reader's reads span many blocks once
+    cache_blocks = False
 
     def __init__(self, uri: str, bands: Sequence[int] | None = None, level: int | None = None) -> None:
         import rasterio

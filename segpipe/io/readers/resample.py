@@ -46,8 +46,6 @@ class GridReader:
             raise ValueError(f"factors must be positive, got {ry}, {rx}")
         self.base, self.grid, self.ry, self.rx, self.labels = base, grid, float(ry), float(rx), labels
         self.info = grid_info(base.info, grid, level=level, grid_factor=[self.ry, self.rx])
-        if hasattr(base, "cache_blocks"):  # its reads span many source blocks, once: keep none of them
-            base.cache_blocks = False
 
     @property
     def factor(self) -> float:

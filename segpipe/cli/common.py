@@ -34,7 +34,7 @@ ENGINE_LIBRARIES = ("distributed", "torch", "segmentation_models_pytorch")
 
 def preload(modules: tuple[str, ...] = ENGINE_LIBRARIES) -> None:
     """Import ``modules`` with Python's cyclic garbage collector off, then freeze what they allocated (and,
-    on fewer than 4 cores, with OpenMP's spinning bounded).
+    on fewer than 4 cores, with OpenMP's spinning bounded: :func:`segpipe.engine.cluster.bound_openmp_spinning`).
 
     Importing torch and segmentation-models-pytorch (which pulls timm, torchvision and torch._dynamo) makes
     hundreds of thousands of objects that live as long as the process; the collector's full passes over
@@ -43,15 +43,10 @@ def preload(modules: tuple[str, ...] = ENGINE_LIBRARIES) -> None:
     says so there)."""
     import gc
     import importlib
-    import os
 
-    if len(os.sched_getaffinity(0)) < 4 and "OMP_WAIT_POLICY" not in os.environ:
-        # Below 4 cores the forward's OpenMP threads share every core with the threads that read and write
-        # (engine.predictor.cpu_threads). libgomp's default spins ~300,000 times after each parallel region
-        # before it sleeps: between the compute thread's small regions that kept a core busy doing nothing
-        # (62 % of a free-model run's CPU samples; the forward itself is as fast with 300: docs/benchmarks.md,
-        # issue 22). Read when torch loads libgomp, so it is set before the import; a user's value is kept.
-        os.environ.setdefault("GOMP_SPINCOUNT", "300")
+    from segpipe.engine.cluster import bound_openmp_spinning
+
+    bound_openmp_spinning()  # (read once, when torch loads libgomp)
     enabled = gc.isenabled()
     gc.disable()
     try:

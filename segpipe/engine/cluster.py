@@ -114,6 +114,25 @@ def check_device_pinning(device: str, settings: ClusterSettings) -> None:
                           f"use --device auto or cuda, and CUDA_VISIBLE_DEVICES to choose GPUs, not --device {device}")
 
 
+#: below this many cores the forward's OpenMP threads share every core with the reading and writing threads
+#: (the cut of engine.predictor.cpu_threads)
+SHARED_CORES_BELOW = 4
+
+
+def bound_openmp_spinning() -> None:
+    """Below :data:`SHARED_CORES_BELOW` cores, bound how long libgomp's idle threads spin (``GOMP_SPINCOUNT``
+    300) unless the user chose a value or a wait policy. Call it before torch is imported: libgomp reads it once.
+
+    There the forward's OpenMP threads share every core with the threads that read and write. libgomp's
+    default spins ~300,000 times after each parallel region before it sleeps: between the compute thread's
+    small regions that kept a core busy doing nothing (62 % of a free-model run's CPU samples), while the
+    forward itself is as fast with 300 (docs/benchmarks.md, issue 22). Until then something else made
+    libgomp throttle its spinning: a parallel NaN check of the weights on the main thread (more OpenMP
+    threads than cores)."""
+    if len(os.sched_getaffinity(0)) < SHARED_CORES_BELOW and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "300")
+
+
 def default_threads(gpus: int) -> int:
     """Worker threads: 3 on a CPU (one computes, two read and write); with a GPU, enough CPU threads
     to read, normalise and write as fast as the GPU computes (reading is then the limit)."""

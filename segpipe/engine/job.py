@@ -33,6 +33,9 @@ def check_model(model: str) -> tuple[ModelRef, Artifact]:
 
     The network built to validate it is kept by the artifact: a predictor made from the artifact in this
     process takes it instead of building a second one (~0.3 s of a run's start)."""
+    from segpipe.engine.cluster import bound_openmp_spinning
+
+    bound_openmp_spinning()  # before torch loads (a flow or library caller that did not preload it)
     artifact = load_artifact(resolve_model(model))
     artifact.keep_network(artifact.network())  # validates every tensor's name and shape
     return ModelRef(artifact.uri, artifact.sha256, artifact.spec), artifact

@@ -253,7 +253,7 @@ _STAGES: list[tuple[str, str, str]] = [
     ("build_probability_pyramid", "segpipe/engine/pyramid", "pyramid"),
     ("_run_tiles", "segpipe/engine/tasks", "task-setup"),
     ("segment_image", "segpipe/engine/segment", "per-image"),
-    ("_run_tasks", "segpipe/engine/tasks", "driver"),
+    ("run_tile_tasks", "segpipe/engine/tasks", "driver"),
     ("check_model", "segpipe/engine/job", "model-load"),
     ("segment_many", "segpipe/engine/segment", "driver"),
 ]

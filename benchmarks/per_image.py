@@ -61,7 +61,7 @@ def timed(name: str, fn: Any) -> Any:
 
 STAGES = {
     "segpipe.engine.segment": ["segment_image", "shared_reader", "_read_header", "inspect_output", "acquire_lock",
-                               "provenance", "prepare_output", "ChunkUncertainty", "_run_tasks", "_build_pyramid",
+                               "provenance", "prepare_output", "ChunkUncertainty", "run_tile_tasks", "build_output_pyramids",
                                "finalize"],
     "segpipe.engine.tasks": ["_run_tiles", "write_chunk"],
     "segpipe.engine.tiled": ["_predict_batch"],

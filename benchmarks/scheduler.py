@@ -1,7 +1,7 @@
 """One Dask scheduler at fleet scale: tasks/s dispatched and the scheduler's CPU for N single-thread workers.
 
 Starts a real ``dask scheduler`` and N ``dask worker`` processes (1 thread, small memory, no nanny) on
-127.0.0.1, and drives them the way segpipe's driver does (``engine.tasks._run_tasks``: a bounded
+127.0.0.1, and drives them the way segpipe's driver does (``engine.tasks.run_tile_tasks``: a bounded
 number of tile tasks in flight, one submitted per completion, each task carrying a pickled image
 job and a few (tile, chunks) keys, returning small counters). Each task holds a simulated device
 for ``task megapixels / device rate`` seconds and does no I/O. Workers are added step by step

@@ -67,7 +67,7 @@ def _portable(e: Exception) -> Exception:
 
 class SharedItem:
     """One small image's tile work handed to :class:`SharedTasks`: a future-like value with what
-    :func:`segpipe.engine.tasks._run_tasks` uses of a Dask future (``key``, ``status``, ``result``,
+    :func:`segpipe.engine.tasks.run_tile_tasks` uses of a Dask future (``key``, ``status``, ``result``,
     ``exception``, ``traceback``, ``add_done_callback``, ``cancel``, ``release``)."""
 
     def __init__(self, owner: SharedTasks, client: Client, job: ChunkJob, work: TileWork,
@@ -254,7 +254,7 @@ def is_small(tiles: int, tiles_per_task: int, background: bool) -> bool:
 
 
 def share_tasks(client: Client, job: ChunkJob, threads: int) -> Callable[[TileWork, dict[str, float] | None], SharedItem]:
-    """``submit(work, resources)`` for :func:`segpipe.engine.tasks._run_tasks`: one small image's tile work
+    """``submit(work, resources)`` for :func:`segpipe.engine.tasks.run_tile_tasks`: one small image's tile work
     into this process's :class:`SharedTasks` for the cluster of ``client`` (``threads`` worker threads)."""
     pool = shared_tasks(client)
 

@@ -3,6 +3,11 @@
 The driver (a Prefect task, the CLI, or library code) only handles small values:
 URIs, chunk indices and counters. Each Dask task reads its own windows, runs the
 worker's cached predictor and writes its own Zarr chunks.
+
+Why this module is long: one image's life (header, checks, output decision, lock, tile tasks, pyramid,
+finalize and the release of its lock and pinned reader on every exit) is one sequence, and the loop over
+many images shares its model, output names and images-in-flight window; split, an image's lock would be
+taken in one module and released in another.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from segpipe.engine.job import ChunkJob, ModelRef, check_model
 from segpipe.engine.ownership import OutputPlan, assign_outputs, plan_output, provenance
 from segpipe.engine.runtime import resolve_run_runtime
 from segpipe.engine.sizing import TaskSizer, batched, tiles_per_task
-from segpipe.engine.tasks import _build_pyramid, _run_tasks, _tile_work
+from segpipe.engine.tasks import build_output_pyramids, run_tile_tasks, tile_work
 from segpipe.engine.tiled import TilePlan
 from segpipe.io.locks import OutputLock
 from segpipe.io.locks import acquire as acquire_lock
@@ -259,7 +264,7 @@ def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: Segme
         job = ChunkJob(image.uri, settings.read, model, settings.inference, settings.tiling, target,
                        settings.output.background_class, image.fingerprint, norm, tissue=tissue,
                        forward_batch=per_task, grid=grid_px, retry=settings.retry)
-        compute, fill = _tile_work(tplan, done, background)
+        compute, fill = tile_work(tplan, done, background)
         sizer = TaskSizer(settings.inference.task_seconds, per_task, tplan.window_side, len(tplan.tiles), threads,
                           (model.sha256, settings.inference.device))
         uncertainty = ChunkUncertainty(target_uri, grid.rows, grid.cols, grid.chunk_size,  # resumed: kept
@@ -269,7 +274,7 @@ def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: Segme
             shared = share_tasks(client, job, threads)
             result.extra["shared_task"] = True
         t_tasks = time.perf_counter()
-        stats = _run_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
+        stats = run_tile_tasks(client, job, batched(compute, sizer.size), batched(fill, 32), result, progress,
                            gpu_workers, threads, sizer, uncertainty, shared)
         t_tasks = time.perf_counter() - t_tasks
         uncertainty.flush()  # already written at the loop's end unless that failed: then this names the error
@@ -279,7 +284,7 @@ def _segment_once(image: SourceImage, model: ModelRef, out: str, settings: Segme
             result.notes.append(f"{image.uri}: the model predicted one class ({name}) everywhere; check the "
                                 "model and the input's pixel type and bands")
         if settings.output.pyramid:
-            _build_pyramid(target, client, tasks)
+            build_output_pyramids(target, client, tasks)
         finalize(target_uri, {"segpipe": {"chunks": len(grid), "chunks_resumed": len(done),
                                           "chunks_skipped": result.chunks_skipped,
                                           "uncertainty": uncertainty.attrs,

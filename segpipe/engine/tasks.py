@@ -203,7 +203,7 @@ def _run_tiles(job: ChunkJob, work: TileWork, fill: bool) -> dict[str, Any]:
             "host_seconds": max(0.0, time.perf_counter() - t0 - timed.seconds)}
 
 
-def _tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
+def tile_work(plan: TilePlan, done: set[tuple[int, int]], background: set[tuple[int, int]]
                ) -> tuple[Iterator[Any], Iterator[Any]]:
     """Lazily, the (tile, chunks) to compute and the (tile, chunks) to write as background fill.
 
@@ -248,7 +248,7 @@ def task_budget(client: Client, threads: int) -> TaskBudget:
     return budget
 
 
-def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
+def run_tile_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
                sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None,
                shared: Callable[[TileWork, dict[str, float] | None], Any] | None = None) -> TileStats:
@@ -361,7 +361,7 @@ def _run_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], 
     return stats
 
 
-def _build_pyramid(target: OutputTarget, client: Client, tasks: RunTasks) -> None:
+def build_output_pyramids(target: OutputTarget, client: Client, tasks: RunTasks) -> None:
     from segpipe.engine.pyramid import build_probability_pyramid, build_pyramid
 
     if target.height <= target.chunk_size and target.width <= target.chunk_size:

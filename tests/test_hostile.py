@@ -530,6 +530,42 @@ def _segment_for_a_while(path: Path, out: Path, model_dir: str, logs: Path, seco
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_a_run_promptly_and_releases_its_lock(tmp_path, model_dir):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) during the tile phase of a large image:
+    the run ends within seconds, not when every chunk is done (before: still running 60 s later), its lock
+    is released and the output is left resumable, never complete."""
+    src = sparse_tiff(tmp_path / "big.tif", 20_000)  # 1,521 chunks: minutes of work on this machine
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "segpipe.cli.main", "segment", str(src), "--model", model_dir,
+                             "--out", str(out), "--chunk-size", "512", "--halo", "32", "--no-progress"],
+                            env={**os.environ, "SEGPIPE_LOG_DIR": str(tmp_path / "logs")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    level0 = out / "big.zarr" / "0" / "c"
+    try:
+        deadline = time.monotonic() + 120
+        while not (level0.exists() and any(p.is_file() for p in level0.rglob("*"))):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no chunk written in 120 s"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.monotonic()
+        proc.wait(45)
+        stopped_in = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    print(f"stopped {stopped_in:.1f} s after SIGINT")
+    assert proc.returncode == 130
+    err = proc.stderr.read().decode()
+    assert "interrupted: nothing unfinished was marked complete" in err and "Traceback" not in err, err[-2000:]
+    assert not (out / "big.zarr.lock").exists(), "the interrupted run left its lock"
+    assert status(out / "big.zarr") != "complete"
+    n = sum(1 for p in level0.rglob("*") if p.is_file())
+    assert 0 < n < 1521
+
+
+@pytest.mark.slow
 def test_huge_sparse_image_runs_in_flat_memory(tmp_path, model_dir):
     """A 200,000² image (152,881 chunks) runs in the memory of a 20,000² one (1,521 chunks).
 

@@ -1,6 +1,6 @@
 """What every command shares: exit codes, one-line errors, the console, the engine's options.
 
-- exit codes: ``EXIT_FAILED_IMAGES`` (1), ``EXIT_USAGE`` (2), ``EXIT_BUG`` (3);
+- exit codes: ``EXIT_FAILED_IMAGES`` (1), ``EXIT_USAGE`` (2), ``EXIT_BUG`` (3), ``EXIT_INTERRUPTED`` (130);
 - :func:`handle_errors`: a user error is one line ``error: <what>: <problem>`` and exit 2, a bug
   is one line pointing at the log file and exit 3; ``--debug`` re-raises both;
 - :func:`console`: a rich console (stdout, or stderr for progress);
@@ -26,6 +26,7 @@ from segpipe.core.errors import ConfigError, SegpipeError, validation_problem
 EXIT_FAILED_IMAGES = 1
 EXIT_USAGE = 2
 EXIT_BUG = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 #: what a command that runs the engine loads first: Dask, torch and the model library
@@ -86,8 +87,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         debug = debug_requested()
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            # the images in flight stopped at their next task and released their locks (engine.stop)
+            click.echo("interrupted: nothing unfinished was marked complete", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except SegpipeError as e:
             if debug:
                 raise

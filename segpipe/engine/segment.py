@@ -30,6 +30,7 @@ from segpipe.core.results import ImageResult, Progress
 from segpipe.core.retry import describe
 from segpipe.core.scheduling import ImagesInFlight, sliding_window
 from segpipe.core.settings import SegmentSettings
+from segpipe.engine import stop
 from segpipe.engine.cluster import recent_worker_capacity, resolve_run_precision
 from segpipe.engine.fence import RunTasks, task_prefixes, watch_lost_workers
 from segpipe.engine.groups import is_small, share_tasks
@@ -408,18 +409,29 @@ def segment_many(sources: Sequence[str | SourceImage], model: str, out: str, set
         planner.start()
 
     def one(i: int) -> ImageResult:
+        stop.check()  # an image not started when the run was told to stop does not start
         if progress and hasattr(progress, "image"):
             progress.image(i, len(images), images[i].relative)
         return segment_image(images[i], ref, out, settings, client, progress, target_uri=names[images[i].uri])
 
     done: dict[int, ImageResult] = {}
     width = ImagesInFlight(recent_worker_capacity(client)[1], max_concurrent_images)
-    with ThreadPoolExecutor(width.pool_size, thread_name_prefix="segpipe-image") as pool:
-        for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
-                                     lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), width):
-            done[i] = fut.result()
-            if done[i].status == "done":
-                width.observe(done[i].host_seconds, done[i].device_seconds, bool(done[i].extra.get("shared_task")))
+    try:
+        with ThreadPoolExecutor(width.pool_size, thread_name_prefix="segpipe-image") as pool:
+            try:
+                for i, fut in sliding_window(range(len(images)), lambda i: pool.submit(one, i),
+                                             lambda fs: next(iter(wait(fs, return_when=FIRST_COMPLETED).done)), width):
+                    done[i] = fut.result()
+                    if done[i].status == "done":
+                        width.observe(done[i].host_seconds, done[i].device_seconds,
+                                      bool(done[i].extra.get("shared_task")))
+            except BaseException:
+                # Ctrl-C reaches this thread only: the images in flight stop at their next task and release
+                # their locks, or leaving the pool would wait for every one of them to finish
+                stop.request()
+                raise
+    finally:
+        stop.clear()
     results.extend(done[i] for i in range(len(images)))
     if planner is not None:
         planner.join()

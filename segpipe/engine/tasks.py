@@ -20,6 +20,7 @@ from segpipe.core.errors import SegpipeError
 from segpipe.core.geometry import Chunk, strip_order
 from segpipe.core.results import ImageResult, Progress
 from segpipe.core.scheduling import TaskBudget
+from segpipe.engine import stop
 from segpipe.engine.fence import Fenced, RunTasks, cancelled, retried_task, wait_for_started
 from segpipe.engine.job import ChunkJob, TileWork
 from segpipe.engine.sizing import TASKS_PER_DEVICE, TaskSizer, TimedPredictor
@@ -248,6 +249,15 @@ def task_budget(client: Client, threads: int) -> TaskBudget:
     return budget
 
 
+def _next_finished(finished: queue.SimpleQueue[Any]) -> Any:
+    """The next task Dask finished; raises KeyboardInterrupt in the meantime if the run was told to stop."""
+    while True:
+        try:
+            return finished.get(timeout=0.25)
+        except queue.Empty:
+            stop.check()
+
+
 def run_tile_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWork], fill_batches: Iterator[TileWork],
                result: ImageResult, progress: Progress | None, gpu_workers: bool, threads: int,
                sizer: TaskSizer | None = None, uncertainty: ChunkUncertainty | None = None,
@@ -321,7 +331,7 @@ def run_tile_tasks(client: Client, job: ChunkJob, work_batches: Iterator[TileWor
         top_up()
         i = 0
         while running:
-            fut = finished.get()
+            fut = _next_finished(finished)
             if running.pop(fut.key, None) is None:
                 continue
             budget.give(me)

@@ -172,6 +172,18 @@ def test_a_failing_image_fails_alone_in_a_shared_task(folder, model_dir, tmp_pat
     rec = Recorder(monkeypatch)
     monkeypatch.setattr(groups, "run_tiles", buggy)
     monkeypatch.setattr(groups, "shared_slots", lambda threads, share: 1)
+    # the buggy chip must share its task with a good one: the collector holds the first task until chip02's
+    # work waits beside another image's (without the hold, chip02 could go alone when the images' timing
+    # left nothing else waiting; a backstop lets the run go on after 20 s)
+    ready, t0 = groups.SharedTasks._ready, time.monotonic()
+
+    def held(pool):
+        names = {Path(it.job.source).name for items in pool._pending.values() for it in items}
+        if not rec.shared and ("chip02.png" not in names or len(names) < 2) and time.monotonic() - t0 < 20:
+            return None
+        return ready(pool)
+
+    monkeypatch.setattr(groups.SharedTasks, "_ready", held)
     results = segment.segment_many([str(src)], model_dir, str(tmp_path / "out"), _settings(), client)
     by_name = {Path(r.source).name: r for r in results}
     cut, bug = by_name.pop("chip01.png"), by_name.pop("chip02.png")

@@ -336,6 +336,21 @@ def test_labels_on_a_bucket_shapefile_with_its_sidecars_and_qupath(tmp_path):
 # --------------------------------------------------------------------------- split.json
 
 
+def test_labels_named_by_a_double_extension_stem_belong_to_their_image(tmp_path):
+    """``labels/a.gpkg`` labels ``images/a.ome.tif`` (before: "label file(s) without an image are ignored" and
+    the image went without its labels); two files for one image are refused, naming both."""
+    from segpipe.labels.dataset import load_dataset
+
+    root = _dataset(tmp_path / "d", image="a.ome.tif")
+    _write(root / "labels" / "a.gpkg", [_to_map(shapely.box(4, 4, 12, 12))], {"class": ["house"]})
+    (item,) = load_dataset(str(root)).items
+    assert item.name == "a.ome" and item.labels_uri == f"{root}/labels/a.gpkg"
+    _write(root / "labels" / "a.ome.gpkg", [_to_map(shapely.box(4, 4, 12, 12))], {"class": ["house"]})
+    with pytest.raises(DatasetError) as e:
+        load_dataset(str(root))
+    assert str(e.value) == f"{root}/labels/a.gpkg: labels the same image as a.ome.gpkg (a.ome.tif); keep one of them"
+
+
 def test_split_json_names_the_known_images_and_takes_double_extensions(tmp_path):
     from segpipe.labels.dataset import load_dataset
 

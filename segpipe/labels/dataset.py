@@ -82,7 +82,7 @@ class Item(NamedTuple):
     mask_uri: str | None  #: DATA/masks/<name>.<ext>, or None (vector labels or regions only)
     height: int
     width: int
-    labels_uri: str | None = None  #: DATA/labels/<name>.<ext> (unused when there is a mask)
+    labels_uri: str | None = None  #: DATA/labels/<name>.<ext> (or <stem>.<ext> for a.ome.tif); unused with a mask
     regions_uri: str | None = None  #: DATA/regions/<name>.<ext>: the exhaustively labelled areas
     grid: PixelGrid | None = None  #: None only for items made by hand: the image's own pixels
 
@@ -276,6 +276,20 @@ def _list_by_stem(folder_uri: str, extensions: tuple[str, ...] | None = None) ->
     return _by_stem(found, folder_uri)
 
 
+def _to_images(found: dict[str, str], images: dict[str, str], spelling: dict[str, str]) -> dict[str, str]:
+    """Mask or label files by the name of the image they belong to: ``labels/a.gpkg`` belongs to
+    ``images/a.ome.tif`` (name ``a.ome``) when no other image is spelled ``a``, as in split.json
+    (:func:`split_spellings`); two files for one image are refused, naming both."""
+    out: dict[str, str] = {}
+    for name in sorted(found, key=lambda n: n not in images):  # exact names first
+        image = name if name in images else spelling.get(name, name)
+        if image in out:
+            raise DatasetError(found[name], f"labels the same image as {posixpath.basename(out[image])} "
+                                            f"({posixpath.basename(images[image])}); keep one of them")
+        out[image] = found[name]
+    return out
+
+
 def _load_all(root: str) -> Dataset:
     root = strip_file_scheme(root).rstrip("/") or "/"
     images_uri, masks_uri = join(root, "images"), join(root, "masks")
@@ -287,9 +301,10 @@ def _load_all(root: str) -> Dataset:
         raise DatasetError(images_uri, "does not exist (expected DATA/images/ and DATA/masks/ or DATA/labels/)") from None
     if not images:
         raise DatasetError(images_uri, "holds no images: the dataset is empty")
-    masks = _list_by_stem(masks_uri)
-    labels = _list_by_stem(labels_uri, VECTOR_EXTENSIONS)
-    regions = _list_by_stem(regions_uri, VECTOR_EXTENSIONS)
+    spelling = split_spellings(list(images))
+    masks = _to_images(_list_by_stem(masks_uri), images, spelling)
+    labels = _to_images(_list_by_stem(labels_uri, VECTOR_EXTENSIONS), images, spelling)
+    regions = _to_images(_list_by_stem(regions_uri, VECTOR_EXTENSIONS), images, spelling)
 
     split_file = _read_split_file(root, list(images))
     items: list[Item] = []

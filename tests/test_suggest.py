@@ -274,15 +274,21 @@ def test_suggest_formats_by_extension(tmp_path, scored_output, ext):
         assert pyogrio.read_info(path)["features"] == 4
 
 
-@pytest.mark.slow
-def test_suggest_for_a_slide_writes_qupath_rectangles_in_level0_pixels(tmp_path, scored_output):
-    c, sc = _copy_with_scores(scored_output, tmp_path / "slide.zarr", 3)
+def _slide_copy_with_scores(scored_output, dest):
+    """A scored copy of the output recorded as segmented at level 1 of a slide whose level 0 is 4× larger
+    (1 µm pixels, no CRS): (uri, scores)."""
+    c, sc = _copy_with_scores(scored_output, dest, 3)
     g = zarr.open_group(c, mode="r+")
     seg = {k: v for k, v in g.attrs["segpipe"].items() if k not in ("crs_wkt", "transform")}
-    # segmented at level 1 of a slide whose level 0 is 4× larger
     seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1},
                grid={"height": 433, "width": 389, "level0": [433 * 4, 389 * 4], "scale": 4.0, "mpp": 1.0})
     g.attrs["segpipe"] = seg
+    return c, sc
+
+
+@pytest.mark.slow
+def test_suggest_for_a_slide_writes_qupath_rectangles_in_level0_pixels(tmp_path, scored_output):
+    c, sc = _slide_copy_with_scores(scored_output, tmp_path / "slide.zarr")
     r = _suggest(c, "--top", "3", "--out", str(tmp_path / "s.geojson"))
     assert r.exit_code == 0, r.stderr
     doc = json.loads((tmp_path / "s.geojson").read_text())
@@ -396,12 +402,7 @@ def test_suggest_says_why_it_returns_fewer_than_top_and_prints_the_files_units(t
     assert first.endswith(f"x {x0:.2f}–{min(x0 + 32.0, 500000.0 + 389 * 0.5):.2f}, "
                           f"y {max(y1 - 32.0, 4100000.0 - 433 * 0.5):.2f}–{y1:.2f} (EPSG:32633)"), first
     # a slide segmented at level 1 (4× smaller than level 0, 1 µm pixels): level-0 pixels and µm
-    c, sc = _copy_with_scores(scored_output, tmp_path / "slide.zarr", 3)
-    g = zarr.open_group(c, mode="r+")
-    seg = {k: v for k, v in g.attrs["segpipe"].items() if k not in ("crs_wkt", "transform")}
-    seg.update(mpp=1.0, reader={"driver": "openslide", "level": 1},
-               grid={"height": 433, "width": 389, "level0": [433 * 4, 389 * 4], "scale": 4.0, "mpp": 1.0})
-    g.attrs["segpipe"] = seg
+    c, sc = _slide_copy_with_scores(scored_output, tmp_path / "slide.zarr")
     r = _suggest(c, "--top", "1", "--out", str(tmp_path / "s.geojson"))
     assert r.exit_code == 0, r.stderr
     iy, ix = np.unravel_index(np.nanargmax(sc), sc.shape)

@@ -88,3 +88,43 @@ def read_spec_classes(data: Path) -> list[str]:
     import json
 
     return [c["name"] for c in json.loads((data / "classes.json").read_text())["classes"]]
+
+
+def test_rounds_started_in_the_same_second_get_run_folders_of_their_own(tmp_path, monkeypatch):
+    """Defect (found by a CI run): the run folder was named by the second the round started, so a round
+    started in the same second as the one before wrote into its folder (FileExistsError on the challenger)."""
+    import datetime as dt
+
+    from segpipe.core.settings import segment_settings
+    from segpipe.evaluate import retrain as retrain_module
+    from segpipe.models.artifact import create_artifact, read_spec
+    from segpipe.train.loop import TrainResult
+    from segpipe.train.settings import train_settings
+    from segpipe.train.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", 3, 64, seed=2)
+    artifact = tmp_path / "artifact"
+    create_artifact(str(artifact), "Unet", "resnet18", read_spec_classes(data), in_channels=3, seed=0)
+    sha = hashlib.sha256((artifact / "weights.safetensors").read_bytes()).hexdigest()
+
+    def train_step(data_uri: str, out: str, settings) -> TrainResult:
+        shutil.copytree(artifact, out)
+        return TrainResult(uri=out, spec=read_spec(out), metrics={}, history=[], best_epoch=None, epochs_run=1,
+                           stop_reason="completed", weights_sha256=sha, seconds=0.0)
+
+    frozen = dt.datetime(2026, 12, 6, 6, 5, 18, tzinfo=dt.UTC)
+
+    class Clock(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return frozen
+
+    monkeypatch.setattr(retrain_module.dt, "datetime", Clock)
+    runs = tmp_path / "runs"
+    tsettings, ssettings = train_settings(), segment_settings(chunk_size=64, halo=16, device="cpu", precision="fp32")
+    first = retrain_module.retrain(str(data), str(tmp_path / "reg"), tsettings, ssettings, train_step=train_step,
+                                   workdir=str(runs), skip_unchanged=False)
+    second = retrain_module.retrain(str(data), str(tmp_path / "reg"), tsettings, ssettings, train_step=train_step,
+                                    workdir=str(runs), skip_unchanged=False)
+    assert (Path(first.run).name, Path(second.run).name) == ("20261206T060518Z", "20261206T060518Z-2")
+    assert sorted(p.name for p in runs.iterdir()) == ["20261206T060518Z", "20261206T060518Z-2"]

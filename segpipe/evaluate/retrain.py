@@ -111,6 +111,23 @@ def round_fingerprint(data: str | dict[str, str], champion_version: str | None, 
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _claim_run_dir(root: str, stamp: str) -> dict[str, str]:
+    """A run folder of its own under ``root``: ``<stamp>``, or ``<stamp>-2``, ``-3``, … when a round that started
+    in the same second has it (two rounds at once, or short ones back to back: the second wrote into the first's
+    challenger). The suffixes sort after the stamp and before the next second's."""
+    for n in range(1, 1000):
+        name = stamp if n == 1 else f"{stamp}-{n}"
+        fs, path = filesystem(join(root, name))
+        if fs.exists(path):
+            continue
+        try:
+            fs.makedirs(path, exist_ok=False)
+        except FileExistsError:  # taken between the two calls
+            continue
+        return run_dir(root, name)
+    raise ConfigError(root, f"999 retrain rounds started in the second {stamp}")
+
+
 def _last_round(registry: str) -> dict:
     fs, path = filesystem(join(registry, LAST_ROUND))
     try:
@@ -185,8 +202,7 @@ def retrain(data: str, registry: str, tsettings: TrainSettings, ssettings: Segme
         return RetrainResult(version=str(last.get("version", "")), promoted=False, reason=reason, champion=current,
                              challenger_mean_iou=None, champion_mean_iou=None, report=str(last.get("report", "")),
                              registry=registry, run=str(last.get("run", "")), comparison="", skipped=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    paths = run_dir(workdir or join(registry, "runs"), stamp)
+    paths = _claim_run_dir(workdir or join(registry, "runs"), dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"))
     # corrections first: against the labels files as this round found them, warnings before the long training
     corr = corrections(load_dataset(data), baseline, seed=tsettings.seed)
     corr_md = corrections_markdown(corr)
